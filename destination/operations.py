@@ -1,0 +1,138 @@
+"""What a Segment message turns into: the Gist operations the pipeline delivers.
+
+The mapper (``destination.mapping``) produces these; the pipeline batches, orders and
+sends them. Every operation keeps the source message's ``messageId`` and ``timestamp``
+(epoch seconds) for de-duplication, ordering and end-to-end delay.
+
+``identities`` names the Gist contact an operation touches (``"u:<user_id>"``,
+``"e:<lower-cased email>"``); the pipeline orders operations that share one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from destination.gist._models import ContactPayload, EventPayload
+
+
+def user_identity(user_id: str) -> str:
+    return "u:" + user_id
+
+
+def email_identity(email: str) -> str:
+    return "e:" + email.lower()
+
+
+def _identities(user_id: str | None, email: str | None) -> tuple[str, ...]:
+    if user_id is not None and email is not None:
+        return (user_identity(user_id), email_identity(email))
+    if user_id is not None:
+        return (user_identity(user_id),)
+    if email is not None:
+        return (email_identity(email),)
+    return ()
+
+
+@dataclass(frozen=True, slots=True)
+class ContactUpsert:
+    """Create or update one contact (sent through the batch import)."""
+
+    contact: ContactPayload
+    message_id: str | None = None
+    timestamp: float | None = None
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return _identities(self.contact.get("user_id"), self.contact.get("email"))
+
+
+@dataclass(frozen=True, slots=True)
+class EventTrack:
+    """Record one event on a contact (``POST /events``)."""
+
+    event: EventPayload
+    message_id: str | None = None
+    timestamp: float | None = None
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return _identities(self.event.get("user_id"), self.event.get("email"))
+
+
+@dataclass(frozen=True, slots=True)
+class ContactDelete:
+    """Delete one contact, by ``user_id`` when known, else by email."""
+
+    user_id: str | None = None
+    email: str | None = None
+    message_id: str | None = None
+    timestamp: float | None = None
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return _identities(self.user_id, self.email)
+
+
+@dataclass(frozen=True, slots=True)
+class ContactAlias:
+    """Move the contact known by ``previous_id`` (a user_id) to ``user_id``."""
+
+    previous_id: str
+    user_id: str
+    message_id: str | None = None
+    timestamp: float | None = None
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return (user_identity(self.previous_id), user_identity(self.user_id))
+
+
+@dataclass(frozen=True, slots=True)
+class TagChange:
+    """Tag (or, with ``untag``, untag) one contact."""
+
+    tag: str
+    user_id: str | None = None
+    email: str | None = None
+    untag: bool = False
+    message_id: str | None = None
+    timestamp: float | None = None
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return _identities(self.user_id, self.email)
+
+
+Operation = ContactUpsert | EventTrack | ContactDelete | ContactAlias | TagChange
+
+
+@dataclass(frozen=True, slots=True)
+class Mapped:
+    """The message maps to these operations (possibly none, e.g. an identify whose
+    every trait was filtered out still upserts the contact's identity)."""
+
+    message_type: str
+    operations: tuple[Operation, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """The message is deliberately not sent (integrations switch, a rule turned the
+    type off, an event dropped by rule). Counted as skipped, never as an error."""
+
+    message_type: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The message cannot be mapped. ``reason`` is a stable machine-readable code
+    (``not_an_object``, ``unknown_type``, ``missing_identity``, ...); ``detail`` says what
+    was wrong for a human, without echoing personal data."""
+
+    message_type: str
+    reason: str
+    detail: str
+
+
+MapResult = Mapped | Skipped | Rejected
