@@ -1,0 +1,5 @@
+import sys
+
+from destination.cli import main
+
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""The ``gist-destination`` command: one sub-command per thing an operator does."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from destination import __version__
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+def _sandbox(parser: argparse.ArgumentParser) -> Runner:
+    from destination.sandbox import command
+
+    command.add_arguments(parser)
+    return command.run
+
+
+def _check_config(parser: argparse.ArgumentParser) -> Runner:
+    from destination.mapping import command
+
+    command.add_arguments(parser)
+    return command.run
+
+
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {
+    "sandbox": ("serve a local stand-in for the Gist API", _sandbox),
+    "check-config": ("validate a mapping-rules file and report every error", _check_config),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Runner]]:
+    parser = argparse.ArgumentParser(prog="gist-destination", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    runners: dict[str, Runner] = {}
+    for name, (help_text, install) in _COMMANDS.items():
+        runners[name] = install(subparsers.add_parser(name, help=help_text, description=help_text))
+    return parser, runners
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, runners = build_parser()
+    args = parser.parse_args(argv)
+    return runners[args.command](args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
