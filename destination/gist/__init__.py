@@ -1,0 +1,44 @@
+"""Talking to Gist: the API client, its rate limiter and its errors."""
+
+from destination.gist._client import DEFAULT_BASE_URL, USER_AGENT, GistClient
+from destination.gist._errors import (
+    CredentialsError,
+    GistError,
+    PermanentError,
+    RateLimitedError,
+    RetryableError,
+)
+from destination.gist._limiter import RateLimit, RateLimiter, SlidingWindow
+from destination.gist._models import (
+    BatchAccepted,
+    BatchContactError,
+    BatchStatus,
+    ContactPayload,
+    ContactRef,
+    EventPayload,
+    TokenInfo,
+)
+from destination.gist._retry import NO_RETRY, RetryPolicy
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "NO_RETRY",
+    "USER_AGENT",
+    "BatchAccepted",
+    "BatchContactError",
+    "BatchStatus",
+    "ContactPayload",
+    "ContactRef",
+    "CredentialsError",
+    "EventPayload",
+    "GistClient",
+    "GistError",
+    "PermanentError",
+    "RateLimit",
+    "RateLimitedError",
+    "RateLimiter",
+    "RetryPolicy",
+    "RetryableError",
+    "SlidingWindow",
+    "TokenInfo",
+]

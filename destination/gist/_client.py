@@ -1,0 +1,329 @@
+"""An async client for the Gist REST API calls the destination makes.
+
+Every request first takes a slot from the workspace's ``RateLimiter`` (retries and
+batch-status polls included), is retried by ``RetryPolicy`` when the failure is
+transient, and ends in a typed result or one of the errors in ``_errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+
+from destination import __version__
+from destination.gist._errors import (
+    CredentialsError,
+    GistError,
+    PermanentError,
+    RateLimitedError,
+    RetryableError,
+    error_for_status,
+)
+from destination.gist._limiter import RateLimiter
+from destination.gist._models import (
+    BatchAccepted,
+    BatchContactError,
+    BatchStatus,
+    ContactPayload,
+    ContactRef,
+    EventPayload,
+    JSONValue,
+    TokenInfo,
+)
+from destination.gist._retry import RetryPolicy
+from destination.observability import metrics
+
+DEFAULT_BASE_URL = "https://api.getgist.com"
+USER_AGENT = f"gist-destination/{__version__} (+https://github.com/gist-destination)"
+
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=60.0)
+"""Batch imports of a thousand contacts are large bodies; Gist answers them quickly
+(the import itself is asynchronous), so 30 s without a byte means something is wrong."""
+
+DEFAULT_LIMITS = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+"""The budget (100 requests / 10 s) is the bottleneck, not connections: a few dozen
+keep-alive connections cover Gist's latency at that rate with room for slow answers."""
+
+
+class GistClient:
+    """One workspace, one key, one limiter::
+
+        async with GistClient(api_key, limiter=RateLimiter()) as gist:
+            info = await gist.token_info()
+            accepted = await gist.import_contacts([{"email": "ada@example.com"}])
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        limiter: RateLimiter | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not api_key or not api_key.strip():
+            raise ValueError("a Gist API key is required")
+        self.limiter = limiter or RateLimiter()
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={
+                "Authorization": f"Bearer {api_key.strip()}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": USER_AGENT,
+            },
+            timeout=timeout,
+            limits=limits,
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"GistClient(base_url={str(self._http.base_url)!r})"
+
+    async def __aenter__(self) -> GistClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- operations -------------------------------------------------------------------
+    async def token_info(self) -> TokenInfo:
+        """``GET /token/info``: checks the key and tells the workspace it belongs to."""
+        body = await self._request("GET", "/token/info", "GET /token/info")
+        data = _object(body)
+        return TokenInfo(
+            workspace_id=str(data.get("workspace_id", "")),
+            token_type=_opt_str(data.get("token_type")),
+            app_id=_opt_str(data.get("app_id")),
+            scope=_opt_str(data.get("scope")),
+            raw=data,
+        )
+
+    async def upsert_contact(self, contact: ContactPayload) -> dict[str, JSONValue]:
+        """``POST /contacts``: create or update one contact; returns the stored contact."""
+        body = await self._request("POST", "/contacts", "POST /contacts", json=contact)
+        return _object(_object(body).get("contact"))
+
+    async def import_contacts(self, contacts: Sequence[ContactPayload]) -> BatchAccepted:
+        """``POST /contacts/batch``: queue an asynchronous import of many contacts."""
+        if not contacts:
+            raise ValueError("a batch import needs at least one contact")
+        body = _object(
+            await self._request(
+                "POST", "/contacts/batch", "POST /contacts/batch", json={"contacts": contacts}
+            )
+        )
+        batch_id = body.get("batch_id")
+        if not isinstance(batch_id, str) or not batch_id:
+            raise PermanentError(
+                "Gist accepted a batch import without a batch_id",
+                method="POST", endpoint="/contacts/batch", status=200,
+                body_excerpt=orjson.dumps(body).decode(),
+            )
+        queued = body.get("queued_contacts")
+        return BatchAccepted(
+            batch_id=batch_id,
+            queued_contacts=queued if isinstance(queued, int) else len(contacts),
+            status=str(body.get("status", "QUEUED")),
+        )
+
+    async def batch_status(self, batch_id: str) -> BatchStatus:
+        """``GET /contacts/batch/{id}``: where an import stands; errors once completed."""
+        body = _object(
+            await self._request(
+                "GET", f"/contacts/batch/{quote(batch_id, safe='')}", "GET /contacts/batch/{id}"
+            )
+        )
+        status = body.get("status")
+        if status not in ("QUEUED", "IN_PROGRESS", "COMPLETED"):
+            raise RetryableError(
+                "Gist answered a batch status this client does not know",
+                method="GET", endpoint="/contacts/batch/{id}", status=200,
+                body_excerpt=orjson.dumps(body).decode(),
+            )
+        imported = body.get("imported_contacts")
+        return BatchStatus(
+            status=status,
+            imported_contacts=imported if isinstance(imported, int) else None,
+            errors=tuple(_batch_error(e) for e in body.get("errors") or ()),
+        )
+
+    async def get_contact(
+        self, *, id: str | None = None, user_id: str | None = None, email: str | None = None
+    ) -> dict[str, JSONValue] | None:
+        """Look one contact up by ``id``, ``user_id`` or ``email``; None when there is none."""
+        path, params = _contact_address(id=id, user_id=user_id, email=email)
+        body = await self._request("GET", path, "GET /contacts", params=params, missing_ok=True)
+        return None if body is None else _object(_object(body).get("contact"))
+
+    async def delete_contact(
+        self, *, id: str | None = None, user_id: str | None = None, email: str | None = None
+    ) -> bool:
+        """Delete one contact; False when Gist had no such contact (already gone)."""
+        path, params = _contact_address(id=id, user_id=user_id, email=email)
+        body = await self._request(
+            "DELETE", path, "DELETE /contacts", params=params, missing_ok=True
+        )
+        return body is not None
+
+    async def track_event(self, event: EventPayload) -> dict[str, JSONValue]:
+        """``POST /events``: record one event on a contact."""
+        body = await self._request("POST", "/events", "POST /events", json=event)
+        return _object(_object(body).get("event"))
+
+    async def tag_contacts(self, tag: str, contacts: Sequence[ContactRef]) -> dict[str, JSONValue]:
+        """``POST /tags``: tag (or, per ``untag`` in each ref, untag) up to ~50 contacts."""
+        payload: dict[str, Any] = {"name": tag, "contacts": list(contacts)}
+        body = await self._request("POST", "/tags", "POST /tags", json=payload)
+        return _object(_object(body).get("tag"))
+
+    # --- transport --------------------------------------------------------------------
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        missing_ok: bool = False,
+    ) -> Any:
+        """One logical call: limiter slot, send, classify; retried while transient."""
+        content = None if json is None else orjson.dumps(json)
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            waited = await self.limiter.acquire()
+            metrics.RATE_LIMIT_WAIT.observe(waited)
+            try:
+                return await self._send(method, path, endpoint, content, params, missing_ok)
+            except RetryableError as error:
+                error.attempts = attempt
+                if isinstance(error, RateLimitedError):
+                    self.limiter.on_rate_limited(error.retry_after, self.retry.delay(attempt))
+                    metrics.RATE_LIMITED.inc()
+                if self.retry.gives_up(attempt, time.monotonic() - started):
+                    raise
+                reason = str(error.status) if error.status is not None else "network"
+                metrics.GIST_RETRIES.labels(endpoint, reason).inc()
+                delay = self.retry.delay(attempt)
+                if error.retry_after is not None:
+                    delay = max(delay, error.retry_after)
+                await asyncio.sleep(delay)
+            except GistError as error:
+                error.attempts = attempt
+                if isinstance(error, CredentialsError):
+                    metrics.CREDENTIALS_REJECTED.inc()
+                raise
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        content: bytes | None,
+        params: dict[str, str] | None,
+        missing_ok: bool,
+    ) -> Any:
+        sent = time.monotonic()
+        try:
+            response = await self._http.request(method, path, content=content, params=params)
+        except httpx.TimeoutException as exc:
+            metrics.GIST_REQUESTS.labels(endpoint, "error").inc()
+            raise RetryableError(
+                f"Gist did not answer in time ({type(exc).__name__})",
+                method=method, endpoint=endpoint,
+            ) from None
+        except httpx.TransportError as exc:
+            metrics.GIST_REQUESTS.labels(endpoint, "error").inc()
+            raise RetryableError(
+                f"could not reach Gist ({type(exc).__name__})", method=method, endpoint=endpoint
+            ) from None
+        status = response.status_code
+        metrics.GIST_REQUESTS.labels(endpoint, str(status)).inc()
+        metrics.GIST_REQUEST_DURATION.labels(endpoint).observe(time.monotonic() - sent)
+        if 200 <= status < 300:
+            if not response.content:
+                return {}
+            try:
+                return orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                raise RetryableError(
+                    "Gist answered with a body that is not JSON",
+                    method=method, endpoint=endpoint, status=status,
+                    body_excerpt=response.text,
+                ) from None
+        if status == 404 and missing_ok:
+            return None
+        raise error_for_status(
+            status,
+            method=method,
+            endpoint=endpoint,
+            body=response.text,
+            retry_after=_retry_after(response.headers.get("Retry-After")),
+        )
+
+
+def _contact_address(
+    *, id: str | None, user_id: str | None, email: str | None
+) -> tuple[str, dict[str, str] | None]:
+    if id is not None:
+        return f"/contacts/{quote(str(id), safe='')}", None
+    if user_id is not None:
+        return "/contacts", {"user_id": user_id}
+    if email is not None:
+        return "/contacts", {"email": email}
+    raise ValueError("a contact is addressed by id, user_id or email")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: either a number or an HTTP date."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _object(value: Any) -> dict[str, JSONValue]:
+    return value if isinstance(value, dict) else {}
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _batch_error(raw: Any) -> BatchContactError:
+    if not isinstance(raw, dict):
+        return BatchContactError(message=str(raw)[:300])
+    index = raw.get("index")
+    email_value = raw.get("email")
+    user_id = raw.get("user_id")
+    return BatchContactError(
+        message=str(raw.get("message") or raw.get("error") or "contact not imported")[:300],
+        index=index if isinstance(index, int) else None,
+        email=email_value if isinstance(email_value, str) else None,
+        user_id=None if user_id is None else str(user_id),
+    )

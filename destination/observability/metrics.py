@@ -1,0 +1,104 @@
+"""Every Prometheus metric the worker exports, declared once, each with what it tells.
+
+Names share the ``gist_destination_`` prefix. The Grafana dashboard and the alerting
+rules in ``deploy/`` use these names; a test checks that each one they use exists.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_P = "gist_destination_"
+
+# --- the stream ---------------------------------------------------------------------
+MESSAGES_CONSUMED = Counter(
+    _P + "messages_consumed", "Messages read from Kafka (after batch envelopes are opened).",
+    ["type"],
+)
+MESSAGES_DELIVERED = Counter(
+    _P + "messages_delivered", "Messages whose every Gist operation Gist accepted.", ["type"],
+)
+MESSAGES_DEAD_LETTERED = Counter(
+    _P + "messages_dead_lettered", "Messages written to the dead-letter topic, by reason.",
+    ["type", "reason"],
+)
+MESSAGES_SKIPPED = Counter(
+    _P + "messages_skipped",
+    "Messages deliberately not sent (integrations switch off, type or event off by rule).",
+    ["type", "reason"],
+)
+MESSAGES_IN_FLIGHT = Gauge(
+    _P + "messages_in_flight", "Messages consumed but not yet delivered or dead-lettered.",
+)
+BYTES_IN_FLIGHT = Gauge(_P + "bytes_in_flight", "Record bytes held for in-flight messages.")
+PARTITION_PAUSED = Gauge(
+    _P + "partition_paused", "1 while consumption of the partition is paused (backpressure).",
+    ["topic", "partition"],
+)
+CONSUMER_LAG = Gauge(
+    _P + "consumer_lag",
+    "Records between the partition's end offset and the last committed offset.",
+    ["topic", "partition"],
+)
+COMMITTED_OFFSET = Gauge(
+    _P + "committed_offset", "The last offset committed for the partition.",
+    ["topic", "partition"],
+)
+DELIVERY_DELAY = Histogram(
+    _P + "delivery_delay_seconds",
+    "End-to-end delay from the message's timestamp to its delivery to Gist.",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600, 21600),
+)
+
+# --- Gist ---------------------------------------------------------------------------
+GIST_REQUESTS = Counter(
+    _P + "gist_requests",
+    "Requests to Gist by endpoint and HTTP status ('error' when no answer came).",
+    ["endpoint", "status"],
+)
+GIST_REQUEST_DURATION = Histogram(
+    _P + "gist_request_duration_seconds", "Latency of Gist requests (after the limiter).",
+    ["endpoint"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+GIST_RETRIES = Counter(
+    _P + "gist_retries", "Gist requests tried again, by endpoint and why.",
+    ["endpoint", "reason"],
+)
+CONTACTS_PER_BATCH = Histogram(
+    _P + "contacts_per_batch", "Contacts in each batch import request.",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+)
+CONTACT_UPDATES_MERGED = Counter(
+    _P + "contact_updates_merged",
+    "Contact updates folded into an earlier pending update of the same contact.",
+)
+BATCHES_PENDING = Gauge(
+    _P + "batches_pending", "Batch imports Gist accepted that have not completed yet.",
+)
+BATCH_CONTACT_ERRORS = Counter(
+    _P + "batch_contact_errors", "Contacts a completed batch import reported as failed.",
+)
+
+# --- the rate limit -----------------------------------------------------------------
+RATE_LIMIT_WAIT = Histogram(
+    _P + "rate_limit_wait_seconds", "Time a request waited for the workspace's budget.",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
+)
+RATE_LIMIT_UTILISATION = Gauge(
+    _P + "rate_limit_utilisation",
+    "Share (0..1) of the workspace's request budget used over the last window.",
+)
+RATE_LIMIT_CURRENT = Gauge(
+    _P + "rate_limit_current",
+    "Requests per window the limiter allows now (below the setting after 429s).",
+)
+RATE_LIMITED = Counter(
+    _P + "rate_limited", "429 answers from Gist (the budget is shared with someone else).",
+)
+
+# --- health -------------------------------------------------------------------------
+READY = Gauge(_P + "ready", "1 while the worker consumes and Gist accepts its key.")
+CREDENTIALS_REJECTED = Counter(
+    _P + "credentials_rejected", "401/403 answers from Gist: the key or workspace was refused.",
+)
