@@ -1,0 +1,100 @@
+"""Contact upserts on their way into a batch import: merged per contact, then batched.
+
+A ``ContactStep`` is one contact's pending write. Updates of the same contact that
+arrive before it is sent fold into it, later values winning (custom properties key by
+key, tags added). Once its turn has come (``IdentityGate``), it waits in the
+``ContactBatcher`` until a batch is full or the oldest waiter has waited ``max_wait``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+from destination.gist import ContactPayload
+from destination.pipeline.ordering import Step, StepKind
+
+if TYPE_CHECKING:
+    from destination.pipeline.inflight import MessageWork
+
+
+class ContactStep(Step):
+    __slots__ = ("merged", "payload", "sent", "tickets")
+
+    def __init__(self, payload: ContactPayload, identities: tuple[str, ...]) -> None:
+        super().__init__(StepKind.CONTACT, identities)
+        self.payload = _copy(payload)
+        self.tickets: list[MessageWork] = []
+        self.sent = False
+        self.merged = 0
+
+    def merge(self, later: ContactPayload) -> None:
+        """Fold a later update of the same contact in; its values win."""
+        merge_contact(self.payload, later)
+        self.merged += 1
+
+
+def merge_contact(into: ContactPayload, later: ContactPayload) -> None:
+    """Apply ``later`` on top of ``into`` the way Gist applies two upserts in turn."""
+    target = cast(dict[str, Any], into)
+    for key, value in later.items():
+        if key == "custom_properties" and isinstance(value, dict):
+            current = target.get("custom_properties")
+            if isinstance(current, dict):
+                current.update(value)
+            else:
+                target["custom_properties"] = dict(value)
+        elif key == "tags" and isinstance(value, list):
+            current_tags = target.get("tags")
+            if isinstance(current_tags, list):
+                seen = {str(tag).lower() for tag in current_tags}
+                current_tags.extend(t for t in value if str(t).lower() not in seen)
+            else:
+                target["tags"] = list(value)
+        else:
+            target[key] = value
+
+
+def _copy(payload: ContactPayload) -> ContactPayload:
+    copied = cast(dict[str, Any], dict(payload))
+    if isinstance(copied.get("custom_properties"), dict):
+        copied["custom_properties"] = dict(copied["custom_properties"])
+    if isinstance(copied.get("tags"), list):
+        copied["tags"] = list(copied["tags"])
+    return cast(ContactPayload, copied)
+
+
+class ContactBatcher:
+    """Contacts whose turn has come, waiting to fill a batch import."""
+
+    def __init__(self, max_contacts: int, max_wait: float) -> None:
+        if max_contacts < 1:
+            raise ValueError("a batch holds at least one contact")
+        self.max_contacts = max_contacts
+        self.max_wait = max_wait
+        self._waiting: dict[ContactStep, float] = {}  # insertion-ordered: oldest first
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, step: ContactStep, now: float) -> None:
+        self._waiting.setdefault(step, now)
+
+    def due_at(self) -> float | None:
+        """When the next batch should go (now if one is full); None when empty."""
+        if not self._waiting:
+            return None
+        if len(self._waiting) >= self.max_contacts:
+            return float("-inf")
+        return next(iter(self._waiting.values())) + self.max_wait
+
+    def take(self) -> list[ContactStep]:
+        """The next batch, oldest first; its steps are marked sent (no more merging)."""
+        batch: list[ContactStep] = []
+        for step in self._waiting:
+            batch.append(step)
+            if len(batch) == self.max_contacts:
+                break
+        for step in batch:
+            del self._waiting[step]
+            step.sent = True
+        return batch

@@ -1,0 +1,163 @@
+"""Every setting of ``gist-destination run``, declared once, typed and checked at start-up.
+
+Settings come from the environment; ``--settings FILE`` (dotenv format: ``NAME=value``
+lines) may supply them too, the environment winning. The variable names are the public
+interface. A bad or missing value stops start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class SettingsError(Exception):
+    """Start-up settings are invalid; ``problems`` names each variable and what is wrong."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid settings:\n" + "\n".join(f"  {p}" for p in problems))
+        self.problems = problems
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", env_file_encoding="utf-8", frozen=True
+    )
+
+    # --- Gist ---
+    gist_api_key: SecretStr | None = Field(None, description="the workspace's API key")
+    gist_api_key_file: Path | None = Field(None, description="a file holding the API key")
+    gist_api_url: str = "https://api.getgist.com"
+    gist_rate_limit: int = Field(100, ge=1, description="requests per window per workspace")
+    gist_rate_window: float = Field(10.0, gt=0, description="seconds")
+    gist_rate_margin: float = Field(0.1, ge=0, description="seconds added to the window")
+    gist_batch_size: int = Field(500, ge=1, le=10_000, description="contacts per batch import")
+    gist_batch_wait: float = Field(1.0, ge=0, description="longest wait to fill a batch, s")
+    gist_max_concurrent_requests: int = Field(32, ge=1)
+    gist_request_timeout: float = Field(30.0, gt=0, description="seconds")
+    gist_retry_max_duration: float = Field(
+        6 * 3600.0, ge=0, description="how long a transient failure is retried, s"
+    )
+    gist_retry_base: float = Field(0.5, gt=0)
+    gist_retry_cap: float = Field(60.0, gt=0)
+    gist_batch_poll_interval: float = Field(1.0, gt=0)
+    gist_batch_poll_max_interval: float = Field(30.0, gt=0)
+
+    # --- Kafka ---
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_topics: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    kafka_group_id: str = "gist-destination"
+    kafka_dlq_topic: str = "gist-destination-dlq"
+    kafka_client_id: str = "gist-destination"
+    kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_max_poll_records: int = Field(500, ge=1)
+    kafka_session_timeout_ms: int = Field(10_000, ge=1000)
+
+    # --- flow control ---
+    max_inflight_messages: int = Field(20_000, ge=1)
+    max_inflight_bytes: int = Field(64 * MiB, ge=1024)
+    max_inflight_per_partition: int = Field(5_000, ge=1)
+    commit_interval: float = Field(1.0, gt=0, description="seconds between offset commits")
+    shutdown_timeout: float = Field(30.0, ge=0, description="seconds to drain on SIGTERM")
+    rebalance_timeout: float = Field(20.0, ge=0, description="seconds to drain on revoke")
+
+    # --- operation ---
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    mapping_config: Path | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_emails: bool = Field(False, description="log raw e-mail addresses (off: redacted)")
+
+    @field_validator("kafka_topics", mode="before")
+    @classmethod
+    def _split_topics(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("gist_api_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _complete(self) -> Settings:
+        if not self.kafka_topics:
+            raise ValueError("KAFKA_TOPICS: required: the comma-separated topics to consume")
+        if self.gist_api_key is None and self.gist_api_key_file is None:
+            raise ValueError("GIST_API_KEY: required (or GIST_API_KEY_FILE)")
+        if self.kafka_dlq_topic in self.kafka_topics:
+            raise ValueError("KAFKA_DLQ_TOPIC: must not be one of KAFKA_TOPICS")
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "KAFKA_SASL_USERNAME: required with KAFKA_SASL_PASSWORD when "
+                f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
+            )
+        if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
+            raise ValueError(f"KAFKA_SSL_CAFILE: no such file: {self.kafka_ssl_cafile}")
+        if self.max_inflight_per_partition > self.max_inflight_messages:
+            raise ValueError("MAX_INFLIGHT_PER_PARTITION: must not exceed MAX_INFLIGHT_MESSAGES")
+        return self
+
+    def api_key(self) -> str:
+        """The key itself, read from GIST_API_KEY or the file GIST_API_KEY_FILE names."""
+        if self.gist_api_key is not None:
+            key = self.gist_api_key.get_secret_value().strip()
+            if not key:
+                raise SettingsError(["GIST_API_KEY: is empty"])
+            return key
+        assert self.gist_api_key_file is not None
+        try:
+            key = self.gist_api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError(
+                [f"GIST_API_KEY_FILE: cannot read {self.gist_api_key_file}: {exc.strerror}"]
+            ) from None
+        if not key:
+            raise SettingsError([f"GIST_API_KEY_FILE: {self.gist_api_key_file} is empty"])
+        return key
+
+
+def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read and check the settings; raises ``SettingsError`` naming every bad variable."""
+    if env_file is not None and not env_file.is_file():
+        raise SettingsError([f"--settings: no such file: {env_file}"])
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise SettingsError([_describe(e) for e in exc.errors()]) from None
+
+
+def _describe(error: Any) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    message = str(error.get("msg", "invalid"))
+    message = message.removeprefix("Value error, ")
+    if not loc:
+        return message
+    name = loc[0].upper()
+    value = error.get("input")
+    shown = "" if "secret" in name.lower() or "KEY" in name or "PASSWORD" in name else value
+    suffix = f" (got {shown!r})" if isinstance(shown, str | int | float) and shown != "" else ""
+    return f"{name}: {message}{suffix}"
