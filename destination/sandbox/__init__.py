@@ -1,0 +1,34 @@
+"""A local stand-in for the Gist API, for the integration tests, benchmarks and the demo.
+
+It keeps one workspace in memory, answers the endpoints the destination uses the way the
+reference describes them (auth, the 100-per-10-s sliding rate limit, asynchronous batch
+imports, event-name normalisation, tags), and lets a test inject faults (server errors,
+latency, forced 429s, a disabled workspace) and inspect what it received through the
+unauthenticated ``/_sandbox/*`` endpoints::
+
+    async with running_sandbox(SandboxConfig(batch_delay=0.05)) as sandbox:
+        ...  # point a client at sandbox.url with "Authorization: Bearer sandbox-key"
+        contact = sandbox.store.find_contact(email="a@example.com")
+
+Control endpoints (no auth, never rate limited or faulted): ``GET /_sandbox/state``,
+``GET /_sandbox/requests[?since=<monotonic seconds>]``, ``GET|POST /_sandbox/faults``,
+``POST /_sandbox/reset``.
+"""
+
+from destination.sandbox._app import Sandbox, create_app, running_sandbox
+from destination.sandbox._config import DEFAULT_API_KEY, SandboxConfig
+from destination.sandbox._store import ApiError, Batch, Contact, Event, Store, Tag
+
+__all__ = [
+    "DEFAULT_API_KEY",
+    "ApiError",
+    "Batch",
+    "Contact",
+    "Event",
+    "Sandbox",
+    "SandboxConfig",
+    "Store",
+    "Tag",
+    "create_app",
+    "running_sandbox",
+]
