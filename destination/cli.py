@@ -25,7 +25,15 @@ def _check_config(parser: argparse.ArgumentParser) -> Runner:
     return command.run
 
 
+def _run(parser: argparse.ArgumentParser) -> Runner:
+    from destination import run_command
+
+    run_command.add_arguments(parser)
+    return run_command.run
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {
+    "run": ("consume Kafka and deliver to Gist (settings from the environment)", _run),
     "sandbox": ("serve a local stand-in for the Gist API", _sandbox),
     "check-config": ("validate a mapping-rules file and report every error", _check_config),
 }
