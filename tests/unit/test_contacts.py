@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from destination.gist import ContactPayload
+from destination.pipeline.contacts import ContactBatcher, ContactStep, merge_contact
+
+
+def test_later_values_win_and_properties_merge_key_by_key() -> None:
+    into: ContactPayload = {
+        "user_id": "u1",
+        "name": "Ada",
+        "custom_properties": {"plan": "free", "a": 1},
+        "tags": ["beta"],
+    }
+    merge_contact(
+        into, {"name": "Ada L.", "custom_properties": {"plan": "pro"}, "tags": ["BETA", "vip"]}
+    )
+    assert into == {
+        "user_id": "u1",
+        "name": "Ada L.",
+        "custom_properties": {"plan": "pro", "a": 1},
+        "tags": ["beta", "vip"],
+    }
+
+
+def test_step_copies_the_payload_it_merges_into() -> None:
+    original: ContactPayload = {"user_id": "u1", "custom_properties": {"a": 1}}
+    step = ContactStep(original, ("u:1",))
+    step.merge({"custom_properties": {"a": 2}})
+    assert original["custom_properties"] == {"a": 1}
+    assert step.payload["custom_properties"] == {"a": 2}
+    assert step.merged == 1
+
+
+def test_batcher_is_due_when_full_or_when_the_oldest_waited_long_enough() -> None:
+    batcher = ContactBatcher(max_contacts=3, max_wait=1.0)
+    assert batcher.due_at() is None
+    steps = [ContactStep({"user_id": str(i)}, (f"u:{i}",)) for i in range(4)]
+    batcher.add(steps[0], now=10.0)
+    batcher.add(steps[1], now=10.5)
+    assert batcher.due_at() == 11.0
+    batcher.add(steps[2], now=10.6)
+    batcher.add(steps[3], now=10.7)
+    assert batcher.due_at() == float("-inf")
+    taken = batcher.take()
+    assert taken == steps[:3]
+    assert all(s.sent for s in taken)
+    assert batcher.due_at() == 11.7
+    assert batcher.take() == [steps[3]]
+    assert len(batcher) == 0

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from destination.pipeline.offsets import OffsetTracker
+
+
+def test_nothing_consumed_commits_nothing() -> None:
+    assert OffsetTracker().committable() is None
+
+
+def test_commit_stops_at_the_first_unfinished_offset() -> None:
+    tracker = OffsetTracker()
+    for offset in (10, 11, 12, 13):
+        tracker.add(offset)
+    tracker.finish(12)
+    tracker.finish(11)
+    assert tracker.committable() == 10
+    tracker.finish(10)
+    assert tracker.committable() == 13
+    tracker.finish(13)
+    assert tracker.committable() == 14
+    assert len(tracker) == 0
+
+
+def test_offsets_must_increase() -> None:
+    tracker = OffsetTracker()
+    tracker.add(5)
+    with pytest.raises(ValueError, match="arrived after"):
+        tracker.add(5)
+
+
+@given(st.permutations(list(range(30))), st.integers(0, 30))
+def test_committable_is_lowest_unfinished(order: list[int], finished: int) -> None:
+    tracker = OffsetTracker()
+    for offset in range(30):
+        tracker.add(offset)
+    done = set(order[:finished])
+    for offset in order[:finished]:
+        tracker.finish(offset)
+    expected = min(set(range(30)) - done, default=30)
+    assert tracker.committable() == expected
+    assert len(tracker) == 30 - finished
