@@ -1,0 +1,32 @@
+"""Mapping rules: one Segment-spec message in, the Gist operations it causes out.
+
+    rules = load_rules(path)          # None: the shipped default (config/mapping-rules.yaml)
+    mapper = Mapper(rules)            # compiles the rules once
+    result = mapper.map(message)      # Mapped | Skipped | Rejected; never raises
+
+``load_rules`` raises ``RulesError`` listing every problem of an invalid file (file,
+line, key path, what was expected) and ``OSError`` when the file cannot be read.
+"""
+
+from destination.mapping._loading import (
+    RulesError,
+    RulesProblem,
+    default_rules_path,
+    load_rules,
+    parse_rules,
+)
+from destination.mapping._mapper import Mapper
+from destination.mapping._reasons import REJECT_REASONS, SKIP_REASONS
+from destination.mapping._schema import Rules
+
+__all__ = [
+    "REJECT_REASONS",
+    "SKIP_REASONS",
+    "Mapper",
+    "Rules",
+    "RulesError",
+    "RulesProblem",
+    "default_rules_path",
+    "load_rules",
+    "parse_rules",
+]

@@ -1,0 +1,626 @@
+"""One Segment message in, the Gist operations it causes out (or why none).
+
+``Mapper(rules)`` compiles the rules once; ``Mapper.map`` is pure, never raises and
+touches only plain dicts, compiled regexes and small caches per message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Final, cast
+
+from destination.gist._models import ContactPayload, EventPayload
+from destination.mapping import _reasons as reasons
+from destination.mapping._schema import EventTag, Rules, TraitTag
+from destination.mapping._syntax import (
+    MISSING,
+    Matcher,
+    Path,
+    Template,
+    compile_condition,
+    event_key,
+    first_rendered,
+    normalise_event_name,
+    parse_path,
+    resolve,
+)
+from destination.mapping._values import (
+    DROP,
+    PropertyNames,
+    PropertyShaper,
+    ValueConverter,
+    iso_seconds,
+    message_time,
+    number_seconds,
+)
+from destination.operations import (
+    ContactAlias,
+    ContactDelete,
+    ContactUpsert,
+    EventTrack,
+    Mapped,
+    MapResult,
+    Operation,
+    Rejected,
+    Skipped,
+    TagChange,
+)
+
+_AUDIENCE_ENTERED: Final = event_key("Audience Entered")
+_AUDIENCE_EXITED: Final = event_key("Audience Exited")
+_LAST_SEEN: Final = frozenset({"last_seen_ip", "last_seen_user_agent"})
+_NULLABLE: Final = frozenset(
+    {"name", "phone", "signed_up_at", "last_seen_ip", "last_seen_user_agent"}
+)
+_CACHE_LIMIT: Final = 4096
+
+
+class _Reject(Exception):
+    """Raised inside a handler, turned into ``Rejected`` by ``Mapper.map``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class _Invalid(Exception):
+    """A contact field has the wrong type; ``invalid_fields`` says what follows."""
+
+
+# Contact-field converters: value in, value out (or MISSING to skip); _Invalid on a bad type.
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip() or MISSING
+    raise _Invalid("a string")
+
+
+def _phone(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _text(value)
+
+
+def _unix(value: Any) -> Any:
+    if isinstance(value, str):
+        seconds = iso_seconds(value.strip())
+        if seconds is None:
+            raise _Invalid("an ISO-8601 date or unix seconds")
+        return int(seconds)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = number_seconds(value)
+        if seconds is not None:
+            return int(seconds)
+    raise _Invalid("an ISO-8601 date or unix seconds")
+
+
+def _flag(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise _Invalid("true or false")
+
+
+def _tags(value: Any) -> Any:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+        raise _Invalid("a list of tag names")
+    tags = list(dict.fromkeys(t.strip() for t in items if t.strip()))
+    return tags or MISSING
+
+
+_CONVERTERS: Final[dict[str, Callable[[Any], Any]]] = {
+    "name": _text,
+    "phone": _phone,
+    "signed_up_at": _unix,
+    "unsubscribed_from_emails": _flag,
+    "tags": _tags,
+    "last_seen_ip": _text,
+    "last_seen_user_agent": _text,
+}
+
+
+def _join_parts(message: Mapping[str, Any], paths: tuple[Path, ...]) -> Any:
+    """The present parts of a joined source (``firstName lastName``), or MISSING."""
+    parts: list[str] = []
+    for path in paths:
+        value = resolve(message, path)
+        if value is MISSING or value is None:
+            continue
+        if not isinstance(value, str):
+            raise _Invalid("strings to join")
+        if value.strip():
+            parts.append(value.strip())
+    return " ".join(parts) if parts else MISSING
+
+
+class _ContactField:
+    """One Gist contact field and its compiled sources."""
+
+    __slots__ = ("convert", "name", "nullable", "sources")
+
+    def __init__(self, name: str, sources: tuple[tuple[str, ...], ...]) -> None:
+        self.name = name
+        self.sources = tuple(tuple(parse_path(p) for p in source) for source in sources)
+        self.convert = _CONVERTERS[name]
+        self.nullable = name in _NULLABLE
+
+
+class _TagRule:
+    __slots__ = ("applies", "events", "templates", "untag")
+
+    def __init__(self, rule: TraitTag) -> None:
+        texts = rule.tag if rule.tag is not None else rule.untag
+        self.templates = tuple(Template(t) for t in texts or ())
+        self.untag = rule.untag is not None
+        self.applies = compile_condition(rule.when)
+        self.events = Matcher(rule.event, event_names=True) if isinstance(rule, EventTag) else None
+
+
+class Mapper:
+    """Maps Segment-spec messages to Gist operations according to ``rules``."""
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        self._integration = rules.integration
+        self._on_invalid_drop = rules.invalid_fields == "drop"
+        self._user_id_paths = tuple(parse_path(p) for p in rules.identity.user_id)
+        self._email_paths = tuple(parse_path(p) for p in rules.identity.email)
+
+        names = PropertyNames(rules.values.keys)
+        self._names = names
+        convert = ValueConverter(rules.values)
+        self._convert = convert
+        self._keep_nulls = rules.values.nulls == "keep"
+        self._lower_event_names = rules.values.event_names == "lower_case"
+
+        identify = rules.identify
+        self._fields = tuple(
+            _ContactField(name, sources)
+            for name, sources in identify.fields.model_dump().items()
+            if sources
+        )
+        used_traits = {
+            ".".join(parse_path(p)[1:])
+            for sources in identify.fields.model_dump().values()
+            for source in sources
+            for p in source
+            if p.startswith("traits.")
+        } | {".".join(parse_path(p)[1:]) for p in rules.identity.email if p.startswith("traits.")}
+        self._traits = PropertyShaper(identify.traits, names, convert, skip=frozenset(used_traits))
+        self._audiences = rules.engage.audiences
+        self._computed_traits = rules.engage.computed_traits
+        self._engage_events = rules.engage.send_events
+
+        track = rules.track
+        self._event_include = Matcher(track.events.include, event_names=True)
+        self._event_exclude = Matcher(track.events.exclude, event_names=True)
+        self._event_rename = {event_key(k): v for k, v in track.events.rename.items()}
+        self._event_cache: dict[str, tuple[str, str | None, tuple[_TagRule, ...]]] = {}
+        self._track_properties = PropertyShaper(track.properties, names, convert)
+
+        self._trait_tags = tuple(_TagRule(rule) for rule in rules.tags.traits)
+        self._event_tags = tuple(_TagRule(rule) for rule in rules.tags.events)
+
+        self._page_names = tuple(Template(t) for t in rules.page.event)
+        self._page_properties = PropertyShaper(rules.page.properties, names, convert)
+        self._screen_names = tuple(Template(t) for t in rules.screen.event)
+        self._screen_properties = PropertyShaper(rules.screen.properties, names, convert)
+        self._group_traits = PropertyShaper(
+            rules.group.traits, names, convert, prefix=rules.group.prefix
+        )
+
+        handlers: dict[str, Callable[[dict[str, Any], str], MapResult]] = {
+            "identify": self._identify,
+            "track": self._track,
+            "page": self._page,
+            "screen": self._screen,
+            "group": self._group,
+            "alias": self._alias,
+            "delete": self._delete,
+        }
+        self._handlers = {
+            kind: handler if getattr(rules, kind).enabled else _type_off
+            for kind, handler in handlers.items()
+        }
+
+    # The entry point -------------------------------------------------------------------
+
+    def map(self, message: object) -> MapResult:
+        """The operations ``message`` causes, or why it is skipped or rejected. Never
+        raises."""
+        kind = "unknown"
+        try:
+            if not isinstance(message, dict):
+                return Rejected(kind, reasons.NOT_AN_OBJECT, "the message is not a JSON object")
+            raw_kind = message.get("type")
+            if not isinstance(raw_kind, str):
+                if "batch" in message:
+                    return Rejected(
+                        kind, reasons.BATCH_ENVELOPE, "a batch envelope: split it into messages"
+                    )
+                return Rejected(kind, reasons.UNKNOWN_TYPE, "type is missing or not a string")
+            kind = raw_kind
+            handler = self._handlers.get(kind) or self._handlers.get(kind.strip().lower())
+            if handler is None:
+                return Rejected(
+                    kind, reasons.UNKNOWN_TYPE, f"type {kind[:40]!r} is not a Segment message type"
+                )
+            switches = message.get("integrations")
+            if isinstance(switches, dict) and self._switched_off(switches):
+                return Skipped(kind, reasons.INTEGRATION_OFF)
+            return handler(message, kind)
+        except _Reject as rejection:
+            return Rejected(kind, rejection.reason, rejection.detail)
+        except Exception as exc:  # the promise is "never raises": say so instead
+            return Rejected(kind, reasons.MAPPING_ERROR, f"{type(exc).__name__} while mapping")
+
+    def _switched_off(self, switches: dict[str, Any]) -> bool:
+        # Segment's rule: the destination's own switch wins, else "All", else on.
+        switch = switches.get(self._integration, MISSING)
+        if switch is MISSING:
+            switch = switches.get("All", True)
+        return switch is False
+
+    # Shared pieces ---------------------------------------------------------------------
+
+    def _identity(self, message: dict[str, Any]) -> tuple[str | None, str | None]:
+        return self._user_id(message, self._user_id_paths), self._email(message)
+
+    def _user_id(self, message: dict[str, Any], paths: tuple[Path, ...]) -> str | None:
+        for path in paths:
+            value = resolve(message, path)
+            if value is MISSING or value is None:
+                continue
+            if isinstance(value, str):
+                if value:
+                    return value
+                continue
+            if isinstance(value, int) and not isinstance(value, bool):
+                return str(value)
+            if isinstance(value, float) and value.is_integer():
+                return str(int(value))
+            self._invalid(path, "a string or a whole number")
+        return None
+
+    def _email(self, message: dict[str, Any]) -> str | None:
+        for path in self._email_paths:
+            value = resolve(message, path)
+            if value is MISSING or value is None:
+                continue
+            if not isinstance(value, str):
+                self._invalid(path, "a string")
+                continue
+            email = value.strip()
+            if not email:
+                continue
+            if "@" not in email:
+                self._invalid(path, "an email address")
+                continue
+            return email
+        return None
+
+    def _invalid(self, path: Path, expected: str) -> None:
+        """A field of the wrong type: reject, unless the rules say drop it (return)."""
+        if not self._on_invalid_drop:
+            raise _Reject(reasons.INVALID_FIELD, f"{'.'.join(path)} must be {expected}")
+
+    def _object(self, message: dict[str, Any], key: str) -> dict[str, Any]:
+        """``traits`` / ``properties``: an object, or empty when absent."""
+        value = message.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _Reject(reasons.INVALID_FIELD, f"{key} must be an object")
+        return value
+
+    def _event_name(self, name: str) -> str:
+        name = normalise_event_name(name)
+        return name.lower() if self._lower_event_names else name
+
+    # identify --------------------------------------------------------------------------
+
+    def _identify(self, message: dict[str, Any], kind: str) -> MapResult:
+        traits = self._object(message, "traits")
+        user_id, email = self._identity(message)
+        if user_id is None and email is None:
+            raise _Reject(reasons.MISSING_IDENTITY, "identify needs a userId or an email")
+        contact: dict[str, Any] = {}
+        if user_id is not None:
+            contact["user_id"] = user_id
+        if email is not None:
+            contact["email"] = email
+
+        context = message.get("context")
+        inactive = isinstance(context, dict) and context.get("active") is False
+        for field in self._fields:
+            if inactive and field.name in _LAST_SEEN:
+                continue
+            value = self._field_value(message, field)
+            if value is not MISSING:
+                contact[field.name] = value
+
+        properties: dict[str, Any] = {}
+        self._traits.shape(traits, properties)
+        if isinstance(context, dict) and (self._audiences or self._computed_traits):
+            self._engage_trait(context, traits, properties)
+        if properties:
+            contact["custom_properties"] = properties
+
+        stamp = self._stamp(message)
+        if not self._trait_tags:
+            return Mapped(kind, (ContactUpsert(cast(ContactPayload, contact), *stamp),))
+        added, removed = self._rule_tags(self._trait_tags, message)
+        if added:
+            contact["tags"] = list(dict.fromkeys([*contact.get("tags", ()), *added]))
+        upsert = ContactUpsert(cast(ContactPayload, contact), *stamp)
+        untags = (TagChange(tag, user_id, email, True, *stamp) for tag in removed)
+        return Mapped(kind, (upsert, *untags))
+
+    def _field_value(self, message: dict[str, Any], field: _ContactField) -> Any:
+        saw_null = False
+        for source in field.sources:
+            try:
+                if len(source) == 1:
+                    value = resolve(message, source[0])
+                    if value is None:
+                        saw_null = True
+                        continue
+                    if value is MISSING:
+                        continue
+                    value = field.convert(value)
+                else:
+                    value = _join_parts(message, source)
+                    if value is not MISSING:
+                        value = field.convert(value)
+            except _Invalid as exc:
+                self._invalid(source[0], str(exc))
+                continue
+            if value is not MISSING:
+                return value
+        if saw_null and field.nullable and self._keep_nulls:
+            return None
+        return MISSING
+
+    def _engage_trait(
+        self, context: dict[str, Any], traits: dict[str, Any], properties: dict[str, Any]
+    ) -> None:
+        """An identify from Engage: its audience (a boolean) or computed trait is set
+        whatever the trait filters say."""
+        personas = context.get("personas")
+        if not isinstance(personas, dict):
+            return
+        key = personas.get("computation_key")
+        if not isinstance(key, str) or key not in traits:
+            return
+        name = self._names(key)
+        if not name:
+            return
+        if personas.get("computation_class") == "audience":
+            if self._audiences:
+                member = _membership(traits[key])
+                if member is not None:
+                    properties[name] = member
+        elif self._computed_traits:
+            value = self._convert(traits[key])
+            if value is not DROP:
+                properties[name] = value
+
+    def _rule_tags(
+        self, rules: tuple[_TagRule, ...], message: dict[str, Any]
+    ) -> tuple[list[str], list[str]]:
+        """(tags to add, tags to remove) by the rules that apply to ``message``."""
+        added: list[str] = []
+        removed: list[str] = []
+        for rule in rules:
+            if not rule.applies(message):
+                continue
+            tag = first_rendered(rule.templates, message)
+            if tag is not None:
+                (removed if rule.untag else added).append(tag)
+        return added, removed
+
+    def _stamp(self, message: dict[str, Any]) -> tuple[str | None, float | None]:
+        """(messageId, timestamp) carried by every operation."""
+        message_id = message.get("messageId")
+        if not isinstance(message_id, str):
+            message_id = (
+                str(message_id)
+                if isinstance(message_id, int) and not isinstance(message_id, bool)
+                else None
+            )
+        return message_id, message_time(message)
+
+    # track -----------------------------------------------------------------------------
+
+    def _track(self, message: dict[str, Any], kind: str) -> MapResult:
+        name = message.get("event")
+        if isinstance(name, str):
+            if not name.strip():
+                raise _Reject(reasons.MISSING_EVENT_NAME, "event is empty")
+        elif name is None:
+            raise _Reject(reasons.MISSING_EVENT_NAME, "track has no event")
+        else:
+            raise _Reject(reasons.INVALID_FIELD, "event must be a string")
+        properties = self._object(message, "properties")
+        user_id, email = self._identity(message)
+        if user_id is None and email is None:
+            raise _Reject(
+                reasons.MISSING_IDENTITY,
+                "track needs a userId or an email (context.traits.email, properties.email)",
+            )
+        stamp = self._stamp(message)
+        ops: list[Operation] = []
+        key, event_name, tag_rules = self._event_rules(name)
+
+        engage = self._engage_upsert(message, key, properties, user_id, email, stamp)
+        if engage is not None:
+            ops.append(engage)
+            if not self._engage_events:
+                return Mapped(kind, tuple(ops))
+
+        if event_name is not None:
+            event: dict[str, Any] = {"event_name": event_name}
+            if user_id is not None:
+                event["user_id"] = user_id
+            if email is not None:
+                event["email"] = email
+            shaped: dict[str, Any] = {}
+            self._track_properties.shape(properties, shaped)
+            if shaped:
+                event["properties"] = shaped
+            if stamp[1] is not None:
+                event["occurred_at"] = int(stamp[1])
+            ops.append(EventTrack(cast(EventPayload, event), *stamp))
+        if tag_rules:
+            added, removed = self._rule_tags(tag_rules, message)
+            ops.extend(TagChange(tag, user_id, email, False, *stamp) for tag in added)
+            ops.extend(TagChange(tag, user_id, email, True, *stamp) for tag in removed)
+        if not ops:
+            return Skipped(kind, reasons.EVENT_EXCLUDED)
+        return Mapped(kind, tuple(ops))
+
+    def _event_rules(self, name: str) -> tuple[str, str | None, tuple[_TagRule, ...]]:
+        """(the event's key; the name to send, or None when excluded; the tag rules
+        for this event)."""
+        cached = self._event_cache.get(name)
+        if cached is None:
+            key = event_key(name)
+            sent: str | None = None
+            if self._event_include(key) and not self._event_exclude(key):
+                sent = self._event_name(self._event_rename.get(key, name))
+            rules = tuple(r for r in self._event_tags if r.events is not None and r.events(key))
+            cached = (key, sent, rules)
+            if len(self._event_cache) >= _CACHE_LIMIT:
+                self._event_cache.clear()
+            self._event_cache[name] = cached
+        return cached
+
+    def _engage_upsert(
+        self,
+        message: dict[str, Any],
+        key: str,
+        properties: dict[str, Any],
+        user_id: str | None,
+        email: str | None,
+        stamp: tuple[str | None, float | None],
+    ) -> ContactUpsert | None:
+        """A track from Engage (Audience Entered / Exited, a computed trait) sets a
+        custom property on the contact; ``None`` for any other track."""
+        prop: tuple[str, Any] | None = None
+        if self._audiences and key in (_AUDIENCE_ENTERED, _AUDIENCE_EXITED):
+            audience = properties.get("audience_key")
+            if isinstance(audience, str) and self._names(audience):
+                prop = (self._names(audience), key == _AUDIENCE_ENTERED)
+        if prop is None and self._computed_traits:
+            context = message.get("context")
+            personas = context.get("personas") if isinstance(context, dict) else None
+            if isinstance(personas, dict) and personas.get("computation_class") not in (
+                None,
+                "audience",
+            ):
+                trait = personas.get("computation_key")
+                if isinstance(trait, str) and trait in properties and self._names(trait):
+                    value = self._convert(properties[trait])
+                    if value is not DROP:
+                        prop = (self._names(trait), value)
+        if prop is None:
+            return None
+        contact: dict[str, Any] = {"custom_properties": {prop[0]: prop[1]}}
+        if user_id is not None:
+            contact["user_id"] = user_id
+        if email is not None:
+            contact["email"] = email
+        return ContactUpsert(cast(ContactPayload, contact), *stamp)
+
+    # page and screen -------------------------------------------------------------------
+
+    def _page(self, message: dict[str, Any], kind: str) -> MapResult:
+        return self._view(message, kind, self._page_names, self._page_properties)
+
+    def _screen(self, message: dict[str, Any], kind: str) -> MapResult:
+        return self._view(message, kind, self._screen_names, self._screen_properties)
+
+    def _view(
+        self,
+        message: dict[str, Any],
+        kind: str,
+        templates: tuple[Template, ...],
+        shaper: PropertyShaper,
+    ) -> MapResult:
+        properties = self._object(message, "properties")
+        user_id, email = self._identity(message)
+        if user_id is None and email is None:
+            raise _Reject(reasons.MISSING_IDENTITY, f"{kind} needs a userId or an email")
+        name = first_rendered(templates, message)
+        if name is None:
+            return Skipped(kind, reasons.NO_EVENT_NAME)
+        stamp = self._stamp(message)
+        event: dict[str, Any] = {"event_name": self._event_name(name)}
+        if user_id is not None:
+            event["user_id"] = user_id
+        if email is not None:
+            event["email"] = email
+        shaped: dict[str, Any] = {}
+        shaper.shape(properties, shaped)
+        if shaped:
+            event["properties"] = shaped
+        if stamp[1] is not None:
+            event["occurred_at"] = int(stamp[1])
+        return Mapped(kind, (EventTrack(cast(EventPayload, event), *stamp),))
+
+    # group, alias, delete --------------------------------------------------------------
+
+    def _group(self, message: dict[str, Any], kind: str) -> MapResult:
+        traits = self._object(message, "traits")
+        user_id, email = self._identity(message)
+        if user_id is None and email is None:
+            raise _Reject(reasons.MISSING_IDENTITY, "group needs a userId or an email")
+        group_id = message.get("groupId")
+        if (
+            "id" not in traits
+            and isinstance(group_id, str | int)
+            and not isinstance(group_id, bool)
+        ):
+            traits = {"id": str(group_id), **traits}
+        properties: dict[str, Any] = {}
+        self._group_traits.shape(traits, properties)
+        if not properties:
+            return Skipped(kind, reasons.NOTHING_TO_SEND)
+        contact: dict[str, Any] = {"custom_properties": properties}
+        if user_id is not None:
+            contact["user_id"] = user_id
+        if email is not None:
+            contact["email"] = email
+        return Mapped(kind, (ContactUpsert(cast(ContactPayload, contact), *self._stamp(message)),))
+
+    def _alias(self, message: dict[str, Any], kind: str) -> MapResult:
+        previous_id = self._user_id(message, (("previousId",),))
+        user_id = self._user_id(message, (("userId",),))
+        if previous_id is None or user_id is None:
+            raise _Reject(reasons.MISSING_IDENTITY, "alias needs previousId and userId")
+        if previous_id == user_id:
+            return Skipped(kind, reasons.NOTHING_TO_SEND)
+        return Mapped(kind, (ContactAlias(previous_id, user_id, *self._stamp(message)),))
+
+    def _delete(self, message: dict[str, Any], kind: str) -> MapResult:
+        user_id, email = self._identity(message)
+        if user_id is None and email is None:
+            raise _Reject(reasons.MISSING_IDENTITY, "delete needs a userId or an email")
+        return Mapped(kind, (ContactDelete(user_id, email, *self._stamp(message)),))
+
+
+def _type_off(message: dict[str, Any], kind: str) -> MapResult:
+    return Skipped(kind, reasons.TYPE_OFF)
+
+
+def _membership(value: Any) -> bool | None:
+    """An audience trait's value as membership: true / false (also as strings)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None

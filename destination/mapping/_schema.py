@@ -1,0 +1,260 @@
+"""The shape of a mapping-rules file, with every default.
+
+``Rules()`` is the built-in default, and ``config/mapping-rules.yaml`` (shipped as
+``default_rules.yaml``) spells the same values out for operators; a test keeps the two
+equal. Every key of a rules file is optional: an omitted key keeps its default.
+
+The models validate (types, unknown keys, patterns, paths, templates) and are frozen;
+the mapper compiles them once into plain callables and never touches them per message.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, model_validator
+
+from destination.mapping._syntax import Scalar, parse_path, parse_template, pattern_regex
+
+
+def _one_or_many(what: str) -> BeforeValidator:
+    """Accept one item or a list of items; always give a list."""
+
+    def coerce(value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            return value
+        raise ValueError(f"expected {what} or a list of them")
+
+    return BeforeValidator(coerce)
+
+
+def _check_path(text: str) -> str:
+    parse_path(text)
+    return text
+
+
+def _check_pattern(text: str) -> str:
+    pattern_regex(text)
+    return text
+
+
+def _check_template(text: str) -> str:
+    parse_template(text)
+    return text
+
+
+_PROPERTY_NAME = re.compile(r"[a-z0-9_]+")
+
+
+def _check_property_name(text: str) -> str:
+    if not _PROPERTY_NAME.fullmatch(text):
+        raise ValueError(
+            f"expected a Gist property name (lower-case letters, digits and _), got {text!r}"
+        )
+    return text
+
+
+def _check_prefix(text: str) -> str:
+    if text and not _PROPERTY_NAME.fullmatch(text):
+        raise ValueError(f"expected lower-case letters, digits and _ (or ''), got {text!r}")
+    return text
+
+
+def _check_non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("expected a non-empty name")
+    return text
+
+
+def _source(value: Any) -> Any:
+    """A contact-field source: a path, or a list of paths whose present parts are joined
+    with a space (``[traits.firstName, traits.lastName]``)."""
+    parts = [value] if isinstance(value, str) else value
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+        raise ValueError("expected a path, or a list of paths to join with a space")
+    for part in parts:
+        parse_path(part)
+    return tuple(parts)
+
+
+def _condition_values(value: Any) -> Any:
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        if not (item is None or isinstance(item, str | int | float | bool)):
+            raise ValueError(
+                "expected a value (string, number, true/false, null) or a list of them"
+            )
+    return tuple(values)
+
+
+PathText = Annotated[str, AfterValidator(_check_path)]
+Paths = Annotated[tuple[PathText, ...], _one_or_many("a path")]
+Patterns = Annotated[
+    tuple[Annotated[str, AfterValidator(_check_pattern)], ...], _one_or_many("a pattern")
+]
+Templates = Annotated[
+    tuple[Annotated[str, AfterValidator(_check_template)], ...], _one_or_many("a template")
+]
+PropertyName = Annotated[str, AfterValidator(_check_property_name)]
+EventName = Annotated[str, AfterValidator(_check_non_empty)]
+Source = Annotated[tuple[str, ...], BeforeValidator(_source)]
+Sources = Annotated[tuple[Source, ...], _one_or_many("a path")]
+Expected = Annotated[tuple[Scalar, ...], BeforeValidator(_condition_values)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PropertySelection(_Section):
+    """Which names of an object become properties, and under which property name.
+
+    ``include`` / ``exclude`` are patterns on the name as sent (nested: ``address.city``);
+    exclude wins. ``rename`` maps a name as sent to a property name (used as given)."""
+
+    include: Patterns = ("*",)
+    exclude: Patterns = ()
+    rename: dict[str, PropertyName] = {}
+
+
+class EventSelection(_Section):
+    """Which track events are sent, and renames. Names compare the way Gist compares them
+    (case-insensitive, ``.`` and ``$`` as ``-``)."""
+
+    include: Patterns = ("*",)
+    exclude: Patterns = ()
+    rename: dict[EventName, EventName] = {}
+
+
+class Identity(_Section):
+    """Where the contact's ``user_id`` and ``email`` come from: first present path wins."""
+
+    user_id: Paths = ("userId",)
+    email: Paths = ("traits.email", "context.traits.email", "properties.email")
+
+
+class Values(_Section):
+    """How values are sent (contact custom properties and event properties)."""
+
+    keys: Literal["snake_case", "lower_case"] = "snake_case"
+    dates: Literal["unix", "keep"] = "unix"
+    lists: Literal["keep", "join", "drop"] = "keep"
+    list_objects: Literal["drop", "json"] = "drop"
+    nulls: Literal["keep", "drop"] = "keep"
+    event_names: Literal["as_sent", "lower_case"] = "as_sent"
+
+
+class ContactFields(_Section):
+    """Gist contact field <- sources (first present wins); ``[]`` never sets the field."""
+
+    name: Sources = (
+        ("traits.name",),
+        ("traits.firstName", "traits.lastName"),
+        ("traits.first_name", "traits.last_name"),
+    )
+    phone: Sources = (("traits.phone",),)
+    signed_up_at: Sources = (("traits.createdAt",), ("traits.created_at",))
+    unsubscribed_from_emails: Sources = (("traits.unsubscribed",),)
+    tags: Sources = (("traits.tags",),)
+    last_seen_ip: Sources = (("context.ip",),)
+    last_seen_user_agent: Sources = (("context.userAgent",),)
+
+
+class Identify(_Section):
+    enabled: bool = True
+    fields: ContactFields = ContactFields()
+    traits: PropertySelection = PropertySelection()
+
+
+class Engage(_Section):
+    audiences: bool = True
+    computed_traits: bool = True
+    send_events: bool = False
+
+
+class Track(_Section):
+    enabled: bool = True
+    events: EventSelection = EventSelection()
+    properties: PropertySelection = PropertySelection()
+
+
+class TraitTag(_Section):
+    """On identify: ``tag`` adds a tag to the contact, ``untag`` removes one, when every
+    path in ``when`` holds one of its values and the template renders."""
+
+    tag: Templates | None = None
+    untag: Templates | None = None
+    when: dict[PathText, Expected] = {}
+
+    @model_validator(mode="after")
+    def _one_action(self) -> TraitTag:
+        if (self.tag is None) == (self.untag is None):
+            raise ValueError("give exactly one of tag or untag")
+        return self
+
+
+class EventTag(TraitTag):
+    """On track: tag or untag the contact when the event name matches ``event``."""
+
+    event: Patterns
+
+
+class Tags(_Section):
+    traits: tuple[TraitTag, ...] = ()
+    events: tuple[EventTag, ...] = ()
+
+
+class Page(_Section):
+    enabled: bool = False
+    event: Templates = ("Viewed {name} Page", "Viewed a Page")
+    properties: PropertySelection = PropertySelection()
+
+
+class Screen(_Section):
+    enabled: bool = False
+    event: Templates = ("Viewed {name} Screen", "Viewed a Screen")
+    properties: PropertySelection = PropertySelection()
+
+
+class Group(_Section):
+    enabled: bool = False
+    prefix: Annotated[str, AfterValidator(_check_prefix)] = "company_"
+    traits: PropertySelection = PropertySelection()
+
+
+class Switch(_Section):
+    enabled: bool = True
+
+
+class Rules(_Section):
+    """A whole mapping-rules file. ``Rules()`` is the shipped default."""
+
+    version: Literal[1] = 1
+    integration: Annotated[str, AfterValidator(_check_non_empty)] = "Gist"
+    invalid_fields: Literal["reject", "drop"] = "reject"
+    identity: Identity = Identity()
+    values: Values = Values()
+    identify: Identify = Identify()
+    engage: Engage = Engage()
+    track: Track = Track()
+    tags: Tags = Tags()
+    page: Page = Page()
+    screen: Screen = Screen()
+    group: Group = Group()
+    alias: Switch = Switch()
+    delete: Switch = Switch()
+
+    def summary(self) -> str:
+        """One line: what is on, what is off, how many custom rules."""
+        types = ("identify", "track", "page", "screen", "group", "alias", "delete")
+        on = [t for t in types if getattr(self, t).enabled]
+        off = [t for t in types if t not in on]
+        renames = len(self.track.events.rename)
+        tag_rules = len(self.tags.traits) + len(self.tags.events)
+        return (
+            f"{', '.join(on) or 'nothing'} on; {', '.join(off) or 'nothing'} off; "
+            f"{renames} event rename(s), {tag_rules} tag rule(s)"
+        )
