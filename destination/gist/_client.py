@@ -131,7 +131,7 @@ class GistClient:
         if not isinstance(batch_id, str) or not batch_id:
             raise PermanentError(
                 "Gist accepted a batch import without a batch_id",
-                method="POST", endpoint="/contacts/batch", status=200,
+                method="POST", endpoint="POST /contacts/batch", status=200,
                 body_excerpt=orjson.dumps(body).decode(),
             )
         queued = body.get("queued_contacts")
@@ -152,7 +152,7 @@ class GistClient:
         if status not in ("QUEUED", "IN_PROGRESS", "COMPLETED"):
             raise RetryableError(
                 "Gist answered a batch status this client does not know",
-                method="GET", endpoint="/contacts/batch/{id}", status=200,
+                method="GET", endpoint="GET /contacts/batch/{id}", status=200,
                 body_excerpt=orjson.dumps(body).decode(),
             )
         imported = body.get("imported_contacts")

@@ -38,7 +38,7 @@ class GistError(Exception):
         self.attempts = attempts
 
     def __str__(self) -> str:
-        where = f"{self.method} {self.endpoint}".strip()
+        where = self.endpoint or self.method
         status = f" -> {self.status}" if self.status is not None else ""
         return f"{self.message} ({where}{status}, attempts={self.attempts})"
 

@@ -99,6 +99,7 @@ class RateLimiter:
         self._min_limit = max(1, int(rate.limit * min_fraction))
         self._cut = cut
         self._last_cut = float("-inf")
+        self._quiet_since = float("-inf")  # recovery counts whole windows without a 429
         self._waiting = 0
         self.granted = 0
         self.rate_limited = 0
@@ -147,6 +148,7 @@ class RateLimiter:
         hint) and cut the limit; it grows back by a tenth of the configured limit per
         window without a 429."""
         now = self._clock()
+        self._recover(now)
         self.rate_limited += 1
         pause = retry_after if retry_after is not None and retry_after >= 0 else backoff
         self._paused_until = max(self._paused_until, now + pause)
@@ -154,12 +156,13 @@ class RateLimiter:
         if now - self._last_cut >= self.rate.window:
             self._window.limit = max(self._min_limit, int(self._window.limit * self._cut))
             self._last_cut = now
+        self._quiet_since = now
 
     def _recover(self, now: float) -> None:
         if self._window.limit >= self.rate.limit:
             return
-        windows = int((now - self._last_cut) // self.rate.window)
+        windows = int((now - self._quiet_since) // self.rate.window)
         if windows > 0:
             step = max(1, self.rate.limit // 10)
             self._window.limit = min(self.rate.limit, self._window.limit + windows * step)
-            self._last_cut += windows * self.rate.window
+            self._quiet_since += windows * self.rate.window
