@@ -1,0 +1,515 @@
+"""The workspace's request budget, on virtual time (no wall clock anywhere).
+
+``VirtualTime`` is a small discrete-event clock: ``sleep`` parks the caller on a timer
+and the test's driver moves time to the next timer or arrival once every task has run as
+far as it can. The async ``RateLimiter`` is driven through it exactly as in production
+(same lock, same loop), only the clock and ``sleep`` are swapped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from destination.gist import RateLimit, RateLimiter, SlidingWindow
+
+EPS = 1e-9
+
+
+def _close_or_after(a: float, b: float) -> bool:
+    """``a >= b`` up to float rounding of the clock arithmetic."""
+    return a >= b - EPS * max(1.0, abs(a), abs(b))
+
+
+class VirtualTime:
+    """A clock and a ``sleep`` for the limiter; time moves only when the driver says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps = 0
+        self._timers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self.progress: Callable[[], object] = lambda: None
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps += 1
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._timers, (self.now + max(0.0, delay), next(self._seq), fut))
+        await fut
+
+    async def settle(self) -> None:
+        """Let every runnable task run until nothing moves for a few loop turns."""
+        quiet, last = 0, self._fingerprint()
+        while quiet < 5:
+            await asyncio.sleep(0)
+            current = self._fingerprint()
+            quiet, last = (quiet + 1, last) if current == last else (0, current)
+
+    def _fingerprint(self) -> object:
+        return (self.sleeps, len(self._timers), self.progress())
+
+    async def fire_next(self) -> bool:
+        """Move to the earliest timer and wake its sleeper; False when none is set."""
+        await self.settle()
+        while self._timers:
+            when, _, fut = heapq.heappop(self._timers)
+            if fut.done():  # its sleeper was cancelled
+                continue
+            self.now = max(self.now, when)
+            fut.set_result(None)
+            await self.settle()
+            return True
+        return False
+
+    async def advance_to(self, t: float) -> None:
+        await self.settle()
+        while self._timers and self._timers[0][0] <= t:
+            await self.fire_next()
+        self.now = max(self.now, t)
+        await self.settle()
+
+
+@dataclass
+class Simulation:
+    """One run of the limiter: who was granted, in what order and when."""
+
+    rate: RateLimit
+    time: VirtualTime = field(default_factory=VirtualTime)
+    order: list[int] = field(default_factory=list)
+    granted_at: list[float] = field(default_factory=list)
+    limiter: RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limiter = RateLimiter(self.rate, clock=self.time.clock, sleep=self.time.sleep)
+        self.time.progress = lambda: (len(self.order), self.limiter.waiting)
+
+    async def _request(self, index: int) -> None:
+        await self.limiter.acquire()
+        # Same task step as the grant: the append order is the grant order.
+        self.order.append(index)
+        self.granted_at.append(self.time.now)
+
+    async def run(
+        self,
+        arrivals: Sequence[float],
+        *,
+        until: float | None = None,
+        rate_limited: Sequence[tuple[float, float | None]] = (),
+    ) -> None:
+        """Request ``arrivals[i]`` at that time (sorted), tell the limiter of a 429 at each
+        ``rate_limited`` time; run until all are granted, or only up to ``until``."""
+        events = sorted(
+            [(t, 0, i) for i, t in enumerate(arrivals)]
+            + [(t, 1, j) for j, (t, _) in enumerate(rate_limited)]
+        )
+        tasks: list[asyncio.Task[None]] = []
+        for t, kind, i in events:
+            if until is not None and t >= until:
+                break
+            await self.time.advance_to(t)
+            if kind == 0:
+                tasks.append(asyncio.create_task(self._request(i)))
+            else:
+                self.limiter.on_rate_limited(rate_limited[i][1], backoff=1.0)
+        if until is not None:
+            await self.time.advance_to(until)
+        else:
+            await self.time.settle()
+            while len(self.order) < len(arrivals):
+                assert await self.time.fire_next(), "requests wait but no timer is set"
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _simulate(
+    rate: RateLimit,
+    arrivals: Sequence[float],
+    *,
+    until: float | None = None,
+    rate_limited: Sequence[tuple[float, float | None]] = (),
+) -> Simulation:
+    sim = Simulation(rate)
+    asyncio.run(sim.run(arrivals, until=until, rate_limited=rate_limited))
+    return sim
+
+
+def _max_in_any_span(times: Sequence[float], span: float) -> int:
+    """The most grants in one half-open interval ``[a, a + span)`` (sorted times)."""
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while _close_or_after(t - times[lo], span):
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+# --- strategies ---------------------------------------------------------------------
+limits = st.integers(min_value=1, max_value=25)
+windows = st.floats(min_value=0.01, max_value=500.0, allow_nan=False, allow_infinity=False)
+margin_fractions = st.floats(min_value=0.0, max_value=0.5)
+
+
+@st.composite
+def arrival_patterns(draw: st.DrawFn, limit: int, window: float) -> list[float]:
+    """Bursts separated by gaps, both scaled to the window: quiet spells, trickles and
+    pile-ups several times the limit."""
+    bursts = draw(
+        st.lists(
+            st.tuples(
+                st.floats(min_value=0.0, max_value=3.0),  # gap before the burst, in windows
+                st.integers(min_value=1, max_value=3 * limit),  # requests in the burst
+                st.floats(min_value=0.0, max_value=0.5),  # spread of the burst, in windows
+            ),
+            min_size=1,
+            max_size=15,
+        )
+    )
+    times: list[float] = []
+    t = 0.0
+    for gap, size, spread in bursts:
+        t += gap * window
+        step = spread * window / size
+        times.extend(t + k * step for k in range(size))
+        t += spread * window
+    return times
+
+
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- properties of the async limiter ------------------------------------------------
+@PROPERTY
+@given(data=st.data(), limit=limits, window=windows, margin_fraction=margin_fractions)
+def test_no_span_ever_holds_more_than_the_limit_and_grants_are_fifo(
+    data: st.DataObject, limit: int, window: float, margin_fraction: float
+) -> None:
+    rate = RateLimit(limit=limit, window=window, margin=window * margin_fraction)
+    span = rate.window + rate.margin
+    arrivals = data.draw(arrival_patterns(limit, window))
+
+    sim = _simulate(rate, arrivals)
+
+    # (b) FIFO: granted in arrival order, never before arriving.
+    assert sim.order == list(range(len(arrivals)))
+    assert all(
+        _close_or_after(g, arrivals[i]) for i, g in zip(sim.order, sim.granted_at, strict=True)
+    )
+    # (a) any `limit + 1` consecutive grants spread over at least a whole span.
+    for i in range(len(sim.granted_at) - limit):
+        assert _close_or_after(sim.granted_at[i + limit] - sim.granted_at[i], span)
+    assert _max_in_any_span(sim.granted_at, span) <= limit
+    # Work-conserving: each grant is as early as the three constraints allow, so no
+    # budget is left idle while someone waits.
+    for i, g in enumerate(sim.granted_at):
+        earliest = max(
+            arrivals[i],
+            sim.granted_at[i - 1] if i else -math.inf,
+            sim.granted_at[i - limit] + span if i >= limit else -math.inf,
+        )
+        assert g == pytest.approx(earliest, rel=1e-9, abs=1e-9)
+    assert sim.limiter.granted == len(arrivals)
+    assert sim.limiter.waiting == 0
+
+
+@PROPERTY
+@given(
+    data=st.data(),
+    limit=limits,
+    window=windows,
+    margin_fraction=st.floats(min_value=0.0, max_value=0.02),
+)
+def test_a_sustained_backlog_uses_the_budget_fully(
+    data: st.DataObject, limit: int, window: float, margin_fraction: float
+) -> None:
+    rate = RateLimit(limit=limit, window=window, margin=window * margin_fraction)
+    span = rate.window + rate.margin
+    windows_run = 20
+    horizon = windows_run * window
+    # A base stream at twice the limit (plus a first window's worth at once) keeps the
+    # queue from ever running dry; an arbitrary pattern of bursts rides on top.
+    base = [0.0] * limit + [k * window / (2 * limit) for k in range(2 * limit * windows_run)]
+    extra = data.draw(arrival_patterns(limit, window))
+    arrivals = sorted(base + [t for t in extra if t < horizon])
+
+    sim = _simulate(rate, arrivals, until=horizon)
+
+    granted = sum(1 for t in sim.granted_at if t < horizon)
+    assert sum(1 for t in arrivals if t < horizon) > granted  # the backlog never ran dry
+    # The sliding window allows at most `limit` per span; a greedy limiter reaches it.
+    assert granted >= limit * horizon / span * (1 - 1e-9)
+    assert granted / (limit * windows_run) >= 0.97
+
+
+def test_default_rate_uses_at_least_97_percent_of_gists_budget() -> None:
+    """100 per 10 s with the default 0.1 s margin: a minute of backlog."""
+    rate = RateLimit()
+    arrivals = [k * 0.05 for k in range(1400)]  # 200 per 10 s offered
+    sim = _simulate(rate, arrivals, until=60.0)
+    per_window = [sum(1 for t in sim.granted_at if w <= t < w + 10) for w in range(0, 60, 10)]
+    assert max(per_window) <= 100
+    utilisation = len(sim.granted_at) / (100 * 6)
+    assert utilisation >= 0.97, per_window
+    # The margin is the only budget left unused: 10 / 10.1 of it is the ceiling.
+    assert len(sim.granted_at) >= 100 * 60 / 10.1
+
+
+@PROPERTY
+@given(
+    data=st.data(),
+    limit=st.integers(min_value=1, max_value=15),
+    window=st.floats(min_value=0.1, max_value=100.0),
+    hits=st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=10.0),  # when, in windows
+            st.one_of(st.none(), st.floats(min_value=-1.0, max_value=3.0)),  # Retry-After
+        ),
+        max_size=4,
+    ),
+)
+def test_429s_pause_everyone_and_never_break_the_window_or_the_order(
+    data: st.DataObject,
+    limit: int,
+    window: float,
+    hits: list[tuple[float, float | None]],
+) -> None:
+    rate = RateLimit(limit=limit, window=window, margin=window * 0.01)
+    span = rate.window + rate.margin
+    arrivals = data.draw(arrival_patterns(limit, window))
+    rate_limited = [(w * window, None if r is None else r * window) for w, r in hits]
+
+    sim = _simulate(rate, arrivals, rate_limited=rate_limited)
+
+    assert sim.order == list(range(len(arrivals)))
+    for i in range(len(sim.granted_at) - limit):
+        assert _close_or_after(sim.granted_at[i + limit] - sim.granted_at[i], span)
+    for at, retry_after in rate_limited:
+        pause = retry_after if retry_after is not None and retry_after >= 0 else 1.0
+        inside = [g for g in sim.granted_at if at + EPS < g < at + pause - EPS * (1 + at)]
+        assert inside == [], f"granted during the pause after a 429 at {at}"
+    assert sim.limiter.rate_limited == len(rate_limited)
+
+
+# --- on_rate_limited: pause, cut and recovery ---------------------------------------
+async def test_a_429_pauses_every_waiter_for_retry_after_and_cuts_the_limit() -> None:
+    vt = VirtualTime()
+    limiter = RateLimiter(
+        RateLimit(limit=10, window=1.0, margin=0.0), clock=vt.clock, sleep=vt.sleep
+    )
+    granted: list[float] = []
+    vt.progress = lambda: (len(granted), limiter.waiting)
+
+    async def request() -> None:
+        await limiter.acquire()
+        granted.append(vt.now)
+
+    tasks = [asyncio.create_task(request()) for _ in range(13)]
+    await vt.settle()
+    assert granted == [0.0] * 10  # the budget is spent...
+    assert limiter.waiting == 3  # ...and three queue behind it
+
+    await vt.advance_to(0.5)
+    limiter.on_rate_limited(retry_after=4.0, backoff=99.0)
+    assert limiter.current_limit == 7  # 10 * 0.7
+    assert limiter.rate_limited == 1
+
+    await vt.advance_to(4.4999)
+    assert len(granted) == 10, "a queued request went during the pause"
+    await vt.advance_to(4.5)
+    assert granted[10:] == [4.5, 4.5, 4.5]
+    await asyncio.gather(*tasks)
+
+
+def _limiter_at(vt: VirtualTime, rate: RateLimit | None = None) -> RateLimiter:
+    return RateLimiter(rate or RateLimit(), clock=vt.clock, sleep=vt.sleep)
+
+
+async def test_without_retry_after_the_pause_is_the_backoff() -> None:
+    for retry_after in (None, -3.0):
+        vt = VirtualTime()
+        limiter = _limiter_at(vt)
+        vt.now = 100.0
+        limiter.on_rate_limited(retry_after, backoff=2.5)
+        task = asyncio.create_task(limiter.acquire())
+        await vt.settle()
+        assert not task.done()
+        await vt.advance_to(102.4)
+        assert not task.done()
+        await vt.advance_to(102.5)
+        assert await task == pytest.approx(2.5)
+
+
+def test_429s_of_one_storm_cut_once_and_the_limit_recovers_over_quiet_windows() -> None:
+    vt = VirtualTime()
+    limiter = _limiter_at(vt)  # 100 per 10 s
+    limiter.on_rate_limited(1.0, backoff=1.0)
+    vt.now = 0.3
+    limiter.on_rate_limited(1.0, backoff=1.0)  # same storm: no second cut
+    assert limiter.current_limit == 70
+    assert limiter.rate_limited == 2
+    seen = {}
+    for t in (9.0, 10.3, 20.3, 30.3, 40.3, 80.0):
+        vt.now = t
+        seen[t] = limiter.current_limit
+    assert seen == {9.0: 70, 10.3: 80, 20.3: 90, 30.3: 100, 40.3: 100, 80.0: 100}
+
+
+def test_persistent_429s_cut_once_per_window_down_to_the_floor() -> None:
+    vt = VirtualTime()
+    limiter = _limiter_at(vt)
+    # A 429 every 5 s: each window has one, so nothing recovers; a cut every 10 s.
+    expected = [70, 70, 49, 49, 34, 34, 23, 23, 16, 16, 11, 11, 10, 10, 10]
+    for k, limit in enumerate(expected):
+        vt.now = 5.0 * k
+        limiter.on_rate_limited(None, backoff=0.1)
+        assert limiter.current_limit == limit, f"at t={vt.now}"
+    assert limiter.rate_limited == len(expected)
+
+
+def test_a_recovery_step_does_not_hide_the_next_429() -> None:
+    """Regression: recovery bookkeeping used to move the time of the last cut, so a 429
+    soon after a recovery step was taken for the same storm and did not cut, and windows
+    with 429s in them still counted as quiet."""
+    vt = VirtualTime()
+    limiter = _limiter_at(vt)
+    limiter.on_rate_limited(None, backoff=0.1)  # cut to 70 at t=0
+    vt.now = 10.5
+    assert limiter.current_limit == 80  # one quiet window
+    vt.now = 12.0  # 12 s after the last cut: a new storm
+    limiter.on_rate_limited(None, backoff=0.1)
+    assert limiter.current_limit == 56
+    vt.now = 21.0  # a 429 at 12: the window (11, 21] was not quiet
+    assert limiter.current_limit == 56
+    vt.now = 22.0
+    assert limiter.current_limit == 66
+
+
+def test_while_cut_the_lower_limit_is_what_the_window_enforces() -> None:
+    rate = RateLimit(limit=10, window=1.0, margin=0.0)
+    arrivals = [0.0] * 40
+    sim = _simulate(rate, arrivals, rate_limited=[(0.5, 0.0)])  # cut to 7, no pause
+    # 10 went at t=0 before the 429; at t=1 the budget is back but only 7 may use it.
+    assert sim.granted_at[:10] == [0.0] * 10
+    assert sim.granted_at[10:17] == [1.0] * 7
+    assert sim.granted_at[17] > 1.0
+    assert sim.order == list(range(40))
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_to_the_next() -> None:
+    vt = VirtualTime()
+    limiter = _limiter_at(vt, RateLimit(limit=1, window=1.0, margin=0.0))
+    await limiter.acquire()
+    first = asyncio.create_task(limiter.acquire())
+    second = asyncio.create_task(limiter.acquire())
+    await vt.settle()
+    assert limiter.waiting == 2
+    first.cancel()
+    await vt.settle()
+    assert limiter.waiting == 1
+    await vt.advance_to(1.0)
+    assert second.done()
+    assert await second == pytest.approx(1.0)
+    assert limiter.granted == 2
+
+
+async def test_utilisation_is_the_share_of_the_last_window() -> None:
+    vt = VirtualTime()
+    limiter = _limiter_at(vt, RateLimit(limit=4, window=10.0, margin=0.0))
+    for t in (0.0, 1.0, 5.0):
+        vt.now = t
+        assert await limiter.acquire() == 0.0
+    vt.now = 9.0
+    assert limiter.utilisation() == pytest.approx(3 / 4)
+    vt.now = 12.0
+    assert limiter.utilisation() == pytest.approx(1 / 4)
+
+
+# --- SlidingWindow: the pure arithmetic ---------------------------------------------
+def test_an_empty_window_lets_a_request_go_now() -> None:
+    window = SlidingWindow(limit=3, span=10.0)
+    assert window.next_slot(5.0) == 5.0
+
+
+def test_the_next_slot_is_a_span_after_the_limit_th_most_recent_send() -> None:
+    window = SlidingWindow(limit=3, span=10.0)
+    for t in (0.0, 2.0, 4.0):
+        assert window.next_slot(t) == t
+        window.record(t)
+    assert window.next_slot(4.0) == 10.0
+    assert window.next_slot(10.0) == 10.0
+    assert window.next_slot(11.0) == 11.0  # already past: now
+    window.record(10.0)
+    assert window.next_slot(10.0) == 12.0  # the oldest that counts is now t=2
+
+
+def test_a_lowered_limit_counts_fewer_recent_sends_and_a_raised_one_more() -> None:
+    window = SlidingWindow(limit=4, span=10.0)
+    for t in (0.0, 1.0, 2.0, 3.0):
+        window.record(t)
+    assert window.next_slot(3.0) == 10.0
+    window.limit = 2
+    assert window.next_slot(3.0) == 12.0
+    window.limit = 4
+    assert window.next_slot(3.0) == 10.0
+
+
+def test_record_forgets_only_what_can_no_longer_decide_a_slot() -> None:
+    window = SlidingWindow(limit=5, span=1.0)
+    for k in range(1000):
+        window.record(k * 0.1)
+    assert len(window._sent) <= 2 * 5
+    assert window.next_slot(99.9) == pytest.approx(99.5 + 1.0)
+
+
+def test_count_since_counts_sends_strictly_after() -> None:
+    window = SlidingWindow(limit=10, span=10.0)
+    for t in (1.0, 2.0, 3.0):
+        window.record(t)
+    assert window.count_since(1.0) == 2
+    assert window.count_since(0.0) == 3
+    assert window.count_since(3.0) == 0
+
+
+@given(
+    limit=st.integers(min_value=1, max_value=20),
+    span=st.floats(min_value=0.01, max_value=100.0),
+    gaps=st.lists(st.floats(min_value=0.0, max_value=50.0), max_size=200),
+)
+@settings(max_examples=100, deadline=None)
+def test_sliding_window_greedy_schedule_keeps_every_span_within_the_limit(
+    limit: int, span: float, gaps: list[float]
+) -> None:
+    window = SlidingWindow(limit=limit, span=span)
+    arrivals = list(itertools.accumulate(g * span / 10 for g in gaps))
+    sent: list[float] = []
+    for t in arrivals:
+        slot = window.next_slot(max(t, sent[-1] if sent else t))
+        window.record(slot)
+        sent.append(slot)
+    for i in range(len(sent) - limit):
+        assert _close_or_after(sent[i + limit] - sent[i], span)
+    assert _max_in_any_span(sent, span) <= limit
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"limit": 0}, "at least 1"),
+        ({"window": 0.0}, "positive"),
+        ({"margin": -0.1}, "non-negative"),
+    ],
+)
+def test_rate_limit_rejects_nonsense(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RateLimit(**kwargs)  # type: ignore[arg-type]
