@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 
 class BrokerUnavailable(RuntimeError):
@@ -44,9 +45,9 @@ def broker_binary() -> str:
 class EmbeddedBroker:
     """A Tansu broker on ``127.0.0.1:port``::
 
-        with EmbeddedBroker() as broker:
-            asyncio.run(broker.create_topics(["segment-events"], partitions=3))
-            print(broker.bootstrap_servers)
+    with EmbeddedBroker() as broker:
+        asyncio.run(broker.create_topics(["segment-events"], partitions=3))
+        print(broker.bootstrap_servers)
     """
 
     def __init__(self, port: int | None = None, log_file: Path | None = None) -> None:
@@ -61,28 +62,41 @@ class EmbeddedBroker:
     def start(self, within: float = 30.0) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self._process = subprocess.Popen(
-            [
-                broker_binary(), "broker",
-                "--listener-url", url,
-                "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
-        )
+        try:
+            self._process = self._spawn(url, out)
+        finally:
+            if not isinstance(out, int):
+                out.close()  # the child holds its own descriptor
         deadline = time.monotonic() + within
+
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise BrokerUnavailable(f"the broker exited with {self._process.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.5
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
             ):
                 return
             time.sleep(0.1)
         self.stop()
         raise BrokerUnavailable(f"the broker did not listen on port {self.port} in {within} s")
+
+    def _spawn(self, url: str, out: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                broker_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+        )
 
     def stop(self) -> None:
         process, self._process = self._process, None

@@ -47,11 +47,12 @@ class SandboxProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"sandbox-{self.port}.log"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "destination", "sandbox", "--port", str(self.port), *args],
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
+        with self.log.open("wb") as out:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "destination", "sandbox", "--port", str(self.port), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self.http = httpx.AsyncClient(base_url=self.url, timeout=10)
 
     async def ready(self) -> None:
@@ -92,12 +93,13 @@ class WorkerProcess:
             "METRICS_PORT": str(self.metrics_port),
             "LOG_FORMAT": "json",
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "destination", "run"],
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "destination", "run"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.process.send_signal(sig)
