@@ -1,0 +1,313 @@
+"""How the Gist client classifies answers and failures, on an ``httpx.MockTransport``:
+time-outs and connection errors, ``Retry-After`` in both forms, odd bodies, the headers
+sent, and that no error or repr carries the API key."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from destination import __version__
+from destination.gist import (
+    USER_AGENT,
+    CredentialsError,
+    GistClient,
+    GistError,
+    PermanentError,
+    RateLimitedError,
+    RateLimiter,
+    RetryableError,
+    RetryPolicy,
+)
+from destination.gist._errors import BODY_EXCERPT_CHARS, error_for_status
+
+KEY = "sk-unit-do-not-leak-42aa"
+FAST = RetryPolicy(base=0.001, cap=0.002, max_elapsed=5.0)
+ONCE = RetryPolicy(max_attempts=1)
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Recorder:
+    """A MockTransport handler that answers from a script and keeps every request."""
+
+    def __init__(self, *answers: httpx.Response | Exception) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def client(handler: Handler, retry: RetryPolicy = FAST, **kwargs: Any) -> GistClient:
+    return GistClient(
+        KEY,
+        base_url="https://gist.test",
+        retry=retry,
+        transport=httpx.MockTransport(handler),
+        **kwargs,
+    )
+
+
+def ok(body: object) -> httpx.Response:
+    return httpx.Response(200, content=orjson.dumps(body))
+
+
+TOKEN = ok({"workspace_id": "w-1", "token_type": "Bearer"})
+
+
+def assert_key_hidden(thing: object) -> None:
+    assert KEY not in str(thing)
+    assert KEY not in repr(thing)
+    if isinstance(thing, GistError):
+        assert KEY not in thing.body_excerpt
+
+
+# --- the wire -----------------------------------------------------------------------
+async def test_requests_name_the_project_and_version_and_send_json() -> None:
+    rec = Recorder(ok({"contact": {"id": 1}}))
+    async with client(rec) as gist:
+        await gist.upsert_contact({"email": "a@example.com"})
+    (request,) = rec.requests
+    assert request.headers["User-Agent"] == USER_AGENT
+    assert USER_AGENT.startswith(f"gist-destination/{__version__} ")
+    assert "unknown" not in __version__  # the installed package's version, not a fallback
+    assert request.headers["Authorization"] == f"Bearer {KEY}"
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.url == httpx.URL("https://gist.test/contacts")
+    assert orjson.loads(request.content) == {"email": "a@example.com"}
+
+
+async def test_the_key_is_stripped_and_an_empty_key_refused() -> None:
+    rec = Recorder(TOKEN)
+    async with GistClient(
+        f"  {KEY}\n", base_url="https://gist.test/", transport=httpx.MockTransport(rec)
+    ) as gist:
+        await gist.token_info()
+        assert_key_hidden(gist)
+    assert rec.requests[0].headers["Authorization"] == f"Bearer {KEY}"
+    assert rec.requests[0].url == httpx.URL("https://gist.test/token/info")
+    for bad in ("", "   "):
+        with pytest.raises(ValueError, match="API key is required"):
+            GistClient(bad)
+
+
+# --- transport failures -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("failure", "says"),
+    [
+        (httpx.ReadTimeout("slow"), "did not answer in time (ReadTimeout)"),
+        (httpx.ConnectTimeout("slow"), "did not answer in time (ConnectTimeout)"),
+        (httpx.ConnectError("refused"), "could not reach Gist (ConnectError)"),
+        (httpx.RemoteProtocolError("closed"), "could not reach Gist (RemoteProtocolError)"),
+    ],
+)
+async def test_transport_failures_are_retried_then_succeed(failure: Exception, says: str) -> None:
+    rec = Recorder(failure, failure, TOKEN)
+    async with client(rec) as gist:
+        info = await gist.token_info()
+    assert info.workspace_id == "w-1"
+    assert len(rec.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("failure", "says"),
+    [
+        (httpx.ReadTimeout("slow"), "did not answer in time (ReadTimeout)"),
+        (httpx.ConnectError("refused"), "could not reach Gist (ConnectError)"),
+    ],
+)
+async def test_transport_failures_end_as_retryable_without_leaking_httpx(
+    failure: Exception, says: str
+) -> None:
+    rec = Recorder(failure)
+    async with client(rec, RetryPolicy(base=0.001, cap=0.002, max_attempts=3)) as gist:
+        with pytest.raises(RetryableError) as caught:
+            await gist.get_contact(email="ada@private.example")
+    error = caught.value
+    assert says in str(error)
+    assert error.attempts == 3
+    assert error.status is None
+    assert error.retry_after is None
+    assert not isinstance(error, httpx.HTTPError | RateLimitedError)
+    assert error.__cause__ is None
+    assert error.__suppress_context__
+    assert "ada@private.example" not in str(error)  # the query stays out of the message
+    assert len(rec.requests) == 3
+    assert_key_hidden(error)
+
+
+# --- Retry-After --------------------------------------------------------------------
+def _http_date(offset: float) -> str:
+    return email.utils.formatdate(time.time() + offset, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("header", "low", "high"),
+    [
+        ("7", 7.0, 7.0),
+        ("2.5", 2.5, 2.5),
+        ("-3", 0.0, 0.0),
+        (30.0, 28.0, 30.0),  # an HTTP date 30 s ahead (whole seconds): seconds from now
+        (-30.0, 0.0, 0.0),  # an HTTP date already past: go now
+    ],
+)
+async def test_retry_after_as_seconds_or_an_http_date(
+    header: str | float, low: float, high: float
+) -> None:
+    value = header if isinstance(header, str) else _http_date(header)
+    rec = Recorder(httpx.Response(429, headers={"Retry-After": value}, text="slow down"))
+    limiter = RateLimiter()
+    async with client(rec, ONCE, limiter=limiter) as gist:
+        with pytest.raises(RateLimitedError) as caught:
+            await gist.token_info()
+    assert caught.value.retry_after is not None
+    assert low <= caught.value.retry_after <= high
+    assert caught.value.status == 429
+    assert caught.value.body_excerpt == "slow down"
+    assert limiter.rate_limited == 1
+    assert limiter.current_limit == 70
+
+
+@pytest.mark.parametrize("header", [None, "soon", "", "Thu, 99 Foo 2024"])
+async def test_a_missing_or_unreadable_retry_after_is_none(header: str | None) -> None:
+    headers = {} if header is None else {"Retry-After": header}
+    rec = Recorder(httpx.Response(429, headers=headers))
+    async with client(rec, ONCE) as gist:
+        with pytest.raises(RateLimitedError) as caught:
+            await gist.token_info()
+    assert caught.value.retry_after is None
+
+
+async def test_a_503_with_retry_after_waits_at_least_that_long() -> None:
+    rec = Recorder(httpx.Response(503, headers={"Retry-After": "0.3"}), TOKEN)
+    async with client(rec) as gist:
+        started = time.monotonic()
+        await gist.token_info()
+        elapsed = time.monotonic() - started
+        assert gist.limiter.rate_limited == 0  # a 5xx is no reason to slow the workspace
+    assert len(rec.requests) == 2
+    assert elapsed >= 0.3
+
+
+# --- status classes -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, PermanentError),
+        (404, PermanentError),
+        (405, PermanentError),
+        (409, PermanentError),
+        (422, PermanentError),
+        (401, CredentialsError),
+        (403, CredentialsError),
+        (408, RetryableError),
+        (500, RetryableError),
+        (502, RetryableError),
+        (503, RetryableError),
+        (504, RetryableError),
+        (429, RateLimitedError),
+    ],
+)
+def test_each_status_means_one_thing_to_do(status: int, kind: type[GistError]) -> None:
+    error = error_for_status(
+        status, method="POST", endpoint="POST /events", body="{}", retry_after=None
+    )
+    assert type(error) is kind
+    assert error.status == status
+    assert str(error).endswith(f"(POST /events -> {status}, attempts=1)")
+
+
+async def test_a_long_error_body_is_cut_to_an_excerpt() -> None:
+    body = "x" * 5000
+    rec = Recorder(httpx.Response(422, text=body))
+    async with client(rec) as gist:
+        with pytest.raises(PermanentError) as caught:
+            await gist.track_event({"event_name": "e", "email": "a@example.com"})
+    assert caught.value.body_excerpt == "x" * BODY_EXCERPT_CHARS
+    assert len(rec.requests) == 1
+
+
+async def test_an_error_body_echoing_the_query_stays_out_of_str() -> None:
+    rec = Recorder(httpx.Response(400, text='{"error": "bad email ada@private.example"}'))
+    async with client(rec) as gist:
+        with pytest.raises(PermanentError) as caught:
+            await gist.get_contact(email="ada@private.example")
+    assert rec.requests[0].url.params["email"] == "ada@private.example"
+    assert "ada@private.example" not in str(caught.value)
+    assert "GET /contacts" in str(caught.value)
+
+
+# --- odd bodies ---------------------------------------------------------------------
+async def test_a_2xx_body_that_is_not_json_is_retried() -> None:
+    rec = Recorder(httpx.Response(200, text="<html>proxy</html>"), TOKEN)
+    async with client(rec) as gist:
+        assert (await gist.token_info()).workspace_id == "w-1"
+    assert len(rec.requests) == 2
+    rec = Recorder(httpx.Response(200, text="<html>proxy</html>"))
+    async with client(rec, ONCE) as gist:
+        with pytest.raises(RetryableError, match="not JSON"):
+            await gist.token_info()
+
+
+async def test_an_empty_2xx_body_is_success() -> None:
+    rec = Recorder(httpx.Response(204))
+    async with client(rec) as gist:
+        assert await gist.delete_contact(id="12") is True
+        assert await gist.upsert_contact({"email": "a@example.com"}) == {}
+    assert [str(r.url) for r in rec.requests] == [
+        "https://gist.test/contacts/12",
+        "https://gist.test/contacts",
+    ]
+
+
+async def test_a_batch_accepted_without_an_id_is_permanent() -> None:
+    rec = Recorder(ok({"status": "QUEUED", "queued_contacts": 1}))
+    async with client(rec) as gist:
+        with pytest.raises(PermanentError, match="without a batch_id") as caught:
+            await gist.import_contacts([{"email": "a@example.com"}])
+    assert "POST /contacts/batch" in str(caught.value)
+    assert len(rec.requests) == 1
+
+
+async def test_an_unknown_batch_status_is_retryable() -> None:
+    rec = Recorder(ok({"status": "EXPLODED"}))
+    async with client(rec, ONCE) as gist:
+        with pytest.raises(RetryableError, match="does not know") as caught:
+            await gist.batch_status("b/1")
+    assert "EXPLODED" in caught.value.body_excerpt
+    assert rec.requests[0].url.raw_path == b"/contacts/batch/b%2F1"  # the id is escaped
+
+
+async def test_batch_errors_in_any_shape_are_read() -> None:
+    rec = Recorder(
+        ok(
+            {
+                "status": "COMPLETED",
+                "imported_contacts": 1,
+                "errors": [
+                    {"index": 0, "email": "x", "message": "email is not valid"},
+                    {"user_id": 42, "error": "conflict"},
+                    "plain text",
+                ],
+            }
+        )
+    )
+    async with client(rec) as gist:
+        status = await gist.batch_status("b1")
+    assert status.completed
+    assert status.imported_contacts == 1
+    first, second, third = status.errors
+    assert (first.index, first.email, first.message) == (0, "x", "email is not valid")
+    assert (second.index, second.user_id, second.message) == (None, "42", "conflict")
+    assert third.message == "plain text"
