@@ -32,9 +32,25 @@ def _run(parser: argparse.ArgumentParser) -> Runner:
     return run_command.run
 
 
+def _produce(parser: argparse.ArgumentParser) -> Runner:
+    from destination import produce_command
+
+    produce_command.add_arguments(parser)
+    return produce_command.run
+
+
+def _demo(parser: argparse.ArgumentParser) -> Runner:
+    from destination import demo
+
+    demo.add_arguments(parser)
+    return demo.run
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {
     "run": ("consume Kafka and deliver to Gist (settings from the environment)", _run),
     "sandbox": ("serve a local stand-in for the Gist API", _sandbox),
+    "produce": ("send a file of messages, or sample traffic, to a Kafka topic", _produce),
+    "demo": ("run broker, sandbox, sample stream and worker end to end on this machine", _demo),
     "check-config": ("validate a mapping-rules file and report every error", _check_config),
 }
 
