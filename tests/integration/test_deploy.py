@@ -777,6 +777,37 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
         assert _dockerignore_excludes(private), f".dockerignore sends {private} to the build"
 
 
+def test_symlinks_the_build_copies_resolve_inside_the_stage() -> None:
+    """COPY keeps a symlink as a symlink: its target must be copied into the same stage at
+    the same place, or the wheel is built without the file (default_rules.yaml is one)."""
+    checked = 0
+    for stage in _dockerfile_stages():
+        copies = [
+            shlex.split(args)
+            for keyword, args in stage
+            if keyword == "COPY" and "--from=" not in args
+        ]
+        # Sources copied to the same relative path (COPY a/b a/b, or several into ./).
+        in_place = {
+            src
+            for parts in copies
+            for src in parts[:-1]
+            if parts[-1] in (src, "./", ".") or parts[-1].rstrip("/") == src
+        }
+        for src in in_place:
+            root = REPO / src
+            for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+                if not path.is_symlink():
+                    continue
+                target = path.resolve().relative_to(REPO).as_posix()
+                covered = any(
+                    target == s or target.startswith(s.rstrip("/") + "/") for s in in_place
+                )
+                assert covered, f"{path.relative_to(REPO)} -> {target}, not copied beside it"
+                checked += 1
+    assert checked, "no symlink checked: destination/mapping/default_rules.yaml is one"
+
+
 def test_hadolint_passes() -> None:
     hadolint = shutil.which("hadolint")
     if hadolint is None:
