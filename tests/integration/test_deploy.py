@@ -564,10 +564,9 @@ def test_kustomize_rules_are_the_shipped_rules() -> None:
 def test_keda_example_scales_the_base_deployment() -> None:
     (scaled,) = _load_yaml_all(KEDA_EXAMPLE)
     assert scaled["kind"] == "ScaledObject"
-    deployment = next(d for d in _offline_render() if d["kind"] == "Deployment")
-    settings = next(
-        d["data"] for d in _offline_render() if d["metadata"]["name"] == "gist-destination-settings"
-    )
+    base = _offline_render()
+    deployment = next(d for d in base if d["kind"] == "Deployment")
+    settings = next(d["data"] for d in base if d["metadata"]["name"] == "gist-destination-settings")
     target = scaled["spec"]["scaleTargetRef"]
     assert (target.get("kind", "Deployment"), target["name"]) == (
         "Deployment",
