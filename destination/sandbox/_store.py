@@ -199,7 +199,6 @@ class _ContactRequest:
     """A validated ``POST /contacts`` body."""
 
     id: int | None = None
-    has_id: bool = False
     email: str | None = None
     user_id: str | None = None
     fields: dict[str, JSON] = field(default_factory=dict)
@@ -212,11 +211,11 @@ def _parse_contact(raw: object) -> _ContactRequest:
         raise bad_request("a contact must be a JSON object")
     req = _ContactRequest()
     if "id" in raw and raw["id"] is not None:
-        req.has_id = True
         req.id = _check_contact_id(raw["id"])
-    if "email" in raw:
+    # Identifiers cannot be cleared: a null one is taken as absent.
+    if raw.get("email") is not None:
         req.email = _check_email(raw["email"])
-    if "user_id" in raw:
+    if raw.get("user_id") is not None:
         req.user_id = _check_user_id(raw["user_id"])
     for name in _NULLABLE_STRINGS:
         if name in raw:

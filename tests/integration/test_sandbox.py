@@ -1,0 +1,698 @@
+"""The Gist sandbox, over real HTTP: what every other integration test relies on."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from destination.sandbox import Sandbox, SandboxConfig, command
+from destination.sandbox._ratelimit import SlidingWindow
+
+AUTH = {"Authorization": "Bearer sandbox-key"}
+
+
+@pytest.fixture
+async def client(sandbox: Sandbox) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=sandbox.url, headers=AUTH, timeout=10) as http:
+        yield http
+
+
+@pytest.fixture
+async def control(sandbox: Sandbox) -> AsyncIterator[httpx.AsyncClient]:
+    """A client without credentials, for the ``/_sandbox/*`` endpoints."""
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=10) as http:
+        yield http
+
+
+def config(**changes: Any) -> pytest.MarkDecorator:
+    """Parametrize the ``sandbox_config`` fixture of one test."""
+    return pytest.mark.parametrize("sandbox_config", [SandboxConfig(**changes)])
+
+
+def error_code(response: httpx.Response) -> str:
+    assert response.headers["content-type"].startswith("application/json")
+    code: str = response.json()["errors"][0]["code"]
+    return code
+
+
+async def upsert(client: httpx.AsyncClient, **contact: Any) -> dict[str, Any]:
+    response = await client.post("/contacts", json=contact)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()["contact"]
+    return result
+
+
+async def poll_batch(
+    client: httpx.AsyncClient, batch_id: str, *, every: float = 0.01, limit: float = 5.0
+) -> list[dict[str, Any]]:
+    """Every distinct status answer until COMPLETED (bounded)."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        response = await client.get(f"/contacts/batch/{batch_id}")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if not seen or seen[-1] != body:
+            seen.append(body)
+        if body["status"] == "COMPLETED":
+            return seen
+        await asyncio.sleep(every)
+    raise AssertionError(f"batch {batch_id} did not complete in {limit}s: {seen}")
+
+
+# -- auth ---------------------------------------------------------------------------------
+
+
+async def test_missing_or_unknown_key_is_401(sandbox: Sandbox) -> None:
+    async with httpx.AsyncClient(base_url=sandbox.url) as http:
+        missing = await http.get("/token/info")
+        wrong = await http.get("/token/info", headers={"Authorization": "Bearer nope"})
+        basic = await http.get("/token/info", headers={"Authorization": "Basic sandbox-key"})
+        good = await http.get("/token/info", headers=AUTH)
+    assert [missing.status_code, wrong.status_code, basic.status_code] == [401, 401, 401]
+    assert {error_code(missing), error_code(wrong), error_code(basic)} == {"api_key_invalid"}
+    assert good.status_code == 200
+
+
+@config(api_keys=frozenset({"k1", "k2"}), workspace_id="ws-1")
+async def test_several_keys_share_one_workspace(sandbox: Sandbox) -> None:
+    async with httpx.AsyncClient(base_url=sandbox.url) as http:
+        infos = [
+            (await http.get("/token/info", headers={"Authorization": f"Bearer {k}"})).json()
+            for k in ("k1", "k2")
+        ]
+        default = await http.get("/token/info", headers=AUTH)
+    assert [i["workspace_id"] for i in infos] == ["ws-1", "ws-1"]
+    assert default.status_code == 401
+
+
+async def test_disabled_workspace_is_403(
+    client: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
+    assert (await control.post("/_sandbox/faults", json={"disabled": True})).status_code == 200
+    response = await client.post("/contacts", json={"email": "a@example.com"})
+    assert response.status_code == 403
+    assert error_code(response) == "workspace_disabled"
+    async with httpx.AsyncClient(base_url=str(client.base_url)) as anonymous:
+        assert (await anonymous.get("/token/info")).status_code == 401  # auth comes first
+    await control.post("/_sandbox/faults", json={"disabled": False})
+    assert (await client.get("/token/info")).status_code == 200
+
+
+@config(rate_limit=1, rate_window=60.0)
+async def test_auth_is_checked_before_the_rate_limit(
+    sandbox: Sandbox, client: httpx.AsyncClient
+) -> None:
+    assert (await client.get("/token/info")).status_code == 200
+    assert (await client.get("/token/info")).status_code == 429
+    bad = await client.get("/token/info", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401
+
+
+async def test_token_info(client: httpx.AsyncClient) -> None:
+    response = await client.get("/token/info")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["workspace_id"] == "sandbox-workspace"
+    assert body["token_type"] == "Bearer"
+    assert body["expires_in"] == 0
+    assert body["app_id"] is None
+    assert isinstance(body["scope"], str)
+    assert isinstance(body["created_at"], int)
+
+
+# -- contacts -----------------------------------------------------------------------------
+
+
+async def test_create_lead_then_user_and_email_is_down_cased(client: httpx.AsyncClient) -> None:
+    lead = await upsert(client, email="Mixed.Case@Example.COM", name="Ada")
+    assert lead["email"] == "mixed.case@example.com"
+    assert lead["type"] == "lead"
+    assert lead["user_id"] is None
+    assert isinstance(lead["id"], int)
+    for key in ("created_at", "updated_at", "tags", "custom_properties", "location_data"):
+        assert key in lead
+
+    user = await upsert(client, email="MIXED.case@example.com", user_id=42)
+    assert user["id"] == lead["id"]
+    assert user["type"] == "user"
+    assert user["user_id"] == "42"
+    assert user["name"] == "Ada"  # absent keys are left alone
+
+    new_user = await upsert(client, email="u@example.com", user_id="u-1")
+    assert new_user["type"] == "user"
+    assert new_user["id"] != lead["id"]
+
+
+async def test_lookup_order_is_id_then_user_id_then_email(client: httpx.AsyncClient) -> None:
+    a = await upsert(client, email="a@example.com", user_id="ua")
+    b = await upsert(client, email="b@example.com")
+
+    by_id = await upsert(client, id=str(b["id"]), name="by id")
+    assert by_id["id"] == b["id"]
+    assert by_id["name"] == "by id"
+
+    by_user_id = await upsert(client, id="999999", user_id="ua", name="by user_id")
+    assert by_user_id["id"] == a["id"]
+
+    by_email = await upsert(client, user_id="ub", email="B@EXAMPLE.com", name="by email")
+    assert by_email["id"] == b["id"]
+    assert by_email["type"] == "user"
+    assert by_email["user_id"] == "ub"
+
+    # user_id wins over email: this finds A and would give it B's email
+    clash = await client.post("/contacts", json={"user_id": "ua", "email": "b@example.com"})
+    assert clash.status_code == 400
+    assert "email" in clash.json()["errors"][0]["message"]
+    assert (await client.get("/contacts", params={"user_id": "ua"})).json()["contact"][
+        "email"
+    ] == "a@example.com"
+
+
+async def test_fields_tags_and_custom_properties_merge(client: httpx.AsyncClient) -> None:
+    await upsert(
+        client,
+        email="p@example.com",
+        phone="+33 1",
+        signed_up_at=1_700_000_000,
+        last_seen_ip="10.0.0.1",
+        last_seen_user_agent="curl",
+        unsubscribed_from_emails=True,
+        tags=["VIP"],
+        custom_properties={"plan": "pro", "age": 3},
+    )
+    merged = await upsert(
+        client,
+        email="p@example.com",
+        phone=None,
+        tags=["vip", "New"],
+        custom_properties={"age": None, "seats": 5},
+    )
+    assert merged["phone"] is None
+    assert merged["signed_up_at"] == 1_700_000_000
+    assert merged["last_seen_ip"] == "10.0.0.1"
+    assert merged["last_seen_user_agent"] == "curl"
+    assert merged["unsubscribed_from_emails"] is True
+    assert [t["name"] for t in merged["tags"]] == ["VIP", "New"]
+    assert merged["custom_properties"] == {"plan": "pro", "age": None, "seats": 5}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"user_id": "no-email"}, "email"),
+        ({"email": "not-an-email"}, "email"),
+        ({"email": 12}, "email"),
+        ({"email": "x@example.com", "signed_up_at": "yesterday"}, "signed_up_at"),
+        ({"email": "x@example.com", "unsubscribed_from_emails": "yes"}, "unsubscribed"),
+        ({"email": "x@example.com", "tags": "VIP"}, "tags"),
+        ({"email": "x@example.com", "custom_properties": {"a": {"b": 1}}}, "custom_properties"),
+        ({"email": "x@example.com", "name": 5}, "name"),
+        ({"email": "x@example.com", "user_id": 1.5}, "user_id"),
+    ],
+)
+async def test_invalid_contact_is_400_naming_the_field(
+    client: httpx.AsyncClient, sandbox: Sandbox, body: dict[str, Any], field: str
+) -> None:
+    response = await client.post("/contacts", json=body)
+    assert response.status_code == 400
+    assert field in response.json()["errors"][0]["message"]
+    assert sandbox.store.contacts == {}  # nothing half-applied
+
+
+async def test_get_and_delete_by_email_user_id_and_id(client: httpx.AsyncClient) -> None:
+    c1 = await upsert(client, email="one@example.com", user_id="1")
+    c2 = await upsert(client, email="two@example.com", user_id="2")
+    c3 = await upsert(client, email="three@example.com")
+
+    assert (await client.get("/contacts", params={"email": "ONE@example.com"})).json()["contact"][
+        "id"
+    ] == c1["id"]
+    assert (await client.get("/contacts", params={"user_id": "2"})).json()["contact"]["id"] == c2[
+        "id"
+    ]
+    assert (await client.get(f"/contacts/{c3['id']}")).json()["contact"]["email"] == (
+        "three@example.com"
+    )
+
+    deleted = await client.delete("/contacts", params={"email": "one@example.com"})
+    assert deleted.json() == {"id": str(c1["id"]), "object": "contact", "deleted": True}
+    assert (await client.delete("/contacts", params={"user_id": "2"})).status_code == 200
+    assert (await client.delete(f"/contacts/{c3['id']}")).status_code == 200
+
+    for response in (
+        await client.get("/contacts", params={"email": "one@example.com"}),
+        await client.get("/contacts", params={"user_id": "2"}),
+        await client.get(f"/contacts/{c3['id']}"),
+        await client.delete(f"/contacts/{c3['id']}"),
+    ):
+        assert response.status_code == 404
+        assert error_code(response) == "contact_not_found"
+    # the email is free again
+    assert (await upsert(client, email="one@example.com"))["id"] != c1["id"]
+
+
+# -- batches ------------------------------------------------------------------------------
+
+
+@config(batch_delay=0.1)
+async def test_batch_goes_queued_in_progress_completed_with_per_contact_errors(
+    client: httpx.AsyncClient,
+) -> None:
+    contacts: list[Any] = [
+        {"email": "B1@example.com", "user_id": "b1", "tags": ["Batch"]},
+        {"user_id": "no-email"},
+        "not an object",
+        {"email": "bad-email"},
+        {"email": "b2@example.com", "signed_up_at": "soon"},
+        {"email": "b3@example.com"},
+    ]
+    queued = await client.post("/contacts/batch", json={"contacts": contacts})
+    assert queued.status_code == 200
+    body = queued.json()
+    assert body["status"] == "QUEUED"
+    assert body["queued_contacts"] == len(contacts)
+    # nothing is visible before the batch completes
+    assert (await client.get("/contacts", params={"email": "b1@example.com"})).status_code == 404
+
+    seen = await poll_batch(client, body["batch_id"])
+    assert [s["status"] for s in seen] == ["QUEUED", "IN_PROGRESS", "COMPLETED"]
+    assert "imported_contacts" not in seen[0]
+    done = seen[-1]
+    assert done["imported_contacts"] == 2
+    errors = {e["index"]: e for e in done["errors"]}
+    assert sorted(errors) == [1, 2, 3, 4]
+    assert errors[1]["user_id"] == "no-email"
+    assert "email" in errors[1]["message"]
+    assert errors[3]["email"] == "bad-email"
+    assert "signed_up_at" in errors[4]["message"]
+    stored = (await client.get("/contacts", params={"user_id": "b1"})).json()["contact"]
+    assert stored["email"] == "b1@example.com"
+    assert [t["name"] for t in stored["tags"]] == ["Batch"]
+
+
+@config(batch_delay=0.02)
+async def test_batches_apply_in_order(client: httpx.AsyncClient, sandbox: Sandbox) -> None:
+    ids = []
+    for name in ("first", "second", "third"):
+        response = await client.post(
+            "/contacts/batch", json={"contacts": [{"email": "o@example.com", "name": name}]}
+        )
+        ids.append(response.json()["batch_id"])
+    assert len(set(ids)) == 3
+    async with asyncio.timeout(5):
+        await sandbox.wait_for_batches()
+    for batch_id in ids:
+        assert (await client.get(f"/contacts/batch/{batch_id}")).json()["status"] == "COMPLETED"
+    contact = sandbox.store.find_contact(email="o@example.com")
+    assert contact is not None
+    assert contact.name == "third"
+
+
+@config(max_batch_size=3)
+async def test_batch_request_validation_and_unknown_batch(client: httpx.AsyncClient) -> None:
+    bodies: list[dict[str, Any]] = [
+        {"contacts": []},
+        {"contacts": {}},
+        {},
+        {"contacts": [{"email": "a@b.co"}] * 4},
+    ]
+    for body in bodies:
+        response = await client.post("/contacts/batch", json=body)
+        assert response.status_code == 400, body
+    missing = await client.get("/contacts/batch/00000000-0000-4000-8000-000000000000")
+    assert missing.status_code == 404
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+async def test_event_names_are_normalised_and_case_insensitive(
+    client: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
+    await upsert(client, email="e@example.com", user_id="eu")
+    first = await client.post(
+        "/events",
+        json={"event_name": "Completed.Order", "user_id": "eu", "properties": {"total": 9}},
+    )
+    assert first.status_code == 200
+    event = first.json()["event"]
+    assert event["name"] == "Completed-Order"
+    assert event["properties"] == {"total": 9}
+    assert event["email"] == "e@example.com"
+    second = await client.post(
+        "/events",
+        json={"event_name": "completed$order", "email": "E@example.com", "occurred_at": None},
+    )
+    assert second.json()["event"]["name"] == "Completed-Order"
+    iso = await client.post(
+        "/events",
+        json={"event_name": "x", "user_id": "eu", "occurred_at": "2024-01-02T03:04:05Z"},
+    )
+    assert iso.json()["event"]["occurred_at"] == 1704164645
+    state = (await control.get("/_sandbox/state")).json()
+    assert [e["name"] for e in state["events"]] == ["Completed-Order", "Completed-Order", "x"]
+
+
+async def test_event_for_unknown_email_creates_a_lead_unknown_user_id_is_404(
+    client: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    created = await client.post("/events", json={"event_name": "signup", "email": "n@example.com"})
+    assert created.status_code == 200
+    lead = sandbox.store.find_contact(email="n@example.com")
+    assert lead is not None
+    assert lead.type == "lead"
+
+    missing = await client.post("/events", json={"event_name": "signup", "user_id": "ghost"})
+    assert missing.status_code == 404
+    assert error_code(missing) == "contact_not_found"
+    by_id = await client.post("/events", json={"event_name": "signup", "id": "987654"})
+    assert by_id.status_code == 404
+    assert len(sandbox.store.events) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"email": "a@example.com"},
+        {"event_name": "", "email": "a@example.com"},
+        {"event_name": "x"},
+        {"event_name": "x", "email": "a@example.com", "properties": [1]},
+        {"event_name": "x", "email": "a@example.com", "occurred_at": "not a time"},
+    ],
+)
+async def test_invalid_event_is_400(
+    client: httpx.AsyncClient, sandbox: Sandbox, body: dict[str, Any]
+) -> None:
+    response = await client.post("/events", json=body)
+    assert response.status_code == 400
+    assert sandbox.store.events == []
+
+
+# -- tags ---------------------------------------------------------------------------------
+
+
+async def test_tag_and_untag_contacts(client: httpx.AsyncClient, sandbox: Sandbox) -> None:
+    a = await upsert(client, email="ta@example.com")
+    await upsert(client, email="tb@example.com", user_id="tb")
+    tagged = await client.post(
+        "/tags",
+        json={
+            "name": "Trial",
+            "contacts": [{"id": str(a["id"])}, {"user_id": "tb"}, {"email": "ghost@x.io"}],
+        },
+    )
+    assert tagged.status_code == 200
+    tag = tagged.json()["tag"]
+    assert tag["name"] == "Trial"
+
+    def names(email: str) -> list[str]:
+        contact = sandbox.store.find_contact(email=email)
+        assert contact is not None
+        return [t["name"] for t in sandbox.store.contact_json(contact)["tags"]]
+
+    assert names("ta@example.com") == ["Trial"]
+    assert names("tb@example.com") == ["Trial"]
+
+    untagged = await client.post(
+        "/tags", json={"name": "TRIAL", "contacts": [{"email": "TA@example.com", "untag": True}]}
+    )
+    assert untagged.json()["tag"] == tag  # case-insensitive: the same tag
+    assert names("ta@example.com") == []
+    assert names("tb@example.com") == ["Trial"]
+
+    by_id = await client.post("/tags", json={"id": tag["id"], "contacts": [{"id": a["id"]}]})
+    assert by_id.status_code == 200
+    assert names("ta@example.com") == ["Trial"]
+    assert len(sandbox.store.tags) == 1
+    assert (await client.post("/tags", json={"id": 424242})).status_code == 404
+    assert (await client.post("/tags", json={"contacts": []})).status_code == 400
+
+
+# -- rate limit ---------------------------------------------------------------------------
+
+
+def test_sliding_window_never_exceeds_the_limit_in_any_interval() -> None:
+    rng = random.Random(7)
+    limit, window = 5, 1.0
+    limiter = SlidingWindow()
+    now, accepted = 0.0, []
+    for _ in range(3000):
+        now += rng.expovariate(20.0)
+        wait = limiter.try_acquire(now, limit, window)
+        if wait is None:
+            accepted.append(now)
+        else:
+            assert wait > 0
+            # the promised slot really is free then
+            assert sum(1 for t in accepted if t > now + wait - window + 1e-9) < limit
+    assert len(accepted) > 3000 / 20 * limit / window * 0.5
+    for i, start in enumerate(accepted):
+        in_window = [t for t in accepted[i:] if t < start + window]
+        assert len(in_window) <= limit
+
+
+@config(rate_limit=5, rate_window=0.5)
+async def test_rate_limit_is_a_sliding_window_over_accepted_requests(
+    client: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < 1.0:
+        await asyncio.gather(*(client.get("/token/info") for _ in range(3)))
+        await asyncio.sleep(0.03)
+    log = (await control.get("/_sandbox/requests")).json()
+    accepted = sorted(r["t"] for r in log if r["status"] == 200)
+    rejected = [r for r in log if r["status"] == 429]
+    assert rejected
+    assert {r["status"] for r in log} == {200, 429}
+    assert len(accepted) >= 10  # the window slides: more than one window's worth got in
+    for i, first in enumerate(accepted):
+        assert sum(1 for t in accepted[i:] if t < first + 0.5) <= 5
+    stats = (await control.get("/_sandbox/state")).json()["stats"]
+    assert stats["rate_limited"] == len(rejected)
+    assert stats["by_status"] == {"200": len(accepted), "429": len(rejected)}
+
+
+@config(rate_limit=2, rate_window=30.0)
+async def test_429_carries_retry_after_unless_turned_off(
+    client: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
+    assert [(await client.get("/token/info")).status_code for _ in range(2)] == [200, 200]
+    limited = await client.get("/contacts", params={"email": "a@example.com"})
+    assert limited.status_code == 429
+    assert error_code(limited) == "rate_limited"
+    assert 25 <= int(limited.headers["Retry-After"]) <= 30
+
+    await control.post("/_sandbox/faults", json={"retry_after": False})
+    bare = await client.get("/token/info")
+    assert bare.status_code == 429
+    assert "Retry-After" not in bare.headers
+
+
+@config(rate_limit=2, rate_window=0.4)
+async def test_rejected_requests_do_not_use_up_the_window(client: httpx.AsyncClient) -> None:
+    assert [(await client.get("/token/info")).status_code for _ in range(2)] == [200, 200]
+    first_ok = time.monotonic()
+    statuses = []
+    while time.monotonic() - first_ok < 0.3:  # hammer while the window is full
+        statuses.append((await client.get("/token/info")).status_code)
+    assert set(statuses) == {429}
+    await asyncio.sleep(0.4 - (time.monotonic() - first_ok) + 0.05)
+    assert (await client.get("/token/info")).status_code == 200
+
+
+# -- faults and control -------------------------------------------------------------------
+
+
+@config(error_rate=1.0, seed=1)
+async def test_error_rate_one_fails_every_api_request(
+    client: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
+    statuses = {(await client.get("/token/info")).status_code for _ in range(30)}
+    assert statuses <= {500, 502, 503}
+    assert len(statuses) > 1
+    assert (await control.get("/_sandbox/state")).status_code == 200  # control is exempt
+    await control.post("/_sandbox/faults", json={"error_rate": 0.0})
+    assert (await client.get("/token/info")).status_code == 200
+
+
+async def test_force_429_and_latency_at_run_time(
+    client: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
+    knobs = await control.post("/_sandbox/faults", json={"force_429": 2})
+    assert knobs.json()["force_429"] == 2
+    statuses = [(await client.get("/token/info")).status_code for _ in range(3)]
+    assert statuses == [429, 429, 200]
+
+    await control.post("/_sandbox/faults", json={"latency": 0.2})
+    started = time.perf_counter()
+    assert (await client.get("/token/info")).status_code == 200
+    assert time.perf_counter() - started >= 0.19
+    started = time.perf_counter()
+    await control.get("/_sandbox/state")
+    assert time.perf_counter() - started < 0.2  # control endpoints are never slowed
+
+
+async def test_faults_endpoint_rejects_unknown_knobs_and_bad_values(
+    control: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    for body in ({"nope": 1}, {"error_rate": "high"}, {"error_rate": 2.0}, {"disabled": 1}):
+        response = await control.post("/_sandbox/faults", json=body)
+        assert response.status_code == 400, body
+    assert sandbox.config.error_rate == 0.0
+    assert sandbox.config.disabled is False
+    ok = await control.post("/_sandbox/faults", json={"batch_delay": 0.01, "error_rate": 0.5})
+    assert ok.status_code == 200
+    assert (sandbox.config.batch_delay, sandbox.config.error_rate) == (0.01, 0.5)
+
+
+async def test_state_requests_and_reset(
+    client: httpx.AsyncClient, control: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    before = time.monotonic()
+    await upsert(client, email="s@example.com", tags=["T"])
+    await client.post("/events", json={"event_name": "e", "email": "s@example.com"})
+    batch = (await client.post("/contacts/batch", json={"contacts": [{"email": "q@x.io"}]})).json()
+    await client.get("/nowhere")
+
+    state = (await control.get("/_sandbox/state")).json()
+    assert [c["email"] for c in state["contacts"]] == ["s@example.com"]
+    assert [e["name"] for e in state["events"]] == ["e"]
+    assert [t["name"] for t in state["tags"]] == ["T"]
+    assert state["batches"][batch["batch_id"]]["status"] in ("QUEUED", "IN_PROGRESS")
+    assert state["stats"]["requests"] == 4
+    assert state["stats"]["by_status"] == {"200": 3, "404": 1}
+
+    log = (await control.get("/_sandbox/requests", params={"since": before})).json()
+    assert [(r["method"], r["path"], r["status"]) for r in log] == [
+        ("POST", "/contacts", 200),
+        ("POST", "/events", 200),
+        ("POST", "/contacts/batch", 200),
+        ("GET", "/nowhere", 404),
+    ]
+    assert all(before <= r["t"] <= time.monotonic() for r in log)
+
+    assert (await control.post("/_sandbox/reset")).status_code == 200
+    state = (await control.get("/_sandbox/state")).json()
+    assert state["contacts"] == state["events"] == state["tags"] == []
+    assert state["batches"] == {}
+    assert state["stats"]["requests"] == 0
+    assert (await control.get("/_sandbox/requests")).json() == []
+    async with asyncio.timeout(2):
+        await sandbox.wait_for_batches()  # the dropped batch never lands
+    assert sandbox.store.find_contact(email="q@x.io") is None
+
+
+# -- protocol -----------------------------------------------------------------------------
+
+
+async def test_unknown_path_404_wrong_method_405_bad_json_400(client: httpx.AsyncClient) -> None:
+    unknown = await client.get("/campaigns")
+    assert unknown.status_code == 404
+    assert error_code(unknown) == "not_found"
+
+    wrong = await client.put("/contacts", json={})
+    assert wrong.status_code == 405
+    assert error_code(wrong) == "method_not_allowed"
+    assert {m.strip() for m in wrong.headers["Allow"].split(",")} == {"GET", "POST", "DELETE"}
+    batch_get = await client.get("/contacts/batch")
+    assert batch_get.status_code == 405
+    assert batch_get.headers["Allow"] == "POST"
+
+    for content in (b"{not json", b"", b"[1, 2]"):
+        bad = await client.post("/contacts", content=content)
+        assert bad.status_code == 400
+    assert error_code(await client.post("/events", content=b"{")) == "json_parse_error"
+
+
+async def test_running_sandbox_reports_where_it_listens(sandbox: Sandbox) -> None:
+    assert sandbox.url == f"http://127.0.0.1:{sandbox.port}"
+    assert sandbox.port > 0
+    assert sandbox.store is not None
+    assert sandbox.config.api_keys == frozenset({"sandbox-key"})
+
+
+# -- the command --------------------------------------------------------------------------
+
+
+def test_command_flags_build_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    defaults = command.config_from_args(parser.parse_args([]))
+    assert defaults.api_keys == frozenset({"sandbox-key"})
+    assert defaults.rate_limit == 100
+    args = parser.parse_args(
+        [
+            "--port",
+            "0",
+            "--api-key",
+            "a",
+            "--api-key",
+            "b",
+            "--rate-limit",
+            "0",
+            "--rate-window",
+            "2",
+            "--batch-delay",
+            "0.1",
+            "--error-rate",
+            "0.25",
+            "--latency",
+            "0.01",
+            "--no-retry-after",
+        ]
+    )
+    config = command.config_from_args(args)
+    assert (args.host, args.port) == ("127.0.0.1", 0)
+    assert config.api_keys == frozenset({"a", "b"})
+    assert (config.rate_limit, config.rate_window, config.batch_delay) == (0, 2.0, 0.1)
+    assert (config.error_rate, config.latency, config.retry_after) == (0.25, 0.01, False)
+
+
+async def test_command_serves_until_sigterm_and_exits_0() -> None:
+    script = (
+        "import argparse, sys\n"
+        "from destination.sandbox import command\n"
+        "p = argparse.ArgumentParser(); command.add_arguments(p)\n"
+        "sys.exit(command.run(p.parse_args(sys.argv[1:])))\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        "--port",
+        "0",
+        "--api-key",
+        "secret-key-1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(15):
+            line = (await proc.stdout.readline()).decode()
+        assert "listening on http://127.0.0.1:" in line
+        assert "secret-key-1" not in line
+        url = line.split("listening on ", 1)[1].split()[0]
+        async with httpx.AsyncClient(base_url=url) as http:
+            info = await http.get("/token/info", headers={"Authorization": "Bearer secret-key-1"})
+        assert info.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            _, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
