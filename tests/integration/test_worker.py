@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def sandbox(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
+async def sandbox_process(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
     sb = SandboxProcess(tmp_path, "--batch-delay", "0.2")
     await sb.ready()
     yield sb
@@ -49,8 +49,10 @@ class Stream:
         await make_topics(self.bootstrap, self.dlq, partitions=1)
         return self
 
-    def env(self, sandbox: SandboxProcess, **more: str) -> dict[str, str]:
-        return worker_env(self.bootstrap, sandbox.url, self.topic, self.group, self.dlq, **more)
+    def env(self, sandbox_process: SandboxProcess, **more: str) -> dict[str, str]:
+        return worker_env(
+            self.bootstrap, sandbox_process.url, self.topic, self.group, self.dlq, **more
+        )
 
     async def committed(self) -> dict[int, int | None]:
         return await committed_offsets(self.bootstrap, self.group, self.topic, self.partitions)
@@ -89,7 +91,7 @@ def event_names(state: dict[str, Any], user: str) -> list[str]:
 
 
 async def test_mixed_stream_arrives_as_expected(
-    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
 ) -> None:
     stream = await Stream(kafka_bootstrap, partitions=2).create()
     audience = {
@@ -133,11 +135,11 @@ async def test_mixed_stream_arrives_as_expected(
         track("ghost", "Nobody Home"),  # user_id of no contact: Gist answers 404
     ]
     await produce(kafka_bootstrap, stream.topic, messages)
-    worker = WorkerProcess(tmp_path, stream.env(sandbox))
+    worker = WorkerProcess(tmp_path, stream.env(sandbox_process))
     try:
 
         async def delivered() -> bool:
-            state = await sandbox.state()
+            state = await sandbox_process.state()
             users = by_user(state)
             return (
                 users.get("u1", {}).get("custom_properties", {}).get("plan") == "pro"
@@ -160,7 +162,7 @@ async def test_mixed_stream_arrives_as_expected(
             return sum(o or 0 for o in committed.values()) == len(messages)
 
         await wait_for(all_committed, 30, what="every offset to be committed")
-        state = await sandbox.state()
+        state = await sandbox_process.state()
         users = by_user(state)
         assert users["u1"]["email"] == "ada@example.com"
         assert users["u1"]["name"] == "Ada Lovelace"
@@ -178,11 +180,11 @@ async def test_mixed_stream_arrives_as_expected(
 
 
 async def test_wrong_key_halts_without_dead_letters(
-    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
 ) -> None:
     stream = await Stream(kafka_bootstrap).create()
     await produce(kafka_bootstrap, stream.topic, [identify("u1", "a@example.com")])
-    worker = WorkerProcess(tmp_path, stream.env(sandbox, GIST_API_KEY="not-the-key"))
+    worker = WorkerProcess(tmp_path, stream.env(sandbox_process, GIST_API_KEY="not-the-key"))
     code = await worker.exited(60)
     assert code == 3
     output = worker.output()
@@ -190,22 +192,22 @@ async def test_wrong_key_halts_without_dead_letters(
     assert "not-the-key" not in output
     assert await read_topic(kafka_bootstrap, stream.dlq, expect=0, within=3) == []
     assert (await stream.committed()) == {0: None}
-    assert (await sandbox.state())["contacts"] == []
+    assert (await sandbox_process.state())["contacts"] == []
 
 
 async def test_key_revoked_mid_stream_keeps_the_stream(
-    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
 ) -> None:
     stream = await Stream(kafka_bootstrap).create()
     await produce(kafka_bootstrap, stream.topic, [identify("u1", "a@example.com")])
-    worker = WorkerProcess(tmp_path, stream.env(sandbox))
+    worker = WorkerProcess(tmp_path, stream.env(sandbox_process))
 
     async def first_delivered() -> bool:
-        return "u1" in by_user(await sandbox.state())
+        return "u1" in by_user(await sandbox_process.state())
 
     await wait_for(first_delivered, 60, what="the first contact")
     await wait_for(lambda: _committed_at_least(stream, 1), 30, what="the first commit")
-    await sandbox.faults(disabled=True)
+    await sandbox_process.faults(disabled=True)
     await produce(kafka_bootstrap, stream.topic, [track("u1", "After Revocation")] * 3)
     assert await worker.exited(60) == 3
     assert await read_topic(kafka_bootstrap, stream.dlq, expect=0, within=3) == []
@@ -217,26 +219,26 @@ async def _committed_at_least(stream: Stream, count: int) -> bool:
 
 
 async def test_sandbox_faults_end_with_everything_delivered(
-    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
 ) -> None:
     stream = await Stream(kafka_bootstrap, partitions=2).create()
     users = [f"f{i}" for i in range(40)]
     messages = [identify(u, f"{u}@example.com", n=1) for u in users]
     messages += [track(u, "Faulty Times") for u in users]
     await produce(kafka_bootstrap, stream.topic, messages)
-    await sandbox.faults(error_rate=0.3, latency=0.05, force_429=15)
-    worker = WorkerProcess(tmp_path, stream.env(sandbox))
+    await sandbox_process.faults(error_rate=0.3, latency=0.05, force_429=15)
+    worker = WorkerProcess(tmp_path, stream.env(sandbox_process))
     try:
 
         async def everything() -> bool:
-            state = await sandbox.state()
+            state = await sandbox_process.state()
             return len(by_user(state)) == len(users) and {
                 e["user_id"] for e in state["events"]
             } >= set(users)
 
         await wait_for(everything, 120, what="delivery through the faults")
         await wait_for(lambda: _committed_at_least(stream, len(messages)), 30, what="commits")
-        stats = (await sandbox.state())["stats"]
+        stats = (await sandbox_process.state())["stats"]
         assert stats["rate_limited"] >= 15
         assert any(s.startswith("5") for s in stats["by_status"])
         assert await read_topic(kafka_bootstrap, stream.dlq, expect=0, within=3) == []
@@ -247,7 +249,7 @@ async def test_sandbox_faults_end_with_everything_delivered(
 
 
 async def test_poison_records_are_dead_lettered_while_the_rest_flows(
-    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
 ) -> None:
     stream = await Stream(kafka_bootstrap).create()
     messages: list[Any] = []
@@ -257,11 +259,11 @@ async def test_poison_records_are_dead_lettered_while_the_rest_flows(
     envelope = {"batch": [identify("env1", "env1@example.com"), {"type": "track"}]}
     messages.append(envelope)
     await produce(kafka_bootstrap, stream.topic, messages)
-    worker = WorkerProcess(tmp_path, stream.env(sandbox))
+    worker = WorkerProcess(tmp_path, stream.env(sandbox_process))
     try:
 
         async def flowed() -> bool:
-            return len(by_user(await sandbox.state())) == 31
+            return len(by_user(await sandbox_process.state())) == 31
 
         await wait_for(flowed, 60, what="the good messages")
         dead = await read_topic(kafka_bootstrap, stream.dlq, expect=31)
@@ -277,7 +279,7 @@ async def test_poison_records_are_dead_lettered_while_the_rest_flows(
 
 
 async def test_sigkill_mid_stream_then_restart_loses_nothing(
-    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
 ) -> None:
     stream = await Stream(kafka_bootstrap, partitions=2).create()
     users = [f"k{i}" for i in range(300)]
@@ -287,11 +289,11 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
         messages.append(track(u, "Checked In"))
         messages.append(identify(u, version=2))
     await produce(kafka_bootstrap, stream.topic, messages)
-    env = stream.env(sandbox, GIST_BATCH_SIZE="50")
+    env = stream.env(sandbox_process, GIST_BATCH_SIZE="50")
     first = WorkerProcess(tmp_path, env, name="first")
 
     async def some_delivered() -> bool:
-        return len((await sandbox.state())["contacts"]) >= 30
+        return len((await sandbox_process.state())["contacts"]) >= 30
 
     await wait_for(some_delivered, 60, what="some contacts")
     first.signal(signal.SIGKILL)
@@ -300,7 +302,7 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
     try:
 
         async def all_there() -> bool:
-            state = await sandbox.state()
+            state = await sandbox_process.state()
             contacts = by_user(state)
             return (
                 len(contacts) == len(users)
@@ -317,10 +319,10 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
 
 
 async def test_two_workers_share_the_partitions(
-    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
 ) -> None:
     stream = await Stream(kafka_bootstrap, partitions=4).create()
-    env = stream.env(sandbox)
+    env = stream.env(sandbox_process)
     workers = [WorkerProcess(tmp_path, env, name=f"w{i}") for i in range(2)]
     try:
 
@@ -335,7 +337,7 @@ async def test_two_workers_share_the_partitions(
         )
 
         async def all_there() -> bool:
-            return len(by_user(await sandbox.state())) == len(users)
+            return len(by_user(await sandbox_process.state())) == len(users)
 
         await wait_for(all_there, 60, what="every contact")
         await wait_for(lambda: _committed_at_least(stream, len(users)), 30, what="commits")
@@ -399,9 +401,9 @@ async def test_graceful_shutdown_commits_exactly_what_was_delivered(
         await slow.close()
 
 
-async def _quiet(sandbox: SandboxProcess) -> None:
+async def _quiet(sandbox_process: SandboxProcess) -> None:
     async def settled() -> bool:
-        batches = (await sandbox.state())["batches"]
+        batches = (await sandbox_process.state())["batches"]
         return all(
             b == "COMPLETED" or (isinstance(b, dict) and b.get("status") == "COMPLETED")
             for b in batches.values()
