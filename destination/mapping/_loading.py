@@ -157,11 +157,14 @@ def _problems(
     for error in exc.errors(include_url=False):
         loc = _file_loc(error["loc"])
         message = str(error["msg"]).removeprefix("Value error, ")
+        message = message.replace("Input should be", "expected", 1)
         if error["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
             message = "unknown key" + (
                 f"; expected one of: {', '.join(allowed)}" if allowed else ""
             )
+        elif error["type"] in ("bool_parsing", "bool_type"):
+            message = "expected true or false"
         elif error["type"] == "missing":
             message = "required key is missing"
         elif error["type"] == "dict_type":
@@ -174,10 +177,9 @@ def _problems(
 
 
 def _file_loc(loc: tuple[str | int, ...]) -> KeyPath:
-    """pydantic's location as a key path of the file: dict-key errors end in ``[key]``,
-    and a key written as a number or boolean is the string YAML showed."""
-    parts = [p for p in loc if p != "[key]"]
-    return tuple(parts)
+    """pydantic's location as a key path of the file (a dict-key error ends in
+    ``[key]``, which names no place of its own)."""
+    return tuple(p for p in loc if p != "[key]")
 
 
 def _line(loc: KeyPath, lines: dict[KeyPath, int]) -> int | None:

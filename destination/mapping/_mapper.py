@@ -14,15 +14,15 @@ from destination.mapping import _reasons as reasons
 from destination.mapping._schema import EventTag, Rules, TraitTag
 from destination.mapping._syntax import (
     MISSING,
+    Getter,
     Matcher,
-    Path,
     Template,
     compile_condition,
     event_key,
     first_rendered,
+    getter,
     normalise_event_name,
     parse_path,
-    resolve,
 )
 from destination.mapping._values import (
     DROP,
@@ -48,6 +48,7 @@ from destination.operations import (
 
 _AUDIENCE_ENTERED: Final = event_key("Audience Entered")
 _AUDIENCE_EXITED: Final = event_key("Audience Exited")
+_AUDIENCE_EVENTS: Final = frozenset({_AUDIENCE_ENTERED, _AUDIENCE_EXITED})
 _LAST_SEEN: Final = frozenset({"last_seen_ip", "last_seen_user_agent"})
 _NULLABLE: Final = frozenset(
     {"name", "phone", "signed_up_at", "last_seen_ip", "last_seen_user_agent"}
@@ -85,7 +86,9 @@ def _phone(value: Any) -> Any:
 
 def _unix(value: Any) -> Any:
     if isinstance(value, str):
-        seconds = iso_seconds(value.strip())
+        seconds = iso_seconds(value)
+        if seconds is None:
+            seconds = iso_seconds(value.strip())
         if seconds is None:
             raise _Invalid("an ISO-8601 date or unix seconds")
         return int(seconds)
@@ -106,9 +109,15 @@ def _flag(value: Any) -> Any:
 
 def _tags(value: Any) -> Any:
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+    if not isinstance(items, list):
         raise _Invalid("a list of tag names")
-    tags = list(dict.fromkeys(t.strip() for t in items if t.strip()))
+    tags: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise _Invalid("a list of tag names")
+        tag = item.strip()
+        if tag and tag not in tags:
+            tags.append(tag)
     return tags or MISSING
 
 
@@ -123,30 +132,71 @@ _CONVERTERS: Final[dict[str, Callable[[Any], Any]]] = {
 }
 
 
-def _join_parts(message: Mapping[str, Any], paths: tuple[Path, ...]) -> Any:
-    """The present parts of a joined source (``firstName lastName``), or MISSING."""
+Source = tuple[Getter, str]
+"""Reads one source of a field from a message (MISSING when absent), and its path for
+error messages."""
+
+
+def _source(paths: tuple[str, ...]) -> Source:
+    """A contact-field source: one path, or paths whose present parts are joined with a
+    space (``firstName lastName``)."""
+    if len(paths) == 1:
+        return getter(parse_path(paths[0])), paths[0]
+    getters = tuple(getter(parse_path(p)) for p in paths)
+
+    def joined(message: Mapping[str, Any]) -> Any:
+        return _joined([get(message) for get in getters])
+
+    return joined, " + ".join(paths)
+
+
+def _joined(values: Any) -> Any:
+    """The present parts of a joined source, joined with a space, or MISSING."""
     parts: list[str] = []
-    for path in paths:
-        value = resolve(message, path)
+    for value in values:
         if value is MISSING or value is None:
             continue
         if not isinstance(value, str):
             raise _Invalid("strings to join")
-        if value.strip():
-            parts.append(value.strip())
+        value = value.strip()
+        if value:
+            parts.append(value)
     return " ".join(parts) if parts else MISSING
 
 
-class _ContactField:
-    """One Gist contact field and its compiled sources."""
+# Where an identify's field source reads from. Most sources are a key of traits or of
+# context, which the identify has in hand: reading them directly, not through a getter,
+# keeps the per-message loop lean.
+_TRAIT: Final = 0  # ref: a trait name
+_TRAITS_JOINED: Final = 1  # ref: trait names whose values are joined
+_CONTEXT: Final = 2  # ref: a key of context
+_MESSAGE: Final = 3  # ref: a getter (any other path, or a join of them)
 
-    __slots__ = ("convert", "name", "nullable", "sources")
+FieldSource = tuple[int, Any, str]
+"""(where, what, the path for error messages)."""
+ContactField = tuple[str, tuple[FieldSource, ...], Callable[[Any], Any], bool]
+"""(Gist field, its sources in order, the converter, whether it may be sent as null)."""
 
-    def __init__(self, name: str, sources: tuple[tuple[str, ...], ...]) -> None:
-        self.name = name
-        self.sources = tuple(tuple(parse_path(p) for p in source) for source in sources)
-        self.convert = _CONVERTERS[name]
-        self.nullable = name in _NULLABLE
+
+def _field_source(paths: tuple[str, ...]) -> FieldSource:
+    parsed = [parse_path(p) for p in paths]
+    label = " + ".join(paths)
+    if all(len(p) == 2 and p[0] == "traits" for p in parsed):
+        if len(parsed) == 1:
+            return _TRAIT, parsed[0][1], label
+        return _TRAITS_JOINED, tuple(p[1] for p in parsed), label
+    if len(parsed) == 1 and len(parsed[0]) == 2 and parsed[0][0] == "context":
+        return _CONTEXT, parsed[0][1], label
+    return _MESSAGE, _source(paths)[0], label
+
+
+def _contact_field(name: str, sources: tuple[tuple[str, ...], ...]) -> ContactField:
+    return (
+        name,
+        tuple(_field_source(s) for s in sources),
+        _CONVERTERS[name],
+        name in _NULLABLE,
+    )
 
 
 class _TagRule:
@@ -167,8 +217,8 @@ class Mapper:
         self.rules = rules
         self._integration = rules.integration
         self._on_invalid_drop = rules.invalid_fields == "drop"
-        self._user_id_paths = tuple(parse_path(p) for p in rules.identity.user_id)
-        self._email_paths = tuple(parse_path(p) for p in rules.identity.email)
+        self._user_ids = tuple(_source((p,)) for p in rules.identity.user_id)
+        self._emails = tuple(_source((p,)) for p in rules.identity.email)
 
         names = PropertyNames(rules.values.keys)
         self._names = names
@@ -179,10 +229,12 @@ class Mapper:
 
         identify = rules.identify
         self._fields = tuple(
-            _ContactField(name, sources)
+            _contact_field(name, sources)
             for name, sources in identify.fields.model_dump().items()
             if sources
         )
+        # context.active false: "update the traits, not the last seen".
+        self._inactive_fields = tuple(f for f in self._fields if f[0] not in _LAST_SEEN)
         used_traits = {
             ".".join(parse_path(p)[1:])
             for sources in identify.fields.model_dump().values()
@@ -268,11 +320,15 @@ class Mapper:
     # Shared pieces ---------------------------------------------------------------------
 
     def _identity(self, message: dict[str, Any]) -> tuple[str | None, str | None]:
-        return self._user_id(message, self._user_id_paths), self._email(message)
+        """(user_id, email) by the identity rules."""
+        return self._user_id(message, self._user_ids), self._email(message)
 
-    def _user_id(self, message: dict[str, Any], paths: tuple[Path, ...]) -> str | None:
-        for path in paths:
-            value = resolve(message, path)
+    def _user_id(self, message: dict[str, Any], sources: tuple[Source, ...]) -> str | None:
+        """The first present id, as a string (a whole number becomes its decimal)."""
+        for get, path in sources:
+            value = get(message)
+            if type(value) is str and value:  # the usual case, checked first
+                return value
             if value is MISSING or value is None:
                 continue
             if isinstance(value, str):
@@ -287,8 +343,8 @@ class Mapper:
         return None
 
     def _email(self, message: dict[str, Any]) -> str | None:
-        for path in self._email_paths:
-            value = resolve(message, path)
+        for get, path in self._emails:
+            value = get(message)
             if value is MISSING or value is None:
                 continue
             if not isinstance(value, str):
@@ -303,10 +359,10 @@ class Mapper:
             return email
         return None
 
-    def _invalid(self, path: Path, expected: str) -> None:
+    def _invalid(self, path: str, expected: str) -> None:
         """A field of the wrong type: reject, unless the rules say drop it (return)."""
         if not self._on_invalid_drop:
-            raise _Reject(reasons.INVALID_FIELD, f"{'.'.join(path)} must be {expected}")
+            raise _Reject(reasons.INVALID_FIELD, f"{path} must be {expected}")
 
     def _object(self, message: dict[str, Any], key: str) -> dict[str, Any]:
         """``traits`` / ``properties``: an object, or empty when absent."""
@@ -324,7 +380,9 @@ class Mapper:
     # identify --------------------------------------------------------------------------
 
     def _identify(self, message: dict[str, Any], kind: str) -> MapResult:
-        traits = self._object(message, "traits")
+        traits = message.get("traits")
+        if type(traits) is not dict:
+            traits = self._object(message, "traits")
         user_id, email = self._identity(message)
         if user_id is None and email is None:
             raise _Reject(reasons.MISSING_IDENTITY, "identify needs a userId or an email")
@@ -335,17 +393,40 @@ class Mapper:
             contact["email"] = email
 
         context = message.get("context")
-        inactive = isinstance(context, dict) and context.get("active") is False
-        for field in self._fields:
-            if inactive and field.name in _LAST_SEEN:
-                continue
-            value = self._field_value(message, field)
-            if value is not MISSING:
-                contact[field.name] = value
+        if not isinstance(context, dict):
+            context = {}
+        fields = self._inactive_fields if context.get("active") is False else self._fields
+        for name, sources, convert, nullable in fields:
+            saw_null = False
+            for where, ref, path in sources:
+                try:
+                    if where == _TRAIT:
+                        value = traits.get(ref, MISSING)
+                    elif where == _TRAITS_JOINED:
+                        value = _joined([traits.get(key) for key in ref])
+                    elif where == _CONTEXT:
+                        value = context.get(ref, MISSING)
+                    else:
+                        value = ref(message)
+                    if value is MISSING:
+                        continue
+                    if value is None:
+                        saw_null = True
+                        continue
+                    value = convert(value)
+                except _Invalid as exc:
+                    self._invalid(path, str(exc))
+                    continue
+                if value is not MISSING:
+                    contact[name] = value
+                    break
+            else:
+                if saw_null and nullable and self._keep_nulls:
+                    contact[name] = None
 
         properties: dict[str, Any] = {}
         self._traits.shape(traits, properties)
-        if isinstance(context, dict) and (self._audiences or self._computed_traits):
+        if "personas" in context and (self._audiences or self._computed_traits):
             self._engage_trait(context, traits, properties)
         if properties:
             contact["custom_properties"] = properties
@@ -353,37 +434,13 @@ class Mapper:
         stamp = self._stamp(message)
         if not self._trait_tags:
             return Mapped(kind, (ContactUpsert(cast(ContactPayload, contact), *stamp),))
-        added, removed = self._rule_tags(self._trait_tags, message)
+        changes = self._rule_tags(self._trait_tags, message)
+        added = [tag for tag, untag in changes if not untag]
         if added:
             contact["tags"] = list(dict.fromkeys([*contact.get("tags", ()), *added]))
         upsert = ContactUpsert(cast(ContactPayload, contact), *stamp)
-        untags = (TagChange(tag, user_id, email, True, *stamp) for tag in removed)
+        untags = (TagChange(tag, user_id, email, True, *stamp) for tag, untag in changes if untag)
         return Mapped(kind, (upsert, *untags))
-
-    def _field_value(self, message: dict[str, Any], field: _ContactField) -> Any:
-        saw_null = False
-        for source in field.sources:
-            try:
-                if len(source) == 1:
-                    value = resolve(message, source[0])
-                    if value is None:
-                        saw_null = True
-                        continue
-                    if value is MISSING:
-                        continue
-                    value = field.convert(value)
-                else:
-                    value = _join_parts(message, source)
-                    if value is not MISSING:
-                        value = field.convert(value)
-            except _Invalid as exc:
-                self._invalid(source[0], str(exc))
-                continue
-            if value is not MISSING:
-                return value
-        if saw_null and field.nullable and self._keep_nulls:
-            return None
-        return MISSING
 
     def _engage_trait(
         self, context: dict[str, Any], traits: dict[str, Any], properties: dict[str, Any]
@@ -411,17 +468,15 @@ class Mapper:
 
     def _rule_tags(
         self, rules: tuple[_TagRule, ...], message: dict[str, Any]
-    ) -> tuple[list[str], list[str]]:
-        """(tags to add, tags to remove) by the rules that apply to ``message``."""
-        added: list[str] = []
-        removed: list[str] = []
+    ) -> list[tuple[str, bool]]:
+        """(tag, untag) for each rule that applies to ``message``, in rule order."""
+        changes: list[tuple[str, bool]] = []
         for rule in rules:
-            if not rule.applies(message):
-                continue
-            tag = first_rendered(rule.templates, message)
-            if tag is not None:
-                (removed if rule.untag else added).append(tag)
-        return added, removed
+            if rule.applies(message):
+                tag = first_rendered(rule.templates, message)
+                if tag is not None:
+                    changes.append((tag, rule.untag))
+        return changes
 
     def _stamp(self, message: dict[str, Any]) -> tuple[str | None, float | None]:
         """(messageId, timestamp) carried by every operation."""
@@ -445,7 +500,12 @@ class Mapper:
             raise _Reject(reasons.MISSING_EVENT_NAME, "track has no event")
         else:
             raise _Reject(reasons.INVALID_FIELD, "event must be a string")
-        properties = self._object(message, "properties")
+        properties = message.get("properties")
+        if type(properties) is not dict:
+            properties = self._object(message, "properties")
+        context = message.get("context")
+        if not isinstance(context, dict):
+            context = {}
         user_id, email = self._identity(message)
         if user_id is None and email is None:
             raise _Reject(
@@ -456,11 +516,12 @@ class Mapper:
         ops: list[Operation] = []
         key, event_name, tag_rules = self._event_rules(name)
 
-        engage = self._engage_upsert(message, key, properties, user_id, email, stamp)
-        if engage is not None:
-            ops.append(engage)
-            if not self._engage_events:
-                return Mapped(kind, tuple(ops))
+        if key in _AUDIENCE_EVENTS or "personas" in context:
+            engage = self._engage_upsert(context, key, properties, user_id, email, stamp)
+            if engage is not None:
+                ops.append(engage)
+                if not self._engage_events:
+                    event_name = None  # the property is what Gist needs, not the event
 
         if event_name is not None:
             event: dict[str, Any] = {"event_name": event_name}
@@ -476,9 +537,10 @@ class Mapper:
                 event["occurred_at"] = int(stamp[1])
             ops.append(EventTrack(cast(EventPayload, event), *stamp))
         if tag_rules:
-            added, removed = self._rule_tags(tag_rules, message)
-            ops.extend(TagChange(tag, user_id, email, False, *stamp) for tag in added)
-            ops.extend(TagChange(tag, user_id, email, True, *stamp) for tag in removed)
+            ops.extend(
+                TagChange(tag, user_id, email, untag, *stamp)
+                for tag, untag in self._rule_tags(tag_rules, message)
+            )
         if not ops:
             return Skipped(kind, reasons.EVENT_EXCLUDED)
         return Mapped(kind, tuple(ops))
@@ -501,7 +563,7 @@ class Mapper:
 
     def _engage_upsert(
         self,
-        message: dict[str, Any],
+        context: dict[str, Any],
         key: str,
         properties: dict[str, Any],
         user_id: str | None,
@@ -511,13 +573,12 @@ class Mapper:
         """A track from Engage (Audience Entered / Exited, a computed trait) sets a
         custom property on the contact; ``None`` for any other track."""
         prop: tuple[str, Any] | None = None
-        if self._audiences and key in (_AUDIENCE_ENTERED, _AUDIENCE_EXITED):
+        if self._audiences and key in _AUDIENCE_EVENTS:
             audience = properties.get("audience_key")
             if isinstance(audience, str) and self._names(audience):
                 prop = (self._names(audience), key == _AUDIENCE_ENTERED)
         if prop is None and self._computed_traits:
-            context = message.get("context")
-            personas = context.get("personas") if isinstance(context, dict) else None
+            personas = context.get("personas")
             if isinstance(personas, dict) and personas.get("computation_class") not in (
                 None,
                 "audience",
@@ -584,6 +645,7 @@ class Mapper:
             "id" not in traits
             and isinstance(group_id, str | int)
             and not isinstance(group_id, bool)
+            and group_id != ""
         ):
             traits = {"id": str(group_id), **traits}
         properties: dict[str, Any] = {}
@@ -598,8 +660,8 @@ class Mapper:
         return Mapped(kind, (ContactUpsert(cast(ContactPayload, contact), *self._stamp(message)),))
 
     def _alias(self, message: dict[str, Any], kind: str) -> MapResult:
-        previous_id = self._user_id(message, (("previousId",),))
-        user_id = self._user_id(message, (("userId",),))
+        previous_id = self._user_id(message, _PREVIOUS_ID)
+        user_id = self._user_id(message, _USER_ID)
         if previous_id is None or user_id is None:
             raise _Reject(reasons.MISSING_IDENTITY, "alias needs previousId and userId")
         if previous_id == user_id:
@@ -611,6 +673,10 @@ class Mapper:
         if user_id is None and email is None:
             raise _Reject(reasons.MISSING_IDENTITY, "delete needs a userId or an email")
         return Mapped(kind, (ContactDelete(user_id, email, *self._stamp(message)),))
+
+
+_PREVIOUS_ID: Final = (_source(("previousId",)),)
+_USER_ID: Final = (_source(("userId",)),)
 
 
 def _type_off(message: dict[str, Any], kind: str) -> MapResult:

@@ -63,6 +63,36 @@ def resolve(message: Mapping[str, Any], path: Path) -> Any:
     return value
 
 
+Getter = Callable[[Mapping[str, Any]], Any]
+
+
+def getter(path: Path) -> Getter:
+    """``resolve`` for one path, unrolled for the usual depths (it runs per message)."""
+    if len(path) == 1:
+        (k0,) = path
+        return lambda message: message.get(k0, MISSING)
+    if len(path) == 2:
+        k0, k1 = path
+
+        def get2(message: Mapping[str, Any]) -> Any:
+            value = message.get(k0)
+            return value.get(k1, MISSING) if isinstance(value, dict) else MISSING
+
+        return get2
+    if len(path) == 3:
+        k0, k1, k2 = path
+
+        def get3(message: Mapping[str, Any]) -> Any:
+            value = message.get(k0)
+            if not isinstance(value, dict):
+                return MISSING
+            value = value.get(k1)
+            return value.get(k2, MISSING) if isinstance(value, dict) else MISSING
+
+        return get3
+    return lambda message: resolve(message, path)
+
+
 def event_key(name: str) -> str:
     """How Gist tells event names apart: case-insensitive, with ``.`` and ``$`` stored as
     ``-``. Rules compare event names by this key."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 import orjson
@@ -41,24 +41,18 @@ _SEPARATORS = re.compile(r"[\W_]+")
 # Times -------------------------------------------------------------------------------
 
 
-def _looks_like_date(text: str) -> bool:
-    return (
-        10 <= len(text) <= 40
-        and text[4] == "-"
-        and text[7] == "-"
-        and text[:4].isascii()
-        and text[:4].isdigit()
-    )
+_NAIVE_EPOCH: Final = datetime(1970, 1, 1)
 
 
 def iso_seconds(text: str) -> float | None:
     """Epoch seconds of an ISO-8601 date or date-time (no zone = UTC), else ``None``."""
-    if not _looks_like_date(text):
+    # A cheap shape check first: most strings are not dates, and this runs per value.
+    if not (10 <= len(text) <= 40 and text[4] == "-" and text[7] == "-"):
         return None
     try:
         parsed = datetime.fromisoformat(text)
         if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
+            return (parsed - _NAIVE_EPOCH).total_seconds()
         return parsed.timestamp()
     except (ValueError, OverflowError):
         return None
@@ -75,6 +69,11 @@ def number_seconds(value: int | float) -> float | None:
 def message_time(message: Mapping[str, Any]) -> float | None:
     """When the message happened, in epoch seconds: ``timestamp``, else
     ``originalTimestamp``, ``sentAt``, ``receivedAt``; ``None`` if none parses."""
+    value = message.get("timestamp")
+    if type(value) is str:  # the usual case
+        seconds = iso_seconds(value)
+        if seconds is not None:
+            return seconds
     for key in ("timestamp", "originalTimestamp", "sentAt", "receivedAt"):
         value = message.get(key)
         if value is None:
@@ -127,19 +126,19 @@ class ValueConverter:
     list are dropped or JSON-encoded (``list_objects``); ``null`` is kept or dropped
     (``nulls``). Integers beyond 64 bits become strings (JSON cannot carry them)."""
 
-    __slots__ = ("_dates", "_join", "_json_items", "_keep_lists", "_keep_nulls")
+    __slots__ = ("_join", "_json_items", "_keep_lists", "dates", "keep_nulls")
 
     def __init__(self, values: Values) -> None:
-        self._dates = values.dates == "unix"
+        self.dates = values.dates == "unix"
         self._keep_lists = values.lists != "drop"
         self._join = values.lists == "join"
         self._json_items = values.list_objects == "json"
-        self._keep_nulls = values.nulls == "keep"
+        self.keep_nulls = values.nulls == "keep"
 
     def __call__(self, value: Any) -> Any:
         kind = type(value)
         if kind is str:
-            if self._dates:
+            if self.dates:
                 seconds = iso_seconds(value)
                 if seconds is not None:
                     return int(seconds)
@@ -149,15 +148,24 @@ class ValueConverter:
         if kind is int:
             return value if _INT64_MIN <= value <= _UINT64_MAX else str(value)
         if value is None:
-            return None if self._keep_nulls else DROP
+            return None if self.keep_nulls else DROP
         if kind is list:
-            return self._list(value) if self._keep_lists else DROP
+            return self.convert_list(value)
         return self._unusual(value)
 
-    def _list(self, items: list[Any]) -> Any:
+    def convert_list(self, items: list[Any]) -> Any:
+        """A list as ``lists`` and ``list_objects`` say."""
+        if not self._keep_lists:
+            return DROP
         out: list[Any] = []
         for item in items:
-            if isinstance(item, dict | list):
+            kind = type(item)
+            if kind is str:
+                if self.dates and len(item) > 9 and item[4] == "-":
+                    item = self(item)
+                out.append(item)
+                continue
+            if kind is dict or kind is list or isinstance(item, dict | list):
                 if not self._json_items:
                     continue
                 converted: Any = _json_text(item)
@@ -201,11 +209,15 @@ class PropertyShaper:
     ``_`` (``address.city`` -> ``address_city``), names made safe, values converted,
     ``include`` / ``exclude`` / ``rename`` applied to the names as sent (nested names
     dotted). ``skip`` names fields used elsewhere (e.g. traits mapped to contact fields).
+
+    Everything about a field but its value follows from its path, so what to do with
+    each path is worked out once and cached: the per-message loop is a dict look-up and
+    a type check per field.
     """
 
     __slots__ = (
-        "_convert", "_decisions", "_exclude", "_include", "_names", "_open", "_prefix",
-        "_rename", "_skip",
+        "_convert", "_dates", "_exclude", "_include", "_keep_nulls", "_keys", "_names",
+        "_nested", "_open", "_prefix", "_rename", "_skip",
     )  # fmt: skip
 
     def __init__(
@@ -223,27 +235,41 @@ class PropertyShaper:
         self._open = self._include.matches_all and self._exclude.matches_none and not self._rename
         self._names = names
         self._convert = convert
+        self._dates = convert.dates
+        self._keep_nulls = convert.keep_nulls
         self._skip = skip
         self._prefix = prefix
-        self._decisions: dict[str, tuple[bool, bool, str | None]] = {}
+        self._keys: dict[Any, str] = {}
+        """path -> the property a value there is sent as; "" when it is not sent."""
+        self._nested: dict[Any, tuple[str, bool] | None] = {}
+        """path -> for an object there: (its children's name prefix, whether their values
+        are sent unless a pattern says otherwise), or None when it is not sent at all."""
 
     def shape(self, source: Mapping[Any, Any], out: dict[str, Any]) -> None:
         """Add ``source``'s properties to ``out``."""
         self._walk(source, out, "", self._prefix, self._open, 0)
 
-    def _decide(self, path: str) -> tuple[bool, bool, str | None]:
-        """(excluded, included by a pattern, renamed to) for a name as sent."""
-        decision = self._decisions.get(path)
-        if decision is None:
-            decision = (
-                self._exclude(path),
-                self._include(path),
-                self._rename.get(path.lower()),
-            )
-            if len(self._decisions) >= _CACHE_LIMIT:
-                self._decisions.clear()
-            self._decisions[path] = decision
-        return decision
+    def _decide(
+        self, path: Any, name: Any, key_prefix: str, inherited: bool
+    ) -> tuple[str | None, bool]:
+        """(property name, or None when nothing at ``path`` is sent; whether its value is
+        sent) for the field at ``path`` inside an object whose children are named
+        ``key_prefix...`` and sent or not by ``inherited``."""
+        if not isinstance(name, str) or path in self._skip:
+            return None, False
+        renamed = self._rename.get(path.lower())
+        safe = self._names(name)
+        key = renamed or (key_prefix + safe if safe else None)  # "$$" leaves nothing
+        if key is None or self._exclude(path):
+            return None, False
+        return key, inherited or renamed is not None or self._include(path)
+
+    def _key(self, path: Any, name: Any, key_prefix: str, inherited: bool) -> str:
+        key, included = self._decide(path, name, key_prefix, inherited)
+        if len(self._keys) >= _CACHE_LIMIT:
+            self._keys.clear()
+        self._keys[path] = plan = key if key is not None and included else ""
+        return plan
 
     def _walk(
         self,
@@ -251,31 +277,67 @@ class PropertyShaper:
         out: dict[str, Any],
         path_prefix: str,
         key_prefix: str,
-        included: bool,
+        inherited: bool,
         depth: int,
     ) -> None:
+        keys = self._keys
+        dates = self._dates
         for name, value in source.items():
-            if not isinstance(name, str):
+            path = f"{path_prefix}{name}" if path_prefix else name
+            kind = type(value)
+            if kind is dict:
+                self._walk_into(value, out, path, name, key_prefix, inherited, depth)
                 continue
-            path = path_prefix + name
-            if path in self._skip:
-                continue
-            inside = included
-            key = None
-            if not self._open:
-                excluded, matched, key = self._decide(path)
-                if excluded:
-                    continue
-                inside = included or matched or key is not None
+            key = keys.get(path)
             if key is None:
-                safe = self._names(name)
-                if not safe:
-                    continue
-                key = key_prefix + safe
-            if isinstance(value, dict):
-                if depth < MAX_DEPTH:
-                    self._walk(value, out, path + ".", key + "_", inside, depth + 1)
-            elif inside:
-                converted = self._convert(value)
-                if converted is not DROP:
-                    out[key] = converted
+                key = self._key(path, name, key_prefix, inherited)
+            if not key:
+                continue
+            if kind is str:
+                if dates and len(value) > 9 and value[4] == "-":
+                    seconds = iso_seconds(value)
+                    if seconds is not None:
+                        value = int(seconds)
+                out[key] = value
+            elif (
+                kind is float
+                or kind is bool
+                or (kind is int and _INT64_MIN <= value <= _UINT64_MAX)
+            ):
+                out[key] = value
+            elif value is None:
+                if self._keep_nulls:
+                    out[key] = None
+            elif kind is list:
+                value = self._convert.convert_list(value)
+                if value is not DROP:
+                    out[key] = value
+            elif isinstance(value, dict):
+                self._walk_into(value, out, path, name, key_prefix, inherited, depth)
+            else:
+                value = self._convert(value)
+                if value is not DROP:
+                    out[key] = value
+
+    def _walk_into(
+        self,
+        value: Mapping[Any, Any],
+        out: dict[str, Any],
+        path: Any,
+        name: Any,
+        key_prefix: str,
+        inherited: bool,
+        depth: int,
+    ) -> None:
+        """Flatten the object at ``path`` into ``out``."""
+        if depth >= MAX_DEPTH:
+            return
+        plan = self._nested.get(path, DROP)
+        if plan is DROP:
+            key, included = self._decide(path, name, key_prefix, inherited)
+            plan = (key + "_", included) if key is not None else None
+            if len(self._nested) >= _CACHE_LIMIT:
+                self._nested.clear()
+            self._nested[path] = plan
+        if plan is not None:
+            self._walk(value, out, f"{path}.", plan[0], plan[1], depth + 1)

@@ -1,0 +1,1274 @@
+"""The mapper, table by table: each row is (rules, message, what Gist must get).
+
+Rules are given as the YAML an operator would write on top of the shipped default
+(``""`` is the default itself); messages follow ../shared/segment-messages.md.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from functools import cache
+from typing import Any
+
+import pytest
+
+from destination.mapping import REJECT_REASONS, SKIP_REASONS, Mapper, load_rules, parse_rules
+from destination.operations import (
+    ContactAlias,
+    ContactDelete,
+    ContactUpsert,
+    EventTrack,
+    Mapped,
+    MapResult,
+    Operation,
+    Rejected,
+    Skipped,
+    TagChange,
+)
+
+TS = "2026-11-01T12:00:00.000Z"
+TS_EPOCH = 1793534400.0
+
+
+@cache
+def mapper(rules_yaml: str = "") -> Mapper:
+    if not rules_yaml:
+        return Mapper(load_rules(None))
+    return Mapper(parse_rules(textwrap.dedent(rules_yaml), "test-rules.yaml"))
+
+
+def run(message: object, rules_yaml: str = "") -> MapResult:
+    return mapper(rules_yaml).map(message)
+
+
+def operations(message: object, rules_yaml: str = "") -> tuple[Operation, ...]:
+    result = run(message, rules_yaml)
+    assert isinstance(result, Mapped), result
+    return result.operations
+
+
+def contact(message: object, rules_yaml: str = "") -> dict[str, Any]:
+    (op,) = operations(message, rules_yaml)
+    assert isinstance(op, ContactUpsert), op
+    return dict(op.contact)
+
+
+def event(message: object, rules_yaml: str = "") -> dict[str, Any]:
+    (op,) = operations(message, rules_yaml)
+    assert isinstance(op, EventTrack), op
+    return dict(op.event)
+
+
+def identify(traits: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    return {"type": "identify", "userId": "u-1", "traits": traits or {}, **fields}
+
+
+def track(name: Any = "Order Completed", **fields: Any) -> dict[str, Any]:
+    return {"type": "track", "userId": "u-1", "event": name, **fields}
+
+
+# identify ------------------------------------------------------------------------------
+
+SPEC_IDENTIFY = {
+    "type": "identify",
+    "messageId": "m-1",
+    "userId": "u-42",
+    "traits": {
+        "email": "Ada@Example.com",
+        "firstName": "Ada",
+        "lastName": "Lovelace",
+        "phone": "+44 20 7946 0000",
+        "createdAt": "2024-03-01T10:00:00Z",
+        "plan": "pro",
+        "address": {"city": "London", "country": "UK"},
+        "unsubscribed": False,
+        "tags": ["beta"],
+    },
+    "context": {"ip": "203.0.113.7", "userAgent": "Mozilla/5.0 ..."},
+    "timestamp": TS,
+}
+
+
+def test_the_spec_identify_becomes_one_contact_upsert() -> None:
+    result = run(SPEC_IDENTIFY)
+    assert result == Mapped(
+        "identify",
+        (
+            ContactUpsert(
+                {
+                    "user_id": "u-42",
+                    "email": "Ada@Example.com",
+                    "name": "Ada Lovelace",
+                    "phone": "+44 20 7946 0000",
+                    "signed_up_at": 1709287200,
+                    "unsubscribed_from_emails": False,
+                    "tags": ["beta"],
+                    "last_seen_ip": "203.0.113.7",
+                    "last_seen_user_agent": "Mozilla/5.0 ...",
+                    "custom_properties": {
+                        "plan": "pro",
+                        "address_city": "London",
+                        "address_country": "UK",
+                    },
+                },
+                message_id="m-1",
+                timestamp=TS_EPOCH,
+            ),
+        ),
+    )
+
+
+CONTACT_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
+    # (id, rules, message, the contact sent)
+    (
+        "email only is enough",
+        "",
+        {"type": "identify", "traits": {"email": " a@x.io "}},
+        {"email": "a@x.io"},
+    ),
+    (
+        "email falls back to context.traits.email",
+        "",
+        {"type": "identify", "userId": "u-1", "context": {"traits": {"email": "c@x.io"}}},
+        {"user_id": "u-1", "email": "c@x.io"},
+    ),
+    (
+        "traits.email wins over context.traits.email",
+        "",
+        identify({"email": "t@x.io"}, context={"traits": {"email": "c@x.io"}}),
+        {"user_id": "u-1", "email": "t@x.io"},
+    ),
+    (
+        "an empty email counts as absent",
+        "",
+        identify({"email": "  "}, context={"traits": {"email": "c@x.io"}}),
+        {"user_id": "u-1", "email": "c@x.io"},
+    ),
+    (
+        "a numeric userId becomes its decimal string",
+        "",
+        {"type": "identify", "userId": 42},
+        {"user_id": "42"},
+    ),
+    (
+        "a whole float userId too",
+        "",
+        {"type": "identify", "userId": 42.0},
+        {"user_id": "42"},
+    ),
+    (
+        "name wins over first and last names, which are not repeated",
+        "",
+        identify({"name": "Ada L.", "firstName": "Ada", "lastName": "Lovelace"}),
+        {"user_id": "u-1", "name": "Ada L."},
+    ),
+    (
+        "first_name and last_name",
+        "",
+        identify({"first_name": "Ada", "last_name": "Lovelace"}),
+        {"user_id": "u-1", "name": "Ada Lovelace"},
+    ),
+    (
+        "a first name alone",
+        "",
+        identify({"firstName": " Ada "}),
+        {"user_id": "u-1", "name": "Ada"},
+    ),
+    (
+        "a null name falls through to the parts",
+        "",
+        identify({"name": None, "firstName": "Ada"}),
+        {"user_id": "u-1", "name": "Ada"},
+    ),
+    (
+        "a null name clears it (nulls: keep)",
+        "",
+        identify({"name": None}),
+        {"user_id": "u-1", "name": None},
+    ),
+    (
+        "a null name is left alone with nulls: drop",
+        "values: {nulls: drop}",
+        identify({"name": None, "plan": None}),
+        {"user_id": "u-1"},
+    ),
+    (
+        "a numeric phone becomes a string",
+        "",
+        identify({"phone": 442079460000}),
+        {"user_id": "u-1", "phone": "442079460000"},
+    ),
+    (
+        "created_at in unix seconds",
+        "",
+        identify({"created_at": 1709287200}),
+        {"user_id": "u-1", "signed_up_at": 1709287200},
+    ),
+    (
+        "createdAt in milliseconds",
+        "",
+        identify({"createdAt": 1709287200123}),
+        {"user_id": "u-1", "signed_up_at": 1709287200},
+    ),
+    (
+        "createdAt as a date with an offset",
+        "",
+        identify({"createdAt": "2024-03-01T12:00:00+02:00"}),
+        {"user_id": "u-1", "signed_up_at": 1709287200},
+    ),
+    (
+        "signed_up_at is never the message timestamp",
+        "",
+        identify({}, timestamp=TS),
+        {"user_id": "u-1"},
+    ),
+    (
+        "unsubscribed true",
+        "",
+        identify({"unsubscribed": True}),
+        {"user_id": "u-1", "unsubscribed_from_emails": True},
+    ),
+    (
+        "unsubscribed as a string",
+        "",
+        identify({"unsubscribed": "TRUE"}),
+        {"user_id": "u-1", "unsubscribed_from_emails": True},
+    ),
+    (
+        "a single tag, and duplicate tags once",
+        "",
+        identify({"tags": "beta"}),
+        {"user_id": "u-1", "tags": ["beta"]},
+    ),
+    (
+        "duplicate tags are sent once",
+        "",
+        identify({"tags": ["a", "b", "a", " "]}),
+        {"user_id": "u-1", "tags": ["a", "b"]},
+    ),
+    (
+        "context.active false: no last-seen fields",
+        "",
+        identify({}, context={"ip": "203.0.113.7", "userAgent": "UA", "active": False}),
+        {"user_id": "u-1"},
+    ),
+    (
+        "context.active true: last-seen fields",
+        "",
+        identify({}, context={"ip": "203.0.113.7", "userAgent": "UA", "active": True}),
+        {"user_id": "u-1", "last_seen_ip": "203.0.113.7", "last_seen_user_agent": "UA"},
+    ),
+    # custom properties
+    (
+        "property names made safe",
+        "",
+        identify(
+            {
+                "Plan Type": "a",
+                "planTier": "b",
+                "HTTPStatus": 1,
+                "a.b$c": 2,
+                "--x--": 3,
+                "$$": 4,
+            }
+        ),
+        {
+            "user_id": "u-1",
+            "custom_properties": {
+                "plan_type": "a",
+                "plan_tier": "b",
+                "http_status": 1,
+                "a_b_c": 2,
+                "x": 3,
+            },
+        },
+    ),
+    (
+        "keys: lower_case does not split camelCase",
+        "values: {keys: lower_case}",
+        identify({"planTier": "b", "Plan Type": "a"}),
+        {"user_id": "u-1", "custom_properties": {"plantier": "b", "plan_type": "a"}},
+    ),
+    (
+        "nested objects are flattened",
+        "",
+        identify({"company": {"name": "Acme", "hq": {"city": "Paris"}}}),
+        {
+            "user_id": "u-1",
+            "custom_properties": {"company_name": "Acme", "company_hq_city": "Paris"},
+        },
+    ),
+    (
+        "ISO dates become unix seconds, other strings stay",
+        "",
+        identify({"birthday": "1990-05-01", "last_order": TS, "code": "2024-03-01-001"}),
+        {
+            "user_id": "u-1",
+            "custom_properties": {
+                "birthday": 641520000,
+                "last_order": 1793534400,
+                "code": "2024-03-01-001",
+            },
+        },
+    ),
+    (
+        "dates: keep",
+        "values: {dates: keep}",
+        identify({"birthday": "1990-05-01"}),
+        {"user_id": "u-1", "custom_properties": {"birthday": "1990-05-01"}},
+    ),
+    (
+        "lists of scalars are sent as they are; objects inside lists dropped",
+        "",
+        identify({"langs": ["en", "fr"], "mixed": [1, {"a": 1}, [2], None, True]}),
+        {
+            "user_id": "u-1",
+            "custom_properties": {"langs": ["en", "fr"], "mixed": [1, None, True]},
+        },
+    ),
+    (
+        "lists: join",
+        "values: {lists: join}",
+        identify({"langs": ["en", "fr"], "nums": [1, 2.5, True, None]}),
+        {"user_id": "u-1", "custom_properties": {"langs": "en,fr", "nums": "1,2.5,true,"}},
+    ),
+    (
+        "lists: drop",
+        "values: {lists: drop}",
+        identify({"langs": ["en", "fr"], "plan": "pro"}),
+        {"user_id": "u-1", "custom_properties": {"plan": "pro"}},
+    ),
+    (
+        "list_objects: json",
+        "values: {list_objects: json}",
+        identify({"items": [{"sku": "a"}, [1, 2], 3]}),
+        {"user_id": "u-1", "custom_properties": {"items": ['{"sku":"a"}', "[1,2]", 3]}},
+    ),
+    (
+        "nulls are sent as null",
+        "",
+        identify({"plan": None}),
+        {"user_id": "u-1", "custom_properties": {"plan": None}},
+    ),
+    (
+        "an empty object sends nothing",
+        "",
+        identify({"address": {}}),
+        {"user_id": "u-1"},
+    ),
+    (
+        "objects nested deeper than 8 levels are dropped",
+        "",
+        identify({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {"j": 1}}}}}}}}}, "k": 1}),
+        {"user_id": "u-1", "custom_properties": {"k": 1}},
+    ),
+    (
+        "integers beyond 64 bits become strings",
+        "",
+        identify({"big": 2**70}),
+        {"user_id": "u-1", "custom_properties": {"big": str(2**70)}},
+    ),
+    # rules: fields and trait selection
+    (
+        "fields: a renamed source",
+        "identify: {fields: {phone: [traits.phone, traits.mobile]}}",
+        identify({"mobile": "+1 555"}),
+        {"user_id": "u-1", "phone": "+1 555"},
+    ),
+    (
+        "fields: [] never sets the field, and the trait stays a property",
+        "identify: {fields: {phone: []}}",
+        identify({"phone": "+1 555"}),
+        {"user_id": "u-1", "custom_properties": {"phone": "+1 555"}},
+    ),
+    (
+        "identity: email from another trait, which is then not repeated",
+        "identity: {email: [traits.email_address, traits.email]}",
+        identify({"email_address": "e@x.io", "email": "t@x.io"}),
+        {"user_id": "u-1", "email": "e@x.io"},
+    ),
+    (
+        "identity: user_id from another path",
+        "identity: {user_id: [userId, traits.id]}",
+        {"type": "identify", "traits": {"id": 7}},
+        {"user_id": "7", "custom_properties": {"id": 7}},
+    ),
+    (
+        "traits.exclude with a glob and a regex; exclude wins over include",
+        """
+        identify:
+          traits:
+            include: [plan, "password*", "re:.*_token"]
+            exclude: ["PASSWORD*", "re:api_.*"]
+        """,
+        identify({"plan": "pro", "password_hint": "x", "api_token": "t", "auth_token": "u"}),
+        {"user_id": "u-1", "custom_properties": {"plan": "pro", "auth_token": "u"}},
+    ),
+    (
+        "traits.include names nested traits; an object includes its children",
+        "identify: {traits: {include: [address.city, company]}}",
+        identify({"address": {"city": "Paris", "zip": "75"}, "company": {"n": "A"}, "x": 1}),
+        {"user_id": "u-1", "custom_properties": {"address_city": "Paris", "company_n": "A"}},
+    ),
+    (
+        "traits.exclude an object drops its children",
+        "identify: {traits: {exclude: [address]}}",
+        identify({"address": {"city": "Paris"}, "plan": "pro"}),
+        {"user_id": "u-1", "custom_properties": {"plan": "pro"}},
+    ),
+    (
+        "traits.rename, case-insensitive, nested too",
+        "identify: {traits: {rename: {plan: subscription_plan, address.postalcode: zip}}}",
+        identify({"Plan": "pro", "address": {"postalCode": "75", "city": "Paris"}}),
+        {
+            "user_id": "u-1",
+            "custom_properties": {"subscription_plan": "pro", "zip": "75", "address_city": "Paris"},
+        },
+    ),
+    (
+        "invalid_fields: drop leaves the bad field out",
+        "invalid_fields: drop",
+        identify({"name": 7, "createdAt": "yesterday", "unsubscribed": "maybe", "plan": "pro"}),
+        {"user_id": "u-1", "custom_properties": {"plan": "pro"}},
+    ),
+    (
+        "invalid_fields: drop falls through to the next email",
+        "invalid_fields: drop",
+        identify({"email": "not-an-email"}, context={"traits": {"email": "c@x.io"}}),
+        {"user_id": "u-1", "email": "c@x.io"},
+    ),
+    # tags from traits
+    (
+        "tag rules add to the contact's tags",
+        """
+        tags:
+          traits:
+            - tag: "plan-{traits.plan}"
+            - tag: vip
+              when: {traits.plan: [enterprise, team]}
+            - tag: never
+              when: {traits.plan: free}
+            - tag: "{traits.missing}"
+        """,
+        identify({"plan": "team", "tags": ["beta"]}),
+        {
+            "user_id": "u-1",
+            "tags": ["beta", "plan-team", "vip"],
+            "custom_properties": {"plan": "team"},
+        },
+    ),
+    (
+        "a when value true does not match the number 1",
+        "tags: {traits: [{tag: vip, when: {traits.vip: true}}]}",
+        identify({"vip": 1}),
+        {"user_id": "u-1", "custom_properties": {"vip": 1}},
+    ),
+    (
+        "a when value null matches an absent field",
+        "tags: {traits: [{tag: no-plan, when: {traits.plan: null}}]}",
+        identify({}),
+        {"user_id": "u-1", "tags": ["no-plan"]},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rules", "message", "expected"),
+    [case[1:] for case in CONTACT_CASES],
+    ids=[case[0] for case in CONTACT_CASES],
+)
+def test_identify(rules: str, message: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert contact(message, rules) == expected
+
+
+def test_a_trait_untag_rule_adds_a_tag_change_after_the_upsert() -> None:
+    rules = "tags: {traits: [{untag: trial, when: {traits.plan: pro}}]}"
+    upsert, untag = operations(identify({"plan": "pro"}, messageId="m-9", timestamp=TS), rules)
+    assert isinstance(upsert, ContactUpsert)
+    assert untag == TagChange("trial", "u-1", None, True, "m-9", TS_EPOCH)
+
+
+# Engage --------------------------------------------------------------------------------
+
+AUDIENCE_IDENTIFY = {
+    "type": "identify",
+    "userId": "u-42",
+    "traits": {"email": "ada@example.com", "order_completed_last_30days": True},
+    "context": {
+        "personas": {
+            "computation_class": "audience",
+            "computation_key": "order_completed_last_30days",
+            "computation_id": "aud_2Jx",
+            "space_id": "spa_9",
+        }
+    },
+    "integrations": {"All": False, "Gist": True},
+}
+
+
+def audience_track(entered: bool, **fields: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "userId": "u-42",
+        "event": "Audience Entered" if entered else "Audience Exited",
+        "properties": {
+            "audience_key": "order_completed_last_30days",
+            "order_completed_last_30days": entered,
+        },
+        "context": {
+            "traits": {"email": "ada@example.com"},
+            "personas": {
+                "computation_class": "audience",
+                "computation_key": "order_completed_last_30days",
+            },
+        },
+        "integrations": {"All": False, "Gist": True},
+        **fields,
+    }
+
+
+ENGAGE_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
+    (
+        "an audience identify sets a boolean property (and is delivered despite All: false)",
+        "",
+        AUDIENCE_IDENTIFY,
+        {
+            "user_id": "u-42",
+            "email": "ada@example.com",
+            "custom_properties": {"order_completed_last_30days": True},
+        },
+    ),
+    (
+        "the audience property is set even when the trait filters exclude it",
+        "identify: {traits: {include: []}}",
+        AUDIENCE_IDENTIFY,
+        {
+            "user_id": "u-42",
+            "email": "ada@example.com",
+            "custom_properties": {"order_completed_last_30days": True},
+        },
+    ),
+    (
+        "with audiences off the filters apply",
+        "{engage: {audiences: false}, identify: {traits: {include: []}}}",
+        AUDIENCE_IDENTIFY,
+        {"user_id": "u-42", "email": "ada@example.com"},
+    ),
+    (
+        "an audience key is snake_cased; membership as a string",
+        "identify: {traits: {include: []}}",
+        {
+            **AUDIENCE_IDENTIFY,
+            "traits": {"Big Spenders": "false"},
+            "context": {
+                "personas": {"computation_class": "audience", "computation_key": "Big Spenders"}
+            },
+        },
+        {"user_id": "u-42", "custom_properties": {"big_spenders": False}},
+    ),
+    (
+        "a computed trait becomes a custom property whatever the filters say",
+        "identify: {traits: {exclude: ['*']}}",
+        {
+            "type": "identify",
+            "userId": "u-42",
+            "traits": {"lifetime_value": 420.5, "other": 1},
+            "context": {
+                "personas": {"computation_class": "trait", "computation_key": "lifetime_value"}
+            },
+        },
+        {"user_id": "u-42", "custom_properties": {"lifetime_value": 420.5}},
+    ),
+    (
+        "Audience Entered sets the property true with an upsert",
+        "",
+        audience_track(True, messageId="m-5", timestamp=TS),
+        {
+            "user_id": "u-42",
+            "email": "ada@example.com",
+            "custom_properties": {"order_completed_last_30days": True},
+        },
+    ),
+    (
+        "Audience Exited sets it false; the name compares case-insensitively",
+        "",
+        {**audience_track(False), "event": "audience exited"},
+        {
+            "user_id": "u-42",
+            "email": "ada@example.com",
+            "custom_properties": {"order_completed_last_30days": False},
+        },
+    ),
+    (
+        "a computed-trait track sets the trait",
+        "",
+        {
+            "type": "track",
+            "userId": "u-42",
+            "event": "Trait Computed",
+            "properties": {"lifetime_value": 99},
+            "context": {
+                "personas": {"computation_class": "trait", "computation_key": "lifetime_value"}
+            },
+        },
+        {"user_id": "u-42", "custom_properties": {"lifetime_value": 99}},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rules", "message", "expected"),
+    [case[1:] for case in ENGAGE_CASES],
+    ids=[case[0] for case in ENGAGE_CASES],
+)
+def test_engage(rules: str, message: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert contact(message, rules) == expected
+
+
+def test_computed_traits_off_leaves_them_to_the_trait_filters() -> None:
+    message = {
+        "type": "identify",
+        "userId": "u-42",
+        "traits": {"lifetime_value": 420.5},
+        "context": {
+            "personas": {"computation_class": "trait", "computation_key": "lifetime_value"}
+        },
+    }
+    rules = "{engage: {computed_traits: false}, identify: {traits: {exclude: ['*']}}}"
+    assert contact(message, rules) == {"user_id": "u-42"}
+    computed_track = {
+        **message,
+        "type": "track",
+        "event": "Trait Computed",
+        "properties": message["traits"],
+    }
+    assert (
+        event(computed_track, "engage: {computed_traits: false}")["event_name"] == "Trait Computed"
+    )
+
+
+def test_tag_rules_apply_to_an_audience_track_though_its_event_is_not_sent() -> None:
+    rules = "tags: {events: [{event: Audience Entered, tag: 'in-{properties.audience_key}'}]}"
+    upsert, tag = operations(audience_track(True), rules)
+    assert isinstance(upsert, ContactUpsert)
+    assert tag == TagChange("in-order_completed_last_30days", "u-42", "ada@example.com")
+
+
+def test_an_audience_track_also_sends_the_event_when_asked() -> None:
+    upsert, sent = operations(audience_track(True, timestamp=TS), "engage: {send_events: true}")
+    assert isinstance(upsert, ContactUpsert)
+    assert isinstance(sent, EventTrack)
+    assert sent.event["event_name"] == "Audience Entered"
+    assert sent.event["properties"]["audience_key"] == "order_completed_last_30days"
+
+
+def test_with_audiences_off_an_audience_track_is_a_plain_event() -> None:
+    sent = event(audience_track(True), "engage: {audiences: false}")
+    assert sent["event_name"] == "Audience Entered"
+
+
+def test_an_audience_track_without_audience_key_is_a_plain_event() -> None:
+    message = audience_track(True)
+    message["properties"] = {}
+    message["context"] = {"traits": {"email": "ada@example.com"}}
+    assert event(message)["event_name"] == "Audience Entered"
+
+
+# track ---------------------------------------------------------------------------------
+
+SPEC_TRACK = {
+    "type": "track",
+    "messageId": "m-2",
+    "userId": "u-42",
+    "event": "Order Completed",
+    "properties": {"order_id": "o-9", "revenue": 42.5, "currency": "EUR"},
+    "context": {"traits": {"email": "ada@example.com"}},
+    "timestamp": "2026-11-01T12:01:00.000Z",
+}
+
+
+def test_the_spec_track_becomes_one_event() -> None:
+    assert run(SPEC_TRACK) == Mapped(
+        "track",
+        (
+            EventTrack(
+                {
+                    "event_name": "Order Completed",
+                    "user_id": "u-42",
+                    "email": "ada@example.com",
+                    "properties": {"order_id": "o-9", "revenue": 42.5, "currency": "EUR"},
+                    "occurred_at": 1793534460,
+                },
+                message_id="m-2",
+                timestamp=1793534460.0,
+            ),
+        ),
+    )
+
+
+EVENT_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
+    (
+        "email from properties.email, no userId",
+        "",
+        {"type": "track", "event": "Signed Up", "properties": {"email": "p@x.io"}},
+        {"event_name": "Signed Up", "email": "p@x.io", "properties": {"email": "p@x.io"}},
+    ),
+    (
+        "context.traits.email wins over properties.email",
+        "",
+        {
+            "type": "track",
+            "event": "E",
+            "properties": {"email": "p@x.io"},
+            "context": {"traits": {"email": "c@x.io"}},
+        },
+        {"event_name": "E", "email": "c@x.io", "properties": {"email": "p@x.io"}},
+    ),
+    (
+        "the name is normalised the way Gist stores it",
+        "",
+        track(" completed.order$v2 "),
+        {"event_name": "completed-order-v2", "user_id": "u-1"},
+    ),
+    (
+        "values: event_names lower_case",
+        "values: {event_names: lower_case}",
+        track("Order.Completed"),
+        {"event_name": "order-completed", "user_id": "u-1"},
+    ),
+    (
+        "rename matches the way Gist compares names",
+        "track: {events: {rename: {Order.Completed: Purchase}}}",
+        track("ORDER-COMPLETED"),
+        {"event_name": "Purchase", "user_id": "u-1"},
+    ),
+    (
+        "properties are made safe and flattened",
+        "",
+        track(properties={"Order ID": "o-1", "shipping": {"method": "UPS"}, "at": TS}),
+        {
+            "event_name": "Order Completed",
+            "user_id": "u-1",
+            "properties": {"order_id": "o-1", "shipping_method": "UPS", "at": 1793534400},
+        },
+    ),
+    (
+        "property selection and renames",
+        "track: {properties: {exclude: [products], rename: {revenue: amount}}}",
+        track(properties={"revenue": 5, "products": [{"sku": "a"}], "currency": "EUR"}),
+        {
+            "event_name": "Order Completed",
+            "user_id": "u-1",
+            "properties": {"amount": 5, "currency": "EUR"},
+        },
+    ),
+    (
+        "occurred_at falls back to originalTimestamp",
+        "",
+        track(originalTimestamp="2026-11-01T12:00:00Z", sentAt="2030-01-01T00:00:00Z"),
+        {"event_name": "Order Completed", "user_id": "u-1", "occurred_at": 1793534400},
+    ),
+    (
+        "an unparseable timestamp gives no occurred_at",
+        "",
+        track(timestamp="yesterday"),
+        {"event_name": "Order Completed", "user_id": "u-1"},
+    ),
+    (
+        "an included event",
+        "track: {events: {include: ['Order *'], exclude: ['Order Refunded']}}",
+        track("order completed"),
+        {"event_name": "order completed", "user_id": "u-1"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rules", "message", "expected"),
+    [case[1:] for case in EVENT_CASES],
+    ids=[case[0] for case in EVENT_CASES],
+)
+def test_track(rules: str, message: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert event(message, rules) == expected
+
+
+def test_event_tag_rules_tag_and_untag_even_when_the_event_is_excluded() -> None:
+    rules = """
+    track: {events: {exclude: [Subscription.Cancelled]}}
+    tags:
+      events:
+        - {event: "Subscription*", untag: subscriber}
+        - {event: "re:subscription-cancel+ed", tag: "churned-{properties.plan}"}
+        - {event: "Subscription$Cancelled", tag: never, when: {properties.plan: free}}
+    """
+    message = track(
+        "subscription-cancelled", properties={"plan": "pro"}, messageId="m", timestamp=TS
+    )
+    assert operations(message, rules) == (  # in rule order
+        TagChange("subscriber", "u-1", None, True, "m", TS_EPOCH),
+        TagChange("churned-pro", "u-1", None, False, "m", TS_EPOCH),
+    )
+
+
+def test_event_tag_rules_come_after_the_event() -> None:
+    rules = "tags: {events: [{event: Order Completed, tag: customer}]}"
+    sent, tag = operations(track(context={"traits": {"email": "a@x.io"}}), rules)
+    assert isinstance(sent, EventTrack)
+    assert tag == TagChange("customer", "u-1", "a@x.io")
+
+
+# page, screen, group, alias, delete ----------------------------------------------------
+
+PAGE_RULES = "{page: {enabled: true}, screen: {enabled: true}}"
+
+OTHER_TYPE_CASES: list[tuple[str, str, dict[str, Any], MapResult]] = [
+    (
+        "page is off by default",
+        "",
+        {"type": "page", "userId": "u-1", "name": "Pricing"},
+        Skipped("page", "type_off"),
+    ),
+    (
+        "screen is off by default",
+        "",
+        {"type": "screen", "userId": "u-1", "name": "Home"},
+        Skipped("screen", "type_off"),
+    ),
+    (
+        "group is off by default",
+        "",
+        {"type": "group", "userId": "u-1", "groupId": "g", "traits": {"name": "Acme"}},
+        Skipped("group", "type_off"),
+    ),
+    (
+        "a page becomes an event",
+        PAGE_RULES,
+        {
+            "type": "page",
+            "userId": "u-1",
+            "name": "Pricing",
+            "properties": {"path": "/pricing", "url": "https://x.io/pricing"},
+            "timestamp": TS,
+            "messageId": "m-3",
+        },
+        Mapped(
+            "page",
+            (
+                EventTrack(
+                    {
+                        "event_name": "Viewed Pricing Page",
+                        "user_id": "u-1",
+                        "properties": {"path": "/pricing", "url": "https://x.io/pricing"},
+                        "occurred_at": 1793534400,
+                    },
+                    "m-3",
+                    TS_EPOCH,
+                ),
+            ),
+        ),
+    ),
+    (
+        "a page without a name takes the next template",
+        PAGE_RULES,
+        {"type": "page", "userId": "u-1"},
+        Mapped("page", (EventTrack({"event_name": "Viewed a Page", "user_id": "u-1"}),)),
+    ),
+    (
+        "a screen becomes an event",
+        PAGE_RULES,
+        {"type": "screen", "userId": "u-1", "name": "Home"},
+        Mapped("screen", (EventTrack({"event_name": "Viewed Home Screen", "user_id": "u-1"}),)),
+    ),
+    (
+        "a page template with category",
+        "page: {enabled: true, event: 'Viewed {category} {name}'}",
+        {"type": "page", "userId": "u-1", "name": "Pricing"},
+        Skipped("page", "no_event_name"),
+    ),
+    (
+        "group traits onto the contact, prefixed, with groupId as id",
+        "group: {enabled: true}",
+        {
+            "type": "group",
+            "userId": "u-1",
+            "groupId": "g-1",
+            "traits": {"name": "Acme", "employees": 40, "address": {"city": "Paris"}},
+        },
+        Mapped(
+            "group",
+            (
+                ContactUpsert(
+                    {
+                        "custom_properties": {
+                            "company_id": "g-1",
+                            "company_name": "Acme",
+                            "company_employees": 40,
+                            "company_address_city": "Paris",
+                        },
+                        "user_id": "u-1",
+                    }
+                ),
+            ),
+        ),
+    ),
+    (
+        "group prefix, selection and rename",
+        "group: {enabled: true, prefix: org_, traits: {exclude: [plan], rename: {name: org}}}",
+        {
+            "type": "group",
+            "context": {"traits": {"email": "a@x.io"}},
+            "groupId": 7,
+            "traits": {"name": "Acme", "plan": "team", "id": "own-id"},
+        },
+        Mapped(
+            "group",
+            (
+                ContactUpsert(
+                    {"custom_properties": {"org": "Acme", "org_id": "own-id"}, "email": "a@x.io"}
+                ),
+            ),
+        ),
+    ),
+    (
+        "a group with nothing to copy is skipped",
+        "group: {enabled: true, traits: {include: []}}",
+        {"type": "group", "userId": "u-1", "traits": {"name": "Acme"}},
+        Skipped("group", "nothing_to_send"),
+    ),
+    (
+        "an empty groupId is not copied",
+        "group: {enabled: true}",
+        {"type": "group", "userId": "u-1", "groupId": "", "traits": {}},
+        Skipped("group", "nothing_to_send"),
+    ),
+    (
+        "identify can be turned off",
+        "identify: {enabled: false}",
+        identify({"email": "a@x.io"}),
+        Skipped("identify", "type_off"),
+    ),
+    (
+        "track can be turned off",
+        "track: {enabled: false}",
+        track(),
+        Skipped("track", "type_off"),
+    ),
+    (
+        "alias moves the contact",
+        "",
+        {
+            "type": "alias",
+            "previousId": "anon-1",
+            "userId": 42,
+            "messageId": "m-4",
+            "timestamp": TS,
+        },
+        Mapped("alias", (ContactAlias("anon-1", "42", "m-4", TS_EPOCH),)),
+    ),
+    (
+        "an alias onto the same id is skipped",
+        "",
+        {"type": "alias", "previousId": "u-1", "userId": "u-1"},
+        Skipped("alias", "nothing_to_send"),
+    ),
+    (
+        "alias can be turned off",
+        "alias: {enabled: false}",
+        {"type": "alias", "previousId": "a", "userId": "b"},
+        Skipped("alias", "type_off"),
+    ),
+    (
+        "delete by userId and email",
+        "",
+        {"type": "delete", "userId": "u-1", "context": {"traits": {"email": "a@x.io"}}},
+        Mapped("delete", (ContactDelete("u-1", "a@x.io"),)),
+    ),
+    (
+        "delete by email",
+        "",
+        {"type": "delete", "context": {"traits": {"email": "a@x.io"}}},
+        Mapped("delete", (ContactDelete(None, "a@x.io"),)),
+    ),
+    (
+        "delete can be turned off",
+        "delete: {enabled: false}",
+        {"type": "delete", "userId": "u-1"},
+        Skipped("delete", "type_off"),
+    ),
+    (
+        "the type is read case-insensitively",
+        "",
+        {"type": "Delete", "userId": "u-1"},
+        Mapped("Delete", (ContactDelete("u-1"),)),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rules", "message", "expected"),
+    [case[1:] for case in OTHER_TYPE_CASES],
+    ids=[case[0] for case in OTHER_TYPE_CASES],
+)
+def test_other_types(rules: str, message: dict[str, Any], expected: MapResult) -> None:
+    assert run(message, rules) == expected
+
+
+# integrations switches -----------------------------------------------------------------
+
+INTEGRATION_CASES: list[tuple[Any, bool]] = [
+    # (integrations, delivered)
+    (None, True),
+    ({}, True),
+    ({"All": True}, True),
+    ({"All": False}, False),
+    ({"All": False, "Gist": True}, True),
+    ({"All": False, "Gist": {"some": "option"}}, True),
+    ({"Gist": False}, False),
+    ({"All": True, "Gist": False}, False),
+    ({"Intercom": False}, True),
+    ("not an object", True),
+]
+
+
+@pytest.mark.parametrize(("integrations", "delivered"), INTEGRATION_CASES)
+def test_integrations_switches(integrations: Any, delivered: bool) -> None:
+    for message in (identify({}), track(), {"type": "delete", "userId": "u-1"}):
+        result = run({**message, "integrations": integrations})
+        if delivered:
+            assert isinstance(result, Mapped), result
+        else:
+            assert result == Skipped(message["type"], "integration_off")
+
+
+def test_the_integration_name_is_a_setting() -> None:
+    message = {**identify({}), "integrations": {"All": False, "gist-eu": True}}
+    assert isinstance(run(message, "integration: gist-eu"), Mapped)
+    assert isinstance(run(message), Skipped)
+
+
+# rejections ----------------------------------------------------------------------------
+
+REJECT_CASES: list[tuple[str, str, object, str, str]] = [
+    # (id, rules, message, message_type, reason)
+    ("a list", "", [SPEC_IDENTIFY], "unknown", "not_an_object"),
+    ("a string", "", "identify", "unknown", "not_an_object"),
+    ("null", "", None, "unknown", "not_an_object"),
+    ("a batch envelope", "", {"batch": [SPEC_IDENTIFY]}, "unknown", "batch_envelope"),
+    ("no type", "", {"userId": "u-1"}, "unknown", "unknown_type"),
+    ("a numeric type", "", {"type": 3, "userId": "u-1"}, "unknown", "unknown_type"),
+    ("an unknown type", "", {"type": "purchase", "userId": "u-1"}, "purchase", "unknown_type"),
+    (
+        "identify without userId and email",
+        "",
+        {"type": "identify", "anonymousId": "a-1", "traits": {"plan": "pro"}},
+        "identify",
+        "missing_identity",
+    ),
+    (
+        "identify with traits not an object",
+        "",
+        identify(traits=None) | {"traits": [1]},
+        "identify",
+        "invalid_field",
+    ),
+    ("identify with a numeric email", "", identify({"email": 5}), "identify", "invalid_field"),
+    (
+        "identify with an email without @",
+        "",
+        identify({"email": "ada"}),
+        "identify",
+        "invalid_field",
+    ),
+    (
+        "identify with a boolean userId",
+        "",
+        {"type": "identify", "userId": True},
+        "identify",
+        "invalid_field",
+    ),
+    (
+        "identify with a fractional userId",
+        "",
+        {"type": "identify", "userId": 4.5},
+        "identify",
+        "invalid_field",
+    ),
+    ("identify with a numeric name", "", identify({"name": 7}), "identify", "invalid_field"),
+    (
+        "identify with an unparseable createdAt",
+        "",
+        identify({"createdAt": "soon"}),
+        "identify",
+        "invalid_field",
+    ),
+    (
+        "identify with a boolean createdAt",
+        "",
+        identify({"createdAt": True}),
+        "identify",
+        "invalid_field",
+    ),
+    ("identify with tags not strings", "", identify({"tags": [1, 2]}), "identify", "invalid_field"),
+    (
+        "identify with unsubscribed 'maybe'",
+        "",
+        identify({"unsubscribed": "maybe"}),
+        "identify",
+        "invalid_field",
+    ),
+    (
+        "identify with a numeric ip",
+        "",
+        identify({}, context={"ip": 1}),
+        "identify",
+        "invalid_field",
+    ),
+    (
+        "identify with a numeric lastName",
+        "",
+        identify({"firstName": "A", "lastName": 1}),
+        "identify",
+        "invalid_field",
+    ),
+    (
+        "invalid_fields: drop still needs an identity",
+        "invalid_fields: drop",
+        {"type": "identify", "traits": {"email": "nope"}},
+        "identify",
+        "missing_identity",
+    ),
+    (
+        "track without identity",
+        "",
+        {"type": "track", "event": "E", "anonymousId": "a"},
+        "track",
+        "missing_identity",
+    ),
+    ("track without event", "", {"type": "track", "userId": "u-1"}, "track", "missing_event_name"),
+    ("track with an empty event", "", track("  "), "track", "missing_event_name"),
+    ("track with a numeric event", "", track(5), "track", "invalid_field"),
+    ("track with properties not an object", "", track(properties="x"), "track", "invalid_field"),
+    (
+        "page without identity",
+        PAGE_RULES,
+        {"type": "page", "name": "P"},
+        "page",
+        "missing_identity",
+    ),
+    (
+        "group without identity",
+        "group: {enabled: true}",
+        {"type": "group", "traits": {"a": 1}},
+        "group",
+        "missing_identity",
+    ),
+    (
+        "alias without previousId",
+        "",
+        {"type": "alias", "userId": "u-1"},
+        "alias",
+        "missing_identity",
+    ),
+    (
+        "alias without userId",
+        "",
+        {"type": "alias", "previousId": "u-1"},
+        "alias",
+        "missing_identity",
+    ),
+    (
+        "delete without identity",
+        "",
+        {"type": "delete", "anonymousId": "a"},
+        "delete",
+        "missing_identity",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rules", "message", "message_type", "reason"),
+    [case[1:] for case in REJECT_CASES],
+    ids=[case[0] for case in REJECT_CASES],
+)
+def test_rejections(rules: str, message: object, message_type: str, reason: str) -> None:
+    result = run(message, rules)
+    assert isinstance(result, Rejected), result
+    assert (result.message_type, result.reason) == (message_type, reason)
+    assert result.reason in REJECT_REASONS
+    assert result.detail
+
+
+def test_a_rejection_does_not_echo_personal_data() -> None:
+    result = run(identify({"email": "ada.lovelace-at-example"}))
+    assert isinstance(result, Rejected)
+    assert "ada" not in result.detail
+
+
+def test_an_event_excluded_by_rule_is_skipped() -> None:
+    result = run(track("Debug Ping"), "track: {events: {exclude: ['re:debug.*']}}")
+    assert result == Skipped("track", "event_excluded")
+    assert result.reason in SKIP_REASONS
+
+
+# what every operation carries ----------------------------------------------------------
+
+
+def test_every_operation_keeps_the_message_id_and_timestamp() -> None:
+    rules = """
+    {page: {enabled: true}, group: {enabled: true},
+     tags: {traits: [{untag: t, when: {traits.p: 1}}], events: [{event: '*', tag: t}]}}
+    """
+    stamp = {"messageId": "m-7", "timestamp": TS}
+    messages = [
+        identify({"p": 1}, **stamp),
+        track(**stamp),
+        audience_track(True, **stamp),
+        {"type": "page", "userId": "u", **stamp},
+        {"type": "group", "userId": "u", "traits": {"a": 1}, **stamp},
+        {"type": "alias", "userId": "u", "previousId": "p", **stamp},
+        {"type": "delete", "userId": "u", **stamp},
+    ]
+    for message in messages:
+        ops = operations(message, rules)
+        assert ops
+        for op in ops:
+            assert (op.message_id, op.timestamp) == ("m-7", TS_EPOCH), (message["type"], op)
+
+
+@pytest.mark.parametrize(
+    ("stamp", "expected"),
+    [
+        ({"timestamp": TS}, TS_EPOCH),
+        ({"timestamp": None, "originalTimestamp": TS}, TS_EPOCH),
+        ({"timestamp": "junk", "sentAt": TS}, TS_EPOCH),
+        ({"receivedAt": TS}, TS_EPOCH),
+        ({"timestamp": "2026-11-01T12:00:00.250+00:00"}, TS_EPOCH + 0.25),
+        ({"timestamp": "2026-11-01T12:00:00"}, TS_EPOCH),
+        ({"timestamp": 1793534400}, TS_EPOCH),
+        ({"timestamp": 1793534400000}, TS_EPOCH),
+        ({"timestamp": True}, None),
+        ({"timestamp": "never"}, None),
+        ({}, None),
+    ],
+)
+def test_operation_timestamps(stamp: dict[str, Any], expected: float | None) -> None:
+    (op,) = operations({"type": "delete", "userId": "u-1", **stamp})
+    assert op.timestamp == expected
+
+
+def test_a_numeric_message_id_is_kept_as_a_string() -> None:
+    (op,) = operations({"type": "delete", "userId": "u-1", "messageId": 12})
+    assert op.message_id == "12"
+
+
+def test_identities_key_on_the_lower_cased_email() -> None:
+    (op,) = operations(SPEC_IDENTIFY)
+    assert op.identities == ("u:u-42", "e:ada@example.com")
+
+
+def test_the_mapper_keeps_no_state_between_messages() -> None:
+    first = run(SPEC_IDENTIFY)
+    run(AUDIENCE_IDENTIFY)
+    run(SPEC_TRACK)
+    assert run(SPEC_IDENTIFY) == first

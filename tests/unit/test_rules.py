@@ -1,0 +1,326 @@
+"""Loading rules files: the shipped default, operators' short files, and precise errors
+(file, line, key path, what was expected) for everything wrong at once."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from destination.cli import main
+from destination.mapping import (
+    Mapper,
+    Rules,
+    RulesError,
+    RulesProblem,
+    default_rules_path,
+    load_rules,
+    parse_rules,
+)
+from destination.operations import EventTrack, Mapped
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "config" / "mapping-rules.yaml"
+EXAMPLES = sorted((REPO / "config" / "examples").glob("*.yaml"))
+
+
+def problems(text: str) -> list[RulesProblem]:
+    with pytest.raises(RulesError) as caught:
+        parse_rules(textwrap.dedent(text).lstrip("\n"), "rules.yaml")
+    return caught.value.errors
+
+
+# The shipped file --------------------------------------------------------------------
+
+
+def test_the_shipped_file_spells_out_the_built_in_defaults() -> None:
+    assert load_rules(None) == Rules()
+    assert load_rules(SHIPPED) == Rules()
+
+
+def test_the_packaged_default_is_a_relative_link_to_the_shipped_file() -> None:
+    packaged = REPO / "destination" / "mapping" / "default_rules.yaml"
+    assert packaged.is_symlink()
+    assert os.readlink(packaged) == "../../config/mapping-rules.yaml"
+    assert default_rules_path().resolve() == SHIPPED.resolve()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_the_examples_are_valid_and_differ_from_the_default(path: Path) -> None:
+    assert load_rules(path) != Rules()
+
+
+def test_there_are_examples() -> None:
+    assert {p.name for p in EXAMPLES} >= {
+        "page-and-screen.yaml",
+        "group-traits.yaml",
+        "filters-renames-tags.yaml",
+    }
+
+
+def test_the_page_example_sends_only_the_listed_properties() -> None:
+    mapper = Mapper(load_rules(REPO / "config" / "examples" / "page-and-screen.yaml"))
+    result = mapper.map(
+        {
+            "type": "page",
+            "userId": "u-1",
+            "name": "Pricing",
+            "properties": {"path": "/p", "search": "?email=a@x.io"},
+        }
+    )
+    assert result == Mapped(
+        "page",
+        (
+            EventTrack(
+                {
+                    "event_name": "Viewed Pricing Page",
+                    "user_id": "u-1",
+                    "properties": {"path": "/p"},
+                }
+            ),
+        ),
+    )
+
+
+def test_an_empty_file_is_the_default() -> None:
+    assert parse_rules("") == Rules()
+    assert parse_rules("# only comments\n") == Rules()
+
+
+def test_a_short_file_changes_only_what_it_names() -> None:
+    rules = parse_rules("page: {enabled: true}\nvalues: {nulls: drop}\n")
+    assert rules.page.enabled
+    assert rules.page.event == Rules().page.event
+    assert rules.values.nulls == "drop"
+    assert rules.values.lists == "keep"
+    assert rules.identify == Rules().identify
+
+
+def test_one_item_where_a_list_is_expected() -> None:
+    rules = parse_rules("identify: {fields: {phone: traits.mobile}, traits: {exclude: secret}}")
+    assert rules.identify.fields.phone == (("traits.mobile",),)
+    assert rules.identify.traits.exclude == ("secret",)
+
+
+def test_summary() -> None:
+    assert Rules().summary() == (
+        "identify, track, alias, delete on; page, screen, group off; "
+        "0 event rename(s), 0 tag rule(s)"
+    )
+
+
+# Errors ------------------------------------------------------------------------------
+
+ERROR_CASES: list[tuple[str, str, list[tuple[int, str, str]]]] = [
+    # (id, file, [(line, key path, part of the message)])
+    (
+        "unknown keys, with what is allowed",
+        """
+        identify:
+          enabeld: true
+          fields:
+            phon: traits.phone
+        trak: {}
+        """,
+        [
+            (2, "identify.enabeld", "unknown key; expected one of: enabled, fields, traits"),
+            (4, "identify.fields.phon", "unknown key; expected one of: name, phone,"),
+            (5, "trak", "unknown key; expected one of: version, integration,"),
+        ],
+    ),
+    (
+        "wrong types",
+        """
+        identify:
+          enabled: sometimes
+        values:
+          lists: flatten
+        track: [1, 2]
+        tags:
+          traits: {tag: x}
+        """,
+        [
+            (2, "identify.enabled", "expected true or false"),
+            (4, "values.lists", "expected 'keep', 'join' or 'drop'"),
+            (5, "track", "expected a mapping of keys: enabled, events, properties"),
+            (7, "tags.traits", "expected a list"),
+        ],
+    ),
+    (
+        "bad patterns",
+        """
+        track:
+          events:
+            exclude:
+              - "Debug*"
+              - "re:(unclosed"
+              - ""
+        """,
+        [
+            (5, "track.events.exclude[1]", "bad regular expression '(unclosed'"),
+            (6, "track.events.exclude[2]", "expected a non-empty pattern"),
+        ],
+    ),
+    (
+        "bad paths and sources",
+        """
+        identity:
+          email: [trait.email, "context..email"]
+        identify:
+          fields:
+            name: [traits.name, [traits.first, 7], []]
+        """,
+        [
+            (2, "identity.email[0]", "a path starts with a message field"),
+            (2, "identity.email[1]", "expected a path like traits.email"),
+            (5, "identify.fields.name[1]", "expected a path, or a list of paths"),
+            (5, "identify.fields.name[2]", "expected a path, or a list of paths"),
+        ],
+    ),
+    (
+        "bad templates",
+        """
+        page:
+          event:
+            - "Viewed {name Page"
+            - "Viewed {}"
+            - "Viewed {name!r}"
+        """,
+        [
+            (3, "page.event[0]", "bad template 'Viewed {name Page'"),
+            (4, "page.event[1]", "{} needs a path"),
+            (5, "page.event[2]", "without ! or : parts"),
+        ],
+    ),
+    (
+        "bad names",
+        """
+        identify:
+          traits:
+            rename: {plan: Subscription Plan}
+        track:
+          events:
+            rename: {Order Completed: " "}
+        group: {prefix: Company}
+        integration: ""
+        """,
+        [
+            (3, "identify.traits.rename.plan", "expected a Gist property name"),
+            (6, "track.events.rename.Order Completed", "expected a non-empty name"),
+            (7, "group.prefix", "expected lower-case letters, digits and _"),
+            (8, "integration", "expected a non-empty name"),
+        ],
+    ),
+    (
+        "tag rules",
+        """
+        tags:
+          traits:
+            - {tag: a, untag: b}
+            - when: {traits.plan: pro}
+            - {tag: a, when: {traits.plan: {nested: 1}}}
+          events:
+            - {tag: customer}
+        """,
+        [
+            (3, "tags.traits[0]", "give exactly one of tag or untag"),
+            (4, "tags.traits[1]", "give exactly one of tag or untag"),
+            (5, "tags.traits[2].when.traits.plan", "expected a value (string, number"),
+            (7, "tags.events[0].event", "required key is missing"),
+        ],
+    ),
+    (
+        "version and a duplicate key",
+        """
+        version: 2
+        page: {enabled: true}
+        page: {enabled: false}
+        """,
+        [
+            (1, "version", "expected 1"),
+            (3, "page", "duplicate key (first at line 2)"),
+        ],
+    ),
+    ("not a mapping", "- identify\n- track\n", [(1, "", "expected a mapping of sections")]),
+    ("not YAML", "identify: {enabled: true\ntrack: {}\n", [(2, "", "not valid YAML")]),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [case[1:] for case in ERROR_CASES],
+    ids=[case[0] for case in ERROR_CASES],
+)
+def test_every_error_is_reported_with_its_line(
+    text: str, expected: list[tuple[int, str, str]]
+) -> None:
+    found = problems(text)
+    assert len(found) == len(expected), "\n".join(map(str, found))
+    for problem, (line, path, message) in zip(found, expected, strict=True):
+        assert problem.file == "rules.yaml"
+        assert (problem.line, problem.path) == (line, path), problem
+        assert message in problem.message, problem
+
+
+def test_the_error_lists_every_problem() -> None:
+    with pytest.raises(RulesError) as caught:
+        parse_rules("values: {lists: x, nulls: y}\npage: {enabled: maybe}\n", "my.yaml")
+    assert str(caught.value).splitlines() == [
+        "3 errors in mapping rules:",
+        "  my.yaml:1: values.lists: expected 'keep', 'join' or 'drop'",
+        "  my.yaml:1: values.nulls: expected 'keep' or 'drop'",
+        "  my.yaml:2: page.enabled: expected true or false",
+    ]
+
+
+def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(b"page:\n  enabled: true # caf\xe9\n")
+    with pytest.raises(RulesError) as caught:
+        load_rules(path)
+    assert [(e.file, e.line) for e in caught.value.errors] == [(str(path), 2)]
+
+
+def test_a_missing_file_is_an_os_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_rules(tmp_path / "missing.yaml")
+
+
+# gist-destination check-config ---------------------------------------------------------
+
+
+def test_check_config_on_the_shipped_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert "valid: identify, track, alias, delete on" in out
+
+
+def test_check_config_on_a_valid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("page: {enabled: true}\n")
+    assert main(["check-config", str(path)]) == 0
+    assert capsys.readouterr().out == (
+        f"{path}: valid: identify, track, page, alias, delete on; screen, group off; "
+        "0 event rename(s), 0 tag rule(s)\n"
+    )
+
+
+def test_check_config_on_a_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("identify:\n  enabeld: true\ntrack:\n  events: {exclude: 're:('}\n")
+    assert main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "2 errors in mapping rules:"
+    assert err[1].startswith(f"  {path}:2: identify.enabeld: unknown key")
+    assert err[2].startswith(f"  {path}:4: track.events.exclude[0]: bad regular expression")
+
+
+def test_check_config_on_an_unreadable_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check-config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["check-config", str(tmp_path)]) == 2
