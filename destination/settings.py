@@ -55,9 +55,7 @@ class Settings(BaseSettings):
     kafka_dlq_topic: str = "gist-destination-dlq"
     kafka_client_id: str = "gist-destination"
     kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
@@ -69,6 +67,9 @@ class Settings(BaseSettings):
     max_inflight_messages: int = Field(20_000, ge=1)
     max_inflight_bytes: int = Field(64 * MiB, ge=1024)
     max_inflight_per_partition: int = Field(5_000, ge=1)
+    max_awaiting_import: int = Field(
+        100_000, ge=1, description="messages whose contacts wait only for Gist's import"
+    )
     commit_interval: float = Field(1.0, gt=0, description="seconds between offset commits")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to drain on SIGTERM")
     rebalance_timeout: float = Field(20.0, ge=0, description="seconds to drain on revoke")

@@ -38,7 +38,7 @@ from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.observability.health import HealthServer
 from destination.pipeline.consume import FlowLimits, StreamConsumer
-from destination.pipeline.dead_letter import DeadLetterWriter
+from destination.pipeline.dead_letter import DeadLetterWriter, KafkaRecordReader
 from destination.pipeline.deliver import Delivery, DeliverySettings
 from destination.pipeline.inflight import Failure, Ledger, MessageWork
 from destination.settings import Settings
@@ -101,6 +101,7 @@ class Worker:
         self._gist_ok = False
         self._consuming = False
         self._dead_letters: DeadLetterWriter | None = None
+        self._record_reader: KafkaRecordReader | None = None
         self._dlq_tasks: set[asyncio.Task[None]] = set()
         self.stream: StreamConsumer | None = None
 
@@ -188,7 +189,12 @@ class Worker:
                 **security,
             )
             await producer.start()
-            self._dead_letters = DeadLetterWriter(producer, settings.kafka_dlq_topic)
+            self._record_reader = KafkaRecordReader(
+                settings.kafka_bootstrap_servers, client_id=settings.kafka_client_id, **security
+            )
+            self._dead_letters = DeadLetterWriter(
+                producer, settings.kafka_dlq_topic, self._record_reader
+            )
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=settings.kafka_bootstrap_servers,
                 client_id=settings.kafka_client_id,
@@ -209,6 +215,7 @@ class Worker:
                     settings.max_inflight_messages,
                     settings.max_inflight_bytes,
                     settings.max_inflight_per_partition,
+                    settings.max_awaiting_import,
                 ),
                 settings.rebalance_timeout,
                 self._dead_letter,
@@ -291,6 +298,9 @@ class Worker:
         if producer is not None:
             with contextlib.suppress(Exception):
                 await producer.stop()
+        if self._record_reader is not None:
+            with contextlib.suppress(Exception):
+                await self._record_reader.close()
         await self.client.aclose()
         await self.health.stop()
         log.info(log_events.WORKER_STOPPED)

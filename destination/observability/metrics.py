@@ -12,14 +12,18 @@ _P = "gist_destination_"
 
 # --- the stream ---------------------------------------------------------------------
 MESSAGES_CONSUMED = Counter(
-    _P + "messages_consumed", "Messages read from Kafka (after batch envelopes are opened).",
+    _P + "messages_consumed",
+    "Messages read from Kafka (after batch envelopes are opened).",
     ["type"],
 )
 MESSAGES_DELIVERED = Counter(
-    _P + "messages_delivered", "Messages whose every Gist operation Gist accepted.", ["type"],
+    _P + "messages_delivered",
+    "Messages whose every Gist operation Gist accepted.",
+    ["type"],
 )
 MESSAGES_DEAD_LETTERED = Counter(
-    _P + "messages_dead_lettered", "Messages written to the dead-letter topic, by reason.",
+    _P + "messages_dead_lettered",
+    "Messages written to the dead-letter topic, by reason.",
     ["type", "reason"],
 )
 MESSAGES_SKIPPED = Counter(
@@ -28,11 +32,17 @@ MESSAGES_SKIPPED = Counter(
     ["type", "reason"],
 )
 MESSAGES_IN_FLIGHT = Gauge(
-    _P + "messages_in_flight", "Messages consumed but not yet delivered or dead-lettered.",
+    _P + "messages_in_flight",
+    "Messages consumed but not yet delivered or dead-lettered.",
 )
 BYTES_IN_FLIGHT = Gauge(_P + "bytes_in_flight", "Record bytes held for in-flight messages.")
+MESSAGES_AWAITING_IMPORT = Gauge(
+    _P + "messages_awaiting_import",
+    "Messages whose contacts are in batches Gist accepted but has not finished importing.",
+)
 PARTITION_PAUSED = Gauge(
-    _P + "partition_paused", "1 while consumption of the partition is paused (backpressure).",
+    _P + "partition_paused",
+    "1 while consumption of the partition is paused (backpressure).",
     ["topic", "partition"],
 )
 CONSUMER_LAG = Gauge(
@@ -41,7 +51,8 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
 )
 COMMITTED_OFFSET = Gauge(
-    _P + "committed_offset", "The last offset committed for the partition.",
+    _P + "committed_offset",
+    "The last offset committed for the partition.",
     ["topic", "partition"],
 )
 DELIVERY_DELAY = Histogram(
@@ -57,16 +68,19 @@ GIST_REQUESTS = Counter(
     ["endpoint", "status"],
 )
 GIST_REQUEST_DURATION = Histogram(
-    _P + "gist_request_duration_seconds", "Latency of Gist requests (after the limiter).",
+    _P + "gist_request_duration_seconds",
+    "Latency of Gist requests (after the limiter).",
     ["endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 GIST_RETRIES = Counter(
-    _P + "gist_retries", "Gist requests tried again, by endpoint and why.",
+    _P + "gist_retries",
+    "Gist requests tried again, by endpoint and why.",
     ["endpoint", "reason"],
 )
 CONTACTS_PER_BATCH = Histogram(
-    _P + "contacts_per_batch", "Contacts in each batch import request.",
+    _P + "contacts_per_batch",
+    "Contacts in each batch import request.",
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
 )
 CONTACT_UPDATES_MERGED = Counter(
@@ -74,15 +88,18 @@ CONTACT_UPDATES_MERGED = Counter(
     "Contact updates folded into an earlier pending update of the same contact.",
 )
 BATCHES_PENDING = Gauge(
-    _P + "batches_pending", "Batch imports Gist accepted that have not completed yet.",
+    _P + "batches_pending",
+    "Batch imports Gist accepted that have not completed yet.",
 )
 BATCH_CONTACT_ERRORS = Counter(
-    _P + "batch_contact_errors", "Contacts a completed batch import reported as failed.",
+    _P + "batch_contact_errors",
+    "Contacts a completed batch import reported as failed.",
 )
 
 # --- the rate limit -----------------------------------------------------------------
 RATE_LIMIT_WAIT = Histogram(
-    _P + "rate_limit_wait_seconds", "Time a request waited for the workspace's budget.",
+    _P + "rate_limit_wait_seconds",
+    "Time a request waited for the workspace's budget.",
     buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
 )
 RATE_LIMIT_UTILISATION = Gauge(
@@ -94,11 +111,13 @@ RATE_LIMIT_CURRENT = Gauge(
     "Requests per window the limiter allows now (below the setting after 429s).",
 )
 RATE_LIMITED = Counter(
-    _P + "rate_limited", "429 answers from Gist (the budget is shared with someone else).",
+    _P + "rate_limited",
+    "429 answers from Gist (the budget is shared with someone else).",
 )
 
 # --- health -------------------------------------------------------------------------
 READY = Gauge(_P + "ready", "1 while the worker consumes and Gist accepts its key.")
 CREDENTIALS_REJECTED = Counter(
-    _P + "credentials_rejected", "401/403 answers from Gist: the key or workspace was refused.",
+    _P + "credentials_rejected",
+    "401/403 answers from Gist: the key or workspace was refused.",
 )

@@ -33,15 +33,32 @@ log = structlog.get_logger(__name__)
 
 
 class FlowLimits:
-    """Bounds on work in flight; pausing at the bound, resuming below ``resume_at``."""
+    """Bounds on work in flight; pausing at the bound, resuming below ``resume_at``.
+    ``awaiting_import`` bounds the parked messages (see ``inflight``)."""
 
     def __init__(
-        self, messages: int, bytes_: int, per_partition: int, resume_at: float = 0.8
+        self,
+        messages: int,
+        bytes_: int,
+        per_partition: int,
+        awaiting_import: int,
+        resume_at: float = 0.8,
     ) -> None:
         self.messages = messages
         self.bytes = bytes_
         self.per_partition = per_partition
+        self.awaiting_import = awaiting_import
         self.resume_at = resume_at
+
+    def full(self, ledger: Ledger, resuming: bool) -> bool:
+        """Whether the totals are at the bound (or, when ``resuming``, not yet below
+        the resume mark)."""
+        share = self.resume_at if resuming else 1.0
+        return (
+            ledger.messages >= self.messages * share
+            or ledger.bytes >= self.bytes * share
+            or ledger.parked >= self.awaiting_import * share
+        )
 
 
 class StreamConsumer:
@@ -129,13 +146,7 @@ class StreamConsumer:
     # --- backpressure -----------------------------------------------------------------
     def _apply_backpressure(self) -> None:
         ledger, limits = self.ledger, self.limits
-        if self._globally_full:
-            self._globally_full = (
-                ledger.messages >= limits.messages * limits.resume_at
-                or ledger.bytes >= limits.bytes * limits.resume_at
-            )
-        else:
-            self._globally_full = ledger.messages >= limits.messages or ledger.bytes >= limits.bytes
+        self._globally_full = limits.full(ledger, resuming=self._globally_full)
         for tp, work in ledger.partitions.items():
             if tp in self._full_partitions:
                 if work.messages < limits.per_partition * limits.resume_at:
@@ -157,6 +168,7 @@ class StreamConsumer:
             )
         metrics.MESSAGES_IN_FLIGHT.set(ledger.messages)
         metrics.BYTES_IN_FLIGHT.set(ledger.bytes)
+        metrics.MESSAGES_AWAITING_IMPORT.set(ledger.parked)
 
     def _paused_everything(self) -> bool:
         assignment = self.consumer.assignment()

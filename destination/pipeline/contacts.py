@@ -18,13 +18,14 @@ if TYPE_CHECKING:
 
 
 class ContactStep(Step):
-    __slots__ = ("merged", "payload", "sent", "tickets")
+    __slots__ = ("accepted", "merged", "payload", "sent", "tickets")
 
     def __init__(self, payload: ContactPayload, identities: tuple[str, ...]) -> None:
         super().__init__(StepKind.CONTACT, identities)
         self.payload = _copy(payload)
         self.tickets: list[MessageWork] = []
-        self.sent = False
+        self.sent = False  # taken into a batch: no more merging
+        self.accepted = False  # in a batch Gist queued: only its import is awaited
         self.merged = 0
 
     def merge(self, later: ContactPayload) -> None:

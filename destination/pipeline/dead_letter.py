@@ -2,14 +2,18 @@
 
 A message that came inside a ``{"batch": [...]}`` envelope is dead-lettered alone (its
 JSON as the value) with ``gist-dlq-envelope-index`` saying where it stood, so a replay
-does not send its neighbours again. The headers never hold the API key: they are built
-from the ``Failure``, whose texts come from our own messages and Gist's answers.
+does not send its neighbours again. A record whose value was released while it waited
+for a batch import (see ``inflight``) is read again from Kafka by ``KafkaRecordReader``.
+The headers never hold the API key: they are built from the ``Failure``, whose texts
+come from our own messages and Gist's answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 import structlog
@@ -54,23 +58,92 @@ def dead_letter_headers(message: MessageWork, failure: Failure) -> list[tuple[st
     return original + [(HEADER_PREFIX + k, v.encode()) for k, v in why.items()]
 
 
+ReadRecord = Callable[[str, int, int], Awaitable[bytes | None]]
+"""Reads the value of the record at (topic, partition, offset) again from Kafka."""
+
+
+class KafkaRecordReader:
+    """Reads single records again by offset, with a consumer outside any group."""
+
+    def __init__(self, bootstrap_servers: str, **options: Any) -> None:
+        self._bootstrap = bootstrap_servers
+        self._options = options
+        self._consumer: Any = None
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, topic: str, partition: int, offset: int) -> bytes | None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        async with self._lock:
+            if self._consumer is None:
+                consumer = AIOKafkaConsumer(
+                    bootstrap_servers=self._bootstrap,
+                    group_id=None,
+                    enable_auto_commit=False,
+                    auto_offset_reset="none",
+                    **self._options,
+                )
+                await consumer.start()
+                self._consumer = consumer
+            tp = TopicPartition(topic, partition)
+            self._consumer.assign([tp])
+            self._consumer.seek(tp, offset)
+            for _ in range(30):
+                batch = await self._consumer.getmany(tp, timeout_ms=1000, max_records=1)
+                for record in batch.get(tp, ()):
+                    if record.offset == offset:
+                        value: bytes | None = record.value
+                        return value
+                    raise LookupError(f"offset {offset} is gone (next is {record.offset})")
+            raise TimeoutError(f"could not read {topic}:{partition}@{offset}")
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+
 class DeadLetterWriter:
     """Writes dead letters and waits for the broker's acknowledgement; retries forever
     (holding the partition) because a dead letter that is not written must not let its
     offset be committed."""
 
-    def __init__(self, producer: object, topic: str, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        producer: object,
+        topic: str,
+        read_record: ReadRecord | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self._producer = producer
         self.topic = topic
+        self._read_record = read_record
         self._retry = retry or RetryPolicy(base=0.5, cap=30.0)
 
+    async def _value(self, message: MessageWork) -> tuple[bytes | None, bool]:
+        """The dead letter's value, and False when Kafka no longer has the record."""
+        record = message.record
+        if not record.released or self._read_record is None:
+            return dead_letter_value(message), True
+        tp = record.partition.tp
+        try:
+            raw = await self._read_record(tp.topic, tp.partition, record.offset)
+        except LookupError:  # retention removed it while Gist was importing
+            return None, False
+        if message.index is None or raw is None:
+            return raw, True
+        message.body = orjson.loads(raw)["batch"][message.index]
+        return dead_letter_value(message), True
+
     async def write(self, message: MessageWork, failure: Failure) -> None:
-        value = dead_letter_value(message)
-        headers = dead_letter_headers(message, failure)
         attempt = 0
         while True:
             attempt += 1
             try:
+                value, available = await self._value(message)
+                headers = dead_letter_headers(message, failure)
+                if not available:
+                    headers.append((HEADER_PREFIX + "value-unavailable", b"true"))
                 await self._producer.send_and_wait(  # type: ignore[attr-defined]
                     self.topic, value=value, key=message.record.key, headers=headers
                 )

@@ -164,7 +164,7 @@ class Delivery:
     def _finish(self, step: Step, failure: Failure | None) -> None:
         if isinstance(step, ContactStep):
             for message in step.tickets:
-                message.operation_done(failure)
+                message.operation_done(failure, accepted=step.accepted)
         elif isinstance(step, DirectStep):
             step.message.operation_done(failure)
         for released in self.gate.finish(step):
@@ -245,6 +245,11 @@ class Delivery:
                 for step in steps:
                     self._finish(step, failure_from(error))
                 return
+        for step in steps:
+            if not step.accepted:  # a lost batch sent again is accepted once
+                step.accepted = True
+                for message in step.tickets:
+                    message.operation_accepted()
         now = self._clock()
         self._pending.append(
             PendingBatch(accepted.batch_id, steps, now, self.settings.poll_interval)

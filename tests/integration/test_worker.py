@@ -410,3 +410,41 @@ async def _quiet(sandbox_process: SandboxProcess) -> None:
         )
 
     await wait_for(settled, 30, what="the sandbox's batches to complete")
+
+
+async def test_contact_errors_reach_the_dlq_even_across_a_restart(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    slow = SandboxProcess(tmp_path, "--batch-delay", "2.0")
+    await slow.ready()
+    try:
+        stream = await Stream(kafka_bootstrap).create()
+        # A new contact without an email: Gist queues the batch, then reports the contact
+        # as failed only when the import completes.
+        no_email = identify("nomail-1", None, plan="pro")
+        good = [identify(f"ok{i}", f"ok{i}@example.com") for i in range(5)]
+        await produce(kafka_bootstrap, stream.topic, [*good, no_email])
+        env = stream.env(slow)
+        first = WorkerProcess(tmp_path, env, name="first")
+
+        async def queued() -> bool:
+            return len((await slow.state())["batches"]) >= 1
+
+        await wait_for(queued, 60, what="the batch to be queued")
+        first.signal(signal.SIGKILL)  # before Gist finished importing
+        await first.exited(10)
+        second = WorkerProcess(tmp_path, env, name="second")
+        try:
+            dead = await read_topic(kafka_bootstrap, stream.dlq, expect=1, within=60)
+            assert len(dead) == 1
+            headers = dict(dead[0].headers)
+            assert headers["gist-dlq-reason"] == b"batch_contact_error"
+            assert orjson.loads(dead[0].value) == no_email
+            assert dead[0].key == b"nomail-1"
+            await wait_for(lambda: _committed_at_least(stream, 6), 30, what="commits")
+            assert {f"ok{i}" for i in range(5)} <= set(by_user(await slow.state()))
+        finally:
+            second.signal(signal.SIGTERM)
+            assert await second.exited(60) == 0
+    finally:
+        await slow.close()
