@@ -228,22 +228,30 @@ class Worker:
             await self._close(consumer, producer)
 
     async def _check_key(self) -> bool:
-        """Ask Gist who the key belongs to; retry while Gist is unreachable."""
-        while not self._stop.is_set():
-            try:
-                info = await self.client.token_info()
-            except CredentialsError as error:
-                self._credentials_rejected(error)
-                return False
-            except GistError as error:
-                log.warning(log_events.GIST_UNREACHABLE, error=str(error))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 5.0)
-                continue
-            self._gist_ok = True
-            log.info(log_events.WORKER_READY, workspace=info.workspace_id)
-            return True
-        return False
+        """Ask Gist who the key belongs to. The client retries while Gist is unreachable
+        (and logs it); a stop request ends the wait."""
+        check = asyncio.create_task(self.client.token_info())
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({check, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not check.done():
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
+            return False
+        try:
+            info = check.result()
+        except CredentialsError as error:
+            self._credentials_rejected(error)
+            return False
+        except GistError as error:
+            log.error(log_events.GIST_UNREACHABLE, error=str(error))
+            raise
+        self._gist_ok = True
+        log.info(log_events.WORKER_READY, workspace=info.workspace_id)
+        return True
 
     async def _consume(self, stream: StreamConsumer) -> int:
         consuming = asyncio.create_task(stream.run(), name="consume")

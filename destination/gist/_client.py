@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import httpx
 import orjson
+import structlog
 
 from destination import __version__
 from destination.gist._errors import (
@@ -38,7 +39,9 @@ from destination.gist._models import (
     TokenInfo,
 )
 from destination.gist._retry import RetryPolicy
-from destination.observability import metrics
+from destination.observability import log_events, metrics
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_BASE_URL = "https://api.getgist.com"
 USER_AGENT = f"gist-destination/{__version__} (+https://github.com/gist-destination)"
@@ -55,9 +58,9 @@ keep-alive connections cover Gist's latency at that rate with room for slow answ
 class GistClient:
     """One workspace, one key, one limiter::
 
-        async with GistClient(api_key, limiter=RateLimiter()) as gist:
-            info = await gist.token_info()
-            accepted = await gist.import_contacts([{"email": "ada@example.com"}])
+    async with GistClient(api_key, limiter=RateLimiter()) as gist:
+        info = await gist.token_info()
+        accepted = await gist.import_contacts([{"email": "ada@example.com"}])
     """
 
     def __init__(
@@ -131,7 +134,9 @@ class GistClient:
         if not isinstance(batch_id, str) or not batch_id:
             raise PermanentError(
                 "Gist accepted a batch import without a batch_id",
-                method="POST", endpoint="POST /contacts/batch", status=200,
+                method="POST",
+                endpoint="POST /contacts/batch",
+                status=200,
                 body_excerpt=orjson.dumps(body).decode(),
             )
         queued = body.get("queued_contacts")
@@ -152,7 +157,9 @@ class GistClient:
         if status not in ("QUEUED", "IN_PROGRESS", "COMPLETED"):
             raise RetryableError(
                 "Gist answered a batch status this client does not know",
-                method="GET", endpoint="GET /contacts/batch/{id}", status=200,
+                method="GET",
+                endpoint="GET /contacts/batch/{id}",
+                status=200,
                 body_excerpt=orjson.dumps(body).decode(),
             )
         imported = body.get("imported_contacts")
@@ -224,6 +231,14 @@ class GistClient:
                 delay = self.retry.delay(attempt)
                 if error.retry_after is not None:
                     delay = max(delay, error.retry_after)
+                if attempt == 1 or attempt % 10 == 0:  # visible, not one line per try
+                    log.warning(
+                        log_events.GIST_RETRYING,
+                        endpoint=endpoint,
+                        reason=reason,
+                        attempt=attempt,
+                        retry_in=round(delay, 2),
+                    )
                 await asyncio.sleep(delay)
             except GistError as error:
                 error.attempts = attempt
@@ -247,7 +262,8 @@ class GistClient:
             metrics.GIST_REQUESTS.labels(endpoint, "error").inc()
             raise RetryableError(
                 f"Gist did not answer in time ({type(exc).__name__})",
-                method=method, endpoint=endpoint,
+                method=method,
+                endpoint=endpoint,
             ) from None
         except httpx.TransportError as exc:
             metrics.GIST_REQUESTS.labels(endpoint, "error").inc()
@@ -265,7 +281,9 @@ class GistClient:
             except orjson.JSONDecodeError:
                 raise RetryableError(
                     "Gist answered with a body that is not JSON",
-                    method=method, endpoint=endpoint, status=status,
+                    method=method,
+                    endpoint=endpoint,
+                    status=status,
                     body_excerpt=response.text,
                 ) from None
         if status == 404 and missing_ok:

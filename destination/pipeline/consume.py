@@ -197,6 +197,7 @@ class StreamConsumer:
             metrics.COMMITTED_OFFSET.labels(tp.topic, str(tp.partition)).set(offset)
 
     def update_lag(self) -> None:
+        """Lag from the committed offset (the group's, until this worker commits)."""
         for tp, work in self.ledger.partitions.items():
             highwater = self.consumer.highwater(KafkaTopicPartition(*tp))
             if highwater is not None and work.committed is not None:
@@ -233,7 +234,11 @@ class StreamConsumer:
         await self.commit(works)
         for work in works:
             self.ledger.revoke(work.tp)
-            metrics.PARTITION_PAUSED.remove(work.tp.topic, str(work.tp.partition))
+            # The new owner reports these; a stale lag here would hide its real one.
+            labels = (work.tp.topic, str(work.tp.partition))
+            for gauge in (metrics.PARTITION_PAUSED, metrics.CONSUMER_LAG, metrics.COMMITTED_OFFSET):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
         log.info(
             log_events.PARTITIONS_REVOKED,
             partitions=sorted(f"{w.tp.topic}:{w.tp.partition}" for w in works),
@@ -241,16 +246,31 @@ class StreamConsumer:
         )
 
     async def on_assigned(self, assigned: set[Any]) -> None:
+        fresh = []
         for tp in assigned:
             key = TopicPartition(tp.topic, tp.partition)
             if key not in self.ledger.partitions:
-                self.ledger.assign(key)
+                fresh.append((tp, self.ledger.assign(key)))
+        await self._load_committed(fresh)
         self._apply_backpressure()
         self.assigned_once.set()
         log.info(
             log_events.PARTITIONS_ASSIGNED,
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
         )
+
+    async def _load_committed(self, fresh: list[tuple[Any, PartitionWork]]) -> None:
+        """Start each new partition's lag from the group's commit (or the log start), so
+        a worker that cannot deliver its first record still reports how far behind it is."""
+        if not fresh:
+            return
+        try:
+            starts = await self.consumer.beginning_offsets([tp for tp, _ in fresh])
+            for tp, work in fresh:
+                committed = await self.consumer.committed(tp)
+                work.committed = committed if committed is not None else starts.get(tp)
+        except KafkaError as exc:
+            log.warning(log_events.COMMITTED_UNKNOWN, error=type(exc).__name__)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

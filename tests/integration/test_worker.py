@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -448,3 +449,29 @@ async def test_contact_errors_reach_the_dlq_even_across_a_restart(
             assert await second.exited(60) == 0
     finally:
         await slow.close()
+
+
+async def test_lag_is_reported_before_the_first_commit(
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
+) -> None:
+    stream = await Stream(kafka_bootstrap).create()
+    worker = WorkerProcess(tmp_path, stream.env(sandbox_process, SHUTDOWN_TIMEOUT="3"))
+    try:
+        await wait_for(worker.ready, 60, what="the worker to be ready")
+        await sandbox_process.faults(error_rate=1.0)  # Gist fails everything: no commit
+        await produce(
+            kafka_bootstrap, stream.topic, [identify(f"l{i}", f"l{i}@x.io") for i in range(5)]
+        )
+        line = f'gist_destination_consumer_lag{{partition="0",topic="{stream.topic}"}} 5.0'
+
+        async def lag_reported() -> bool:
+            try:
+                return line in await worker.metrics()
+            except httpx.HTTPError:
+                return False
+
+        await wait_for(lag_reported, 60, what="the lag of a partition with no commit")
+        assert (await stream.committed()) == {0: None}
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert await worker.exited(60) == 0
