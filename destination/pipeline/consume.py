@@ -110,6 +110,8 @@ class StreamConsumer:
                     await asyncio.wait_for(self.ledger.changed.wait(), 0.5)
 
     def _take(self, partition: PartitionWork, record: Any) -> None:
+        if partition.offsets.seen(record.offset):  # fetched twice: it is already ours
+            return
         ledger = self.ledger
         headers = [(k, v) for k, v in (record.headers or ())]
         work = ledger.open_record(partition, record.offset, record.key, record.value, headers)

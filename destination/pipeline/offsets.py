@@ -22,6 +22,10 @@ class OffsetTracker:
         """Records seen and not finished yet."""
         return len(self._pending) - len(self._done)
 
+    def seen(self, offset: int) -> bool:
+        """Whether ``offset`` is at or below one already added (a re-delivery)."""
+        return self._end is not None and offset < self._end
+
     def add(self, offset: int) -> None:
         """A record was consumed. Offsets arrive in increasing order within a partition."""
         if self._end is not None and offset < self._end:

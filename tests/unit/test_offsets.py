@@ -27,7 +27,11 @@ def test_commit_stops_at_the_first_unfinished_offset() -> None:
 
 def test_offsets_must_increase() -> None:
     tracker = OffsetTracker()
+    assert not tracker.seen(5)
     tracker.add(5)
+    assert tracker.seen(5)
+    assert tracker.seen(4)
+    assert not tracker.seen(6)
     with pytest.raises(ValueError, match="arrived after"):
         tracker.add(5)
 
