@@ -80,17 +80,15 @@ KeyPath = tuple[str | int, ...]
 
 def parse_rules(text: str, file: str = "<rules>") -> Rules:
     """Validate rules given as YAML text; ``file`` names it in errors."""
-    loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RulesError([RulesProblem(file, line, "", f"not valid YAML: {problem}")]) from None
-    finally:
-        loader.dispose()
+        raise RulesError([_yaml_problem(exc, text, file)]) from None
 
     errors: list[RulesProblem] = []
     lines: dict[KeyPath, int] = {}
@@ -112,6 +110,18 @@ def parse_rules(text: str, file: str = "<rules>") -> Rules:
         errors.sort(key=lambda e: e.line or 0)
         raise RulesError(errors)
     return rules
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str, file: str) -> RulesProblem:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        line: int | None = mark.line + 1
+    elif isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        line = text.count("\n", 0, exc.position) + 1
+    else:
+        line = None
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
+    return RulesProblem(file, line, "", f"not valid YAML: {problem}")
 
 
 def _index(
@@ -185,10 +195,7 @@ def _file_loc(loc: tuple[str | int, ...]) -> KeyPath:
 def _line(loc: KeyPath, lines: dict[KeyPath, int]) -> int | None:
     """The line of the longest prefix of ``loc`` that the file has."""
     for end in range(len(loc), 0, -1):
-        prefix = loc[:end]
-        line = lines.get(prefix)
-        if line is None:
-            line = lines.get(tuple(p if isinstance(p, int) else str(p) for p in prefix))
+        line = lines.get(loc[:end])
         if line is not None:
             return line
     return 1 if lines else None

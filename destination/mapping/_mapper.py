@@ -79,6 +79,8 @@ def _text(value: Any) -> Any:
 
 
 def _phone(value: Any) -> Any:
+    if type(value) is str:
+        return value.strip() or MISSING
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return _text(value)
@@ -113,7 +115,7 @@ def _tags(value: Any) -> Any:
         raise _Invalid("a list of tag names")
     tags: list[str] = []
     for item in items:
-        if not isinstance(item, str):
+        if type(item) is not str and not isinstance(item, str):
             raise _Invalid("a list of tag names")
         tag = item.strip()
         if tag and tag not in tags:
@@ -396,19 +398,20 @@ class Mapper:
         if not isinstance(context, dict):
             context = {}
         fields = self._inactive_fields if context.get("active") is False else self._fields
+        trait, traits_joined, in_context, missing = _TRAIT, _TRAITS_JOINED, _CONTEXT, MISSING
         for name, sources, convert, nullable in fields:
             saw_null = False
             for where, ref, path in sources:
                 try:
-                    if where == _TRAIT:
-                        value = traits.get(ref, MISSING)
-                    elif where == _TRAITS_JOINED:
+                    if where == trait:
+                        value = traits.get(ref, missing)
+                    elif where == traits_joined:
                         value = _joined([traits.get(key) for key in ref])
-                    elif where == _CONTEXT:
-                        value = context.get(ref, MISSING)
+                    elif where == in_context:
+                        value = context.get(ref, missing)
                     else:
                         value = ref(message)
-                    if value is MISSING:
+                    if value is missing:
                         continue
                     if value is None:
                         saw_null = True
@@ -417,7 +420,7 @@ class Mapper:
                 except _Invalid as exc:
                     self._invalid(path, str(exc))
                     continue
-                if value is not MISSING:
+                if value is not missing:
                     contact[name] = value
                     break
             else:

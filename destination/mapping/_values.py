@@ -241,9 +241,8 @@ class PropertyShaper:
         self._prefix = prefix
         self._keys: dict[Any, str] = {}
         """path -> the property a value there is sent as; "" when it is not sent."""
-        self._nested: dict[Any, tuple[str, bool] | None] = {}
-        """path -> for an object there: (its children's name prefix, whether their values
-        are sent unless a pattern says otherwise), or None when it is not sent at all."""
+        self._nested: dict[Any, tuple[str, str, bool] | None] = {}
+        """path -> ``_nested_plan`` for an object there."""
 
     def shape(self, source: Mapping[Any, Any], out: dict[str, Any]) -> None:
         """Add ``source``'s properties to ``out``."""
@@ -281,12 +280,17 @@ class PropertyShaper:
         depth: int,
     ) -> None:
         keys = self._keys
+        nested = self._nested
         dates = self._dates
         for name, value in source.items():
             path = f"{path_prefix}{name}" if path_prefix else name
             kind = type(value)
             if kind is dict:
-                self._walk_into(value, out, path, name, key_prefix, inherited, depth)
+                plan = nested.get(path, DROP)
+                if plan is DROP:
+                    plan = self._nested_plan(path, name, key_prefix, inherited)
+                if plan is not None and depth < MAX_DEPTH:
+                    self._walk(value, out, plan[0], plan[1], plan[2], depth + 1)
                 continue
             key = keys.get(path)
             if key is None:
@@ -312,32 +316,24 @@ class PropertyShaper:
                 value = self._convert.convert_list(value)
                 if value is not DROP:
                     out[key] = value
-            elif isinstance(value, dict):
-                self._walk_into(value, out, path, name, key_prefix, inherited, depth)
+            elif isinstance(value, dict):  # a dict subclass, from a Python caller
+                plan = self._nested_plan(path, name, key_prefix, inherited)
+                if plan is not None and depth < MAX_DEPTH:
+                    self._walk(value, out, plan[0], plan[1], plan[2], depth + 1)
             else:
                 value = self._convert(value)
                 if value is not DROP:
                     out[key] = value
 
-    def _walk_into(
-        self,
-        value: Mapping[Any, Any],
-        out: dict[str, Any],
-        path: Any,
-        name: Any,
-        key_prefix: str,
-        inherited: bool,
-        depth: int,
-    ) -> None:
-        """Flatten the object at ``path`` into ``out``."""
-        if depth >= MAX_DEPTH:
-            return
-        plan = self._nested.get(path, DROP)
-        if plan is DROP:
-            key, included = self._decide(path, name, key_prefix, inherited)
-            plan = (key + "_", included) if key is not None else None
-            if len(self._nested) >= _CACHE_LIMIT:
-                self._nested.clear()
-            self._nested[path] = plan
-        if plan is not None:
-            self._walk(value, out, f"{path}.", plan[0], plan[1], depth + 1)
+    def _nested_plan(
+        self, path: Any, name: Any, key_prefix: str, inherited: bool
+    ) -> tuple[str, str, bool] | None:
+        """For the object at ``path``: (its children's path prefix, their name prefix,
+        whether their values are sent unless a pattern says otherwise); None when nothing
+        in it is sent."""
+        key, included = self._decide(path, name, key_prefix, inherited)
+        plan = (f"{path}.", key + "_", included) if key is not None else None
+        if len(self._nested) >= _CACHE_LIMIT:
+            self._nested.clear()
+        self._nested[path] = plan
+        return plan

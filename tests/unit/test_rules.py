@@ -8,6 +8,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from destination.cli import main
 from destination.mapping import (
@@ -245,6 +248,11 @@ ERROR_CASES: list[tuple[str, str, list[tuple[int, str, str]]]] = [
     ),
     ("not a mapping", "- identify\n- track\n", [(1, "", "expected a mapping of sections")]),
     ("not YAML", "identify: {enabled: true\ntrack: {}\n", [(2, "", "not valid YAML")]),
+    (
+        "a character YAML does not allow",
+        "page: {enabled: true}\n\x1f\n",
+        [(2, "", "not valid YAML: special characters are not allowed")],
+    ),
 ]
 
 
@@ -324,3 +332,48 @@ def test_check_config_on_an_unreadable_file(
     assert main(["check-config", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read" in capsys.readouterr().err
     assert main(["check-config", str(tmp_path)]) == 2
+
+
+# Whatever the file holds, loading answers with rules or with RulesError ----------------
+
+_SECTION_KEYS = sorted(
+    set(Rules.model_fields)
+    | {"enabled", "fields", "traits", "events", "include", "exclude", "rename", "tag", "event"}
+)
+_yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(_SECTION_KEYS) | st.text(max_size=6), children, max_size=3
+        )
+    ),
+    max_leaves=15,
+)
+
+
+def _problems_or_none(text: str) -> list[RulesProblem] | None:
+    try:
+        parse_rules(text, "fuzz.yaml")
+    except RulesError as error:
+        return error.errors
+    return None
+
+
+@settings(max_examples=200)
+@given(data=st.dictionaries(st.sampled_from(_SECTION_KEYS), _yaml_values, max_size=4))
+def test_any_yaml_document_loads_or_raises_rules_error(data: dict[str, object]) -> None:
+    text = yaml.safe_dump(data)
+    found = _problems_or_none(text)
+    assert found is None or found
+    for problem in found or []:
+        assert problem.file == "fuzz.yaml"
+        assert problem.line is None or 1 <= problem.line <= text.count("\n") + 1
+        assert problem.message
+
+
+@settings(max_examples=200)
+@given(text=st.text(max_size=80))
+def test_any_text_loads_or_raises_rules_error(text: str) -> None:
+    found = _problems_or_none(text)
+    assert found is None or found
