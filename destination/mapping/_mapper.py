@@ -25,6 +25,7 @@ from destination.mapping._syntax import (
     parse_path,
 )
 from destination.mapping._values import (
+    CACHE_LIMIT,
     DROP,
     PropertyNames,
     PropertyShaper,
@@ -53,7 +54,6 @@ _LAST_SEEN: Final = frozenset({"last_seen_ip", "last_seen_user_agent"})
 _NULLABLE: Final = frozenset(
     {"name", "phone", "signed_up_at", "last_seen_ip", "last_seen_user_agent"}
 )
-_CACHE_LIMIT: Final = 4096
 
 
 class _Reject(Exception):
@@ -559,7 +559,7 @@ class Mapper:
                 sent = self._event_name(self._event_rename.get(key, name))
             rules = tuple(r for r in self._event_tags if r.events is not None and r.events(key))
             cached = (key, sent, rules)
-            if len(self._event_cache) >= _CACHE_LIMIT:
+            if len(self._event_cache) >= CACHE_LIMIT:
                 self._event_cache.clear()
             self._event_cache[name] = cached
         return cached

@@ -129,16 +129,15 @@ def pattern_regex(text: str, *, event_names: bool = False) -> str:
 class Matcher:
     """Whether a name matches any of a list of patterns (case-insensitive)."""
 
-    __slots__ = ("_regex", "matches_all", "matches_none")
+    __slots__ = ("_matches_all", "_regex")
 
     def __init__(self, patterns: Sequence[str], *, event_names: bool = False) -> None:
-        self.matches_all = "*" in patterns
-        self.matches_none = not patterns
+        self._matches_all = "*" in patterns
         joined = "|".join(f"(?:{pattern_regex(p, event_names=event_names)})" for p in patterns)
         self._regex = re.compile(joined, re.IGNORECASE) if joined else None
 
     def __call__(self, name: str) -> bool:
-        if self.matches_all:
+        if self._matches_all:
             return True
         if self._regex is None:
             return False

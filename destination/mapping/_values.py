@@ -24,7 +24,7 @@ DROP: Final[Any] = type("Drop", (), {"__repr__": lambda self: "DROP"})()
 MAX_DEPTH: Final = 8
 """Objects nested deeper than this are dropped rather than flattened further."""
 
-_CACHE_LIMIT: Final = 8192
+CACHE_LIMIT: Final = 8192
 """Entries per cache before it is cleared (names repeat; this only bounds a flood of
 distinct names)."""
 
@@ -109,7 +109,7 @@ class PropertyNames:
         if safe is None:
             text = _CAMEL_BOUNDARY.sub("_", name) if self._snake else name
             safe = _SEPARATORS.sub("_", text.lower()).strip("_")
-            if len(self._cache) >= _CACHE_LIMIT:
+            if len(self._cache) >= CACHE_LIMIT:
                 self._cache.clear()
             self._cache[name] = safe
         return safe
@@ -217,7 +217,7 @@ class PropertyShaper:
 
     __slots__ = (
         "_convert", "_dates", "_exclude", "_include", "_keep_nulls", "_keys", "_names",
-        "_nested", "_open", "_prefix", "_rename", "_skip",
+        "_nested", "_prefix", "_rename", "_skip",
     )  # fmt: skip
 
     def __init__(
@@ -232,7 +232,6 @@ class PropertyShaper:
         self._include = Matcher(selection.include)
         self._exclude = Matcher(selection.exclude)
         self._rename = {name.lower(): target for name, target in selection.rename.items()}
-        self._open = self._include.matches_all and self._exclude.matches_none and not self._rename
         self._names = names
         self._convert = convert
         self._dates = convert.dates
@@ -246,7 +245,7 @@ class PropertyShaper:
 
     def shape(self, source: Mapping[Any, Any], out: dict[str, Any]) -> None:
         """Add ``source``'s properties to ``out``."""
-        self._walk(source, out, "", self._prefix, self._open, 0)
+        self._walk(source, out, "", self._prefix, False, 0)
 
     def _decide(
         self, path: Any, name: Any, key_prefix: str, inherited: bool
@@ -265,7 +264,7 @@ class PropertyShaper:
 
     def _key(self, path: Any, name: Any, key_prefix: str, inherited: bool) -> str:
         key, included = self._decide(path, name, key_prefix, inherited)
-        if len(self._keys) >= _CACHE_LIMIT:
+        if len(self._keys) >= CACHE_LIMIT:
             self._keys.clear()
         self._keys[path] = plan = key if key is not None and included else ""
         return plan
@@ -333,7 +332,7 @@ class PropertyShaper:
         in it is sent."""
         key, included = self._decide(path, name, key_prefix, inherited)
         plan = (f"{path}.", key + "_", included) if key is not None else None
-        if len(self._nested) >= _CACHE_LIMIT:
+        if len(self._nested) >= CACHE_LIMIT:
             self._nested.clear()
         self._nested[path] = plan
         return plan
