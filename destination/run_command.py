@@ -35,4 +35,10 @@ def run(args: argparse.Namespace) -> int:
     except RulesError as error:
         print(f"gist-destination: MAPPING_CONFIG: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as error:
+        print(
+            f"gist-destination: MAPPING_CONFIG: cannot read {error.filename}: {error.strerror}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     return asyncio.run(serve(settings, Mapper(rules), api_key))
