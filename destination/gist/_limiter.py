@@ -7,6 +7,14 @@ a token bucket is neither (it lets 2x the limit through in one window). So this 
 send times of the last ``limit`` requests and lets a request go only once the oldest of
 them is ``window`` (plus a safety margin for network jitter) in the past.
 
+Grants are also *paced*: spread ``span / limit`` apart rather than a window's budget in
+one burst. A burst of 100 grants leaves the HTTP stack putting 100 requests on the wire
+one after another (measured: up to ~200 ms from grant to arrival), more jitter than the
+margin absorbs, so Gist would now and then count 101 in its window and answer 429.
+Paced, the grant-to-arrival delay stays at a few milliseconds (benchmarks/RESULTS.md).
+The pacing schedule does not drift: each grant advances a theoretical send time by one
+gap from the previous one, and a grant up to half a gap early or late keeps it.
+
 ``SlidingWindow`` is the pure arithmetic on an explicit ``now``; ``RateLimiter`` adds the
 async queue, an injected clock and the adaptive slow-down after a 429 from Gist (another
 process sharing the workspace): a pause for ``Retry-After`` (or a backoff), and a
@@ -31,6 +39,7 @@ class RateLimit:
     limit: int = 100
     window: float = 10.0
     margin: float = 0.1
+    pace: bool = True
 
     def __post_init__(self) -> None:
         if self.limit < 1:
@@ -42,24 +51,36 @@ class RateLimit:
 class SlidingWindow:
     """Send times of the most recent requests, and when the next one may go."""
 
-    __slots__ = ("_capacity", "_sent", "limit", "span")
+    __slots__ = ("_capacity", "_sent", "_tat", "limit", "pace", "span")
 
-    def __init__(self, limit: int, span: float) -> None:
+    def __init__(self, limit: int, span: float, pace: bool = False) -> None:
         self.limit = limit
         self.span = span
+        self.pace = pace
         self._capacity = limit  # the most send times a later, raised limit can need
         self._sent: deque[float] = deque()
+        self._tat = float("-inf")  # paced: the theoretical time of the next send
+
+    @property
+    def gap(self) -> float:
+        """Paced: the time between two sends at the limit's steady rate."""
+        return self.span / self.limit
 
     def next_slot(self, now: float) -> float:
         """The earliest time >= ``now`` at which one more request keeps every interval of
         ``span`` seconds at ``limit`` requests or fewer."""
+        slot = now
         sent = self._sent
-        if len(sent) < self.limit:
-            return now
-        return max(now, sent[-self.limit] + self.span)
+        if len(sent) >= self.limit:
+            slot = max(slot, sent[-self.limit] + self.span)
+        if self.pace:
+            slot = max(slot, self._tat - self.gap / 2)
+        return slot
 
     def record(self, at: float) -> None:
         self._sent.append(at)
+        if self.pace:
+            self._tat = max(self._tat, at) + self.gap
         # Only the last ``limit`` send times can ever decide a slot.
         if len(self._sent) > self._capacity * 2:
             for _ in range(len(self._sent) - self._capacity):
@@ -93,7 +114,7 @@ class RateLimiter:
         self.rate = rate
         self._clock = clock
         self._sleep = sleep
-        self._window = SlidingWindow(rate.limit, rate.window + rate.margin)
+        self._window = SlidingWindow(rate.limit, rate.window + rate.margin, rate.pace)
         self._queue = asyncio.Lock()  # asyncio.Lock wakes waiters in FIFO order
         self._paused_until = 0.0
         self._min_limit = max(1, int(rate.limit * min_fraction))

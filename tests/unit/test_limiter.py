@@ -212,15 +212,21 @@ def test_no_span_ever_holds_more_than_the_limit_and_grants_are_fifo(
     for i in range(len(sim.granted_at) - limit):
         assert _close_or_after(sim.granted_at[i + limit] - sim.granted_at[i], span)
     assert _max_in_any_span(sim.granted_at, span) <= limit
-    # Work-conserving: each grant is as early as the three constraints allow, so no
-    # budget is left idle while someone waits.
+    # Work-conserving: each grant is as early as the four constraints allow (arrival,
+    # FIFO, the sliding window, the pacing schedule), so no budget is left idle while
+    # someone waits. Pacing: a theoretical send time advancing one gap per grant, which a
+    # grant may precede by half a gap.
+    gap = span / limit
+    paced_at = -math.inf
     for i, g in enumerate(sim.granted_at):
         earliest = max(
             arrivals[i],
             sim.granted_at[i - 1] if i else -math.inf,
             sim.granted_at[i - limit] + span if i >= limit else -math.inf,
+            paced_at - gap / 2,
         )
         assert g == pytest.approx(earliest, rel=1e-9, abs=1e-9)
+        paced_at = max(paced_at, g) + gap
     assert sim.limiter.granted == len(arrivals)
     assert sim.limiter.waiting == 0
 
@@ -306,8 +312,8 @@ def test_429s_pause_everyone_and_never_break_the_window_or_the_order(
 # --- on_rate_limited: pause, cut and recovery ---------------------------------------
 async def test_a_429_pauses_every_waiter_for_retry_after_and_cuts_the_limit() -> None:
     vt = VirtualTime()
-    limiter = RateLimiter(
-        RateLimit(limit=10, window=1.0, margin=0.0), clock=vt.clock, sleep=vt.sleep
+    limiter = RateLimiter(  # unpaced, so the budget goes in one burst here
+        RateLimit(limit=10, window=1.0, margin=0.0, pace=False), clock=vt.clock, sleep=vt.sleep
     )
     granted: list[float] = []
     vt.progress = lambda: (len(granted), limiter.waiting)
@@ -398,7 +404,7 @@ def test_a_recovery_step_does_not_hide_the_next_429() -> None:
 
 
 def test_while_cut_the_lower_limit_is_what_the_window_enforces() -> None:
-    rate = RateLimit(limit=10, window=1.0, margin=0.0)
+    rate = RateLimit(limit=10, window=1.0, margin=0.0, pace=False)
     arrivals = [0.0] * 40
     sim = _simulate(rate, arrivals, rate_limited=[(0.5, 0.0)])  # cut to 7, no pause
     # 10 went at t=0 before the 429; at t=1 the budget is back but only 7 may use it.
@@ -406,6 +412,29 @@ def test_while_cut_the_lower_limit_is_what_the_window_enforces() -> None:
     assert sim.granted_at[10:17] == [1.0] * 7
     assert sim.granted_at[17] > 1.0
     assert sim.order == list(range(40))
+
+
+async def test_paced_grants_spread_a_burst_over_the_window_without_drift() -> None:
+    vt = VirtualTime()
+    limiter = _limiter_at(vt, RateLimit(limit=10, window=1.0, margin=0.0))
+    granted: list[float] = []
+    vt.progress = lambda: (len(granted), limiter.waiting)
+
+    async def request() -> None:
+        await limiter.acquire()
+        granted.append(vt.now)
+
+    tasks = [asyncio.create_task(request()) for _ in range(30)]
+    await vt.settle()
+    assert granted == [0.0]  # not the whole budget at once
+    await vt.advance_to(3.0)
+    await asyncio.gather(*tasks)
+    gaps = [b - a for a, b in itertools.pairwise(granted)]
+    assert min(gaps) >= 0.05 - 1e-9  # never closer than half a gap
+    # The k-th grant keeps to the schedule k * 0.1 (half a gap early at most): no drift.
+    for k, g in enumerate(granted):
+        assert k * 0.1 - 0.05 - 1e-9 <= g <= k * 0.1 + 1e-9
+    assert _max_in_any_span(granted, 1.0) <= 10
 
 
 async def test_a_cancelled_waiter_leaves_the_queue_to_the_next() -> None:
@@ -427,7 +456,7 @@ async def test_a_cancelled_waiter_leaves_the_queue_to_the_next() -> None:
 
 async def test_utilisation_is_the_share_of_the_last_window() -> None:
     vt = VirtualTime()
-    limiter = _limiter_at(vt, RateLimit(limit=4, window=10.0, margin=0.0))
+    limiter = _limiter_at(vt, RateLimit(limit=4, window=10.0, margin=0.0, pace=False))
     for t in (0.0, 1.0, 5.0):
         vt.now = t
         assert await limiter.acquire() == 0.0
