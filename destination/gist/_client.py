@@ -309,20 +309,27 @@ def _contact_address(
     raise ValueError("a contact is addressed by id, user_id or email")
 
 
+MAX_RETRY_AFTER = 300.0
+"""A longer ``Retry-After`` is taken as this: one odd header must not stop every sender
+of the workspace for hours."""
+
+
 def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: either a number or an HTTP date."""
+    """``Retry-After`` as seconds (a number or an HTTP date), at most ``MAX_RETRY_AFTER``."""
     if value is None:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
 def _object(value: Any) -> dict[str, JSONValue]:

@@ -160,6 +160,8 @@ def _http_date(offset: float) -> str:
         ("-3", 0.0, 0.0),
         (30.0, 28.0, 30.0),  # an HTTP date 30 s ahead (whole seconds): seconds from now
         (-30.0, 0.0, 0.0),  # an HTTP date already past: go now
+        ("86400", 300.0, 300.0),  # a day: capped, one header must not stall everyone
+        (7200.0, 300.0, 300.0),  # an HTTP date two hours ahead: capped too
     ],
 )
 async def test_retry_after_as_seconds_or_an_http_date(
@@ -179,7 +181,7 @@ async def test_retry_after_as_seconds_or_an_http_date(
     assert limiter.current_limit == 70
 
 
-@pytest.mark.parametrize("header", [None, "soon", "", "Thu, 99 Foo 2024"])
+@pytest.mark.parametrize("header", [None, "soon", "", "Thu, 99 Foo 2024", "nan"])
 async def test_a_missing_or_unreadable_retry_after_is_none(header: str | None) -> None:
     headers = {} if header is None else {"Retry-After": header}
     rec = Recorder(httpx.Response(429, headers=headers))
