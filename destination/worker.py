@@ -288,8 +288,11 @@ class Worker:
         limiter = self.client.limiter
         while True:
             await asyncio.sleep(self.settings.commit_interval)
-            await stream.commit()
-            stream.update_lag()
+            try:
+                await stream.commit()
+                stream.update_lag()
+            except Exception:  # keep committing on the next turn; never stop silently
+                log.exception(log_events.HOUSEKEEPING_FAILED)
             metrics.RATE_LIMIT_UTILISATION.set(limiter.utilisation())
             metrics.RATE_LIMIT_CURRENT.set(limiter.current_limit)
             metrics.BATCHES_PENDING.set(self.delivery.batches_pending)

@@ -173,7 +173,14 @@ class Delivery:
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug, not Gist: its messages stay unfinished (never committed), so say so
+            # loudly rather than let the partition stall in silence.
+            log.error(log_events.DELIVERY_TASK_FAILED, exc_info=task.exception())
 
     # --- one request per operation ----------------------------------------------------
     async def _run_direct(self, step: DirectStep) -> None:
