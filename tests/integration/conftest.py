@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from destination.sandbox import Sandbox, SandboxConfig, running_sandbox
+from tests.integration import harness
+
+
+@pytest.fixture(autouse=True)
+def _reap_processes() -> Iterator[None]:
+    """A test that fails half-way must not leave its worker or sandbox running."""
+    yield
+    harness.reap()
 
 
 @pytest.fixture

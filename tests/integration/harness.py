@@ -23,6 +23,17 @@ from destination.broker import create_topics, free_port
 
 API_KEY = "sandbox-key"
 
+LIVE: set[subprocess.Popen[bytes]] = set()
+"""Every process the harness started; ``reap()`` ends those a failed test left behind."""
+
+
+def reap() -> None:
+    for process in list(LIVE):
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        LIVE.discard(process)
+
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -53,6 +64,7 @@ class SandboxProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        LIVE.add(self.process)
         self.http = httpx.AsyncClient(base_url=self.url, timeout=10)
 
     async def ready(self) -> None:
@@ -100,6 +112,7 @@ class WorkerProcess:
                 stderr=subprocess.STDOUT,
                 env=self.env,
             )
+        LIVE.add(self.process)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.process.send_signal(sig)
