@@ -297,12 +297,20 @@ class Mapper:
                         kind, reasons.BATCH_ENVELOPE, "a batch envelope: split it into messages"
                     )
                 return Rejected(kind, reasons.UNKNOWN_TYPE, "type is missing or not a string")
-            kind = raw_kind
-            handler = self._handlers.get(kind) or self._handlers.get(kind.strip().lower())
-            if handler is None:
-                return Rejected(
-                    kind, reasons.UNKNOWN_TYPE, f"type {kind[:40]!r} is not a Segment message type"
-                )
+            # ``kind`` becomes a metric label and a dead-letter header: one of the spec's
+            # types, never whatever a producer wrote (that would grow without bound).
+            if raw_kind in self._handlers:
+                kind = raw_kind
+            else:
+                canonical = raw_kind.strip().lower()
+                if canonical not in self._handlers:
+                    return Rejected(
+                        kind,
+                        reasons.UNKNOWN_TYPE,
+                        f"type {raw_kind[:40]!r} is not a Segment message type",
+                    )
+                kind = canonical
+            handler = self._handlers[kind]
             switches = message.get("integrations")
             if isinstance(switches, dict) and self._switched_off(switches):
                 return Skipped(kind, reasons.INTEGRATION_OFF)

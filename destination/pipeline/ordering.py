@@ -118,4 +118,3 @@ class IdentityGate:
                 released.append(dependent)
         step.dependents.clear()
         return released
-

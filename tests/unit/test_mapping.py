@@ -999,7 +999,7 @@ OTHER_TYPE_CASES: list[tuple[str, str, dict[str, Any], MapResult]] = [
         "the type is read case-insensitively",
         "",
         {"type": "Delete", "userId": "u-1"},
-        Mapped("Delete", (ContactDelete("u-1"),)),
+        Mapped("delete", (ContactDelete("u-1"),)),
     ),
 ]
 
@@ -1056,7 +1056,8 @@ REJECT_CASES: list[tuple[str, str, object, str, str]] = [
     ("a batch envelope", "", {"batch": [SPEC_IDENTIFY]}, "unknown", "batch_envelope"),
     ("no type", "", {"userId": "u-1"}, "unknown", "unknown_type"),
     ("a numeric type", "", {"type": 3, "userId": "u-1"}, "unknown", "unknown_type"),
-    ("an unknown type", "", {"type": "purchase", "userId": "u-1"}, "purchase", "unknown_type"),
+    # The type is a metric label: a producer's own word must not add series.
+    ("an unknown type", "", {"type": "purchase", "userId": "u-1"}, "unknown", "unknown_type"),
     (
         "identify without userId and email",
         "",
@@ -1203,6 +1204,14 @@ def test_a_rejection_does_not_echo_personal_data() -> None:
     result = run(identify({"email": "ada.lovelace-at-example"}))
     assert isinstance(result, Rejected)
     assert "ada" not in result.detail
+
+
+@pytest.mark.parametrize("written", ["Identify", " IDENTIFY ", "identify"])
+def test_a_type_in_another_case_maps_and_reports_the_spec_name(written: str) -> None:
+    result = run({**SPEC_IDENTIFY, "type": written})
+    assert isinstance(result, Mapped), result
+    assert result.message_type == "identify"
+    assert result.operations == run(SPEC_IDENTIFY).operations  # type: ignore[union-attr]
 
 
 def test_an_event_excluded_by_rule_is_skipped() -> None:
