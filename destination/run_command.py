@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 from pathlib import Path
 
@@ -41,4 +42,19 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    tune_garbage_collector()
     return asyncio.run(serve(settings, Mapper(rules), api_key))
+
+
+def tune_garbage_collector() -> None:
+    """Keep the cyclic collector from rescanning the work in flight.
+
+    Each message's objects live for a second or more (until Gist completes its batch), so
+    with the default thresholds they all reach the oldest generation, and every 25%
+    growth of it sets off a full collection that walks every live object: 27% of the
+    worker's CPU in the drain benchmark. A larger young generation lets them die young
+    (a full collection becomes rare; memory stays bounded by the in-flight limits), and
+    the start-up objects (modules, rules) are frozen out of every scan.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
