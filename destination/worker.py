@@ -134,7 +134,7 @@ class Worker:
     # --- settled messages -------------------------------------------------------------
     def _settled(self, message: MessageWork) -> None:
         if message.failure is None:
-            metrics.MESSAGES_DELIVERED.labels(message.message_type).inc()
+            metrics.child(metrics.MESSAGES_DELIVERED, message.message_type).inc()
             if message.timestamp is not None:
                 metrics.DELIVERY_DELAY.observe(max(0.0, time.time() - message.timestamp))
             self.ledger.finish(message)

@@ -6,9 +6,25 @@ rules in ``deploy/`` use these names; a test checks that each one they use exist
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _P = "gist_destination_"
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+_children: dict[tuple[object, tuple[str, ...]], object] = {}
+
+
+def child(metric: _M, *values: str) -> _M:
+    """``metric.labels(*values)``, looked up once: for the per-message counters, whose
+    label values are few (message types, reasons) and whose series are never removed."""
+    key = (metric, values)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*values)
+    return found  # type: ignore[return-value]
+
 
 # --- the stream ---------------------------------------------------------------------
 MESSAGES_CONSUMED = Counter(

@@ -119,14 +119,14 @@ class StreamConsumer:
             messages, enveloped = decode_record(record.value)
         except DecodeError as error:
             message = ledger.open_message(work, None, "unknown", None)
-            metrics.MESSAGES_CONSUMED.labels("unknown").inc()
+            metrics.child(metrics.MESSAGES_CONSUMED, "unknown").inc()
             self._fail(message, Failure(error.reason, error.detail))
             ledger.close_record(work)
             return
         for index, body in enumerate(messages):
             result = self.mapper.map(body)
             kind = result.message_type
-            metrics.MESSAGES_CONSUMED.labels(kind).inc()
+            metrics.child(metrics.MESSAGES_CONSUMED, kind).inc()
             timestamp = None
             if isinstance(result, Mapped) and result.operations:
                 timestamp = result.operations[0].timestamp
@@ -136,10 +136,10 @@ class StreamConsumer:
             if isinstance(result, Rejected):
                 self._fail(message, Failure(result.reason, result.detail))
             elif isinstance(result, Skipped):
-                metrics.MESSAGES_SKIPPED.labels(kind, result.reason).inc()
+                metrics.child(metrics.MESSAGES_SKIPPED, kind, result.reason).inc()
                 ledger.finish(message)
             elif not result.operations:
-                metrics.MESSAGES_DELIVERED.labels(kind).inc()
+                metrics.child(metrics.MESSAGES_DELIVERED, kind).inc()
                 ledger.finish(message)
             else:
                 self.delivery.submit(message, result.operations)

@@ -22,7 +22,7 @@ class ContactStep(Step):
 
     def __init__(self, payload: ContactPayload, identities: tuple[str, ...]) -> None:
         super().__init__(StepKind.CONTACT, identities)
-        self.payload = _copy(payload)
+        self.payload = payload  # the mapper's; copied before the first merge changes it
         self.tickets: list[MessageWork] = []
         self.sent = False  # taken into a batch: no more merging
         self.accepted = False  # in a batch Gist queued: only its import is awaited
@@ -30,6 +30,8 @@ class ContactStep(Step):
 
     def merge(self, later: ContactPayload) -> None:
         """Fold a later update of the same contact in; its values win."""
+        if not self.merged:
+            self.payload = _copy(self.payload)
         merge_contact(self.payload, later)
         self.merged += 1
 

@@ -49,7 +49,9 @@ class _Chain:
 
     def __init__(self) -> None:
         self.last_write: Step | None = None
-        self.events: dict[Step, None] = {}  # an ordered set: O(1) removal
+        # Events in flight on the identity, an ordered set (O(1) removal); most chains
+        # never see one, so it is made on the first.
+        self.events: dict[Step, None] | None = None
 
 
 class IdentityGate:
@@ -85,9 +87,11 @@ class IdentityGate:
             if chain.last_write is not None:
                 before[chain.last_write] = None
             if step.kind is StepKind.EVENT:
+                if chain.events is None:
+                    chain.events = {}
                 chain.events[step] = None
                 continue
-            if step.kind is StepKind.EXCLUSIVE:
+            if step.kind is StepKind.EXCLUSIVE and chain.events:
                 before.update(chain.events)
                 chain.events.clear()
             chain.last_write = step
@@ -108,7 +112,8 @@ class IdentityGate:
                 continue
             if chain.last_write is step:
                 chain.last_write = None
-            chain.events.pop(step, None)
+            if chain.events:
+                chain.events.pop(step, None)
             if chain.last_write is None and not chain.events:
                 del self._chains[identity]
         released = []

@@ -29,6 +29,9 @@ def test_step_copies_the_payload_it_merges_into() -> None:
     assert original["custom_properties"] == {"a": 1}
     assert step.payload["custom_properties"] == {"a": 2}
     assert step.merged == 1
+    step.merge({"custom_properties": {"b": 3}, "tags": ["vip"]})  # into its own copy now
+    assert original == {"user_id": "u1", "custom_properties": {"a": 1}}
+    assert step.payload == {"user_id": "u1", "custom_properties": {"a": 2, "b": 3}, "tags": ["vip"]}
 
 
 def test_batcher_is_due_when_full_or_when_the_oldest_waited_long_enough() -> None:
