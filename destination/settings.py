@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     max_awaiting_import: int = Field(
         100_000, ge=1, description="messages whose contacts wait only for Gist's import"
     )
+    max_uncommitted_per_partition: int = Field(
+        200_000, ge=1, description="records read past a partition's committable offset"
+    )
     commit_interval: float = Field(1.0, gt=0, description="seconds between offset commits")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to drain on SIGTERM")
     rebalance_timeout: float = Field(20.0, ge=0, description="seconds to drain on revoke")

@@ -216,6 +216,7 @@ class Worker:
                     settings.max_inflight_bytes,
                     settings.max_inflight_per_partition,
                     settings.max_awaiting_import,
+                    settings.max_uncommitted_per_partition,
                 ),
                 settings.rebalance_timeout,
                 self._dead_letter,

@@ -34,7 +34,10 @@ log = structlog.get_logger(__name__)
 
 class FlowLimits:
     """Bounds on work in flight; pausing at the bound, resuming below ``resume_at``.
-    ``awaiting_import`` bounds the parked messages (see ``inflight``)."""
+    ``awaiting_import`` bounds the parked messages (see ``inflight``);
+    ``uncommitted_per_partition`` the records a partition has read past its committable
+    offset, finished ones included: one message retried for hours must not let the
+    finished records after it pile up in the offset tracker."""
 
     def __init__(
         self,
@@ -42,12 +45,14 @@ class FlowLimits:
         bytes_: int,
         per_partition: int,
         awaiting_import: int,
+        uncommitted_per_partition: int = 200_000,
         resume_at: float = 0.8,
     ) -> None:
         self.messages = messages
         self.bytes = bytes_
         self.per_partition = per_partition
         self.awaiting_import = awaiting_import
+        self.uncommitted_per_partition = uncommitted_per_partition
         self.resume_at = resume_at
 
     def full(self, ledger: Ledger, resuming: bool) -> bool:
@@ -58,6 +63,15 @@ class FlowLimits:
             ledger.messages >= self.messages * share
             or ledger.bytes >= self.bytes * share
             or ledger.parked >= self.awaiting_import * share
+        )
+
+    def partition_full(self, work: PartitionWork, resuming: bool) -> bool:
+        """Whether one partition is at its own bounds (or, when ``resuming``, not yet
+        below the resume mark)."""
+        share = self.resume_at if resuming else 1.0
+        return (
+            work.messages >= self.per_partition * share
+            or work.offsets.uncommitted >= self.uncommitted_per_partition * share
         )
 
 
@@ -150,11 +164,10 @@ class StreamConsumer:
         ledger, limits = self.ledger, self.limits
         self._globally_full = limits.full(ledger, resuming=self._globally_full)
         for tp, work in ledger.partitions.items():
-            if tp in self._full_partitions:
-                if work.messages < limits.per_partition * limits.resume_at:
-                    self._full_partitions.discard(tp)
-            elif work.messages >= limits.per_partition:
+            if limits.partition_full(work, resuming=tp in self._full_partitions):
                 self._full_partitions.add(tp)
+            else:
+                self._full_partitions.discard(tp)
         self._full_partitions &= set(ledger.partitions)
 
         assigned = {TopicPartition(tp.topic, tp.partition) for tp in self.consumer.assignment()}

@@ -22,6 +22,12 @@ class OffsetTracker:
         """Records seen and not finished yet."""
         return len(self._pending) - len(self._done)
 
+    @property
+    def uncommitted(self) -> int:
+        """Records from the committable offset on, finished or not: what an unfinished
+        record holds back (and what this tracker keeps in memory)."""
+        return len(self._pending)
+
     def seen(self, offset: int) -> bool:
         """Whether ``offset`` is at or below one already added (a re-delivery)."""
         return self._end is not None and offset < self._end

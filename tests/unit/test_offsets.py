@@ -47,3 +47,14 @@ def test_committable_is_lowest_unfinished(order: list[int], finished: int) -> No
     expected = min(set(range(30)) - done, default=30)
     assert tracker.committable() == expected
     assert len(tracker) == 30 - finished
+
+
+def test_uncommitted_counts_finished_records_held_back_by_an_unfinished_one() -> None:
+    tracker = OffsetTracker()
+    for offset in range(10):
+        tracker.add(offset)
+    for offset in range(1, 10):
+        tracker.finish(offset)
+    assert (len(tracker), tracker.uncommitted) == (1, 10)
+    tracker.finish(0)
+    assert (len(tracker), tracker.uncommitted) == (0, 0)

@@ -1,0 +1,51 @@
+"""When a partition pauses: its own bounds, with a resume mark below them."""
+
+from __future__ import annotations
+
+from destination.pipeline.consume import FlowLimits
+from destination.pipeline.inflight import PartitionWork, TopicPartition
+
+
+def limits() -> FlowLimits:
+    return FlowLimits(
+        messages=1000,
+        bytes_=1 << 20,
+        per_partition=10,
+        awaiting_import=1000,
+        uncommitted_per_partition=50,
+        resume_at=0.8,
+    )
+
+
+def test_a_partition_with_too_many_messages_in_flight_is_full() -> None:
+    work = PartitionWork(TopicPartition("events", 0))
+    work.messages = 9
+    assert not limits().partition_full(work, resuming=False)
+    work.messages = 10
+    assert limits().partition_full(work, resuming=False)
+    work.messages = 8  # paused: resumes only below 80% of the bound
+    assert limits().partition_full(work, resuming=True)
+    work.messages = 7
+    assert not limits().partition_full(work, resuming=True)
+
+
+def test_finished_records_held_behind_one_unfinished_record_pause_the_partition() -> None:
+    """One message retried for hours: the records after it finish, but their offsets
+    cannot be committed; the tracker must not grow with them."""
+    work = PartitionWork(TopicPartition("events", 0))
+    for offset in range(50):
+        work.offsets.add(offset)
+    for offset in range(1, 50):
+        work.offsets.finish(offset)
+    work.messages = 1  # far below the in-flight bound
+    assert limits().partition_full(work, resuming=False)
+    work.offsets.finish(0)  # the stuck one is delivered: everything is committable
+    assert not limits().partition_full(work, resuming=True)
+
+
+def test_a_paused_partition_resumes_below_the_mark_of_the_uncommitted_bound() -> None:
+    work = PartitionWork(TopicPartition("events", 0))
+    for offset in range(45):
+        work.offsets.add(offset)
+    assert not limits().partition_full(work, resuming=False)  # 45 < 50
+    assert limits().partition_full(work, resuming=True)  # 45 >= 40
