@@ -82,6 +82,11 @@ class Worker:
                 max_elapsed=settings.gist_retry_max_duration,
             ),
             timeout=httpx.Timeout(settings.gist_request_timeout, connect=10.0),
+            # One connection per concurrent request, and one for the batch-status poller.
+            limits=httpx.Limits(
+                max_connections=settings.gist_max_concurrent_requests + 1,
+                max_keepalive_connections=settings.gist_max_concurrent_requests + 1,
+            ),
         )
         self.delivery = Delivery(
             self.client,
