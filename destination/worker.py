@@ -72,6 +72,8 @@ class Worker:
                 settings.gist_rate_limit, settings.gist_rate_window, settings.gist_rate_margin
             )
         )
+        requests = settings.gist_max_concurrent_requests
+        imports = max(1, requests // 8)
         self.client = GistClient(
             api_key,
             base_url=settings.gist_api_url,
@@ -82,10 +84,10 @@ class Worker:
                 max_elapsed=settings.gist_retry_max_duration,
             ),
             timeout=httpx.Timeout(settings.gist_request_timeout, connect=10.0),
-            # One connection per concurrent request, and one for the batch-status poller.
+            # One connection per concurrent request or import, one for the batch poller.
             limits=httpx.Limits(
-                max_connections=settings.gist_max_concurrent_requests + 1,
-                max_keepalive_connections=settings.gist_max_concurrent_requests + 1,
+                max_connections=requests + imports + 1,
+                max_keepalive_connections=requests + imports + 1,
             ),
         )
         self.delivery = Delivery(
@@ -93,7 +95,8 @@ class Worker:
             DeliverySettings(
                 batch_max_contacts=settings.gist_batch_size,
                 batch_max_wait=settings.gist_batch_wait,
-                max_concurrent_requests=settings.gist_max_concurrent_requests,
+                max_concurrent_requests=requests,
+                max_concurrent_imports=imports,
                 poll_interval=settings.gist_batch_poll_interval,
                 poll_max_interval=settings.gist_batch_poll_max_interval,
             ),

@@ -54,7 +54,9 @@ class FakeGist:
 
 
 class Harness:
-    def __init__(self, gist: FakeGist, batch_max_contacts: int = 10) -> None:
+    def __init__(
+        self, gist: Callable[[httpx.Request], Any], batch_max_contacts: int = 10, requests: int = 32
+    ) -> None:
         self.settled: list[MessageWork] = []
         self.fatal: list[CredentialsError] = []
         self.changed = asyncio.Event()
@@ -73,6 +75,7 @@ class Harness:
                 batch_max_wait=0.05,
                 poll_interval=0.01,
                 poll_max_interval=0.02,
+                max_concurrent_requests=requests,
             ),
             on_fatal=self._halt,
         )
@@ -175,3 +178,29 @@ async def test_rejected_credentials_halt_without_failing_the_message() -> None:
     assert h.settled == []
     assert message.failure is None
     assert h.partition.offsets.committable() == 0
+
+
+async def test_a_batch_import_does_not_queue_behind_waiting_events() -> None:
+    """Events fill every request slot and Gist is slow to answer them; a contact's batch
+    import still goes out at once, in a lane of its own."""
+    gist = FakeGist()
+    release = asyncio.Event()
+
+    async def slow_events(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/events":
+            await release.wait()
+        return gist(request)
+
+    h = Harness(slow_events, requests=2)
+    h.delivery.start()
+    try:
+        for i in range(20):
+            h.send(EventTrack({"event_name": "Viewed", "email": f"e{i}@x.io"}))
+        contact = h.send(upsert("u1", "a@x.io"))
+        await h.until_settled(1)
+        assert h.settled == [contact]  # imported and completed while every event waits
+        release.set()
+        await h.until_settled(21)
+    finally:
+        await h.delivery.close()
+    assert all(m.failure is None for m in h.settled)
