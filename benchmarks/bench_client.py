@@ -1,7 +1,7 @@
 """How much of Gist's request budget one ``GistClient`` uses under a sustained backlog.
 
     .venv/bin/python benchmarks/bench_client.py [--seconds 60] [--workers 32]
-        [--margin 0.1] [--connections N] [--pace] [--in-process] [--dump PATH]
+        [--margin 0.1] [--connections N] [--no-pace] [--in-process] [--dump PATH]
 
 The Gist sandbox runs with the REAL limit (100 requests in any 10 s), by default as a
 ``gist-destination sandbox`` subprocess (``--in-process`` serves it on this event loop
@@ -14,14 +14,13 @@ after another. Every request waits for the limiter, so there is always a queue.
 The figures come from the sandbox's own log (``/_sandbox/requests``: arrival times on its
 monotonic clock and statuses), over ``--seconds`` from the first request: accepted
 requests per 10-s window, the most in any sliding 10-s interval, the budget utilisation
-(accepted / (limit * seconds / window)) and the 429s. Because the limiter releases a
-window's budget in a burst, a span of whole windows can hold one more burst than the
-long run does; the long-run rate (window / median time from request i to request
-i + limit) is printed beside it. The target is >= 97% utilisation and no 429; the
-recorded figure needs ``--seconds`` >= 60.
+(accepted / (limit * seconds / window)) and the 429s, with the long-run rate (window /
+median time from request i to request i + limit) beside them. The target is >= 97%
+utilisation and no 429; the recorded figure needs ``--seconds`` >= 60.
 
-``--pace`` is an experiment, not the client's behaviour: it spaces grants evenly, to
-show what bursts cost (see benchmarks/RESULTS.md).
+``--no-pace`` is an experiment, not the client's behaviour: it turns the limiter's pacing
+off, so each window's budget leaves in one burst, to show what bursts cost (see
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -70,42 +69,21 @@ class Tally:
 
 class RecordingLimiter(RateLimiter):
     """The client's limiter, keeping the time of each grant (to tell our pacing apart from
-    what reaches the sandbox). ``pace`` (an experiment, off by default) also spaces grants
-    at least ``(window + margin) / limit`` apart on a schedule that does not drift, so that
-    a window's requests do not leave in one burst."""
+    what reaches the sandbox)."""
 
-    def __init__(self, rate: RateLimit, *, pace: bool = False) -> None:
+    def __init__(self, rate: RateLimit) -> None:
         self._last_read = 0.0
         super().__init__(rate, clock=self._read_clock)
         self.grants: list[float] = []
-        self._pace = pace
-        self._spacing = (rate.window + rate.margin) / rate.limit
-        self._schedule = float("-inf")
-        self._pacer = asyncio.Lock()
-        self._pace_waiting = 0
         self.wait_sum = 0.0
 
     def _read_clock(self) -> float:
         self._last_read = time.monotonic()
         return self._last_read
 
-    @property
-    def waiting(self) -> int:
-        return super().waiting + self._pace_waiting
-
     async def acquire(self) -> float:
         start = time.monotonic()
-        if self._pace:
-            self._pace_waiting += 1
-            try:
-                async with self._pacer:
-                    self._schedule = max(self._schedule + self._spacing, time.monotonic())
-                    await asyncio.sleep(self._schedule - time.monotonic())
-                    await super().acquire()
-            finally:
-                self._pace_waiting -= 1
-        else:
-            await super().acquire()
+        await super().acquire()
         # The limiter's last clock reading is the time it recorded for this grant.
         self.grants.append(self._last_read)
         self.wait_sum += self._last_read - start
@@ -207,10 +185,10 @@ class Run:
 
 async def drive(args: argparse.Namespace) -> Run:
     starter = sandbox_in_process if args.in_process else sandbox_subprocess
-    rate = RateLimit(limit=LIMIT, window=WINDOW, margin=args.margin)
+    rate = RateLimit(limit=LIMIT, window=WINDOW, margin=args.margin, pace=args.pace)
     tally = Tally()
     async with starter(args.batch_delay) as url:
-        limiter = RecordingLimiter(rate, pace=args.pace)
+        limiter = RecordingLimiter(rate)
         retry = RetryPolicy(base=0.5, cap=5.0, max_elapsed=120.0)
         limits = (
             DEFAULT_LIMITS
@@ -269,7 +247,7 @@ def report(args: argparse.Namespace, run: Run) -> None:
         f"Gist client vs sandbox ({mode}), limit {LIMIT} per {WINDOW:g} s, limiter margin "
         f"{args.margin:g} s, {args.workers} workers, "
         f"{args.connections or DEFAULT_LIMITS.max_connections} connections, "
-        f"{args.seconds:g} s measured{', paced (experiment)' if args.pace else ''}"
+        f"{args.seconds:g} s measured{'' if args.pace else ', NOT paced (experiment)'}"
     )
     print(f"  accepted per 10-s window  {per_window}")
     print(f"  most in any sliding 10 s  {max_in_any_window(all_accepted, WINDOW)}")
@@ -324,8 +302,8 @@ def main() -> int:
                         help="the limiter's safety margin in seconds")  # fmt: skip
     parser.add_argument("--connections", type=int, default=None,
                         help="the client's connection pool (default: the client's)")  # fmt: skip
-    parser.add_argument("--pace", action="store_true",
-                        help="experiment: space grants evenly instead of in bursts")  # fmt: skip
+    parser.add_argument("--no-pace", dest="pace", action="store_false",
+                        help="experiment: grant in bursts instead of evenly spaced")  # fmt: skip
     parser.add_argument("--dump", metavar="PATH",
                         help="write the grant times and the sandbox's log as JSON")  # fmt: skip
     parser.add_argument("--batch-delay", type=float, default=0.5,
