@@ -75,7 +75,7 @@ class DirectStep(Step):
 
 
 class PendingBatch:
-    __slots__ = ("batch_id", "interval", "next_poll", "steps", "submitted")
+    __slots__ = ("batch_id", "interval", "next_poll", "polling", "steps", "submitted")
 
     def __init__(self, batch_id: str, steps: list[ContactStep], now: float, interval: float):
         self.batch_id = batch_id
@@ -83,6 +83,7 @@ class PendingBatch:
         self.submitted = now
         self.interval = interval
         self.next_poll = now + interval
+        self.polling = False
 
 
 class Delivery:
@@ -107,6 +108,7 @@ class Delivery:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._flush_all = False
+        self._polls_halted = False
 
     # --- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -282,9 +284,10 @@ class Delivery:
         self._spawn(self._send_batch(steps[middle:]))
 
     async def _poll_loop(self) -> None:
-        settings = self.settings
-        while True:
-            window = self._pending[: settings.poll_window]
+        """Poll the oldest ``poll_window`` pending batches, each when it is due; their
+        polls run side by side (one at a time would let imports outrun the polls)."""
+        while not self._polls_halted:
+            window = [b for b in self._pending[: self.settings.poll_window] if not b.polling]
             if not window:
                 self._poller_wake.clear()
                 await self._poller_wake.wait()
@@ -296,27 +299,35 @@ class Delivery:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._poller_wake.wait(), batch.next_poll - now)
                 continue
-            try:
-                status = await self.client.batch_status(batch.batch_id)
-            except CredentialsError as error:
-                self._on_fatal(error)
-                return
-            except PermanentError:
-                # Gist no longer knows the batch: its outcome is unknown, so send its
-                # contacts again (an upsert is idempotent).
-                log.warning(log_events.BATCH_LOST, batch_id=batch.batch_id)
-                self._forget(batch)
-                self._spawn(self._send_batch(batch.steps))
-                continue
-            except RetryableError:
-                status = None
-            now = self._clock()
-            if status is not None and status.completed:
-                self._forget(batch)
-                self._completed(batch, status, now)
-            else:
-                batch.interval = min(settings.poll_max_interval, batch.interval * 2)
-                batch.next_poll = now + batch.interval
+            batch.polling = True
+            self._spawn(self._poll(batch))
+
+    async def _poll(self, batch: PendingBatch) -> None:
+        try:
+            status = await self.client.batch_status(batch.batch_id)
+        except CredentialsError as error:
+            self._polls_halted = True  # nothing will succeed until an operator acts
+            self._on_fatal(error)
+            return
+        except PermanentError:
+            # Gist no longer knows the batch: its outcome is unknown, so send its
+            # contacts again (an upsert is idempotent).
+            log.warning(log_events.BATCH_LOST, batch_id=batch.batch_id)
+            self._forget(batch)
+            self._spawn(self._send_batch(batch.steps))
+            return
+        except RetryableError:
+            status = None
+        finally:
+            batch.polling = False
+            self._poller_wake.set()
+        now = self._clock()
+        if status is not None and status.completed:
+            self._forget(batch)
+            self._completed(batch, status, now)
+        else:
+            batch.interval = min(self.settings.poll_max_interval, batch.interval * 2)
+            batch.next_poll = now + batch.interval
 
     def _forget(self, batch: PendingBatch) -> None:
         self._pending.remove(batch)

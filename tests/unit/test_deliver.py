@@ -204,3 +204,55 @@ async def test_a_batch_import_does_not_queue_behind_waiting_events() -> None:
     finally:
         await h.delivery.close()
     assert all(m.failure is None for m in h.settled)
+
+
+async def test_due_batches_are_polled_side_by_side() -> None:
+    """Gist is slow to answer status polls: the oldest pending batches are polled at the
+    same time, not one after another, so polls keep up with imports."""
+    gist = FakeGist()
+    in_flight = 0
+    most = 0
+    release = asyncio.Event()
+
+    async def slow_polls(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most
+        if request.url.path.startswith("/contacts/batch/"):
+            in_flight += 1
+            most = max(most, in_flight)
+            if most >= 3:
+                release.set()
+            await release.wait()
+            in_flight -= 1
+        return gist(request)
+
+    h = Harness(slow_polls, batch_max_contacts=1)
+    h.delivery.start()
+    try:
+        for i in range(3):
+            h.send(upsert(f"u{i}", f"u{i}@x.io"))
+        await h.until_settled(3)
+    finally:
+        await h.delivery.close()
+    assert most == 3
+    assert all(m.failure is None for m in h.settled)
+
+
+async def test_a_rejected_key_stops_the_polls() -> None:
+    gist = FakeGist()
+
+    def key_revoked_after_import(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/contacts/batch/"):
+            gist.log.append(("poll", None))
+            return httpx.Response(401, json={"errors": []})
+        return gist(request)
+
+    h = Harness(key_revoked_after_import, batch_max_contacts=1)
+    h.delivery.start()
+    try:
+        h.send(upsert("u1", "u1@x.io"))
+        await h.until(lambda: bool(h.fatal))
+        await asyncio.sleep(0.2)  # ten poll intervals: a poller that went on would poll
+    finally:
+        await h.delivery.close()
+    assert [p for p, _ in gist.log].count("poll") == 1
+    assert h.settled == []
