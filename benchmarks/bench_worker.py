@@ -1,0 +1,489 @@
+"""The whole worker, as an operator runs it: Kafka backlog in, Gist sandbox out.
+
+    .venv/bin/python benchmarks/bench_worker.py drain  [--records N] [--stream contacts|mix]
+    .venv/bin/python benchmarks/bench_worker.py budget [--seconds 60] [--stream contacts|mix]
+
+Every run starts its own embedded broker (Tansu, memory storage) and a
+``gist-destination sandbox`` subprocess, produces a backlog of ``--records`` Segment
+messages (the realistic shapes of bench_mapping.py, keyed by userId) to a topic of
+``--partitions`` partitions, and only then starts ``gist-destination run`` as its own
+process with the default settings. The worker's figures come from its ``/metrics`` and
+``/proc/<pid>`` (CPU time, resident memory); the sandbox's from its request log.
+
+``drain``: the sandbox has NO rate limit and the worker's limiter is set far above what
+the sandbox can serve (20,000 requests per second), so the figure is the worker's own
+speed: messages per wall second from the first consumed message to the last delivered
+one (contacts count as delivered when their batch import has COMPLETED), the worker's
+CPU seconds over that span and messages per CPU second (the one-core figure), peak
+resident memory (VmHWM) and RSS samples along the drain. ``--stream contacts`` is
+identifies only (batched, 500 a request); ``mix`` is the bench_mapping mix, where half
+the messages are events, one Gist request each. Ends by checking that the sandbox holds
+one contact per distinct user and that nothing was dead-lettered.
+
+``budget``: the sandbox enforces the REAL limit (100 requests in any 10 s) and the worker
+runs with its defaults. Over ``--seconds`` from the worker's first request: requests per
+10-s window, budget utilisation, 429s, requests by kind, contacts per batch import and
+contacts per request (all requests, status polls included), messages delivered.
+
+The sandbox imports batches one at a time, like Gist, each QUEUED then IN_PROGRESS for
+``--batch-delay`` seconds: at 0.5 s (the budget default) it completes at most two
+batches a second, so Gist's import speed, not the budget, can be what binds;
+``--batch-delay 0`` leaves only the budget.
+
+``--set NAME=VALUE`` passes any worker setting (e.g. ``--set GIST_BATCH_SIZE=2000``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from bench_client import max_in_any_window
+from bench_mapping import MIX, identify
+from prometheus_client.parser import text_string_to_metric_families
+
+from destination.broker import EmbeddedBroker, create_topics, free_port
+
+KEY = "bench-key"
+TOPIC = "segment-events"
+DLQ = "segment-dlq"
+P = "gist_destination_"
+LIMIT, WINDOW = 100, 10.0
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- the backlog ------------------------------------------------------------------------
+
+
+def messages(count: int, stream: str, users: int, seed: int = 11) -> Iterator[tuple[str, bytes]]:
+    """``(userId, JSON)`` pairs: identifies only, or the bench_mapping mix."""
+    rng = random.Random(seed)
+    makers = [make for _, _, make in MIX]
+    weights = [share for _, share, _ in MIX]
+    for i in range(count):
+        make = identify if stream == "contacts" else rng.choices(makers, weights)[0]
+        message = make(rng, rng.randrange(users), i)
+        yield message["userId"], orjson.dumps(message)
+
+
+async def produce_backlog(bootstrap: str, args: argparse.Namespace) -> tuple[int, int, int, int]:
+    """Produce the backlog; returns (records, bytes, distinct users, events to expect)."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024
+    )
+    await producer.start()
+    count = size = events = 0
+    contacts: set[str] = set()
+    started = time.monotonic()
+    try:
+        pending: list[asyncio.Future[Any]] = []
+        for user, value in messages(args.records, args.stream, args.users):
+            pending.append(await producer.send(TOPIC, value, key=user.encode()))
+            contacts.add(user)  # every message of the mix names its user and an email
+            # Audience Entered / Exited become contact properties, not events (default rules).
+            events += b'"type":"track"' in value and b'"event":"Audience ' not in value
+            count += 1
+            size += len(value)
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    took = time.monotonic() - started
+    print(
+        f"  backlog: {count:,} records, {size / count:.0f} bytes each on average, "
+        f"{len(contacts):,} distinct contacts, {args.partitions} partitions "
+        f"(produced in {took:.0f} s)",
+        flush=True,
+    )
+    return count, size, len(contacts), events
+
+
+# -- the processes ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def sandbox(
+    workdir: Path, rate_limit: int, batch_delay: float
+) -> AsyncIterator[tuple[str, int]]:
+    """``gist-destination sandbox`` on a free port; yields its URL and pid."""
+    log = (workdir / "sandbox.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "destination", "sandbox", "--port", "0",
+        "--rate-limit", str(rate_limit), "--rate-window", str(WINDOW), "--api-key", KEY,
+        "--batch-delay", str(batch_delay),
+        stdout=asyncio.subprocess.PIPE, stderr=log,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        found = re.search(r"listening on (http://\S+)", line)
+        if found is None:
+            raise RuntimeError(f"the sandbox did not start: {line!r}")
+        yield found.group(1), proc.pid
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        log.close()
+
+
+def start_worker(
+    workdir: Path, bootstrap: str, gist_url: str, port: int, extra: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "GIST_API_KEY": KEY,
+        "GIST_API_URL": gist_url,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "KAFKA_TOPICS": TOPIC,
+        "KAFKA_GROUP_ID": "gist-destination-bench",
+        "KAFKA_DLQ_TOPIC": DLQ,
+        "METRICS_PORT": str(port),
+        "LOG_FORMAT": "json",
+        **extra,
+    }
+    with (workdir / "worker.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "destination", "run"], env=env, stdout=log, stderr=log
+        )
+
+
+async def stop_worker(worker: subprocess.Popen[bytes]) -> int:
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        for _ in range(600):
+            if worker.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            worker.kill()
+    return worker.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak resident set) of a live process, in KiB."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            found[name] = int(value.split()[0])
+    return found
+
+
+def totals(text: str) -> dict[str, float]:
+    """Each metric sample summed over its labels, by sample name."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+@dataclass
+class Sample:
+    t: float
+    consumed: int
+    finished: int  # delivered + dead-lettered + skipped
+    in_flight: int
+    rss_kib: int
+    cpu: float
+
+
+@dataclass
+class Watch:
+    samples: list[Sample] = field(default_factory=list)
+    first: Sample | None = None  # the first sample with a consumed message
+    last: dict[str, float] = field(default_factory=dict)
+
+
+async def watch(
+    worker: subprocess.Popen[bytes],
+    port: int,
+    until: Any,
+    within: float,
+    interval: float = 0.25,
+) -> Watch:
+    """Scrape the worker until ``until(watch)`` is true; raise if it dies or times out."""
+    seen = Watch()
+    url = f"http://127.0.0.1:{port}/metrics"
+    started = time.monotonic()
+    last_print = started
+    async with httpx.AsyncClient(timeout=5) as http:
+        while True:
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited with {worker.returncode}; see worker.log")
+            if time.monotonic() - started > within:
+                raise RuntimeError(f"not done after {within:.0f} s")
+            try:
+                t = totals((await http.get(url)).text)
+            except httpx.HTTPError:
+                await asyncio.sleep(interval)
+                continue
+            now = time.monotonic()
+            sample = Sample(
+                now,
+                int(t.get(P + "messages_consumed_total", 0)),
+                int(
+                    t.get(P + "messages_delivered_total", 0)
+                    + t.get(P + "messages_dead_lettered_total", 0)
+                    + t.get(P + "messages_skipped_total", 0)
+                ),
+                int(t.get(P + "messages_in_flight", 0)),
+                memory_kib(worker.pid)["VmRSS"],
+                cpu_seconds(worker.pid),
+            )
+            seen.samples.append(sample)
+            seen.last = t
+            if seen.first is None and sample.consumed > 0:
+                seen.first = sample
+            if now - last_print >= 10:
+                print(
+                    f"  [{now - started:4.0f} s] consumed {sample.consumed:,}  finished "
+                    f"{sample.finished:,}  in flight {sample.in_flight:,}  "
+                    f"RSS {sample.rss_kib / 1024:.0f} MiB",
+                    flush=True,
+                )
+                last_print = now
+            if until(seen):
+                return seen
+            await asyncio.sleep(interval)
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--set takes NAME=VALUE, not {item!r}")
+        out[name] = value
+    return out
+
+
+# -- drain ------------------------------------------------------------------------------
+
+
+async def drain(args: argparse.Namespace, workdir: Path) -> int:
+    print(
+        f"worker drain, unlimited sandbox: {args.records:,} records, stream {args.stream!r}, "
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    extra = {
+        "GIST_RATE_LIMIT": "20000",
+        "GIST_RATE_WINDOW": "1",
+        "GIST_RATE_MARGIN": "0",
+        **parse_sets(args.set),
+    }
+    with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
+        bootstrap = broker.bootstrap_servers
+        await create_topics(bootstrap, [TOPIC, DLQ], args.partitions)
+        count, size, contacts, events = await produce_backlog(bootstrap, args)
+        async with sandbox(workdir, 0, args.batch_delay) as (url, sandbox_pid):
+            port = free_port()
+            sandbox_cpu0 = cpu_seconds(sandbox_pid)
+            worker = start_worker(workdir, bootstrap, url, port, extra)
+            try:
+                seen = await watch(
+                    worker, port, lambda w: bool(w.samples) and w.samples[-1].finished >= count,
+                    within=args.timeout,
+                )  # fmt: skip
+                peak = memory_kib(worker.pid)["VmHWM"]
+                sandbox_cpu = cpu_seconds(sandbox_pid) - sandbox_cpu0
+            finally:
+                code = await stop_worker(worker)
+            state = await sandbox_totals(url) if args.verify else None
+    assert seen.first is not None
+    first, end = seen.first, seen.samples[-1]
+    wall = end.t - first.t
+    cpu = end.cpu - first.cpu
+    t = seen.last
+    dead = int(t.get(P + "messages_dead_lettered_total", 0))
+    skipped = int(t.get(P + "messages_skipped_total", 0))
+    batches = t.get(P + "contacts_per_batch_count", 0.0)
+    batch_contacts = t.get(P + "contacts_per_batch_sum", 0.0)
+    print(f"  drained {count:,} records ({size / 1e6:.0f} MB) in {wall:.1f} s")
+    print(f"  throughput        {count / wall:,.0f} msg/s (wall, first consumed to last finished)")
+    print(f"  worker CPU        {cpu:.1f} s over the drain: {count / cpu:,.0f} msg per CPU second")
+    print(f"  sandbox CPU       {sandbox_cpu:.1f} s (the other core)")
+    print(
+        f"  peak RSS (VmHWM)  {peak / 1024:.0f} MiB; RSS along the drain: "
+        + ", ".join(f"{q}% {rss_at(seen, count, q) / 1024:.0f}" for q in (10, 25, 50, 75, 90))
+        + " MiB"
+    )
+    print(
+        f"  in flight         median {statistics.median(s.in_flight for s in seen.samples):,.0f}"
+        f", max {max(s.in_flight for s in seen.samples):,}"
+    )
+    print(
+        f"  batch imports     {batches:,.0f}, {batch_contacts / max(batches, 1):.0f} contacts "
+        f"each; merged updates {t.get(P + 'contact_updates_merged_total', 0):,.0f}"
+    )
+    print(f"  dead-lettered     {dead}, skipped {skipped}; worker exit code {code}")
+    ok = dead == 0 and code == 0
+    if state is not None:
+        print(f"  sandbox holds     {state['contacts']:,} contacts (expected {contacts:,}), "
+              f"{state['events']:,} events (expected {events:,})")  # fmt: skip
+        ok = ok and (state["contacts"], state["events"]) == (contacts, events)
+    print("  check:", "ok" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def rss_at(seen: Watch, count: int, percent: int) -> int:
+    """RSS at the first sample with ``percent`` of the records finished."""
+    for sample in seen.samples:
+        if sample.finished >= count * percent / 100:
+            return sample.rss_kib
+    return seen.samples[-1].rss_kib
+
+
+async def sandbox_totals(url: str) -> dict[str, int]:
+    async with httpx.AsyncClient(timeout=300) as http:
+        state = orjson.loads((await http.get(f"{url}/_sandbox/state")).content)
+    return {"contacts": len(state["contacts"]), "events": len(state["events"])}
+
+
+# -- budget -----------------------------------------------------------------------------
+
+
+async def budget(args: argparse.Namespace, workdir: Path) -> int:
+    print(
+        f"worker under the real limit ({LIMIT} requests in any {WINDOW:g} s): "
+        f"{args.records:,} records, stream {args.stream!r}, {args.seconds:g} s measured",
+        flush=True,
+    )
+    with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
+        bootstrap = broker.bootstrap_servers
+        await create_topics(bootstrap, [TOPIC, DLQ], args.partitions)
+        count, *_ = await produce_backlog(bootstrap, args)
+        async with sandbox(workdir, LIMIT, args.batch_delay) as (url, _):
+            port = free_port()
+            worker = start_worker(workdir, bootstrap, url, port, parse_sets(args.set))
+            try:
+                seen = await watch(
+                    worker, port,
+                    lambda w: w.first is not None and w.samples[-1].t - w.first.t
+                    >= args.seconds + WINDOW,
+                    within=args.seconds + 120,
+                )  # fmt: skip
+                async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                    log: list[dict[str, Any]] = (await http.get("/_sandbox/requests")).json()
+            finally:
+                code = await stop_worker(worker)
+    log.sort(key=lambda r: r["t"])
+    # Measure from the first request after start-up (the key check is one request).
+    api = [r for r in log if not r["path"].startswith("/token/")]
+    t0 = api[0]["t"]
+    span = [r for r in api if r["t"] < t0 + args.seconds]
+    accepted = [r for r in span if r["status"] != 429]
+    windows = int(args.seconds // WINDOW)
+    per_window = [
+        sum(1 for r in accepted if t0 + k * WINDOW <= r["t"] < t0 + (k + 1) * WINDOW)
+        for k in range(windows)
+    ]
+    kinds = Counter(kind(r) for r in accepted)
+    t = seen.last
+    batches = t.get(P + "contacts_per_batch_count", 0.0)
+    contacts = t.get(P + "contacts_per_batch_sum", 0.0)
+    first, end = seen.first, seen.samples[-1]
+    assert first is not None
+    finished = end.finished - first.finished
+    limited = sum(1 for r in log if r["status"] == 429)
+    all_ok = [r["t"] for r in log if r["status"] != 429]
+    print(f"  requests per 10-s window   {per_window}")
+    print(f"  most in any sliding 10 s   {max_in_any_window(all_ok, WINDOW)}")
+    print(
+        f"  budget utilisation         {len(accepted) / (LIMIT * args.seconds / WINDOW):.1%} "
+        f"({len(accepted)} accepted in {args.seconds:g} s)"
+    )
+    print(f"  429 answers                {limited}")
+    print(f"  requests by kind           {dict(kinds)}")
+    print(
+        f"  contacts per batch import  {contacts / max(batches, 1):.0f} "
+        f"({batches:.0f} imports in the run)"
+    )
+    print(
+        f"  contacts per request       {contacts / max(1, sum(kinds.values())):.0f} "
+        f"(all requests, status polls and events included; whole run)"
+    )
+    print(
+        f"  messages finished          {finished:,} in {end.t - first.t:.0f} s "
+        f"({finished / (end.t - first.t):,.0f}/s), of a backlog of {count:,}"
+    )
+    print(f"  worker exit code           {code}")
+    ok = limited == 0 and code == 0
+    print("  check:", "ok" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def kind(request: dict[str, Any]) -> str:
+    path = request["path"]
+    if path.startswith("/contacts/batch/"):
+        return "batch status"
+    return {"/contacts/batch": "batch import", "/events": "event"}.get(path, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", choices=["drain", "budget"])
+    parser.add_argument("--records", type=int, default=None,
+                        help="backlog size (drain: 200,000; budget: 300,000)")  # fmt: skip
+    parser.add_argument("--stream", choices=["contacts", "mix"], default="contacts")
+    parser.add_argument("--users", type=int, default=None,
+                        help="distinct users (default: half the records)")  # fmt: skip
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=60.0, help="budget: measured span")
+    parser.add_argument("--batch-delay", type=float, default=None,
+                        help="seconds the sandbox keeps each batch QUEUED, then IN_PROGRESS; "
+                        "it imports batches one at a time (drain: 0, budget: 0.5)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=1800.0, help="drain: give up after")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="drain: skip counting the sandbox's contacts at the end")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a worker setting (repeatable)")  # fmt: skip
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep broker, sandbox and worker logs here")  # fmt: skip
+    args = parser.parse_args()
+    if args.records is None:
+        args.records = 200_000 if args.scenario == "drain" else 300_000
+    if args.batch_delay is None:
+        args.batch_delay = 0.0 if args.scenario == "drain" else 0.5
+    if args.users is None:
+        args.users = max(1, args.records // 2)
+    scenario = drain if args.scenario == "drain" else budget
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return asyncio.run(scenario(args, args.workdir))
+    with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
+        return asyncio.run(scenario(args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
