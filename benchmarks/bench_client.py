@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import itertools
 import random
-import re
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from typing import Any
 
 import httpx
 import orjson
+from processes import sandbox_subprocess
 
 from destination.gist import (
     ContactPayload,
@@ -91,25 +91,11 @@ class RecordingLimiter(RateLimiter):
 
 
 @contextlib.asynccontextmanager
-async def sandbox_subprocess(batch_delay: float) -> AsyncIterator[str]:
-    """``gist-destination sandbox`` on a free port; yields its URL."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "destination", "sandbox", "--port", "0",
-        "--rate-limit", str(LIMIT), "--rate-window", str(WINDOW),
-        "--batch-delay", str(batch_delay), "--api-key", KEY,
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        found = re.search(r"listening on (http://\S+)", line)
-        if found is None:
-            raise RuntimeError(f"the sandbox did not start: {line!r}")
-        yield found.group(1)
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
+async def sandbox_out_of_process(batch_delay: float) -> AsyncIterator[str]:
+    async with sandbox_subprocess(
+        api_key=KEY, rate_limit=LIMIT, rate_window=WINDOW, batch_delay=batch_delay
+    ) as sandbox:
+        yield sandbox.url
 
 
 @contextlib.asynccontextmanager
@@ -184,7 +170,7 @@ class Run:
 
 
 async def drive(args: argparse.Namespace) -> Run:
-    starter = sandbox_in_process if args.in_process else sandbox_subprocess
+    starter = sandbox_in_process if args.in_process else sandbox_out_of_process
     rate = RateLimit(limit=LIMIT, window=WINDOW, margin=args.margin, pace=args.pace)
     tally = Tally()
     async with starter(args.batch_delay) as url:

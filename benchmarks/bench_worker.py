@@ -41,8 +41,6 @@ import contextlib
 import os
 import platform
 import random
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -58,9 +56,10 @@ import httpx
 import orjson
 from bench_client import max_in_any_window
 from bench_mapping import MIX, identify
-from prometheus_client.parser import text_string_to_metric_families
+from processes import sandbox_subprocess
 
 from destination.broker import EmbeddedBroker, create_topics, free_port
+from destination.demo import metric_totals, stop_worker
 
 KEY = "bench-key"
 TOPIC = "segment-events"
@@ -127,26 +126,14 @@ async def produce_backlog(bootstrap: str, args: argparse.Namespace) -> tuple[int
 async def sandbox(
     workdir: Path, rate_limit: int, batch_delay: float
 ) -> AsyncIterator[tuple[str, int]]:
-    """``gist-destination sandbox`` on a free port; yields its URL and pid."""
-    log = (workdir / "sandbox.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "destination", "sandbox", "--port", "0",
-        "--rate-limit", str(rate_limit), "--rate-window", str(WINDOW), "--api-key", KEY,
-        "--batch-delay", str(batch_delay),
-        stdout=asyncio.subprocess.PIPE, stderr=log,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        found = re.search(r"listening on (http://\S+)", line)
-        if found is None:
-            raise RuntimeError(f"the sandbox did not start: {line!r}")
-        yield found.group(1), proc.pid
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-        log.close()
+    """``gist-destination sandbox`` on a free port, its log in ``workdir``; yields its
+    URL and pid."""
+    with (workdir / "sandbox.log").open("wb") as log:
+        async with sandbox_subprocess(
+            api_key=KEY, rate_limit=rate_limit, rate_window=WINDOW, batch_delay=batch_delay,
+            stderr=log,
+        ) as process:  # fmt: skip
+            yield process.url, process.pid
 
 
 def start_worker(
@@ -170,18 +157,6 @@ def start_worker(
         )
 
 
-async def stop_worker(worker: subprocess.Popen[bytes]) -> int:
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
-        for _ in range(600):
-            if worker.poll() is not None:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            worker.kill()
-    return worker.wait()
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a live process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -196,15 +171,6 @@ def memory_kib(pid: int) -> dict[str, int]:
         if name in ("VmRSS", "VmHWM"):
             found[name] = int(value.split()[0])
     return found
-
-
-def totals(text: str) -> dict[str, float]:
-    """Each metric sample summed over its labels, by sample name."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[sample.name] = out.get(sample.name, 0.0) + sample.value
-    return out
 
 
 @dataclass
@@ -243,7 +209,7 @@ async def watch(
             if time.monotonic() - started > within:
                 raise RuntimeError(f"not done after {within:.0f} s")
             try:
-                t = totals((await http.get(url)).text)
+                t = metric_totals((await http.get(url)).text)
             except httpx.HTTPError:
                 await asyncio.sleep(interval)
                 continue
@@ -437,8 +403,9 @@ async def budget(args: argparse.Namespace, workdir: Path) -> int:
         f"  messages finished          {finished:,} in {end.t - first.t:.0f} s "
         f"({finished / (end.t - first.t):,.0f}/s), of a backlog of {count:,}"
     )
-    print(f"  worker exit code           {code}")
-    ok = limited == 0 and code == 0
+    dead = int(t.get(P + "messages_dead_lettered_total", 0))
+    print(f"  dead-lettered              {dead}; worker exit code {code}")
+    ok = limited == 0 and code == 0 and dead == 0
     print("  check:", "ok" if ok else "FAILED")
     return 0 if ok else 1
 

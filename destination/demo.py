@@ -100,7 +100,7 @@ async def _demo(args: argparse.Namespace, broker: EmbeddedBroker) -> int:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.Event().wait()
         finally:
-            code = await _stop(worker)
+            code = await stop_worker(worker)
         await _summary(sandbox.url, bootstrap, metrics_url, args.workdir)
         if not finished:
             _say(f"\nthe worker did not finish (exit {code}); see {args.workdir}/worker.log")
@@ -132,7 +132,8 @@ def _start_worker(
         )
 
 
-def _totals(text: str) -> dict[str, float]:
+def metric_totals(text: str) -> dict[str, float]:
+    """Each sample of a ``/metrics`` page summed over its labels, by sample name."""
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -152,7 +153,7 @@ async def _watch(
                 _say(f"\nthe worker exited with {worker.returncode}")
                 return False
             try:
-                t = _totals((await http.get(metrics_url)).text)
+                t = metric_totals((await http.get(metrics_url)).text)
             except httpx.HTTPError:
                 await asyncio.sleep(0.5)
                 continue
@@ -183,7 +184,8 @@ async def _watch(
     return False
 
 
-async def _stop(worker: subprocess.Popen[bytes]) -> int | None:
+async def stop_worker(worker: subprocess.Popen[bytes]) -> int | None:
+    """SIGTERM, up to a minute to drain, then SIGKILL; the exit code."""
     if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)
         for _ in range(600):
