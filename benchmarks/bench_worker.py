@@ -395,9 +395,11 @@ async def budget(args: argparse.Namespace, workdir: Path) -> int:
         f"  contacts per batch import  {contacts / max(batches, 1):.0f} "
         f"({batches:.0f} imports in the run)"
     )
+    per_import = contacts / max(batches, 1)
     print(
-        f"  contacts per request       {contacts / max(1, sum(kinds.values())):.0f} "
-        f"(all requests, status polls and events included; whole run)"
+        f"  contacts per request       "
+        f"{per_import * kinds['batch import'] / max(1, len(accepted)):.0f} "
+        f"(imports in the span x contacts per import / every accepted request)"
     )
     print(
         f"  messages finished          {finished:,} in {end.t - first.t:.0f} s "
