@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from destination import reasons
+
 
 class DecodeError(Exception):
     def __init__(self, reason: str, detail: str) -> None:
@@ -21,11 +23,11 @@ class DecodeError(Exception):
 def decode_record(value: bytes | None) -> tuple[list[Any], bool]:
     """The messages in a record value, and whether they came in an envelope."""
     if not value or value.isspace():  # (isspace, unlike strip, copies nothing)
-        raise DecodeError("empty_value", "the record has no value")
+        raise DecodeError(reasons.EMPTY_VALUE, "the record has no value")
     try:
         parsed = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise DecodeError("invalid_json", f"the value is not JSON: {exc.msg}") from None
+        raise DecodeError(reasons.INVALID_JSON, f"the value is not JSON: {exc.msg}") from None
     if isinstance(parsed, dict) and "type" not in parsed and isinstance(parsed.get("batch"), list):
         return parsed["batch"], True
     return [parsed], False
