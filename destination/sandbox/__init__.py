@@ -3,8 +3,10 @@
 It keeps one workspace in memory, answers the endpoints the destination uses the way the
 reference describes them (auth, the 100-per-10-s sliding rate limit, asynchronous batch
 imports, event-name normalisation, tags), and lets a test inject faults (server errors,
-latency, forced 429s, a disabled workspace) and inspect what it received through the
-unauthenticated ``/_sandbox/*`` endpoints::
+latency, forced 429s, a disabled workspace, and answers the reference does not describe:
+odd batch statuses, batches that never complete, other shapes of batch errors, a batch
+accepted without an id, failing batch polls, non-JSON bodies; see ``SandboxConfig``) and
+inspect what it received through the unauthenticated ``/_sandbox/*`` endpoints::
 
     async with running_sandbox(SandboxConfig(batch_delay=0.05)) as sandbox:
         ...  # point a client at sandbox.url with "Authorization: Bearer sandbox-key"

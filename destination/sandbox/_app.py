@@ -2,14 +2,16 @@
 
 One middleware does, for every API request and in this order: the configured latency,
 authentication (401), the disabled workspace (403), forced 429s, the sliding-window rate
-limit (429), random server errors (5xx), then the handler; and it records the request.
-``/_sandbox/*`` (inspection and control) skips all of that.
+limit (429), random server errors (5xx), then the handler, then (``non_json_rate``)
+the swap of a successful answer for a non-JSON one; and it records the request with the
+status it was answered. ``/_sandbox/*`` (inspection and control) skips all of that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -32,6 +34,18 @@ _BATCH_CHUNK: Final = 500
 _SERVER_ERRORS: Final = (500, 502, 503)
 _SCOPE: Final = "read_contact write_contact read_event write_event read_tag write_tag"
 _JSON_CT: Final = "application/json"
+_TOKEN_INFO: Final = "/token/info"
+_NOT_JSON: Final = b"<html><body>oops</body></html>"
+_HOLD_POLL: Final = 0.02
+"""Seconds between looks at the knobs while ``batch_status``/``batch_stuck`` hold batches."""
+_POLL_ERROR_CODES: Final = {
+    400: "bad_request",
+    401: "api_key_invalid",
+    403: "forbidden",
+    404: "batch_not_found",
+    405: "method_not_allowed",
+    429: "rate_limited",
+}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -126,7 +140,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     now = time.monotonic()
     response: web.StreamResponse | None = await _gate(request, rt, now)
     if response is None:
-        response = await _answer(request, handler)
+        response = _maybe_not_json(request, rt, await _answer(request, handler))
     rt.store.record_request(now, request.method, request.path, response.status)
     return response
 
@@ -153,6 +167,21 @@ async def _gate(request: web.Request, rt: _Runtime, now: float) -> web.Response 
         status = rt.rng.choice(_SERVER_ERRORS)
         return error_response(ApiError(status, "server_error", "injected server error"))
     return None
+
+
+def _maybe_not_json(
+    request: web.Request, rt: _Runtime, response: web.StreamResponse
+) -> web.StreamResponse:
+    """``non_json_rate``: a successful answer, already applied, swapped for HTML."""
+    rate = rt.config.non_json_rate
+    if (
+        rate > 0
+        and 200 <= response.status < 300
+        and request.path != _TOKEN_INFO
+        and rt.rng.random() < rate
+    ):
+        return web.Response(body=_NOT_JSON, status=200, content_type="text/html")
+    return response
 
 
 def _rate_limited(config: SandboxConfig, wait: float) -> web.Response:
@@ -207,17 +236,48 @@ async def _queue_batch(request: web.Request) -> web.Response:
         )
     )
     rt.wake_worker.set()
-    return json_response(
-        {"status": "QUEUED", "queued_contacts": len(contacts), "batch_id": batch_id}
-    )
+    answer: dict[str, JSON] = {"status": "QUEUED", "queued_contacts": len(contacts)}
+    if not rt.config.batch_id_missing:
+        answer["batch_id"] = batch_id
+    return json_response(answer)
 
 
 async def _batch_status(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    config = rt.config
+    if config.batch_poll_status is not None:
+        status = config.batch_poll_status
+        code = _POLL_ERROR_CODES.get(status, "server_error" if status >= 500 else "error")
+        raise ApiError(status, code, "injected batch-status error")
     batch = rt.store.batches.get(request.match_info["batch_id"])
     if batch is None:
         raise ApiError(404, "batch_not_found", "no batch with this id")
-    return json_response(batch.status_json())
+    if config.batch_status is not None:
+        return json_response({"status": config.batch_status})
+    answer = batch.status_json()
+    if "errors" in answer:
+        answer["errors"] = _format_errors(batch, config.batch_errors)
+    return json_response(answer)
+
+
+def _format_errors(batch: Batch, style: str) -> list[JSON]:
+    """A completed batch's errors in the ``batch_errors`` style of the answer."""
+    if style == "omitted":
+        return []
+    if style == "strings":
+        return [f"contact {e.get('index')}: {e.get('message')}" for e in batch.errors]
+    if style == "anonymous":
+        return [
+            {"message": e.get("message"), "contact_ref": _contact_ref(batch.id, e.get("index"))}
+            for e in batch.errors
+        ]
+    return list(batch.errors)
+
+
+def _contact_ref(batch_id: str, index: JSON) -> str:
+    """An opaque, stable token for one batch entry: no index, email or user_id in it."""
+    digest = hashlib.blake2b(f"{batch_id}:{index}".encode(), digest_size=6).hexdigest()
+    return f"ref_{digest}"
 
 
 def _contact_from_query(request: web.Request) -> Contact | None:
@@ -333,7 +393,17 @@ _FAULT_KNOBS: Final[dict[str, tuple[type, ...]]] = {
     "batch_delay": (int, float),
     "rate_limit": (int,),
     "rate_window": (int, float),
+    "batch_status": (str, type(None)),
+    "batch_stuck": (bool,),
+    "batch_errors": (str,),
+    "batch_id_missing": (bool,),
+    "batch_poll_status": (int, type(None)),
+    "non_json_rate": (int, float),
 }
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    return "/".join("null" if t is type(None) else t.__name__ for t in types)
 
 
 def _faults_json(config: SandboxConfig) -> dict[str, JSON]:
@@ -367,7 +437,7 @@ async def _set_faults(request: web.Request) -> web.Response:
         if types is None:
             raise bad_request(f"unknown knob {name!r}; knobs: {', '.join(_FAULT_KNOBS)}")
         if (bool not in types and isinstance(value, bool)) or not isinstance(value, types):
-            raise bad_request(f"{name} must be of type {'/'.join(t.__name__ for t in types)}")
+            raise bad_request(f"{name} must be of type {_type_names(types)}")
         changes[name] = value
     candidate = {**_faults_json(config), **changes}
     try:  # the config's own checks
@@ -389,7 +459,10 @@ async def _reset(request: web.Request) -> web.Response:
 
 async def _process_batches(rt: _Runtime) -> None:
     """Take queued batches in order: QUEUED for ``batch_delay`` (from when it was queued),
-    then IN_PROGRESS for ``batch_delay``, then apply every contact and mark COMPLETED."""
+    then IN_PROGRESS for ``batch_delay``, then apply every contact and mark COMPLETED.
+
+    While ``batch_status`` or ``batch_stuck`` is set, it waits before each chunk of
+    contacts and before marking COMPLETED: nothing is applied, nothing completes."""
     store = rt.store
     while True:
         if not store.pending:
@@ -404,7 +477,7 @@ async def _process_batches(rt: _Runtime) -> None:
         batch.status = "IN_PROGRESS"
         await asyncio.sleep(rt.config.batch_delay)
         for start in range(0, len(batch.contacts), _BATCH_CHUNK):
-            if not _current(store, batch):
+            if not await _unheld(rt, batch):
                 break
             for index in range(start, min(start + _BATCH_CHUNK, len(batch.contacts))):
                 try:
@@ -413,7 +486,7 @@ async def _process_batches(rt: _Runtime) -> None:
                     log.exception("gist sandbox: unhandled error applying a batch contact")
                     batch.errors.append({"index": index, "message": f"sandbox bug: {exc!r}"})
             await asyncio.sleep(0)  # let requests in between chunks
-        if _current(store, batch):
+        if await _unheld(rt, batch):
             batch.status = "COMPLETED"
             batch.contacts = []  # keep only the outcome
             store.batch_done()
@@ -422,6 +495,19 @@ async def _process_batches(rt: _Runtime) -> None:
 def _current(store: Store, batch: Batch) -> bool:
     """False once a reset dropped the batch."""
     return bool(store.pending) and store.pending[0] is batch
+
+
+def _holding(config: SandboxConfig) -> bool:
+    return config.batch_stuck or config.batch_status is not None
+
+
+async def _unheld(rt: _Runtime, batch: Batch) -> bool:
+    """Wait while a knob holds batches back; False once a reset dropped the batch.
+
+    It polls: a test may set the knobs on the config directly, with no event to wake on."""
+    while _holding(rt.config) and _current(rt.store, batch):  # noqa: ASYNC110 (see above)
+        await asyncio.sleep(_HOLD_POLL)
+    return _current(rt.store, batch)
 
 
 async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -476,7 +562,8 @@ class Sandbox:
     app: web.Application
 
     async def wait_for_batches(self) -> None:
-        """Return once every queued batch has completed (bound it with asyncio.timeout)."""
+        """Return once every queued batch has completed (bound it with asyncio.timeout:
+        while ``batch_status`` or ``batch_stuck`` holds the batches, that is never)."""
         await self.store.wait_idle()
 
     def reset(self) -> None:

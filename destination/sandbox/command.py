@@ -7,7 +7,7 @@ import asyncio
 import signal
 import sys
 
-from destination.sandbox._config import DEFAULT_API_KEY, SandboxConfig
+from destination.sandbox._config import BATCH_ERROR_FORMATS, DEFAULT_API_KEY, SandboxConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +55,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="send 429s without a Retry-After header",
     )
+    faults = parser.add_argument_group(
+        "answers the Gist reference does not describe (off by default; settable live "
+        "through POST /_sandbox/faults)"
+    )
+    faults.add_argument(
+        "--batch-status",
+        metavar="STATUS",
+        default=defaults.batch_status,
+        help='batch-status polls answer {"status": STATUS} (e.g. FAILED, completed); '
+        "batches pause, none completes while it is set",
+    )
+    faults.add_argument(
+        "--batch-stuck",
+        action="store_true",
+        help="batches never complete (the head one stays IN_PROGRESS, the rest QUEUED)",
+    )
+    faults.add_argument(
+        "--batch-errors",
+        choices=BATCH_ERROR_FORMATS,
+        default=defaults.batch_errors,
+        help="shape of a completed batch's errors: objects (index/email/user_id/message), "
+        "strings, anonymous (message and an opaque contact_ref), omitted (always [])",
+    )
+    faults.add_argument(
+        "--batch-id-missing",
+        action="store_true",
+        help="batch imports answer QUEUED without a batch_id (the batch is still applied)",
+    )
+    faults.add_argument(
+        "--batch-poll-status",
+        type=int,
+        metavar="HTTP_STATUS",
+        default=defaults.batch_poll_status,
+        help="batch-status polls answer this HTTP error status (400..599)",
+    )
+    faults.add_argument(
+        "--non-json-rate",
+        type=float,
+        metavar="FRACTION",
+        default=defaults.non_json_rate,
+        help="fraction of successful API answers (not /token/info) replaced by a 200 HTML "
+        "body, after the request was applied",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for the injected faults")
 
 
@@ -69,6 +112,12 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         error_rate=args.error_rate,
         latency=args.latency,
         retry_after=args.retry_after,
+        batch_status=args.batch_status,
+        batch_stuck=args.batch_stuck,
+        batch_errors=args.batch_errors,
+        batch_id_missing=args.batch_id_missing,
+        batch_poll_status=args.batch_poll_status,
+        non_json_rate=args.non_json_rate,
         seed=args.seed,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from destination.sandbox import Sandbox, SandboxConfig, command
+from destination.sandbox import Sandbox, SandboxConfig, command, running_sandbox
 from destination.sandbox._ratelimit import SlidingWindow
 
 AUTH = {"Authorization": "Bearer sandbox-key"}
@@ -593,6 +594,279 @@ async def test_state_requests_and_reset(
     assert sandbox.store.find_contact(email="q@x.io") is None
 
 
+# -- answers the reference does not describe -----------------------------------------------
+
+
+async def queue(client: httpx.AsyncClient, *contacts: Any) -> dict[str, Any]:
+    response = await client.post("/contacts/batch", json={"contacts": list(contacts)})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def set_faults(control: httpx.AsyncClient, **knobs: Any) -> dict[str, Any]:
+    response = await control.post("/_sandbox/faults", json=knobs)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_new_fault_knobs_are_off_by_default_and_validated(
+    control: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    knobs = (await control.get("/_sandbox/faults")).json()
+    assert {k: knobs[k] for k in knobs if k.startswith(("batch_", "non_json"))} == {
+        "batch_delay": 0.05,
+        "batch_status": None,
+        "batch_stuck": False,
+        "batch_errors": "objects",
+        "batch_id_missing": False,
+        "batch_poll_status": None,
+        "non_json_rate": 0.0,
+    }
+    for body in (
+        {"batch_status": 5},
+        {"batch_stuck": 1},
+        {"batch_errors": "xml"},
+        {"batch_errors": None},
+        {"batch_id_missing": "yes"},
+        {"batch_poll_status": 200},
+        {"batch_poll_status": True},
+        {"batch_poll_status": "500"},
+        {"non_json_rate": 1.5},
+        {"non_json_rate": None},
+    ):
+        response = await control.post("/_sandbox/faults", json=body)
+        assert response.status_code == 400, body
+    assert (await control.get("/_sandbox/faults")).json() == knobs
+    set_ = await set_faults(control, batch_status="FAILED", batch_poll_status=503)
+    assert (set_["batch_status"], set_["batch_poll_status"]) == ("FAILED", 503)
+    cleared = await set_faults(control, batch_status=None, batch_poll_status=None)
+    assert (cleared["batch_status"], cleared["batch_poll_status"]) == (None, None)
+    assert (sandbox.config.batch_status, sandbox.config.batch_poll_status) == (None, None)
+    with pytest.raises(ValueError, match="batch_errors"):
+        SandboxConfig(batch_errors="xml")  # type: ignore[arg-type]
+
+
+@config(batch_delay=0.02)
+async def test_batch_status_replaces_the_answer_and_pauses_the_batches(
+    client: httpx.AsyncClient, control: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    done = await queue(client, {"email": "before@example.com"})
+    await poll_batch(client, done["batch_id"])
+    await set_faults(control, batch_status="FAILED")
+    held = await queue(client, {"email": "held@example.com"}, {"email": "bad"})
+    await asyncio.sleep(0.3)  # many times the QUEUED + IN_PROGRESS delays
+    for batch_id in (done["batch_id"], held["batch_id"]):
+        answer = await client.get(f"/contacts/batch/{batch_id}")
+        assert answer.status_code == 200
+        assert answer.json() == {"status": "FAILED"}  # completed ones too, no counts
+    # paused, not running underneath: nothing applied, nothing completed
+    assert sandbox.store.batches[held["batch_id"]].status == "IN_PROGRESS"
+    assert sandbox.store.find_contact(email="held@example.com") is None
+    state = (await control.get("/_sandbox/state")).json()  # the truth
+    assert state["batches"][done["batch_id"]]["status"] == "COMPLETED"
+    assert state["batches"][held["batch_id"]]["status"] == "IN_PROGRESS"
+
+    for status in ("completed", "IN_PROGRESS", "COMPLETED"):
+        await set_faults(control, batch_status=status)
+        answer = (await client.get(f"/contacts/batch/{held['batch_id']}")).json()
+        assert answer == {"status": status}
+    await asyncio.sleep(0.1)
+    assert sandbox.store.find_contact(email="held@example.com") is None
+
+    await set_faults(control, batch_status=None)  # the batch resumes and completes
+    seen = await poll_batch(client, held["batch_id"])
+    assert seen[-1]["imported_contacts"] == 1
+    assert [e["index"] for e in seen[-1]["errors"]] == [1]
+    assert sandbox.store.find_contact(email="held@example.com") is not None
+    assert (await client.get(f"/contacts/batch/{done['batch_id']}")).json()[
+        "imported_contacts"
+    ] == 1
+
+
+@config(batch_delay=0.02)
+async def test_batch_stuck_never_completes_until_cleared(
+    client: httpx.AsyncClient, control: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    assert (await set_faults(control, batch_stuck=True))["batch_stuck"] is True
+    first = await queue(client, {"email": "s1@example.com"})
+    second = await queue(client, {"email": "s2@example.com"})
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.4):
+            await sandbox.wait_for_batches()
+    statuses = [
+        (await client.get(f"/contacts/batch/{b['batch_id']}")).json() for b in (first, second)
+    ]
+    assert statuses == [{"status": "IN_PROGRESS"}, {"status": "QUEUED"}]
+    assert sandbox.store.contacts == {}
+
+    await set_faults(control, batch_stuck=False)
+    async with asyncio.timeout(5):
+        await sandbox.wait_for_batches()
+    for batch in (first, second):
+        answer = (await client.get(f"/contacts/batch/{batch['batch_id']}")).json()
+        assert answer == {"status": "COMPLETED", "imported_contacts": 1, "errors": []}
+
+
+@pytest.mark.parametrize("style", ["objects", "strings", "anonymous", "omitted"])
+async def test_batch_errors_styles(
+    client: httpx.AsyncClient, control: httpx.AsyncClient, sandbox: Sandbox, style: str
+) -> None:
+    await set_faults(control, batch_errors=style)
+    contacts: list[Any] = [
+        {"email": "ok@example.com", "user_id": "ok"},
+        {"email": "not-an-email", "user_id": "u-bad"},
+        {"user_id": "u-none"},
+    ]
+    batch = await queue(client, *contacts)
+    assert batch["queued_contacts"] == 3
+    done = (await poll_batch(client, batch["batch_id"]))[-1]
+    assert done["status"] == "COMPLETED"
+    assert done["imported_contacts"] == 1  # the truth, whatever the errors look like
+    errors = done["errors"]
+    if style == "objects":
+        assert [(e["index"], e["email"], e["user_id"]) for e in errors] == [
+            (1, "not-an-email", "u-bad"),
+            (2, None, "u-none"),
+        ]
+    elif style == "strings":
+        assert all(isinstance(e, str) for e in errors)
+        assert errors[0].startswith("contact 1: ")
+        assert "email" in errors[0]
+        assert errors[1].startswith("contact 2: ")
+    elif style == "anonymous":
+        assert [set(e) for e in errors] == [{"message", "contact_ref"}] * 2
+        refs = [e["contact_ref"] for e in errors]
+        assert len(set(refs)) == 2
+        for ref in refs:
+            assert "not-an-email" not in ref
+            assert "u-" not in ref
+        again = (await client.get(f"/contacts/batch/{batch['batch_id']}")).json()
+        assert [e["contact_ref"] for e in again["errors"]] == refs  # stable
+    else:
+        assert errors == []
+        assert done["imported_contacts"] < batch["queued_contacts"]
+    # the store keeps the full error objects, whatever the answers look like
+    stored = sandbox.store.batches[batch["batch_id"]]
+    assert [e["index"] for e in stored.errors] == [1, 2]
+    assert sandbox.store.find_contact(user_id="ok") is not None
+    assert sandbox.store.find_contact(user_id="u-bad") is None
+    # the style is applied when answering: switching back shows the objects again
+    await set_faults(control, batch_errors="objects")
+    again = (await client.get(f"/contacts/batch/{batch['batch_id']}")).json()
+    assert [e["index"] for e in again["errors"]] == [1, 2]
+
+
+async def test_batch_id_missing_still_queues_and_applies(
+    client: httpx.AsyncClient, control: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    await set_faults(control, batch_id_missing=True)
+    response = await client.post(
+        "/contacts/batch",
+        json={"contacts": [{"email": "m1@example.com"}, {"email": "m2@example.com"}]},
+    )
+    assert response.status_code == 200
+    assert response.json() == {"status": "QUEUED", "queued_contacts": 2}
+    async with asyncio.timeout(5):
+        await sandbox.wait_for_batches()
+    assert sandbox.store.find_contact(email="m1@example.com") is not None
+    assert sandbox.store.find_contact(email="m2@example.com") is not None
+    state = (await control.get("/_sandbox/state")).json()
+    [batch] = state["batches"].values()
+    assert batch == {
+        "queued_contacts": 2,
+        "status": "COMPLETED",
+        "imported_contacts": 2,
+        "errors": [],
+    }
+    await set_faults(control, batch_id_missing=False)
+    assert "batch_id" in await queue(client, {"email": "m3@example.com"})
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(400, "bad_request"), (404, "batch_not_found"), (500, "server_error")]
+)
+async def test_batch_poll_status_fails_polls_while_the_batch_completes(
+    client: httpx.AsyncClient,
+    control: httpx.AsyncClient,
+    sandbox: Sandbox,
+    status: int,
+    code: str,
+) -> None:
+    await set_faults(control, batch_poll_status=status)
+    before = time.monotonic()
+    batch = await queue(client, {"email": "p@example.com"})
+    for _ in range(2):
+        answer = await client.get(f"/contacts/batch/{batch['batch_id']}")
+        assert answer.status_code == status
+        assert error_code(answer) == code
+    async with asyncio.timeout(5):
+        await sandbox.wait_for_batches()  # the batch carried on underneath
+    assert sandbox.store.find_contact(email="p@example.com") is not None
+    assert (await client.get(f"/contacts/batch/{batch['batch_id']}")).status_code == status
+    log = (await control.get("/_sandbox/requests", params={"since": before})).json()
+    assert [(r["method"], r["status"]) for r in log] == [("POST", 200)] + [("GET", status)] * 3
+    await set_faults(control, batch_poll_status=None)
+    answer = await client.get(f"/contacts/batch/{batch['batch_id']}")
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "COMPLETED"
+
+
+async def test_non_json_rate_answers_html_after_applying(
+    client: httpx.AsyncClient, control: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    await set_faults(control, non_json_rate=1.0)
+    before = time.monotonic()
+    responses = [
+        await client.post("/contacts", json={"email": "n@example.com", "user_id": "n"}),
+        await client.post("/events", json={"event_name": "e", "user_id": "n"}),
+        await client.post("/contacts/batch", json={"contacts": [{"email": "b@example.com"}]}),
+        await client.get("/contacts", params={"email": "n@example.com"}),
+        await client.post("/tags", json={"name": "T", "contacts": [{"user_id": "n"}]}),
+    ]
+    for response in responses:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        with pytest.raises(json.JSONDecodeError):
+            response.json()
+    # applied all the same
+    contact = sandbox.store.find_contact(user_id="n")
+    assert contact is not None
+    assert [t["name"] for t in sandbox.store.contact_json(contact)["tags"]] == ["T"]
+    assert [e.name for e in sandbox.store.events] == ["e"]
+    [batch] = sandbox.store.batches.values()
+    async with asyncio.timeout(5):
+        await sandbox.wait_for_batches()
+    assert sandbox.store.find_contact(email="b@example.com") is not None
+    html_poll = await client.get(f"/contacts/batch/{batch.id}")
+    assert html_poll.headers["content-type"].startswith("text/html")
+    # /token/info and error answers stay JSON
+    assert (await client.get("/token/info")).json()["workspace_id"] == "sandbox-workspace"
+    missing = await client.get("/contacts", params={"email": "ghost@example.com"})
+    assert missing.status_code == 404
+    assert error_code(missing) == "contact_not_found"
+    log = (await control.get("/_sandbox/requests", params={"since": before})).json()
+    assert [r["status"] for r in log] == [200] * 7 + [404]
+    await set_faults(control, non_json_rate=0.0)
+    assert (await client.get("/tags")).json()["tags"][0]["name"] == "T"
+
+
+async def test_non_json_rate_is_seeded() -> None:
+    async def pattern(seed: int) -> list[bool]:
+        async with (
+            running_sandbox(SandboxConfig(non_json_rate=0.5, seed=seed)) as box,
+            httpx.AsyncClient(base_url=box.url, headers=AUTH) as http,
+        ):
+            answers = [await http.get("/tags") for _ in range(40)]
+            return [r.headers["content-type"].startswith("text/html") for r in answers]
+
+    first = await pattern(11)
+    assert first == await pattern(11)
+    assert 5 < sum(first) < 35
+    assert first != await pattern(12)
+
+
 # -- protocol -----------------------------------------------------------------------------
 
 
@@ -657,6 +931,55 @@ def test_command_flags_build_the_config() -> None:
     assert config.api_keys == frozenset({"a", "b"})
     assert (config.rate_limit, config.rate_window, config.batch_delay) == (0, 2.0, 0.1)
     assert (config.error_rate, config.latency, config.retry_after) == (0.25, 0.01, False)
+
+
+def test_command_fault_flags_build_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    defaults = command.config_from_args(parser.parse_args([]))
+    assert (defaults.batch_status, defaults.batch_stuck, defaults.batch_errors) == (
+        None,
+        False,
+        "objects",
+    )
+    assert (defaults.batch_id_missing, defaults.batch_poll_status, defaults.non_json_rate) == (
+        False,
+        None,
+        0.0,
+    )
+    config = command.config_from_args(
+        parser.parse_args(
+            [
+                "--batch-status",
+                "FAILED",
+                "--batch-stuck",
+                "--batch-errors",
+                "anonymous",
+                "--batch-id-missing",
+                "--batch-poll-status",
+                "404",
+                "--non-json-rate",
+                "0.1",
+                "--seed",
+                "7",
+            ]
+        )
+    )
+    assert (config.batch_status, config.batch_stuck, config.batch_errors) == (
+        "FAILED",
+        True,
+        "anonymous",
+    )
+    assert (config.batch_id_missing, config.batch_poll_status, config.non_json_rate) == (
+        True,
+        404,
+        0.1,
+    )
+    assert config.seed == 7
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--batch-errors", "xml"])
+    with pytest.raises(ValueError, match="batch_poll_status"):
+        command.config_from_args(parser.parse_args(["--batch-poll-status", "200"]))
 
 
 async def test_command_serves_until_sigterm_and_exits_0() -> None:
