@@ -27,6 +27,8 @@ from destination.mapping._syntax import (
 from destination.mapping._values import (
     CACHE_LIMIT,
     DROP,
+    MAX_USER_ID,
+    EmailCheck,
     PropertyNames,
     PropertyShaper,
     ValueConverter,
@@ -47,6 +49,8 @@ from destination.operations import (
     TagChange,
 )
 
+_INT64_MIN: Final = -(2**63)
+_UINT64_MAX: Final = 2**64 - 1
 _AUDIENCE_ENTERED: Final = event_key("Audience Entered")
 _AUDIENCE_EXITED: Final = event_key("Audience Exited")
 _AUDIENCE_EVENTS: Final = frozenset({_AUDIENCE_ENTERED, _AUDIENCE_EXITED})
@@ -166,6 +170,25 @@ def _joined(values: Any) -> Any:
     return " ".join(parts) if parts else MISSING
 
 
+def _id_text(value: Any, path: str) -> str:
+    """A user id that is not a plain string, as its text; ``_Reject`` if it is no id."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if _INT64_MIN <= value <= _UINT64_MAX:
+            return str(int(value))
+        raise _Reject(reasons.INVALID_FIELD, f"{path} must be an integer within 64 bits")
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, float):
+        # orjson reads an integer beyond 64 bits as a float: 2**64 + 1 would print as
+        # 2**64 and two users would merge. No float is taken as an id.
+        raise _Reject(
+            reasons.INVALID_FIELD,
+            f"{path} must be a string or an integer within 64 bits, not a number with a "
+            "fraction or an exponent",
+        )
+    raise _Reject(reasons.INVALID_FIELD, f"{path} must be a string or an integer")
+
+
 # Where an identify's field source reads from. Most sources are a key of traits or of
 # context, which the identify has in hand: reading them directly, not through a getter,
 # keeps the per-message loop lean.
@@ -221,6 +244,7 @@ class Mapper:
         self._on_invalid_drop = rules.invalid_fields == "drop"
         self._user_ids = tuple(_source((p,)) for p in rules.identity.user_id)
         self._emails = tuple(_source((p,)) for p in rules.identity.email)
+        self._email_problem = EmailCheck()
 
         names = PropertyNames(rules.values.keys)
         self._names = names
@@ -243,7 +267,11 @@ class Mapper:
             for source in sources
             for p in source
             if p.startswith("traits.")
-        } | {".".join(parse_path(p)[1:]) for p in rules.identity.email if p.startswith("traits.")}
+        } | {
+            ".".join(parse_path(p)[1:])
+            for p in (*rules.identity.user_id, *rules.identity.email)
+            if p.startswith("traits.")
+        }
         self._traits = PropertyShaper(identify.traits, names, convert, skip=frozenset(used_traits))
         self._audiences = rules.engage.audiences
         self._computed_traits = rules.engage.computed_traits
@@ -334,25 +362,26 @@ class Mapper:
         return self._user_id(message, self._user_ids), self._email(message)
 
     def _user_id(self, message: dict[str, Any], sources: tuple[Source, ...]) -> str | None:
-        """The first present id, as a string (a whole number becomes its decimal)."""
+        """The first present, non-blank id, as a string (an integer becomes its decimal).
+        A bad id rejects the message whatever ``invalid_fields`` says: sent, or dropped for
+        the next source, it would touch another contact."""
         for get, path in sources:
             value = get(message)
-            if type(value) is str and value:  # the usual case, checked first
-                return value
-            if value is MISSING or value is None:
-                continue
-            if isinstance(value, str):
-                if value:
-                    return value
-                continue
-            if isinstance(value, int) and not isinstance(value, bool):
-                return str(value)
-            if isinstance(value, float) and value.is_integer():
-                return str(int(value))
-            self._invalid(path, "a string or a whole number")
+            if type(value) is not str:  # a string is the usual case
+                if value is MISSING or value is None:
+                    continue
+                value = _id_text(value, path)
+            if len(value) > MAX_USER_ID:
+                raise _Reject(
+                    reasons.INVALID_FIELD, f"{path} must be at most {MAX_USER_ID} characters"
+                )
+            if value and not value.isspace():
+                return value  # as written: only a blank id is no id
         return None
 
     def _email(self, message: dict[str, Any]) -> str | None:
+        """The first present, non-blank email, trimmed; a bad one rejects the message, or
+        is dropped for the next source under ``invalid_fields: drop``."""
         for get, path in self._emails:
             value = get(message)
             if value is MISSING or value is None:
@@ -363,11 +392,28 @@ class Mapper:
             email = value.strip()
             if not email:
                 continue
-            if "@" not in email:
-                self._invalid(path, "an email address")
+            problem = self._email_problem(email)
+            if problem is not None:
+                self._invalid(path, problem)
                 continue
             return email
         return None
+
+    def _no_identity(self, message: dict[str, Any], detail: str) -> _Reject:
+        """The rejection for a message without an identity: ``missing_identity``, or, when
+        ``invalid_fields: drop`` dropped a bad email that was the only identity, that
+        email's ``invalid_field`` (dropping it must not leave the message to pass)."""
+        for get, path in self._emails:
+            value = get(message)
+            if value is MISSING or value is None:
+                continue
+            if not isinstance(value, str):
+                return _Reject(reasons.INVALID_FIELD, f"{path} must be a string")
+            email = value.strip()
+            problem = self._email_problem(email) if email else None
+            if problem is not None:
+                return _Reject(reasons.INVALID_FIELD, f"{path} must be {problem}")
+        return _Reject(reasons.MISSING_IDENTITY, detail)
 
     def _invalid(self, path: str, expected: str) -> None:
         """A field of the wrong type: reject, unless the rules say drop it (return)."""
@@ -395,7 +441,7 @@ class Mapper:
             traits = self._object(message, "traits")
         user_id, email = self._identity(message)
         if user_id is None and email is None:
-            raise _Reject(reasons.MISSING_IDENTITY, "identify needs a userId or an email")
+            raise self._no_identity(message, "identify needs a userId or an email")
         contact: dict[str, Any] = {}
         if user_id is not None:
             contact["user_id"] = user_id
@@ -519,8 +565,8 @@ class Mapper:
             context = {}
         user_id, email = self._identity(message)
         if user_id is None and email is None:
-            raise _Reject(
-                reasons.MISSING_IDENTITY,
+            raise self._no_identity(
+                message,
                 "track needs a userId or an email (context.traits.email, properties.email)",
             )
         stamp = self._stamp(message)
@@ -626,7 +672,7 @@ class Mapper:
         properties = self._object(message, "properties")
         user_id, email = self._identity(message)
         if user_id is None and email is None:
-            raise _Reject(reasons.MISSING_IDENTITY, f"{kind} needs a userId or an email")
+            raise self._no_identity(message, f"{kind} needs a userId or an email")
         name = first_rendered(templates, message)
         if name is None:
             return Skipped(kind, reasons.NO_EVENT_NAME)
@@ -650,7 +696,7 @@ class Mapper:
         traits = self._object(message, "traits")
         user_id, email = self._identity(message)
         if user_id is None and email is None:
-            raise _Reject(reasons.MISSING_IDENTITY, "group needs a userId or an email")
+            raise self._no_identity(message, "group needs a userId or an email")
         group_id = message.get("groupId")
         if (
             "id" not in traits
@@ -682,7 +728,7 @@ class Mapper:
     def _delete(self, message: dict[str, Any], kind: str) -> MapResult:
         user_id, email = self._identity(message)
         if user_id is None and email is None:
-            raise _Reject(reasons.MISSING_IDENTITY, "delete needs a userId or an email")
+            raise self._no_identity(message, "delete needs a userId or an email")
         return Mapped(kind, (ContactDelete(user_id, email, *self._stamp(message)),))
 
 

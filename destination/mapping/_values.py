@@ -38,6 +38,68 @@ _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _SEPARATORS = re.compile(r"[\W_]+")
 
 
+# Identities --------------------------------------------------------------------------
+
+MAX_USER_ID: Final = 255
+"""The longest user id sent (characters)."""
+
+MAX_EMAIL: Final = 254
+"""The longest email sent (RFC 5321's path limit less the angle brackets)."""
+
+MAX_LOCAL_PART: Final = 64
+"""The longest part before the @ (RFC 5321)."""
+
+# A practical subset of RFC 5321/5322 (with RFC 6531's non-ASCII letters): a dot-atom
+# before the @ (no quoted strings, comments or spaces); after it, two or more DNS labels
+# of letters, digits and inner hyphens, at most 63 characters each, the last not all
+# digits (no IP literals).
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff"
+_LETTERS = r"[A-Za-z0-9\u0080-\U0010ffff]+"
+_EMAIL = re.compile(
+    rf"(?P<local>[{_ATEXT}]+(?:\.[{_ATEXT}]+)*)"
+    rf"@(?P<domain>{_LETTERS}(?:-+{_LETTERS})*(?:\.{_LETTERS}(?:-+{_LETTERS})*)+)"
+)
+_EMAIL_SHAPE: Final = "an email address (name@domain.tld: one @, no spaces, quotes or comments)"
+
+
+def email_problem(text: str) -> str | None:
+    """``None`` if ``text`` (already trimmed) is an email Gist can take, else what an
+    email must be (for a rejection's detail: it never repeats the address)."""
+    if len(text) > MAX_EMAIL:
+        return f"an email address of at most {MAX_EMAIL} characters"
+    match = _EMAIL.fullmatch(text)
+    if match is None:
+        return _EMAIL_SHAPE
+    domain = match["domain"]
+    if domain.rpartition(".")[2].isdigit() or not (text.isascii() or text.isprintable()):
+        return _EMAIL_SHAPE
+    if len(domain) > 63 and any(len(label) > 63 for label in domain.split(".")):
+        return "an email address whose domain labels have at most 63 characters"
+    if len(match["local"]) > MAX_LOCAL_PART:
+        return f"an email address with at most {MAX_LOCAL_PART} characters before the @"
+    return None
+
+
+class EmailCheck:
+    """``email_problem`` with a bounded cache of the addresses that passed (the same
+    addresses come back message after message)."""
+
+    __slots__ = ("_good",)
+
+    def __init__(self) -> None:
+        self._good: set[str] = set()
+
+    def __call__(self, text: str) -> str | None:
+        if text in self._good:
+            return None
+        problem = email_problem(text)
+        if problem is None:
+            if len(self._good) >= CACHE_LIMIT:
+                self._good.clear()
+            self._good.add(text)
+        return problem
+
+
 # Times -------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import textwrap
 from functools import cache
 from typing import Any
 
+import orjson
 import pytest
 
 from destination.mapping import REJECT_REASONS, SKIP_REASONS, Mapper, load_rules, parse_rules
@@ -148,12 +149,6 @@ CONTACT_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
         "a numeric userId becomes its decimal string",
         "",
         {"type": "identify", "userId": 42},
-        {"user_id": "42"},
-    ),
-    (
-        "a whole float userId too",
-        "",
-        {"type": "identify", "userId": 42.0},
         {"user_id": "42"},
     ),
     (
@@ -388,10 +383,10 @@ CONTACT_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
         {"user_id": "u-1", "email": "e@x.io"},
     ),
     (
-        "identity: user_id from another path",
+        "identity: user_id from another path, which is then not repeated",
         "identity: {user_id: [userId, traits.id]}",
         {"type": "identify", "traits": {"id": 7}},
-        {"user_id": "7", "custom_properties": {"id": 7}},
+        {"user_id": "7"},
     ),
     (
         "traits.exclude with a glob and a regex; exclude wins over include",
@@ -1134,9 +1129,16 @@ REJECT_CASES: list[tuple[str, str, object, str, str]] = [
     (
         "invalid_fields: drop still needs an identity",
         "invalid_fields: drop",
-        {"type": "identify", "traits": {"email": "nope"}},
+        {"type": "identify", "traits": {"plan": "pro"}, "context": {"traits": {"email": ""}}},
         "identify",
         "missing_identity",
+    ),
+    (
+        "a whole float userId (JSON cannot tell 2**64 + 1 from 2**64 as a float)",
+        "",
+        {"type": "identify", "userId": 42.0},
+        "identify",
+        "invalid_field",
     ),
     (
         "track without identity",
@@ -1281,3 +1283,181 @@ def test_the_mapper_keeps_no_state_between_messages() -> None:
     run(AUDIENCE_IDENTIFY)
     run(SPEC_TRACK)
     assert run(SPEC_IDENTIFY) == first
+
+
+# what the mapping accepts: identity ----------------------------------------------------
+
+
+def rejected(message: object, rules_yaml: str = "") -> Rejected:
+    result = run(message, rules_yaml)
+    assert isinstance(result, Rejected), result
+    assert result.reason in REJECT_REASONS
+    return result
+
+
+def parsed(json_text: str) -> Any:
+    """What the consumer hands the mapper: the message as orjson parses it."""
+    return orjson.loads(json_text)
+
+
+def test_a_userid_beyond_64_bits_is_rejected_not_rounded() -> None:
+    # orjson reads it as the float 1.8446744073709552e19, which would print as
+    # 18446744073709551616: two users would merge.
+    message = parsed('{"type": "identify", "userId": 18446744073709551617}')
+    result = rejected(message)
+    assert (result.reason, result.message_type) == ("invalid_field", "identify")
+    assert "userId" in result.detail
+
+
+@pytest.mark.parametrize(
+    ("user_id", "sent"),
+    [
+        (2**64 - 1, "18446744073709551615"),
+        (-(2**63), "-9223372036854775808"),
+        (0, "0"),
+        (" u-1 ", " u-1 "),  # sent as written: only a blank id is not an id
+        ("x" * 255, "x" * 255),
+    ],
+)
+def test_user_ids_that_are_sent(user_id: Any, sent: str) -> None:
+    assert contact({"type": "identify", "userId": user_id}) == {"user_id": sent}
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    [42.0, 4.5, 1e300, True, False, 2**64, -(2**63) - 1, "x" * 256, [1], {"id": 1}],
+    ids=repr,
+)
+@pytest.mark.parametrize("rules", ["", "invalid_fields: drop"])
+def test_user_ids_that_are_rejected_whatever_invalid_fields_says(user_id: Any, rules: str) -> None:
+    message = {"type": "identify", "userId": user_id, "traits": {"email": "a@x.io"}}
+    result = rejected(message, rules)
+    assert result.reason == "invalid_field"
+    assert result.detail.startswith("userId ")
+    assert "x" * 20 not in result.detail
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n"])
+def test_a_blank_user_id_is_no_identity(blank: str) -> None:
+    assert rejected({"type": "identify", "userId": blank}).reason == "missing_identity"
+    assert contact({"type": "identify", "userId": blank, "traits": {"email": "a@x.io"}}) == {
+        "email": "a@x.io"
+    }
+
+
+def test_every_path_the_identity_rules_read_is_checked() -> None:
+    rules = "identity: {user_id: [userId, traits.id]}"
+    assert rejected({"type": "identify", "traits": {"id": 7.0}}, rules).detail.startswith(
+        "traits.id "
+    )
+    assert contact({"type": "identify", "userId": " ", "traits": {"id": 7}}, rules) == {
+        "user_id": "7"
+    }
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "alias", "previousId": 1.5, "userId": "u-1"},
+        {"type": "alias", "previousId": "p", "userId": 2.0},
+        {"type": "track", "event": "E", "userId": 2.0},
+        {"type": "delete", "userId": True},
+    ],
+    ids=["previousId", "alias userId", "track", "delete"],
+)
+def test_identity_checks_hold_for_every_type(message: dict[str, Any]) -> None:
+    assert rejected(message).reason == "invalid_field"
+
+
+def test_a_blank_previous_id_is_no_identity() -> None:
+    message = {"type": "alias", "previousId": "  ", "userId": "u-1"}
+    assert rejected(message).reason == "missing_identity"
+
+
+# what the mapping accepts: email -------------------------------------------------------
+
+VALID_EMAILS = [
+    "ada@example.com",
+    "Ada.Lovelace+newsletter@mail.example.co.uk",
+    "o'brien_x-y=z{1}@example-1.io",
+    "!#$%&'*+/=?^_`{|}~-@example.com",
+    "a" * 64 + "@example.com",
+    "a@" + ".".join(["b" * 63] * 3) + ".com",  # 248 characters
+    "josé@bücher.example",  # internationalised (RFC 6531 / IDNA) addresses
+]
+
+INVALID_EMAILS = [
+    "ada",
+    "ada@",
+    "@example.com",
+    "ada@example",  # no dot: not a domain Gist can mail
+    "ada@@example.com",
+    "a@b@example.com",
+    "ada lovelace@example.com",
+    "ada@exa mple.com",
+    "ada@example..com",
+    "ada@.example.com",
+    "ada@example.com.",
+    ".ada@example.com",
+    "ada.@example.com",
+    "ada..l@example.com",
+    "ada@-example.com",
+    "ada@example-.com",
+    "ada@example.123",
+    "ada@[203.0.113.7]",
+    '"ada"@example.com',
+    "ada(comment)@example.com",
+    "ada@exam_ple.com",
+    "a\x00da@example.com",
+    "ada@example.com\x07",
+    "ada\u00a0l@example.com",
+    "a" * 65 + "@example.com",
+    "a@" + "b" * 64 + ".com",
+    "a@" + ".".join(["b" * 63] * 4),  # 257 characters
+    "a" * 100_000 + "@example.com",
+]
+
+
+@pytest.mark.parametrize("email", VALID_EMAILS, ids=lambda e: e[:30])
+def test_valid_emails_are_sent(email: str) -> None:
+    assert contact(identify({"email": email}))["email"] == email
+    assert contact(identify({"email": f"  {email} "}))["email"] == email
+
+
+@pytest.mark.parametrize("email", INVALID_EMAILS, ids=lambda e: repr(e[:30]))
+def test_invalid_emails_are_rejected(email: str) -> None:
+    result = rejected(identify({"email": email}))
+    assert result.reason == "invalid_field"
+    assert result.detail.startswith("traits.email ")
+    assert email.strip() not in result.detail
+
+
+def test_an_email_has_at_most_254_characters() -> None:
+    local = "a" * 64
+    domain = ".".join(["b" * 60] * 3) + ".co"  # 185 characters
+    ok = f"{local}@{domain}"
+    assert len(ok) == 250
+    assert contact(identify({"email": ok}))["email"] == ok
+    too_long = f"{local}@{'b' * 4}.{domain}"
+    assert len(too_long) == 255
+    assert rejected(identify({"email": too_long})).reason == "invalid_field"
+
+
+@pytest.mark.parametrize("email", ["nope", "a@b", "x" * 300 + "@example.com"])
+def test_an_invalid_email_is_dropped_under_drop_but_never_leaves_no_identity(email: str) -> None:
+    drop = "invalid_fields: drop"
+    assert contact(identify({"email": email, "plan": "pro"}), drop) == {
+        "user_id": "u-1",
+        "custom_properties": {"plan": "pro"},
+    }
+    # The only identity was the bad email: dropping it leaves nobody to send to.
+    result = rejected({"type": "identify", "traits": {"email": email}}, drop)
+    assert result.reason == "invalid_field"
+    assert result.detail.startswith("traits.email ")
+    track_result = rejected({"type": "track", "event": "E", "properties": {"email": email}}, drop)
+    assert track_result.detail.startswith("properties.email ")
+
+
+def test_a_track_email_is_checked_too() -> None:
+    message = {"type": "track", "event": "E", "context": {"traits": {"email": "a@b"}}}
+    assert rejected(message).detail.startswith("context.traits.email ")
