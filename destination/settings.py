@@ -47,12 +47,18 @@ class Settings(BaseSettings):
     gist_retry_cap: float = Field(60.0, gt=0)
     gist_batch_poll_interval: float = Field(1.0, gt=0)
     gist_batch_poll_max_interval: float = Field(30.0, gt=0)
+    gist_batch_deadline: float = Field(
+        3600.0, gt=0, description="longest wait for a batch import to complete, s"
+    )
 
     # --- Kafka ---
     kafka_bootstrap_servers: str = "localhost:9092"
     kafka_topics: Annotated[list[str], NoDecode] = Field(default_factory=list)
     kafka_group_id: str = "gist-destination"
     kafka_dlq_topic: str = "gist-destination-dlq"
+    kafka_dlq_max_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest dead letter the producer sends"
+    )
     kafka_client_id: str = "gist-destination"
     kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -72,6 +78,9 @@ class Settings(BaseSettings):
     )
     max_uncommitted_per_partition: int = Field(
         200_000, ge=1, description="records read past a partition's committable offset"
+    )
+    max_uncommitted_total: int = Field(
+        1_000_000, ge=1, description="records read past the committable offsets, all partitions"
     )
     commit_interval: float = Field(1.0, gt=0, description="seconds between offset commits")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to drain on SIGTERM")

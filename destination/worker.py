@@ -18,12 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
+import sys
 from typing import Any
 
 import httpx
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.helpers import create_ssl_context
 
 from destination.gist import (
@@ -38,12 +37,37 @@ from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.observability.health import HealthServer
 from destination.pipeline.consume import FlowLimits, StreamConsumer
-from destination.pipeline.dead_letter import DeadLetterWriter, KafkaRecordReader
+from destination.pipeline.dead_letter import (
+    DeadLetterTopicError,
+    DeadLetterWriter,
+    KafkaRecordReader,
+    check_topic,
+)
 from destination.pipeline.deliver import Delivery, DeliverySettings
 from destination.pipeline.inflight import Failure, Ledger, MessageWork
+from destination.pipeline.outcome import Outcomes
 from destination.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+
+class KafkaClients:
+    """Makes the worker's Kafka clients: aiokafka's here, the in-memory twin's in tests
+    (``destination.testing.local_kafka.LocalKafkaClients``)."""
+
+    def consumer(self, **options: Any) -> Any:
+        from aiokafka import AIOKafkaConsumer
+
+        return AIOKafkaConsumer(**options)
+
+    def producer(self, **options: Any) -> Any:
+        from aiokafka import AIOKafkaProducer
+
+        return AIOKafkaProducer(**options)
+
+    def record_reader(self, bootstrap_servers: str, **options: Any) -> Any:
+        """``ReadRecord`` with a ``close()``: reads records again by offset."""
+        return KafkaRecordReader(bootstrap_servers, **options)
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -64,9 +88,20 @@ def kafka_security(settings: Settings) -> dict[str, Any]:
 
 
 class Worker:
-    def __init__(self, settings: Settings, mapper: Mapper, api_key: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        mapper: Mapper,
+        api_key: str,
+        *,
+        kafka: KafkaClients | None = None,
+        gist_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """``kafka`` and ``gist_transport`` replace the real Kafka clients and HTTP
+        transport (tests run the whole worker in-process on twins)."""
         self.settings = settings
         self.mapper = mapper
+        self.kafka = kafka or KafkaClients()
         limiter = RateLimiter(
             RateLimit(
                 settings.gist_rate_limit, settings.gist_rate_window, settings.gist_rate_margin
@@ -89,7 +124,10 @@ class Worker:
                 max_connections=requests + imports + 1,
                 max_keepalive_connections=requests + imports + 1,
             ),
+            transport=gist_transport,
         )
+        self.ledger = Ledger()
+        self.outcomes = Outcomes(self.ledger, _NotStarted())
         self.delivery = Delivery(
             self.client,
             DeliverySettings(
@@ -99,18 +137,20 @@ class Worker:
                 max_concurrent_imports=imports,
                 poll_interval=settings.gist_batch_poll_interval,
                 poll_max_interval=settings.gist_batch_poll_max_interval,
+                batch_deadline=settings.gist_batch_deadline,
             ),
+            self.outcomes,
             on_fatal=self._credentials_rejected,
         )
-        self.ledger = Ledger(on_settled=self._settled)
-        self.health = HealthServer(settings.metrics_host, settings.metrics_port, self._not_ready)
+        self.health = HealthServer(
+            settings.metrics_host, settings.metrics_port, self._not_ready, self._broken
+        )
         self._stop = asyncio.Event()
         self._fatal: CredentialsError | None = None
         self._gist_ok = False
         self._consuming = False
-        self._dead_letters: DeadLetterWriter | None = None
-        self._record_reader: KafkaRecordReader | None = None
-        self._dlq_tasks: set[asyncio.Task[None]] = set()
+        self._crashed: str | None = None
+        self._record_reader: Any = None
         self.stream: StreamConsumer | None = None
 
     # --- readiness and stopping -------------------------------------------------------
@@ -122,6 +162,10 @@ class Worker:
         if not self._consuming:
             return "not consuming"
         return None
+
+    def _broken(self) -> str | None:
+        """Why the pipeline is broken (a component stopped on a bug), else None."""
+        return self._crashed or self.delivery.broken
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -139,38 +183,6 @@ class Worker:
             )
         self._stop.set()
 
-    # --- settled messages -------------------------------------------------------------
-    def _settled(self, message: MessageWork) -> None:
-        if message.failure is None:
-            metrics.child(metrics.MESSAGES_DELIVERED, message.message_type).inc()
-            if message.timestamp is not None:
-                metrics.DELIVERY_DELAY.observe(max(0.0, time.time() - message.timestamp))
-            self.ledger.finish(message)
-        else:
-            self._dead_letter(message, message.failure)
-
-    def _dead_letter(self, message: MessageWork, failure: Failure) -> None:
-        message.failure = failure
-        task = asyncio.create_task(self._write_dead_letter(message, failure))
-        self._dlq_tasks.add(task)
-        task.add_done_callback(self._dlq_tasks.discard)
-
-    async def _write_dead_letter(self, message: MessageWork, failure: Failure) -> None:
-        assert self._dead_letters is not None
-        await self._dead_letters.write(message, failure)
-        metrics.MESSAGES_DEAD_LETTERED.labels(message.message_type, failure.reason).inc()
-        record = message.record
-        log.warning(
-            log_events.DEAD_LETTERED,
-            reason=failure.reason,
-            status=failure.status,
-            topic=record.partition.tp.topic,
-            partition=record.partition.tp.partition,
-            offset=record.offset,
-            type=message.message_type,
-        )
-        self.ledger.finish(message)
-
     # --- the lifecycle ----------------------------------------------------------------
     async def serve(self) -> int:
         settings = self.settings
@@ -184,26 +196,36 @@ class Worker:
             gist=settings.gist_api_url,
             metrics_port=self.health.port,
         )
-        producer: AIOKafkaProducer | None = None
-        consumer: AIOKafkaConsumer | None = None
+        producer: Any = None
+        consumer: Any = None
         try:
             if not await self._check_key():
                 return EXIT_CREDENTIALS if self._fatal else EXIT_OK
             security = kafka_security(settings)
-            producer = AIOKafkaProducer(
+            producer = self.kafka.producer(
                 bootstrap_servers=settings.kafka_bootstrap_servers,
                 client_id=settings.kafka_client_id,
                 acks="all",
+                max_request_size=settings.kafka_dlq_max_bytes,
                 **security,
             )
             await producer.start()
-            self._record_reader = KafkaRecordReader(
+            try:
+                await check_topic(producer, settings.kafka_dlq_topic)
+            except DeadLetterTopicError as error:
+                log.error(log_events.DLQ_TOPIC_INVALID, error=str(error))
+                print(f"gist-destination: {error}", file=sys.stderr)
+                return EXIT_CONFIG
+            self._record_reader = self.kafka.record_reader(
                 settings.kafka_bootstrap_servers, client_id=settings.kafka_client_id, **security
             )
-            self._dead_letters = DeadLetterWriter(
-                producer, settings.kafka_dlq_topic, self._record_reader
+            self.outcomes.dead_letters = DeadLetterWriter(
+                producer,
+                settings.kafka_dlq_topic,
+                self._record_reader,
+                max_bytes=settings.kafka_dlq_max_bytes,
             )
-            consumer = AIOKafkaConsumer(
+            consumer = self.kafka.consumer(
                 bootstrap_servers=settings.kafka_bootstrap_servers,
                 client_id=settings.kafka_client_id,
                 group_id=settings.kafka_group_id,
@@ -211,6 +233,9 @@ class Worker:
                 auto_offset_reset=settings.kafka_auto_offset_reset,
                 max_poll_records=settings.kafka_max_poll_records,
                 session_timeout_ms=settings.kafka_session_timeout_ms,
+                # Kafka must wait for the drain on revoke (REBALANCE_TIMEOUT) before it
+                # expels this member; the default is the session time-out.
+                rebalance_timeout_ms=int((settings.rebalance_timeout + 10) * 1000),
                 **security,
             )
             self.stream = StreamConsumer(
@@ -218,16 +243,16 @@ class Worker:
                 settings.kafka_topics,
                 self.mapper,
                 self.delivery,
-                self.ledger,
+                self.outcomes,
                 FlowLimits(
                     settings.max_inflight_messages,
                     settings.max_inflight_bytes,
                     settings.max_inflight_per_partition,
                     settings.max_awaiting_import,
                     settings.max_uncommitted_per_partition,
+                    settings.max_uncommitted_total,
                 ),
                 settings.rebalance_timeout,
-                self._dead_letter,
             )
             self.stream.subscribe()
             await consumer.start()
@@ -265,6 +290,8 @@ class Worker:
     async def _consume(self, stream: StreamConsumer) -> int:
         consuming = asyncio.create_task(stream.run(), name="consume")
         housekeeping = asyncio.create_task(self._housekeeping(stream), name="housekeeping")
+        for task in (consuming, housekeeping):
+            task.add_done_callback(self._component_done)
         stopping = asyncio.create_task(self._stop.wait())
         self._consuming = True
         metrics.READY.set(1)
@@ -280,12 +307,15 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await consuming
         log.info(log_events.WORKER_STOPPING, in_flight=self.ledger.messages)
+        partitions = list(self.ledger.partitions.values())
         if self._fatal is None:
-            finished = await stream.drain(
-                list(self.ledger.partitions.values()), self.settings.shutdown_timeout
-            )
+            finished = await stream.drain(partitions, self.settings.shutdown_timeout)
             if not finished:
-                log.warning(log_events.SHUTDOWN_ABANDONED, in_flight=self.ledger.messages)
+                log.warning(
+                    log_events.SHUTDOWN_ABANDONED, in_flight=self.ledger.open_in(partitions)
+                )
+        else:
+            stream.stop_opening(partitions)
         housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await housekeeping
@@ -299,19 +329,30 @@ class Worker:
             await asyncio.sleep(self.settings.commit_interval)
             try:
                 await stream.commit()
-                stream.update_lag()
+                stream.update_gauges()
             except Exception:  # keep committing on the next turn; never stop silently
+                metrics.INTERNAL_ERRORS.labels("housekeeping").inc()
                 log.exception(log_events.HOUSEKEEPING_FAILED)
             metrics.RATE_LIMIT_UTILISATION.set(limiter.utilisation())
             metrics.RATE_LIMIT_CURRENT.set(limiter.current_limit)
             metrics.BATCHES_PENDING.set(self.delivery.batches_pending)
+            metrics.OLDEST_PENDING_BATCH_AGE.set(self.delivery.oldest_pending_batch_age())
+
+    def _component_done(self, task: asyncio.Task[None]) -> None:
+        """The consume loop or housekeeping ended: fine on a stop, a crash otherwise."""
+        if task.cancelled() or self._stop.is_set():
+            return
+        error = task.exception()
+        metrics.TASKS_FAILED.labels(task.get_name()).inc()
+        log.error(log_events.TASK_FAILED, component=task.get_name(), exc_info=error)
+        if self._crashed is None:
+            self._crashed = f"{task.get_name()} stopped: {type(error).__name__}"
 
     async def _close(
-        self, consumer: AIOKafkaConsumer | None, producer: AIOKafkaProducer | None
+        self, consumer: Any, producer: Any
     ) -> None:
         await self.delivery.close()
-        for task in list(self._dlq_tasks):
-            task.cancel()
+        await self.outcomes.close()
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await consumer.stop()
@@ -324,6 +365,13 @@ class Worker:
         await self.client.aclose()
         await self.health.stop()
         log.info(log_events.WORKER_STOPPED)
+
+
+class _NotStarted:
+    """The dead-letter sink before the producer is up (nothing is consumed before)."""
+
+    async def write(self, message: MessageWork, failure: Failure) -> None:
+        raise RuntimeError("dead letter before the worker started")
 
 
 async def serve(settings: Settings, mapper: Mapper, api_key: str) -> int:

@@ -7,6 +7,7 @@ from destination.gist._errors import (
     PermanentError,
     RateLimitedError,
     RetryableError,
+    UnexpectedAnswerError,
 )
 from destination.gist._limiter import RateLimit, RateLimiter, SlidingWindow
 from destination.gist._models import (
@@ -41,4 +42,5 @@ __all__ = [
     "RetryableError",
     "SlidingWindow",
     "TokenInfo",
+    "UnexpectedAnswerError",
 ]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -20,11 +20,12 @@ import structlog
 
 from destination import __version__
 from destination.gist._errors import (
+    UNEXPECTED_ANSWER_ATTEMPTS,
     CredentialsError,
     GistError,
-    PermanentError,
     RateLimitedError,
     RetryableError,
+    UnexpectedAnswerError,
     error_for_status,
 )
 from destination.gist._limiter import RateLimiter
@@ -106,8 +107,7 @@ class GistClient:
     # --- operations -------------------------------------------------------------------
     async def token_info(self) -> TokenInfo:
         """``GET /token/info``: checks the key and tells the workspace it belongs to."""
-        body = await self._request("GET", "/token/info", "GET /token/info")
-        data = _object(body)
+        data = await self._request("GET", "/token/info", "GET /token/info", parse=_json_object)
         return TokenInfo(
             workspace_id=str(data.get("workspace_id", "")),
             token_type=_opt_str(data.get("token_type")),
@@ -118,55 +118,82 @@ class GistClient:
 
     async def upsert_contact(self, contact: ContactPayload) -> dict[str, JSONValue]:
         """``POST /contacts``: create or update one contact; returns the stored contact."""
-        body = await self._request("POST", "/contacts", "POST /contacts", json=contact)
-        return _object(_object(body).get("contact"))
+        body = await self._request(
+            "POST", "/contacts", "POST /contacts", content=_encode(contact), parse=_json_object
+        )
+        return _object(body.get("contact"))
 
     async def import_contacts(self, contacts: Sequence[ContactPayload]) -> BatchAccepted:
         """``POST /contacts/batch``: queue an asynchronous import of many contacts."""
+        return await self.import_encoded([_encode(c) for c in contacts])
+
+    async def import_encoded(self, contacts: Sequence[bytes]) -> BatchAccepted:
+        """``import_contacts`` for contacts already encoded as JSON objects (the pipeline
+        encodes each one on its own, so that one that cannot be encoded fails alone).
+
+        A 2xx answer without a ``batch_id`` (or not JSON) may mean Gist queued the
+        contacts or not: ``UnexpectedAnswerError`` after a few tries (upserts are
+        idempotent, so sending them again is safe)."""
         if not contacts:
             raise ValueError("a batch import needs at least one contact")
-        body = _object(
-            await self._request(
-                "POST", "/contacts/batch", "POST /contacts/batch", json={"contacts": contacts}
+        content = b'{"contacts":[' + b",".join(contacts) + b"]}"
+
+        def accepted(raw: bytes) -> BatchAccepted:
+            body = _json_object(raw)
+            batch_id = body.get("batch_id")
+            if isinstance(batch_id, int) and not isinstance(batch_id, bool):
+                batch_id = str(batch_id)
+            if not isinstance(batch_id, str) or not batch_id:
+                raise UnexpectedAnswerError(
+                    "Gist accepted a batch import without a batch_id",
+                    status=200,
+                    body_excerpt=raw.decode(errors="replace"),
+                )
+            queued = body.get("queued_contacts")
+            return BatchAccepted(
+                batch_id=batch_id,
+                queued_contacts=queued if isinstance(queued, int) else len(contacts),
+                status=str(body.get("status", "QUEUED")),
             )
-        )
-        batch_id = body.get("batch_id")
-        if not isinstance(batch_id, str) or not batch_id:
-            raise PermanentError(
-                "Gist accepted a batch import without a batch_id",
-                method="POST",
-                endpoint="POST /contacts/batch",
-                status=200,
-                body_excerpt=orjson.dumps(body).decode(),
-            )
-        queued = body.get("queued_contacts")
-        return BatchAccepted(
-            batch_id=batch_id,
-            queued_contacts=queued if isinstance(queued, int) else len(contacts),
-            status=str(body.get("status", "QUEUED")),
+
+        return await self._request(
+            "POST", "/contacts/batch", "POST /contacts/batch", content=content, parse=accepted
         )
 
     async def batch_status(self, batch_id: str) -> BatchStatus:
-        """``GET /contacts/batch/{id}``: where an import stands; errors once completed."""
-        body = _object(
-            await self._request(
-                "GET", f"/contacts/batch/{quote(batch_id, safe='')}", "GET /contacts/batch/{id}"
+        """``GET /contacts/batch/{id}``: where an import stands; errors once completed.
+
+        One attempt (the caller polls again later): a failure raises, an answer that is
+        not a JSON object is status ``UNREADABLE`` (not completed)."""
+
+        def status(raw: bytes) -> BatchStatus:
+            try:
+                body = orjson.loads(raw) if raw else {}
+            except orjson.JSONDecodeError:
+                return BatchStatus(status="UNREADABLE")
+            if not isinstance(body, dict):
+                return BatchStatus(status="UNREADABLE")
+            value = body.get("status")
+            imported = body.get("imported_contacts")
+            errors = body.get("errors")
+            return BatchStatus(
+                status=value if isinstance(value, str) else "UNREADABLE",
+                imported_contacts=(
+                    imported
+                    if isinstance(imported, int) and not isinstance(imported, bool)
+                    else None
+                ),
+                errors=tuple(_batch_error(e) for e in errors)
+                if isinstance(errors, list)
+                else (() if errors is None else (_batch_error(errors),)),
             )
-        )
-        status = body.get("status")
-        if status not in ("QUEUED", "IN_PROGRESS", "COMPLETED"):
-            raise RetryableError(
-                "Gist answered a batch status this client does not know",
-                method="GET",
-                endpoint="GET /contacts/batch/{id}",
-                status=200,
-                body_excerpt=orjson.dumps(body).decode(),
-            )
-        imported = body.get("imported_contacts")
-        return BatchStatus(
-            status=status,
-            imported_contacts=imported if isinstance(imported, int) else None,
-            errors=tuple(_batch_error(e) for e in body.get("errors") or ()),
+
+        return await self._request(
+            "GET",
+            f"/contacts/batch/{quote(batch_id, safe='')}",
+            "GET /contacts/batch/{id}",
+            parse=status,
+            retry=False,
         )
 
     async def get_contact(
@@ -174,29 +201,38 @@ class GistClient:
     ) -> dict[str, JSONValue] | None:
         """Look one contact up by ``id``, ``user_id`` or ``email``; None when there is none."""
         path, params = _contact_address(id=id, user_id=user_id, email=email)
-        body = await self._request("GET", path, "GET /contacts", params=params, missing_ok=True)
-        return None if body is None else _object(_object(body).get("contact"))
+        body = await self._request(
+            "GET", path, "GET /contacts", params=params, missing_ok=True, parse=_json_object
+        )
+        return None if body is None else _object(body.get("contact"))
 
     async def delete_contact(
         self, *, id: str | None = None, user_id: str | None = None, email: str | None = None
     ) -> bool:
         """Delete one contact; False when Gist had no such contact (already gone)."""
         path, params = _contact_address(id=id, user_id=user_id, email=email)
-        body = await self._request(
-            "DELETE", path, "DELETE /contacts", params=params, missing_ok=True
+        found = await self._request(
+            "DELETE", path, "DELETE /contacts", params=params, missing_ok=True, parse=_done
         )
-        return body is not None
+        return found is not None
 
     async def track_event(self, event: EventPayload) -> dict[str, JSONValue]:
-        """``POST /events``: record one event on a contact."""
-        body = await self._request("POST", "/events", "POST /events", json=event)
-        return _object(_object(body).get("event"))
+        """``POST /events``: record one event on a contact; returns the stored event ({}
+        when the answer does not say). A 2xx is success whatever its body (sending the
+        event again would record it twice)."""
+        body = await self._request(
+            "POST", "/events", "POST /events", content=_encode(event), parse=_maybe_object
+        )
+        return _object(body.get("event"))
 
     async def tag_contacts(self, tag: str, contacts: Sequence[ContactRef]) -> dict[str, JSONValue]:
-        """``POST /tags``: tag (or, per ``untag`` in each ref, untag) up to ~50 contacts."""
+        """``POST /tags``: tag (or, per ``untag`` in each ref, untag) up to ~50 contacts;
+        returns the tag ({} when the answer does not say)."""
         payload: dict[str, Any] = {"name": tag, "contacts": list(contacts)}
-        body = await self._request("POST", "/tags", "POST /tags", json=payload)
-        return _object(_object(body).get("tag"))
+        body = await self._request(
+            "POST", "/tags", "POST /tags", content=_encode(payload), parse=_maybe_object
+        )
+        return _object(body.get("tag"))
 
     # --- transport --------------------------------------------------------------------
     async def _request(
@@ -205,12 +241,15 @@ class GistClient:
         path: str,
         endpoint: str,
         *,
-        json: Any = None,
+        parse: Callable[[bytes], _T],
+        content: bytes | None = None,
         params: dict[str, str] | None = None,
         missing_ok: bool = False,
-    ) -> Any:
-        """One logical call: limiter slot, send, classify; retried while transient."""
-        content = None if json is None else orjson.dumps(json)
+        retry: bool = True,
+    ) -> _T:
+        """One logical call: limiter slot, send, classify, ``parse`` a 2xx body; retried
+        while transient (unless ``retry`` is False). A 404 with ``missing_ok`` gives
+        None."""
         started = time.monotonic()
         attempt = 0
         while True:
@@ -218,15 +257,35 @@ class GistClient:
             waited = await self.limiter.acquire()
             metrics.RATE_LIMIT_WAIT.observe(waited)
             try:
-                return await self._send(method, path, endpoint, content, params, missing_ok)
+                raw = await self._send(method, path, endpoint, content, params, missing_ok)
+                if raw is None:
+                    return None  # type: ignore[return-value]
+                try:
+                    return parse(raw)
+                except UnexpectedAnswerError as error:
+                    error.method, error.endpoint = method, endpoint
+                    raise
             except RetryableError as error:
                 error.attempts = attempt
                 if isinstance(error, RateLimitedError):
                     self.limiter.on_rate_limited(error.retry_after, self.retry.delay(attempt))
                     metrics.RATE_LIMITED.inc()
-                if self.retry.gives_up(attempt, time.monotonic() - started):
+                if (
+                    not retry
+                    or self.retry.gives_up(attempt, time.monotonic() - started)
+                    or (
+                        isinstance(error, UnexpectedAnswerError)
+                        and attempt >= UNEXPECTED_ANSWER_ATTEMPTS
+                    )
+                ):
                     raise
-                reason = str(error.status) if error.status is not None else "network"
+                reason = (
+                    "unexpected_answer"
+                    if isinstance(error, UnexpectedAnswerError)
+                    else str(error.status)
+                    if error.status is not None
+                    else "network"
+                )
                 metrics.GIST_RETRIES.labels(endpoint, reason).inc()
                 delay = self.retry.delay(attempt)
                 if error.retry_after is not None:
@@ -254,7 +313,8 @@ class GistClient:
         content: bytes | None,
         params: dict[str, str] | None,
         missing_ok: bool,
-    ) -> Any:
+    ) -> bytes | None:
+        """A 2xx answer's body; None for a 404 when ``missing_ok``; else an error."""
         sent = time.monotonic()
         try:
             response = await self._http.request(method, path, content=content, params=params)
@@ -274,18 +334,7 @@ class GistClient:
         metrics.GIST_REQUESTS.labels(endpoint, str(status)).inc()
         metrics.GIST_REQUEST_DURATION.labels(endpoint).observe(time.monotonic() - sent)
         if 200 <= status < 300:
-            if not response.content:
-                return {}
-            try:
-                return orjson.loads(response.content)
-            except orjson.JSONDecodeError:
-                raise RetryableError(
-                    "Gist answered with a body that is not JSON",
-                    method=method,
-                    endpoint=endpoint,
-                    status=status,
-                    body_excerpt=response.text,
-                ) from None
+            return response.content
         if status == 404 and missing_ok:
             return None
         raise error_for_status(
@@ -295,6 +344,48 @@ class GistClient:
             body=response.text,
             retry_after=_retry_after(response.headers.get("Retry-After")),
         )
+
+
+_T = TypeVar("_T")
+
+
+def _encode(payload: Any) -> bytes:
+    """JSON for a request body. A value JSON cannot carry (an integer beyond 64 bits) is
+    a bug upstream, not Gist's: ``TypeError`` (the pipeline dead-letters the message with
+    ``internal_error``)."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError as exc:
+        raise TypeError(f"cannot encode the request body: {exc}") from None
+
+
+def _json_object(raw: bytes) -> dict[str, JSONValue]:
+    """A 2xx body that must be a JSON object (an empty body is an empty object)."""
+    if not raw:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UnexpectedAnswerError(
+            "Gist answered with a body that is not JSON",
+            status=200,
+            body_excerpt=raw.decode(errors="replace"),
+        ) from None
+    return body if isinstance(body, dict) else {}
+
+
+def _maybe_object(raw: bytes) -> dict[str, JSONValue]:
+    """A 2xx body read if it is a JSON object, else {}: the call succeeded either way."""
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _done(raw: bytes) -> bool:
+    """A 2xx is all the call needs: the body is not read."""
+    return True
 
 
 def _contact_address(

@@ -2,7 +2,8 @@
 
     GistError
      ├── RetryableError      try again later: 429, 5xx, time-outs, connection errors
-     │    └── RateLimitedError   429: the workspace's budget is spent (``retry_after``)
+     │    ├── RateLimitedError   429: the workspace's budget is spent (``retry_after``)
+     │    └── UnexpectedAnswerError  a 2xx the call cannot use; tried a few times only
      ├── PermanentError      this request will never succeed: 400/404/405/422 and other 4xx;
      │                       dead-letter the message (``status``, ``body_excerpt``)
      └── CredentialsError    401/403: the key is missing, invalid or the workspace disabled;
@@ -70,6 +71,15 @@ class RetryableError(GistError):
 
 class RateLimitedError(RetryableError):
     """Gist answered 429: the workspace's request budget is spent."""
+
+
+class UnexpectedAnswerError(RetryableError):
+    """Gist answered 2xx with something the call cannot use (not JSON, no ``batch_id``):
+    the request may or may not have taken effect. Tried again a few times only
+    (``UNEXPECTED_ANSWER_ATTEMPTS``), then the caller dead-letters."""
+
+
+UNEXPECTED_ANSWER_ATTEMPTS = 3
 
 
 class PermanentError(GistError):

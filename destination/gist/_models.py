@@ -75,7 +75,11 @@ class BatchContactError:
 
 @dataclass(frozen=True, slots=True)
 class BatchStatus:
-    status: Literal["QUEUED", "IN_PROGRESS", "COMPLETED"]
+    """Where a batch import stands. ``status`` is what Gist said (``QUEUED``,
+    ``IN_PROGRESS``, ``COMPLETED`` in the reference; anything else, or ``UNREADABLE``
+    for an answer that was not a JSON object, counts as not completed)."""
+
+    status: str
     imported_contacts: int | None = None
     errors: tuple[BatchContactError, ...] = ()
 

@@ -1,7 +1,9 @@
 """The operator's HTTP port: ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``.
 
-``/healthz`` answers 200 while the process runs; ``/readyz`` answers 200 only while the
-worker consumes and Gist accepts its key, 503 with the reason otherwise.
+``/healthz`` answers 200 while the pipeline runs, 503 with the reason once a part of it
+has stopped on a bug (a crashed component: restarting the pod is the cure), never
+because Gist is down; ``/readyz`` answers 200 only while the worker consumes and Gist
+accepts its key, 503 with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -13,11 +15,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, readiness: Callable[[], str | None]) -> None:
-        """``readiness()`` returns None when ready, else why not."""
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        readiness: Callable[[], str | None],
+        liveness: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        """``readiness()`` returns None when ready, else why not; ``liveness()`` None
+        while healthy, else what broke."""
         self._host = host
         self._port = port
         self._readiness = readiness
+        self._liveness = liveness
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -44,7 +54,10 @@ class HealthServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
+        broken = self._liveness()
+        if broken is None:
+            return web.json_response({"status": "alive"})
+        return web.json_response({"status": "broken", "reason": broken}, status=503)
 
     async def _readyz(self, _: web.Request) -> web.Response:
         reason = self._readiness()

@@ -71,6 +71,11 @@ COMMITTED_OFFSET = Gauge(
     "The last offset committed for the partition.",
     ["topic", "partition"],
 )
+OLDEST_UNFINISHED_AGE = Gauge(
+    _P + "oldest_unfinished_seconds",
+    "Age of the partition's oldest record not yet ended (what holds its commit back).",
+    ["topic", "partition"],
+)
 DELIVERY_DELAY = Histogram(
     _P + "delivery_delay_seconds",
     "End-to-end delay from the message's timestamp to its delivery to Gist.",
@@ -112,6 +117,22 @@ BATCH_CONTACT_ERRORS = Counter(
     "Contacts a completed batch import reported as failed.",
 )
 
+BATCHES_PAST_DEADLINE = Counter(
+    _P + "batches_past_deadline",
+    "Batch imports not completed within GIST_BATCH_DEADLINE (or lost by Gist), by what "
+    "followed: 'resent' the first time, 'dead_lettered' the second.",
+    ["action"],
+)
+BATCHES_UNVERIFIED = Counter(
+    _P + "batches_unverified",
+    "Completed batch imports whose errors could not all be matched to contacts (or that "
+    "imported fewer than sent): their contacts are sent again in halves to find out.",
+)
+OLDEST_PENDING_BATCH_AGE = Gauge(
+    _P + "oldest_pending_batch_seconds",
+    "Age of the oldest batch import Gist has not completed.",
+)
+
 # --- the rate limit -----------------------------------------------------------------
 RATE_LIMIT_WAIT = Histogram(
     _P + "rate_limit_wait_seconds",
@@ -131,8 +152,32 @@ RATE_LIMITED = Counter(
     "429 answers from Gist (the budget is shared with someone else).",
 )
 
+# --- the dead-letter topic ----------------------------------------------------------
+DEAD_LETTER_WRITE_RETRIES = Counter(
+    _P + "dead_letter_write_retries",
+    "Dead letters Kafka did not take, tried again (by error): the partition waits.",
+    ["error"],
+)
+DEAD_LETTERS_TRUNCATED = Counter(
+    _P + "dead_letters_truncated",
+    "Dead letters written without their value ('too_large', 'gone') or, still too large, "
+    "without the original headers or key.",
+    ["how"],
+)
+
 # --- health -------------------------------------------------------------------------
 READY = Gauge(_P + "ready", "1 while the worker consumes and Gist accepts its key.")
+INTERNAL_ERRORS = Counter(
+    _P + "internal_errors",
+    "Unexpected exceptions in the worker (bugs), by where; the message concerned is "
+    "dead-lettered with reason internal_error.",
+    ["where"],
+)
+TASKS_FAILED = Counter(
+    _P + "tasks_failed",
+    "Pipeline components that stopped on an unexpected exception (/healthz turns 503).",
+    ["component"],
+)
 CREDENTIALS_REJECTED = Counter(
     _P + "credentials_rejected",
     "401/403 answers from Gist: the key or workspace was refused.",

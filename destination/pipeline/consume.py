@@ -1,11 +1,22 @@
-"""Reading Kafka: records in, backpressure out, offsets committed behind delivery.
+"""Reading Kafka: records in, backpressure out, offsets committed behind the outcomes.
 
-``StreamConsumer`` owns the aiokafka consumer. Each record is decoded and mapped, and its
-messages handed to ``Delivery``; the ``Ledger`` counts them until they are delivered or
-dead-lettered. When too much is in flight (messages, bytes, or one partition's share),
-the partitions concerned are paused and resumed as work drains; the wanted set of
-paused partitions is re-applied on every turn, since aiokafka forgets pauses on a
-rebalance. Offsets are committed only up to the first record not finished.
+``StreamConsumer`` owns the Kafka consumer (aiokafka's, or the in-memory twin in tests:
+anything with the methods of ``KafkaConsumer`` below). Fetched records wait in their
+partition's *intake*; they are opened message by message (an envelope may hold
+thousands), each message decoded, mapped and handed on (``Delivery``, or straight to
+``Outcomes`` when it is skipped or rejected), and **every message opened is checked
+against the limits first**, so one huge envelope cannot take more than the settings
+allow: its remaining messages are opened as room frees. A partition whose intake holds
+records is paused, so at most one fetch per partition waits in memory; all partitions
+pause when the totals are at their bounds. The wanted set of paused partitions is
+re-applied on every turn, since aiokafka forgets pauses on a rebalance.
+
+Offsets are committed only up to the first record not finished, and a record finishes
+only once it is sealed (all its messages opened) and each of them has ended.
+
+On a revocation the partitions' intake is dropped, their open work gets up to
+``rebalance_timeout`` to end, what ended is committed, and what did not is abandoned:
+nothing more is sent for it (``Delivery.abandon``) before the new owner may start.
 """
 
 from __future__ import annotations
@@ -13,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from typing import Any
+from collections import deque
+from typing import Any, Protocol
 
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
@@ -27,17 +38,49 @@ from destination.observability import log_events, metrics
 from destination.operations import Mapped, Rejected, Skipped
 from destination.pipeline.decode import DecodeError, decode_record
 from destination.pipeline.deliver import Delivery
-from destination.pipeline.inflight import Failure, Ledger, PartitionWork, TopicPartition
+from destination.pipeline.inflight import (
+    OPEN,
+    Failure,
+    Ledger,
+    MessageWork,
+    PartitionWork,
+    RecordWork,
+    TopicPartition,
+)
+from destination.pipeline.outcome import Outcomes
+from destination.pipeline.waiting import wait_event
 
 log = structlog.get_logger(__name__)
 
 
+class KafkaConsumer(Protocol):
+    """What the pipeline uses of ``aiokafka.AIOKafkaConsumer`` (the seam for the
+    in-memory twin in ``destination.testing.local_kafka``)."""
+
+    def subscribe(self, topics: list[str], listener: Any = ...) -> None: ...
+    async def getmany(
+        self, *partitions: Any, timeout_ms: int = ..., max_records: int | None = ...
+    ) -> dict[Any, list[Any]]: ...
+    def assignment(self) -> set[Any]: ...
+    def paused(self) -> set[Any]: ...
+    def pause(self, *partitions: Any) -> None: ...
+    def resume(self, *partitions: Any) -> None: ...
+    async def commit(self, offsets: Any = ...) -> None: ...
+    async def committed(self, partition: Any) -> int | None: ...
+    async def beginning_offsets(self, partitions: list[Any]) -> dict[Any, int]: ...
+    def highwater(self, partition: Any) -> int | None: ...
+
+
 class FlowLimits:
-    """Bounds on work in flight; pausing at the bound, resuming below ``resume_at``.
-    ``awaiting_import`` bounds the parked messages (see ``inflight``);
-    ``uncommitted_per_partition`` the records a partition has read past its committable
-    offset, finished ones included: one message retried for hours must not let the
-    finished records after it pile up in the offset tracker."""
+    """Bounds on work in flight.
+
+    A message is opened only while every bound is below its limit, so no total exceeds
+    its limit by more than one message (bytes: one record). Fetching pauses at the
+    bounds and resumes below ``resume_at`` of them. ``awaiting_import`` bounds the
+    parked messages (see ``inflight``); ``uncommitted_per_partition`` and
+    ``uncommitted_total`` the records read past the committable offsets, finished ones
+    included: one message retried for hours must not let the finished records after it
+    pile up in the offset trackers."""
 
     def __init__(
         self,
@@ -46,6 +89,7 @@ class FlowLimits:
         per_partition: int,
         awaiting_import: int,
         uncommitted_per_partition: int = 200_000,
+        uncommitted_total: int = 1_000_000,
         resume_at: float = 0.8,
     ) -> None:
         self.messages = messages
@@ -53,7 +97,19 @@ class FlowLimits:
         self.per_partition = per_partition
         self.awaiting_import = awaiting_import
         self.uncommitted_per_partition = uncommitted_per_partition
+        self.uncommitted_total = uncommitted_total
         self.resume_at = resume_at
+
+    def room(self, ledger: Ledger, work: PartitionWork) -> bool:
+        """Whether one more message of ``work``'s partition may be opened."""
+        return (
+            ledger.messages < self.messages
+            and ledger.bytes < self.bytes
+            and ledger.parked < self.awaiting_import
+            and ledger.uncommitted < self.uncommitted_total
+            and work.messages < self.per_partition
+            and work.offsets.uncommitted < self.uncommitted_per_partition
+        )
 
     def full(self, ledger: Ledger, resuming: bool) -> bool:
         """Whether the totals are at the bound (or, when ``resuming``, not yet below
@@ -63,6 +119,7 @@ class FlowLimits:
             ledger.messages >= self.messages * share
             or ledger.bytes >= self.bytes * share
             or ledger.parked >= self.awaiting_import * share
+            or ledger.uncommitted >= self.uncommitted_total * share
         )
 
     def partition_full(self, work: PartitionWork, resuming: bool) -> bool:
@@ -75,29 +132,63 @@ class FlowLimits:
         )
 
 
+class _Opening:
+    """A record whose messages are being opened."""
+
+    __slots__ = ("enveloped", "index", "messages", "record")
+
+    def __init__(self, record: RecordWork, messages: list[Any], enveloped: bool) -> None:
+        self.record = record
+        self.messages = messages
+        self.enveloped = enveloped
+        self.index = 0
+
+
+class _Intake:
+    """A partition's fetched records not yet opened, and the one being opened."""
+
+    __slots__ = ("next_offset", "opening", "records")
+
+    def __init__(self) -> None:
+        self.records: deque[Any] = deque()
+        self.opening: _Opening | None = None
+        self.next_offset: int | None = None  # records below it were taken already
+
+    def holding(self) -> bool:
+        return bool(self.records) or self.opening is not None
+
+    def drop(self) -> None:
+        self.records.clear()
+        self.opening = None
+
+
 class StreamConsumer:
     def __init__(
         self,
-        consumer: AIOKafkaConsumer,
+        consumer: KafkaConsumer,
         topics: list[str],
         mapper: Mapper,
         delivery: Delivery,
-        ledger: Ledger,
+        outcomes: Outcomes,
         limits: FlowLimits,
         rebalance_timeout: float,
-        fail: Callable[[Any, Failure], None],
+        clock: Any = time.monotonic,
     ) -> None:
         self.consumer = consumer
         self.topics = topics
         self.mapper = mapper
         self.delivery = delivery
-        self.ledger = ledger
+        self.outcomes = outcomes
+        self.ledger = outcomes.ledger
         self.limits = limits
         self.rebalance_timeout = rebalance_timeout
-        self._fail = fail
+        self._clock = clock
         self._stopping = False
         self._globally_full = False
+        self._blocked = False  # some intake waits for room
         self._full_partitions: set[TopicPartition] = set()
+        self._intakes: dict[TopicPartition, _Intake] = {}
+        self._draining: set[TopicPartition] = set()
         self.assigned_once = asyncio.Event()
 
     def subscribe(self) -> None:
@@ -110,54 +201,117 @@ class StreamConsumer:
     # --- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
         while not self._stopping:
+            self.open_available()
             self._apply_backpressure()
-            batches = await self.consumer.getmany(timeout_ms=200)
+            batches = await self.consumer.getmany(timeout_ms=50 if self._blocked else 200)
             for tp, records in batches.items():
-                work = self.ledger.partitions.get(TopicPartition(tp.topic, tp.partition))
-                if work is None:  # fetched just before a revocation: the new owner reads it
-                    continue
-                for record in records:
-                    self._take(work, record)
-            if not batches and self._paused_everything():
+                self._enqueue(TopicPartition(tp.topic, tp.partition), records)
+            opened = self.open_available()
+            if not batches and not opened and (self._blocked or self._paused_everything()):
                 self.ledger.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.ledger.changed.wait(), 0.5)
+                await wait_event(self.ledger.changed, 0.5)
 
-    def _take(self, partition: PartitionWork, record: Any) -> None:
-        if partition.offsets.seen(record.offset):  # fetched twice: it is already ours
+    def _enqueue(self, tp: TopicPartition, records: list[Any]) -> None:
+        intake = self._intakes.get(tp)
+        if intake is None or tp not in self.ledger.partitions or tp in self._draining:
+            return  # fetched just before a revocation: the new owner reads it
+        for record in records:
+            if intake.next_offset is not None and record.offset < intake.next_offset:
+                continue  # fetched twice: it is already ours
+            intake.records.append(record)
+            intake.next_offset = record.offset + 1
+
+    def open_available(self) -> int:
+        """Open the messages of waiting records while the limits leave room; returns
+        how many were opened."""
+        ledger, limits = self.ledger, self.limits
+        opened = 0
+        self._blocked = False
+        for tp, intake in self._intakes.items():
+            work = ledger.partitions.get(tp)
+            if work is None or tp in self._draining:
+                continue
+            while intake.holding():
+                if not limits.room(ledger, work):
+                    self._blocked = True
+                    break
+                if intake.opening is None:
+                    self._begin(work, intake, intake.records.popleft())
+                else:
+                    self._open_next(intake, intake.opening)
+                opened += 1
+        return opened
+
+    def _begin(self, work: PartitionWork, intake: _Intake, record: Any) -> None:
+        """Take a record: decode it, and open its first message."""
+        if work.offsets.seen(record.offset):
             return
-        ledger = self.ledger
         headers = [(k, v) for k, v in (record.headers or ())]
-        work = ledger.open_record(partition, record.offset, record.key, record.value, headers)
+        taken = self.ledger.open_record(work, record.offset, record.key, record.value, headers)
         try:
             messages, enveloped = decode_record(record.value)
         except DecodeError as error:
-            message = ledger.open_message(work, None, "unknown", None)
-            metrics.child(metrics.MESSAGES_CONSUMED, "unknown").inc()
-            self._fail(message, Failure(error.reason, error.detail))
-            ledger.close_record(work)
+            message = self._open_unknown(taken, None, None)
+            self.outcomes.dead_letter(message, Failure(error.reason, error.detail))
             return
-        for index, body in enumerate(messages):
+        except Exception as exc:  # a bug in decoding: this record ends as a dead letter
+            self.outcomes.internal_error(self._open_unknown(taken, None, None), exc, "decode")
+            return
+        if not messages:  # an empty envelope: nothing to wait for
+            self.ledger.seal(taken)
+            return
+        opening = _Opening(taken, messages, enveloped)
+        intake.opening = opening
+        self._open_next(intake, opening)
+
+    def _open_next(self, intake: _Intake, opening: _Opening) -> None:
+        """Open the next message of the record being opened, and hand it on."""
+        index = opening.index
+        body = opening.messages[index]
+        opening.index += 1
+        last = opening.index == len(opening.messages)
+        if last:
+            intake.opening = None
+        record = opening.record
+        at = index if opening.enveloped else None
+        kept = body if opening.enveloped else None
+        ledger, outcomes = self.ledger, self.outcomes
+        message: MessageWork | None = None
+        try:
             result = self.mapper.map(body)
             kind = result.message_type
             metrics.child(metrics.MESSAGES_CONSUMED, kind).inc()
             timestamp = None
             if isinstance(result, Mapped) and result.operations:
                 timestamp = result.operations[0].timestamp
-            message = ledger.open_message(
-                work, index if enveloped else None, kind, timestamp, body if enveloped else None
-            )
+            message = ledger.open_message(record, at, kind, timestamp, kept)
+            if last:
+                ledger.seal(record)
             if isinstance(result, Rejected):
-                self._fail(message, Failure(result.reason, result.detail))
+                outcomes.dead_letter(message, Failure(result.reason, result.detail))
             elif isinstance(result, Skipped):
-                metrics.child(metrics.MESSAGES_SKIPPED, kind, result.reason).inc()
-                ledger.finish(message)
+                outcomes.skipped(message, result.reason)
             elif not result.operations:
-                metrics.child(metrics.MESSAGES_DELIVERED, kind).inc()
-                ledger.finish(message)
+                outcomes.delivered(message)
             else:
                 self.delivery.submit(message, result.operations)
-        ledger.close_record(work)
+        except Exception as exc:  # a bug: the message ends as a dead letter, never hangs
+            if message is None:
+                message = self._open_unknown(record, at, kept, seal=last)
+            if message.state == OPEN and message.pending == 0:
+                outcomes.internal_error(message, exc, "intake")
+            else:  # delivery has it: it ends there
+                metrics.INTERNAL_ERRORS.labels("intake").inc()
+                log.error(log_events.INTERNAL_ERROR, where="intake", exc_info=exc)
+
+    def _open_unknown(
+        self, record: RecordWork, index: int | None, body: Any, seal: bool = True
+    ) -> MessageWork:
+        metrics.child(metrics.MESSAGES_CONSUMED, "unknown").inc()
+        message = self.ledger.open_message(record, index, "unknown", None, body)
+        if seal and not record.sealed:
+            self.ledger.seal(record)
+        return message
 
     # --- backpressure -----------------------------------------------------------------
     def _apply_backpressure(self) -> None:
@@ -169,9 +323,14 @@ class StreamConsumer:
             else:
                 self._full_partitions.discard(tp)
         self._full_partitions &= set(ledger.partitions)
+        holding = {tp for tp, intake in self._intakes.items() if intake.holding()}
 
         assigned = {TopicPartition(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        wanted = assigned if self._globally_full else assigned & self._full_partitions
+        wanted = (
+            assigned
+            if self._globally_full
+            else assigned & (self._full_partitions | holding | self._draining)
+        )
         paused = {TopicPartition(tp.topic, tp.partition) for tp in self.consumer.paused()}
         if wanted - paused:
             self.consumer.pause(*(KafkaTopicPartition(*tp) for tp in wanted - paused))
@@ -191,11 +350,11 @@ class StreamConsumer:
 
     # --- commits ----------------------------------------------------------------------
     async def commit(self, partitions: list[PartitionWork] | None = None) -> None:
-        """Commit, for each partition, the offset below which everything is finished."""
+        """Commit, for each partition, the offset below which every record ended."""
         offsets = {}
         for work in partitions if partitions is not None else list(self.ledger.partitions.values()):
             offset = work.offsets.committable()
-            if offset is not None and offset != work.committed:
+            if offset is not None and offset != work.committed and not work.revoked:
                 offsets[KafkaTopicPartition(*work.tp)] = (work, offset)
         if not offsets:
             return
@@ -211,27 +370,40 @@ class StreamConsumer:
             work.committed = offset
             metrics.COMMITTED_OFFSET.labels(tp.topic, str(tp.partition)).set(offset)
 
-    def update_lag(self) -> None:
-        """Lag from the committed offset (the group's, until this worker commits)."""
+    def update_gauges(self) -> None:
+        """Lag from the committed offset (the group's, until this worker commits), and
+        the age of each partition's oldest unfinished record."""
+        now = self._clock()
         for tp, work in self.ledger.partitions.items():
+            labels = (tp.topic, str(tp.partition))
+            metrics.OLDEST_UNFINISHED_AGE.labels(*labels).set(work.oldest_unfinished_age(now))
             highwater = self.consumer.highwater(KafkaTopicPartition(*tp))
             if highwater is not None and work.committed is not None:
-                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
-                    max(0, highwater - work.committed)
-                )
+                metrics.CONSUMER_LAG.labels(*labels).set(max(0, highwater - work.committed))
+
+    # --- draining: shutdown and revocation --------------------------------------------
+    def stop_opening(self, partitions: list[PartitionWork]) -> None:
+        """Open nothing more of these partitions: their fetched records are dropped (a
+        record partly opened is never committed: it is read again from the start)."""
+        for work in partitions:
+            self._draining.add(work.tp)
+            intake = self._intakes.get(work.tp)
+            if intake is not None:
+                intake.drop()
 
     async def drain(self, partitions: list[PartitionWork], within: float) -> bool:
-        """Wait until the partitions' records are all finished; False on time-out."""
+        """Stop opening the partitions' records and wait until every message opened
+        has ended; False on time-out."""
+        self.stop_opening(partitions)
         deadline = time.monotonic() + within
         self.delivery.flush_now()
         try:
-            while self.ledger.unfinished(partitions):
+            while self.ledger.open_in(partitions):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self.ledger.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.ledger.changed.wait(), min(remaining, 0.5))
+                await wait_event(self.ledger.changed, min(remaining, 0.5))
             return True
         finally:
             self.delivery.flush_now(False)
@@ -246,14 +418,30 @@ class StreamConsumer:
         drained = True
         if works and not self._stopping:
             drained = await self.drain(works, self.rebalance_timeout)
+        else:
+            self.stop_opening(works)
         await self.commit(works)
+        # Rebalance means stop: whatever did not end is dropped before the new owner
+        # may start; it reads those records again from the commit.
+        abandoned = self.delivery.abandon(works)
+        self.outcomes.abandon(works)
+        left = self.ledger.open_in(works)
         for work in works:
             self.ledger.revoke(work.tp)
-            # The new owner reports these; a stale lag here would hide its real one.
+            self._intakes.pop(work.tp, None)
+            self._draining.discard(work.tp)
+            # The new owner reports these; a stale value here would hide its real one.
             labels = (work.tp.topic, str(work.tp.partition))
-            for gauge in (metrics.PARTITION_PAUSED, metrics.CONSUMER_LAG, metrics.COMMITTED_OFFSET):
+            for gauge in (
+                metrics.PARTITION_PAUSED,
+                metrics.CONSUMER_LAG,
+                metrics.COMMITTED_OFFSET,
+                metrics.OLDEST_UNFINISHED_AGE,
+            ):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
+        if left:
+            log.warning(log_events.PARTITION_WORK_ABANDONED, messages=left, steps=abandoned)
         log.info(
             log_events.PARTITIONS_REVOKED,
             partitions=sorted(f"{w.tp.topic}:{w.tp.partition}" for w in works),
@@ -266,6 +454,8 @@ class StreamConsumer:
             key = TopicPartition(tp.topic, tp.partition)
             if key not in self.ledger.partitions:
                 fresh.append((tp, self.ledger.assign(key)))
+                self._intakes[key] = _Intake()
+                self._draining.discard(key)
         await self._load_committed(fresh)
         self._apply_backpressure()
         self.assigned_once.set()

@@ -10,22 +10,35 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
+import orjson
+
 from destination.gist import ContactPayload
 from destination.pipeline.ordering import Step, StepKind
 
 if TYPE_CHECKING:
-    from destination.pipeline.inflight import MessageWork
+    from destination.pipeline.inflight import MessageWork, PartitionWork
 
 
 class ContactStep(Step):
-    __slots__ = ("accepted", "merged", "payload", "sent", "tickets")
+    """One contact's pending write, owned by the partition its messages came from (a
+    step never merges messages of two partitions, so a revoked partition's work can be
+    dropped without touching another's)."""
 
-    def __init__(self, payload: ContactPayload, identities: tuple[str, ...]) -> None:
+    __slots__ = ("accepted", "encoded", "merged", "partition", "payload", "sent", "tickets")
+
+    def __init__(
+        self,
+        payload: ContactPayload,
+        identities: tuple[str, ...],
+        partition: PartitionWork | None = None,
+    ) -> None:
         super().__init__(StepKind.CONTACT, identities)
         self.payload = payload  # the mapper's; copied before the first merge changes it
+        self.partition = partition
         self.tickets: list[MessageWork] = []
         self.sent = False  # taken into a batch: no more merging
         self.accepted = False  # in a batch Gist queued: only its import is awaited
+        self.encoded: bytes | None = None  # the payload as sent, once taken into a batch
         self.merged = 0
 
     def merge(self, later: ContactPayload) -> None:
@@ -34,6 +47,15 @@ class ContactStep(Step):
             self.payload = _copy(self.payload)
         merge_contact(self.payload, later)
         self.merged += 1
+
+    def encode(self) -> bytes:
+        """The payload as JSON, kept for sending again; the dict is dropped (a contact
+        waiting on its import holds its bytes only). ``TypeError`` when JSON cannot
+        carry a value."""
+        if self.encoded is None:
+            self.encoded = orjson.dumps(self.payload)
+            self.payload = {}
+        return self.encoded
 
 
 def merge_contact(into: ContactPayload, later: ContactPayload) -> None:
@@ -81,6 +103,10 @@ class ContactBatcher:
 
     def add(self, step: ContactStep, now: float) -> None:
         self._waiting.setdefault(step, now)
+
+    def remove(self, step: ContactStep) -> bool:
+        """Take a step out (its partition was revoked); False when it was not waiting."""
+        return self._waiting.pop(step, None) is not None
 
     def due_at(self) -> float | None:
         """When the next batch should go (now if one is full); None when empty."""

@@ -6,6 +6,23 @@ does not send its neighbours again. A record whose value was released while it w
 for a batch import (see ``inflight``) is read again from Kafka by ``KafkaRecordReader``.
 The headers never hold the API key: they are built from the ``Failure``, whose texts
 come from our own messages and Gist's answers.
+
+Every dead letter is written, whatever Kafka says, so that its message ends and the
+partition moves on:
+
+- a transient error (broker unavailable, time-out, not the leader, no ACL yet) is
+  retried with backoff, for as long as it takes: each retry is logged and counted
+  (``dead_letter_write_retries_total``), and the stall shows in the oldest-unfinished
+  age of the partition;
+- a record Kafka can never take (larger than ``max_bytes`` or the broker's limit) is
+  written *truncated*: the original key and the reason, the value omitted
+  (``gist-dlq-value-omitted: too_large`` and ``gist-dlq-value-bytes``), then, if that is
+  still too large, without the original headers too;
+- a record that is no longer in Kafka when it must be re-read (retention, compaction)
+  is written with ``gist-dlq-value-omitted: gone``.
+
+A missing or forbidden dead-letter topic is found at start-up (``check_topic``), not at
+the first dead letter.
 """
 
 from __future__ import annotations
@@ -17,14 +34,34 @@ from typing import Any
 
 import orjson
 import structlog
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OffsetOutOfRangeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 from destination.gist import RetryPolicy
-from destination.observability import log_events
+from destination.observability import log_events, metrics
 from destination.pipeline.inflight import Failure, MessageWork
 
 log = structlog.get_logger(__name__)
 
 HEADER_PREFIX = "gist-dlq-"
+
+DEFAULT_MAX_BYTES = 1024 * 1024
+"""Kafka's default largest record (``message.max.bytes``) and aiokafka's default
+``max_request_size``."""
+
+
+class RecordGone(Exception):
+    """The record is no longer in Kafka (retention or compaction removed it)."""
+
+
+class DeadLetterTopicError(Exception):
+    """The dead-letter topic cannot be used; the message says what to fix."""
 
 
 def dead_letter_value(message: MessageWork) -> bytes | None:
@@ -36,7 +73,14 @@ def dead_letter_value(message: MessageWork) -> bytes | None:
         return message.record.value
 
 
-def dead_letter_headers(message: MessageWork, failure: Failure) -> list[tuple[str, bytes]]:
+def dead_letter_headers(
+    message: MessageWork,
+    failure: Failure,
+    *,
+    omitted: str | None = None,
+    value_bytes: int | None = None,
+    keep_original: bool = True,
+) -> list[tuple[str, bytes]]:
     record = message.record
     why: dict[str, str] = {
         "reason": failure.reason,
@@ -54,12 +98,21 @@ def dead_letter_headers(message: MessageWork, failure: Failure) -> list[tuple[st
         why["body-excerpt"] = failure.body_excerpt[:300]
     if message.index is not None:
         why["envelope-index"] = str(message.index)
-    original = [(k, v) for k, v in record.headers if not k.startswith(HEADER_PREFIX)]
+    if omitted is not None:
+        why["value-omitted"] = omitted
+        if value_bytes is not None:
+            why["value-bytes"] = str(value_bytes)
+    original = (
+        [(k, v) for k, v in record.headers if not k.startswith(HEADER_PREFIX)]
+        if keep_original
+        else []
+    )
     return original + [(HEADER_PREFIX + k, v.encode()) for k, v in why.items()]
 
 
 ReadRecord = Callable[[str, int, int], Awaitable[bytes | None]]
-"""Reads the value of the record at (topic, partition, offset) again from Kafka."""
+"""Reads the value of the record at (topic, partition, offset) again from Kafka; raises
+``RecordGone`` when Kafka no longer has it."""
 
 
 class KafkaRecordReader:
@@ -89,12 +142,17 @@ class KafkaRecordReader:
             self._consumer.assign([tp])
             self._consumer.seek(tp, offset)
             for _ in range(30):
-                batch = await self._consumer.getmany(tp, timeout_ms=1000, max_records=1)
+                try:
+                    batch = await self._consumer.getmany(tp, timeout_ms=1000, max_records=1)
+                except OffsetOutOfRangeError:
+                    raise RecordGone(
+                        f"{topic}:{partition}@{offset} is below the log start"
+                    ) from None
                 for record in batch.get(tp, ()):
                     if record.offset == offset:
                         value: bytes | None = record.value
                         return value
-                    raise LookupError(f"offset {offset} is gone (next is {record.offset})")
+                    raise RecordGone(f"offset {offset} is gone (next is {record.offset})")
             raise TimeoutError(f"could not read {topic}:{partition}@{offset}")
 
     async def close(self) -> None:
@@ -103,10 +161,12 @@ class KafkaRecordReader:
             self._consumer = None
 
 
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+
+
 class DeadLetterWriter:
-    """Writes dead letters and waits for the broker's acknowledgement; retries forever
-    (holding the partition) because a dead letter that is not written must not let its
-    offset be committed."""
+    """Writes dead letters and waits for the broker's acknowledgement (see the module
+    docstring for what it does when Kafka refuses)."""
 
     def __init__(
         self,
@@ -114,46 +174,108 @@ class DeadLetterWriter:
         topic: str,
         read_record: ReadRecord | None = None,
         retry: RetryPolicy | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self._producer = producer
         self.topic = topic
         self._read_record = read_record
         self._retry = retry or RetryPolicy(base=0.5, cap=30.0)
+        self.max_bytes = max_bytes
 
-    async def _value(self, message: MessageWork) -> tuple[bytes | None, bool]:
-        """The dead letter's value, and False when Kafka no longer has the record."""
+    async def _value(self, message: MessageWork) -> bytes | None:
+        """The dead letter's value; ``RecordGone`` when Kafka no longer has the record."""
         record = message.record
         if not record.released or self._read_record is None:
-            return dead_letter_value(message), True
+            return dead_letter_value(message)
         tp = record.partition.tp
-        try:
-            raw = await self._read_record(tp.topic, tp.partition, record.offset)
-        except LookupError:  # retention removed it while Gist was importing
-            return None, False
+        raw = await self._read_record(tp.topic, tp.partition, record.offset)
         if message.index is None or raw is None:
-            return raw, True
-        message.body = orjson.loads(raw)["batch"][message.index]
-        return dead_letter_value(message), True
+            return raw
+        try:
+            message.body = orjson.loads(raw)["batch"][message.index]
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            return raw  # not the envelope it was: keep the whole record
+        return dead_letter_value(message)
 
     async def write(self, message: MessageWork, failure: Failure) -> None:
+        key = message.record.key
+        value: bytes | None = None
+        have_value = False
+        omitted: str | None = None
+        value_bytes: int | None = None
+        keep_headers = True
         attempt = 0
         while True:
-            attempt += 1
             try:
-                value, available = await self._value(message)
-                headers = dead_letter_headers(message, failure)
-                if not available:
-                    headers.append((HEADER_PREFIX + "value-unavailable", b"true"))
+                if not have_value:
+                    value = await self._value(message)
+                    have_value = True
+                headers = dead_letter_headers(
+                    message,
+                    failure,
+                    omitted=omitted,
+                    value_bytes=value_bytes,
+                    keep_original=keep_headers,
+                )
                 await self._producer.send_and_wait(  # type: ignore[attr-defined]
-                    self.topic, value=value, key=message.record.key, headers=headers
+                    self.topic, value=value, key=key, headers=headers
                 )
                 return
+            except RecordGone:
+                have_value, value, omitted = True, None, "gone"
+                self._truncated(message, "gone")
+                continue
+            except _TOO_LARGE:
+                if omitted != "too_large" and value is not None:
+                    value_bytes = len(value)
+                    have_value, value, omitted = True, None, "too_large"
+                    self._truncated(message, "too_large")
+                    continue
+                if keep_headers:
+                    keep_headers = False
+                    self._truncated(message, "headers_dropped")
+                    continue
+                if key is not None:  # a key larger than the limit: nothing else is left
+                    key = None
+                    self._truncated(message, "key_dropped")
+                    continue
+                error: Exception = RuntimeError("a dead letter without value is too large")
             except Exception as exc:  # aiokafka raises many types; all mean "try again"
-                delay = self._retry.delay(attempt)
+                error = exc
+            attempt += 1
+            delay = self._retry.delay(attempt)
+            metrics.DEAD_LETTER_WRITE_RETRIES.labels(type(error).__name__).inc()
+            if attempt == 1 or attempt % 10 == 0:
                 log.warning(
                     log_events.DEAD_LETTER_RETRY,
-                    error=type(exc).__name__,
+                    error=type(error).__name__,
                     attempt=attempt,
                     retry_in=round(delay, 2),
+                    dlq_topic=self.topic,
+                    **message.where(),
                 )
-                await asyncio.sleep(delay)
+            await asyncio.sleep(delay)
+
+    def _truncated(self, message: MessageWork, how: str) -> None:
+        metrics.DEAD_LETTERS_TRUNCATED.labels(how).inc()
+        log.warning(log_events.DEAD_LETTER_TRUNCATED, how=how, **message.where())
+
+
+async def check_topic(producer: Any, topic: str, within: float = 30.0) -> int:
+    """The dead-letter topic's partition count; ``DeadLetterTopicError`` when it does not
+    exist (and the broker does not create it) or this client may not use it."""
+    try:
+        partitions = await asyncio.wait_for(producer.partitions_for(topic), within)
+    except TopicAuthorizationFailedError:
+        raise DeadLetterTopicError(
+            f"KAFKA_DLQ_TOPIC: not authorised to use topic {topic!r}: grant this client "
+            "Describe and Write on it"
+        ) from None
+    except (UnknownTopicOrPartitionError, KafkaTimeoutError, TimeoutError):
+        raise DeadLetterTopicError(
+            f"KAFKA_DLQ_TOPIC: topic {topic!r} does not exist: create it "
+            "(e.g. kafka-topics --create --topic ...) or point KAFKA_DLQ_TOPIC at one"
+        ) from None
+    if not partitions:
+        raise DeadLetterTopicError(f"KAFKA_DLQ_TOPIC: topic {topic!r} has no partitions")
+    return len(partitions)

@@ -2,6 +2,11 @@
 
 A value is one message as JSON, or a ``{"batch": [message, ...]}`` envelope as
 Segment's HTTP API and many collectors send. What is not JSON is a ``DecodeError``.
+
+An envelope's own ``integrations`` and ``context`` apply to each of its messages, as in
+Segment's batch API: merged key by key under the message's own (the message's value
+wins), so ``{"batch": [...], "integrations": {"Gist": false}}`` switches Gist off for
+every message in it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from typing import Any
 import orjson
 
 from destination import reasons
+
+_SHARED = ("integrations", "context")
+"""Envelope fields that apply to every message of the envelope."""
 
 
 class DecodeError(Exception):
@@ -29,5 +37,19 @@ def decode_record(value: bytes | None) -> tuple[list[Any], bool]:
     except orjson.JSONDecodeError as exc:
         raise DecodeError(reasons.INVALID_JSON, f"the value is not JSON: {exc.msg}") from None
     if isinstance(parsed, dict) and "type" not in parsed and isinstance(parsed.get("batch"), list):
-        return parsed["batch"], True
+        messages: list[Any] = parsed["batch"]
+        shared = {k: v for k in _SHARED if isinstance(v := parsed.get(k), dict) and v}
+        if shared:
+            messages = [_with_shared(m, shared) for m in messages]
+        return messages, True
     return [parsed], False
+
+
+def _with_shared(message: Any, shared: dict[str, dict[str, Any]]) -> Any:
+    if not isinstance(message, dict):
+        return message
+    merged = dict(message)
+    for key, envelope_value in shared.items():
+        own = message.get(key)
+        merged[key] = {**envelope_value, **own} if isinstance(own, dict) else envelope_value
+    return merged

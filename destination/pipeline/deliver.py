@@ -1,14 +1,26 @@
 """Delivering operations to Gist, in per-contact order, inside the workspace's budget.
 
 Contact upserts merge and batch (``contacts``), go out as batch imports, and finish only
-when their batch has COMPLETED (``BatchPoller``); events, deletes, aliases and tag
+when their batch has COMPLETED (``BatchPoller`` below); events, deletes, aliases and tag
 changes go one request each. ``IdentityGate`` decides when each may go. Every request
 passes the client's rate limiter, so polls and retries share the budget with the rest.
 
-A step that ends in ``PermanentError`` (or in a per-contact error of a completed batch,
-or after retrying for ``retry.max_elapsed``) fails its messages, which the pipeline
-dead-letters. A ``CredentialsError`` is handed to ``on_fatal`` and the step is left
-open: nothing is dead-lettered for a revoked key.
+Every step ends, and ends its messages' operations through ``Outcomes``:
+
+- Gist refuses it for good (``PermanentError``), a transient failure outlasts the retry
+  time, or Gist keeps answering something unusable: the operation fails (dead letter);
+- a completed batch reports the contact as failed; a completed batch whose errors cannot
+  all be matched to contacts, or that imported fewer than it was sent, is sent again in
+  halves until every contact's fate is known (upserts are idempotent);
+- a batch not COMPLETED within ``batch_deadline`` (a status this client does not know
+  counts as not completed), or one Gist no longer knows, is sent again once, then its
+  contacts fail with ``batch_timeout``;
+- an unexpected exception anywhere in here fails the operations concerned with
+  ``internal_error``; a loop that dies anyway is reported (``broken``), never silent.
+
+A ``CredentialsError`` is handed to ``on_fatal`` and the step is left open: nothing is
+dead-lettered for a revoked key. ``abandon`` drops a revoked partition's work: nothing
+more is sent for it.
 """
 
 from __future__ import annotations
@@ -16,12 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from destination import reasons
 from destination.gist import (
     BatchStatus,
     ContactRef,
@@ -30,6 +43,7 @@ from destination.gist import (
     GistError,
     PermanentError,
     RetryableError,
+    UnexpectedAnswerError,
 )
 from destination.observability import log_events, metrics
 from destination.operations import (
@@ -41,8 +55,10 @@ from destination.operations import (
     TagChange,
 )
 from destination.pipeline.contacts import ContactBatcher, ContactStep
-from destination.pipeline.inflight import Failure, MessageWork
+from destination.pipeline.inflight import Failure, MessageWork, PartitionWork
 from destination.pipeline.ordering import IdentityGate, Step, StepKind
+from destination.pipeline.outcome import Outcomes, internal_failure
+from destination.pipeline.waiting import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -62,28 +78,61 @@ class DeliverySettings:
     poll_window: int = 4
     """Only the oldest ``poll_window`` pending batches are polled: Gist imports batches
     in turn, and polling every pending batch would spend the budget on polls."""
+    poll_stale_after: float = 300.0
+    """A batch pending this long leaves the poll window (so a stuck batch cannot stop
+    the polls of later ones) and is polled, in turn with other such batches, every
+    ``poll_max_interval``."""
+    batch_deadline: float = 3600.0
+    """A batch not COMPLETED this long after it was sent is sent again once; the second
+    time, its contacts are dead-lettered (``batch_timeout``)."""
 
 
 class DirectStep(Step):
-    __slots__ = ("message", "operation")
+    __slots__ = ("message", "operation", "partition", "task")
 
     def __init__(self, operation: Operation, message: MessageWork) -> None:
         kind = StepKind.EVENT if isinstance(operation, EventTrack) else StepKind.EXCLUSIVE
         super().__init__(kind, operation.identities)
         self.operation = operation
         self.message = message
+        self.partition: PartitionWork | None = message.record.partition
+        self.task: asyncio.Task[None] | None = None
 
 
 class PendingBatch:
-    __slots__ = ("batch_id", "interval", "next_poll", "polling", "steps", "submitted")
+    """A batch import Gist accepted and has not completed yet."""
 
-    def __init__(self, batch_id: str, steps: list[ContactStep], now: float, interval: float):
+    __slots__ = (
+        "batch_id",
+        "deadline",
+        "interval",
+        "next_poll",
+        "polling",
+        "resent",
+        "steps",
+        "submitted",
+    )
+
+    def __init__(
+        self,
+        batch_id: str,
+        steps: list[ContactStep],
+        now: float,
+        interval: float,
+        deadline: float,
+        resent: bool,
+    ) -> None:
         self.batch_id = batch_id
-        self.steps = steps
+        self.steps = steps  # in the order sent (batch errors name contacts by index)
         self.submitted = now
+        self.deadline = now + deadline
         self.interval = interval
         self.next_poll = now + interval
         self.polling = False
+        self.resent = resent  # sent again once already: the next expiry dead-letters
+
+    def live(self) -> list[ContactStep]:
+        return [step for step in self.steps if not step.finished]
 
 
 class Delivery:
@@ -91,24 +140,31 @@ class Delivery:
         self,
         client: GistClient,
         settings: DeliverySettings,
+        outcomes: Outcomes,
         on_fatal: Callable[[CredentialsError], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.settings = settings
+        self.outcomes = outcomes
         self._on_fatal = on_fatal
         self._clock = clock
         self.gate = IdentityGate()
         self.batcher = ContactBatcher(settings.batch_max_contacts, settings.batch_max_wait)
         self._requests = asyncio.Semaphore(settings.max_concurrent_requests)
         self._imports = asyncio.Semaphore(settings.max_concurrent_imports)
+        self._open: dict[Step, None] = {}  # admitted and not finished, for ``abandon``
         self._pending: list[PendingBatch] = []
+        self._sending: dict[asyncio.Task[None], list[ContactStep]] = {}
         self._batcher_wake = asyncio.Event()
         self._poller_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._flush_all = False
         self._polls_halted = False
+        self._closing = False
+        self.broken: str | None = None
+        """Set when a part of delivery stopped on a bug: the worker reports unhealthy."""
 
     # --- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -116,6 +172,8 @@ class Delivery:
             asyncio.create_task(self._flush_loop(), name="contact-batcher"),
             asyncio.create_task(self._poll_loop(), name="batch-poller"),
         ]
+        for loop in self._loops:
+            loop.add_done_callback(self._loop_done)
 
     def flush_now(self, enabled: bool = True) -> None:
         """Send waiting contacts without waiting for a full batch (shutdown, rebalance)."""
@@ -123,11 +181,12 @@ class Delivery:
         self._batcher_wake.set()
 
     async def close(self) -> None:
-        for task in [*self._loops, *self._tasks]:
+        self._closing = True
+        tasks = [*self._loops, *self._tasks]
+        for task in tasks:
             task.cancel()
-        for task in [*self._loops, *self._tasks]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
         self._loops.clear()
         self._tasks.clear()
 
@@ -135,29 +194,44 @@ class Delivery:
     def batches_pending(self) -> int:
         return len(self._pending)
 
+    def oldest_pending_batch_age(self) -> float:
+        if not self._pending:
+            return 0.0
+        return max(0.0, self._clock() - min(b.submitted for b in self._pending))
+
     # --- intake -----------------------------------------------------------------------
-    def submit(self, message: MessageWork, operations: tuple[Operation, ...]) -> None:
-        """Take the message's operations; each ends in ``message.operation_done``."""
-        message.expect(len(operations))
+    def submit(self, message: MessageWork, operations: Sequence[Operation]) -> None:
+        """Take the message's operations; each ends in ``outcomes.operation_done``."""
+        self.outcomes.expect(message, len(operations))
         for operation in operations:
-            if isinstance(operation, ContactUpsert):
-                self._submit_contact(message, operation)
-            else:
-                self._admit(DirectStep(operation, message))
+            try:
+                if isinstance(operation, ContactUpsert):
+                    self._submit_contact(message, operation)
+                else:
+                    self._admit(DirectStep(operation, message))
+            except Exception as exc:  # a bug: this operation fails, the others go on
+                self._report_internal(exc, "submit", message)
+                self.outcomes.operation_done(message, internal_failure(exc, "submit"))
 
     def _submit_contact(self, message: MessageWork, upsert: ContactUpsert) -> None:
         identities = upsert.identities
+        partition = message.record.partition
         previous = self.gate.last_write(identities)
-        if isinstance(previous, ContactStep) and not previous.sent:
+        if (
+            isinstance(previous, ContactStep)
+            and not previous.sent
+            and previous.partition is partition
+        ):
             previous.merge(upsert.contact)
             previous.tickets.append(message)
             metrics.CONTACT_UPDATES_MERGED.inc()
             return
-        step = ContactStep(upsert.contact, identities)
+        step = ContactStep(upsert.contact, identities, partition)
         step.tickets.append(message)
         self._admit(step)
 
     def _admit(self, step: Step) -> None:
+        self._open[step] = None
         if self.gate.admit(step):
             self._start(step)
 
@@ -167,28 +241,109 @@ class Delivery:
             if len(self.batcher) == 1 or len(self.batcher) >= self.batcher.max_contacts:
                 self._batcher_wake.set()
         elif isinstance(step, DirectStep):
-            self._spawn(self._run_direct(step))
+            step.task = self._spawn(self._run_direct(step), [step], "request")
 
     def _finish(self, step: Step, failure: Failure | None) -> None:
+        """The step is over: end its operations, and start the steps it held back."""
+        if step.finished:
+            return
+        self._open.pop(step, None)
+        released = self.gate.finish(step)
         if isinstance(step, ContactStep):
             for message in step.tickets:
-                message.operation_done(failure, accepted=step.accepted)
+                self.outcomes.operation_done(message, failure, accepted=step.accepted)
         elif isinstance(step, DirectStep):
-            step.message.operation_done(failure)
-        for released in self.gate.finish(step):
-            self._start(released)
+            self.outcomes.operation_done(step.message, failure)
+        for later in released:
+            try:
+                self._start(later)
+            except Exception as exc:
+                self._internal([later], exc, "start")
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
+    # --- errors that are bugs ---------------------------------------------------------
+    def _report_internal(self, error: BaseException, where: str, message: Any = None) -> None:
+        metrics.INTERNAL_ERRORS.labels(where).inc()
+        extra = message.where() if isinstance(message, MessageWork) else {}
+        log.error(
+            log_events.INTERNAL_ERROR,
+            where=where,
+            error=type(error).__name__,
+            exc_info=error,
+            **extra,
+        )
+
+    def _internal(self, steps: Iterable[Step], error: BaseException, where: str) -> None:
+        """An unexpected exception: the steps' operations fail with ``internal_error``."""
+        self._report_internal(error, where)
+        failure = internal_failure(error, where)
+        for step in steps:
+            if not step.finished:
+                self._finish(step, failure)
+
+    def _spawn(
+        self, coroutine: Coroutine[Any, Any, None], steps: Sequence[Step], where: str
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guarded(coroutine, steps, where))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
+
+    async def _guarded(
+        self, coroutine: Coroutine[Any, Any, None], steps: Sequence[Step], where: str
+    ) -> None:
+        try:
+            await coroutine
+        except Exception as exc:
+            self._internal(steps, exc, where)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            # A bug, not Gist: its messages stay unfinished (never committed), so say so
-            # loudly rather than let the partition stall in silence.
-            log.error(log_events.DELIVERY_TASK_FAILED, exc_info=task.exception())
+            # Even failing its steps failed: a bug in the bookkeeping itself.
+            self._broke("delivery-task", task.exception())
+
+    def _loop_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._broke(task.get_name(), task.exception())
+
+    def _broke(self, component: str, error: BaseException | None) -> None:
+        metrics.TASKS_FAILED.labels(component).inc()
+        log.error(log_events.TASK_FAILED, component=component, exc_info=error)
+        if self.broken is None:
+            self.broken = f"{component} stopped: {type(error).__name__}"
+
+    # --- revoked partitions -----------------------------------------------------------
+    def abandon(self, partitions: Iterable[PartitionWork]) -> int:
+        """Drop the work of revoked partitions: nothing more is sent for it (its requests
+        in flight are cancelled, its contacts leave the batcher, their batches are no
+        longer polled for them); their messages do not end here. Returns the steps
+        dropped."""
+        gone = set(partitions)
+        doomed = [s for s in self._open if getattr(s, "partition", None) in gone]
+        if not doomed:
+            return 0
+        for step in doomed:
+            self._open.pop(step, None)
+            if isinstance(step, ContactStep):
+                self.batcher.remove(step)
+            elif isinstance(step, DirectStep) and step.task is not None:
+                step.task.cancel()
+        doomed_set = set(doomed)
+        for task, steps in list(self._sending.items()):
+            if any(s in doomed_set for s in steps):
+                task.cancel()  # the others of the batch go back to the batcher
+        released: list[Step] = []
+        for step in doomed:  # finished without an outcome: the new owner reads it again
+            released.extend(self.gate.finish(step))
+        self._pending = [b for b in self._pending if b.live()]
+        metrics.BATCHES_PENDING.set(len(self._pending))
+        for later in released:
+            if not later.finished:
+                try:
+                    self._start(later)
+                except Exception as exc:
+                    self._internal([later], exc, "start")
+        return len(doomed)
 
     # --- one request per operation ----------------------------------------------------
     async def _run_direct(self, step: DirectStep) -> None:
@@ -239,102 +394,222 @@ class Delivery:
             if due is None or (due > now and not self._flush_all):
                 timeout = None if due is None else due - now
                 self._batcher_wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._batcher_wake.wait(), timeout)
+                await wait_event(self._batcher_wake, timeout)
                 continue
             steps = self.batcher.take()
-            metrics.CONTACTS_PER_BATCH.observe(len(steps))
-            self._spawn(self._send_batch(steps))
-
-    async def _send_batch(self, steps: list[ContactStep]) -> None:
-        async with self._imports:
             try:
-                accepted = await self.client.import_contacts([s.payload for s in steps])
-            except CredentialsError as error:
-                self._on_fatal(error)
-                return
-            except PermanentError as error:
-                self._rejected_batch(steps, error)
-                return
-            except GistError as error:
-                for step in steps:
-                    self._finish(step, failure_from(error))
-                return
+                self._dispatch(steps, resent=False)
+            except Exception as exc:
+                self._internal(steps, exc, "batcher")
+
+    def _dispatch(self, steps: list[ContactStep], *, resent: bool) -> None:
+        """Encode each contact (one that cannot be encoded fails alone) and send them."""
+        ready: list[ContactStep] = []
         for step in steps:
-            if not step.accepted:  # a lost batch sent again is accepted once
+            if step.finished:
+                continue
+            try:
+                step.encode()
+            except Exception as exc:
+                self._internal([step], exc, "encode")
+                continue
+            ready.append(step)
+        if ready:
+            metrics.CONTACTS_PER_BATCH.observe(len(ready))
+            task = self._spawn(self._send_batch(ready, resent), ready, "import")
+            self._sending[task] = ready
+            task.add_done_callback(lambda t: self._sending.pop(t, None))
+
+    async def _send_batch(self, steps: list[ContactStep], resent: bool) -> None:
+        try:
+            async with self._imports:
+                live = [s for s in steps if not s.finished]
+                if not live:
+                    return
+                steps = live
+                accepted = await self.client.import_encoded([s.encode() for s in steps])
+        except asyncio.CancelledError:
+            if self._closing:
+                raise
+            # Revoked partitions' contacts were in the batch: the others wait again.
+            now = self._clock()
+            for step in steps:
+                if not step.finished:
+                    step.sent = False
+                    self.batcher.add(step, now)
+            self._batcher_wake.set()
+            return
+        except CredentialsError as error:
+            self._on_fatal(error)
+            return
+        except PermanentError as error:
+            self._rejected_batch(steps, error, resent)
+            return
+        except GistError as error:
+            failure = failure_from(error)
+            for step in steps:
+                self._finish(step, failure)
+            return
+        live = [s for s in steps if not s.finished]
+        for step in live:
+            if not step.accepted:  # a batch sent again is accepted once
                 step.accepted = True
                 for message in step.tickets:
-                    message.operation_accepted()
-        now = self._clock()
+                    self.outcomes.accepted(message)
+        if not live:
+            return
         self._pending.append(
-            PendingBatch(accepted.batch_id, steps, now, self.settings.poll_interval)
+            PendingBatch(
+                accepted.batch_id,
+                steps,
+                self._clock(),
+                self.settings.poll_interval,
+                self.settings.batch_deadline,
+                resent,
+            )
         )
         metrics.BATCHES_PENDING.set(len(self._pending))
         self._poller_wake.set()
 
-    def _rejected_batch(self, steps: list[ContactStep], error: PermanentError) -> None:
+    def _rejected_batch(
+        self, steps: list[ContactStep], error: PermanentError, resent: bool
+    ) -> None:
         """Gist refused the whole batch: halve it until the contact at fault stands alone,
         so one bad contact does not dead-letter a thousand good ones."""
-        if len(steps) == 1:
-            self._finish(steps[0], failure_from(error))
+        live = [s for s in steps if not s.finished]
+        if len(live) <= 1:
+            for step in live:
+                self._finish(step, failure_from(error))
             return
-        middle = len(steps) // 2
-        log.warning(log_events.BATCH_REJECTED_SPLIT, contacts=len(steps), status=error.status)
-        self._spawn(self._send_batch(steps[:middle]))
-        self._spawn(self._send_batch(steps[middle:]))
+        log.warning(log_events.BATCH_REJECTED_SPLIT, contacts=len(live), status=error.status)
+        self._send_halves(live, resent)
 
+    def _send_halves(self, steps: list[ContactStep], resent: bool) -> None:
+        middle = len(steps) // 2
+        for half in (steps[:middle], steps[middle:]):
+            task = self._spawn(self._send_batch(half, resent), half, "import")
+            self._sending[task] = half
+            task.add_done_callback(lambda t: self._sending.pop(t, None))
+
+    # --- contacts: polling until COMPLETED --------------------------------------------
     async def _poll_loop(self) -> None:
-        """Poll the oldest ``poll_window`` pending batches, each when it is due; their
-        polls run side by side (one at a time would let imports outrun the polls)."""
+        """Poll the oldest ``poll_window`` pending batches (and, one at a time, those
+        pending longer than ``poll_stale_after``), each when it is due; their polls run
+        side by side (one at a time would let imports outrun the polls)."""
         while not self._polls_halted:
-            window = [b for b in self._pending[: self.settings.poll_window] if not b.polling]
-            if not window:
+            try:
+                batch, wait = self._next_poll()
+            except Exception as exc:  # a bug: fail no one, but do not spin on it
+                self._report_internal(exc, "poller")
+                batch, wait = None, 1.0
+            if batch is None:
                 self._poller_wake.clear()
-                await self._poller_wake.wait()
-                continue
-            batch = min(window, key=lambda b: b.next_poll)
-            now = self._clock()
-            if batch.next_poll > now:
-                self._poller_wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._poller_wake.wait(), batch.next_poll - now)
+                await wait_event(self._poller_wake, wait)
                 continue
             batch.polling = True
-            self._spawn(self._poll(batch))
+            self._spawn(self._poll(batch), batch.live(), "poll")
+
+    def _next_poll(self) -> tuple[PendingBatch | None, float | None]:
+        """The batch to poll now, or how long until one may be due (None: until woken,
+        which every new batch and every poll that ends does)."""
+        now = self._clock()
+        stale_after = self.settings.poll_stale_after
+        fresh: list[PendingBatch] = []
+        stale: list[PendingBatch] = []
+        later: list[PendingBatch] = []  # beyond the window, not stale yet
+        for batch in self._pending:
+            if now - batch.submitted >= stale_after:
+                stale.append(batch)
+            elif len(fresh) < self.settings.poll_window:
+                fresh.append(batch)
+            else:
+                later.append(batch)
+        candidates = [b for b in fresh if not b.polling]
+        if not any(b.polling for b in stale):  # stale ones: one poll at a time
+            candidates.extend(b for b in stale if not b.polling)
+        # A batch past its deadline is due at once, wherever it stands.
+        candidates.extend(b for b in later if b.deadline <= now and not b.polling)
+        wake_at = [b.submitted + stale_after for b in later]
+        wake_at.extend(b.deadline for b in later if not b.polling)
+        if candidates:
+            batch = min(candidates, key=lambda b: min(b.next_poll, b.deadline))
+            due = min(batch.next_poll, batch.deadline)
+            if due <= now:
+                return batch, None
+            wake_at.append(due)
+        return None, (max(0.001, min(wake_at) - now) if wake_at else None)
 
     async def _poll(self, batch: PendingBatch) -> None:
+        status: BatchStatus | None = None
+        lost = False
         try:
+            if self._clock() >= batch.deadline:
+                self._expire(batch, "deadline")
+                return
             status = await self.client.batch_status(batch.batch_id)
         except CredentialsError as error:
             self._polls_halted = True  # nothing will succeed until an operator acts
             self._on_fatal(error)
             return
-        except PermanentError:
-            # Gist no longer knows the batch: its outcome is unknown, so send its
-            # contacts again (an upsert is idempotent).
-            log.warning(log_events.BATCH_LOST, batch_id=batch.batch_id)
-            self._forget(batch)
-            self._spawn(self._send_batch(batch.steps))
-            return
-        except RetryableError:
-            status = None
+        except PermanentError as error:
+            # 404: Gist no longer knows the batch. Any other 4xx is taken as "not
+            # completed yet" (never a reason to send the batch again at once).
+            lost = error.status == 404
+        except GistError:
+            pass  # a failed poll: poll again later
         finally:
             batch.polling = False
             self._poller_wake.set()
-        now = self._clock()
-        if status is not None and status.completed:
+        if batch not in self._pending:
+            return  # abandoned meanwhile
+        if lost:
+            self._expire(batch, "lost")
+        elif status is not None and status.completed:
             self._forget(batch)
-            self._completed(batch, status, now)
+            self._completed(batch, status)
         else:
+            now = self._clock()
             batch.interval = min(self.settings.poll_max_interval, batch.interval * 2)
             batch.next_poll = now + batch.interval
+            if now >= batch.deadline:
+                self._expire(batch, "deadline")
 
     def _forget(self, batch: PendingBatch) -> None:
-        self._pending.remove(batch)
+        with contextlib.suppress(ValueError):
+            self._pending.remove(batch)
         metrics.BATCHES_PENDING.set(len(self._pending))
 
-    def _completed(self, batch: PendingBatch, status: BatchStatus, now: float) -> None:
-        failed = match_batch_errors(batch.steps, status)
+    def _expire(self, batch: PendingBatch, why: str) -> None:
+        """Not completed in time, or lost: send it again once, else dead-letter it."""
+        self._forget(batch)
+        live = batch.live()
+        action = "dead_lettered" if batch.resent else "resent"
+        metrics.BATCHES_PAST_DEADLINE.labels(action).inc()
+        log.warning(
+            log_events.BATCH_LOST if why == "lost" else log_events.BATCH_PAST_DEADLINE,
+            batch_id=batch.batch_id,
+            contacts=len(live),
+            action=action,
+            seconds=round(self._clock() - batch.submitted, 1),
+        )
+        if not live:
+            return
+        if not batch.resent:
+            self._dispatch(live, resent=True)
+            return
+        detail = (
+            "Gist no longer knew the batch import, twice"
+            if why == "lost"
+            else f"the batch import did not complete within {self.settings.batch_deadline:g} s"
+            ", twice"
+        )
+        failure = Failure(reasons.BATCH_TIMEOUT, detail)
+        for step in live:
+            self._finish(step, failure)
+
+    def _completed(self, batch: PendingBatch, status: BatchStatus) -> None:
+        failed, unmatched = match_batch_errors(batch.steps, status)
+        now = self._clock()
         if failed:
             metrics.BATCH_CONTACT_ERRORS.inc(len(failed))
         log.info(
@@ -342,47 +617,79 @@ class Delivery:
             batch_id=batch.batch_id,
             contacts=len(batch.steps),
             failed=len(failed),
+            unmatched=len(unmatched),
             seconds=round(now - batch.submitted, 3),
         )
+        rest: list[ContactStep] = []
         for index, step in enumerate(batch.steps):
             reason = failed.get(index)
-            self._finish(
-                step,
-                None if reason is None else Failure("batch_contact_error", reason, status=200),
+            if reason is not None:
+                self._finish(step, Failure(reasons.BATCH_CONTACT_ERROR, reason, status=200))
+            elif not step.finished:
+                rest.append(step)
+        expected = len(batch.steps) - len(failed)
+        short = status.imported_contacts is not None and status.imported_contacts < expected
+        if not unmatched and not short:
+            for step in rest:
+                self._finish(step, None)
+            return
+        # Some of ``rest`` failed, and Gist did not say which: find out.
+        metrics.BATCHES_UNVERIFIED.inc()
+        log.warning(
+            log_events.BATCH_UNVERIFIED,
+            batch_id=batch.batch_id,
+            contacts=len(rest),
+            unmatched_errors=len(unmatched),
+            imported=status.imported_contacts,
+            expected=expected,
+        )
+        if len(rest) == 1:
+            detail = (
+                unmatched[0]
+                if unmatched
+                else "Gist imported fewer contacts than it was sent and named none as failed"
             )
+            self._finish(rest[0], Failure(reasons.BATCH_CONTACT_ERROR, detail, status=200))
+        elif rest:
+            self._send_halves(rest, batch.resent)
 
 
-def match_batch_errors(steps: list[ContactStep], status: BatchStatus) -> dict[int, str]:
-    """Which submitted contacts a completed batch reports as failed: by ``index`` when
-    Gist gives it, else by e-mail or user_id."""
+def match_batch_errors(
+    steps: Sequence[ContactStep], status: BatchStatus
+) -> tuple[dict[int, str], list[str]]:
+    """Which submitted contacts a completed batch reports as failed (by ``index`` when
+    Gist gives it, else by e-mail or user_id), and the messages of the errors that name
+    no contact of the batch."""
     failed: dict[int, str] = {}
-    by_email: dict[str, int] = {}
-    by_user: dict[str, int] = {}
-    if any(e.index is None for e in status.errors):
+    unmatched: list[str] = []
+    by_identity: dict[str, int] = {}
+    if any(e.index is None or not 0 <= e.index < len(steps) for e in status.errors):
         for i, step in enumerate(steps):
-            email = step.payload.get("email")
-            if isinstance(email, str):
-                by_email.setdefault(email.strip().lower(), i)
-            user_id = step.payload.get("user_id")
-            if user_id is not None:
-                by_user.setdefault(str(user_id), i)
+            for identity in step.identities:
+                by_identity.setdefault(identity, i)
     for error in status.errors:
         index = error.index
         if index is None or not 0 <= index < len(steps):
             index = None
             if error.user_id is not None:
-                index = by_user.get(error.user_id)
+                index = by_identity.get("u:" + error.user_id)
             if index is None and error.email is not None:
-                index = by_email.get(error.email.strip().lower())
+                index = by_identity.get("e:" + error.email.strip().lower())
         if index is not None:
             failed[index] = error.message
         else:
+            unmatched.append(error.message)
             log.warning(log_events.BATCH_ERROR_UNMATCHED, message=error.message[:200])
-    return failed
+    return failed, unmatched
 
 
 def failure_from(error: GistError) -> Failure:
-    reason = "retries_exhausted" if isinstance(error, RetryableError) else "gist_rejected"
+    if isinstance(error, UnexpectedAnswerError):
+        reason = reasons.GIST_UNEXPECTED_ANSWER
+    elif isinstance(error, RetryableError):
+        reason = reasons.RETRIES_EXHAUSTED
+    else:
+        reason = reasons.GIST_REJECTED
     return Failure(
         reason=reason,
         detail=str(error),

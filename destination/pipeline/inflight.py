@@ -1,21 +1,27 @@
 """What is in flight: partitions, their records, and the messages inside the records.
 
-A record is finished when each of its messages is delivered, skipped or dead-lettered;
-only then does its offset count towards the partition's commit (``OffsetTracker``). The
-``Ledger`` keeps the totals that bound memory (messages and record bytes in flight) and
-wakes whoever waits for them to drain. Pure bookkeeping, no I/O.
+Pure bookkeeping, no I/O. A record is *opened* message by message (an envelope may hold
+thousands) and *sealed* once its last message is opened; it is finished when it is
+sealed and each of its messages has ended (delivered, skipped or dead-lettered, see
+``outcome``). Only then does its offset count towards the partition's commit
+(``OffsetTracker``). The ``Ledger`` keeps the totals that bound memory (messages and
+record bytes in flight) and wakes whoever waits for them to change.
 
 A message whose every open operation is a contact in a batch Gist has accepted is
 *parked*: it only waits for Gist to finish the import, which can take minutes. Parked
 messages leave the in-flight totals for a separate, larger bound, and once all of a
 record's open messages are parked its value is released (a dead letter for it then
 re-reads the record from Kafka). So slow imports hold offsets back, not memory.
+
+A revoked partition's open work leaves the totals at once: the new owner reads it
+again, and nothing that ends for it afterwards is counted here.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -29,8 +35,8 @@ class TopicPartition(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """Why a message is dead-lettered. ``reason`` is a stable code for metrics and the
-    dead-letter headers; ``detail`` is for people and never holds the API key."""
+    """Why a message is dead-lettered. ``reason`` is a code from ``destination.reasons``;
+    ``detail`` is for people and never holds the API key."""
 
     reason: str
     detail: str
@@ -43,14 +49,22 @@ class PartitionWork:
     """One assigned partition; replaced by a fresh one on every assignment, so work
     finishing after a revocation cannot move a newer owner's commits."""
 
-    __slots__ = ("committed", "messages", "offsets", "revoked", "tp")
+    __slots__ = ("committed", "messages", "offsets", "open", "revoked", "tp", "unfinished")
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
         self.offsets = OffsetTracker()
         self.committed: int | None = None
-        self.messages = 0
+        self.messages = 0  # in flight, not parked (the per-partition bound)
+        self.open = 0  # opened and not ended, parked ones included
+        self.unfinished: dict[int, RecordWork] = {}  # by offset, oldest first
         self.revoked = False
+
+    def oldest_unfinished_age(self, now: float) -> float:
+        """Seconds since the oldest unfinished record of the partition was opened."""
+        for record in self.unfinished.values():
+            return max(0.0, now - record.opened_at)
+        return 0.0
 
 
 class RecordWork:
@@ -58,10 +72,12 @@ class RecordWork:
         "headers",
         "key",
         "offset",
+        "opened_at",
         "parked",
         "partition",
         "pending",
         "released",
+        "sealed",
         "size",
         "value",
     )
@@ -73,6 +89,7 @@ class RecordWork:
         key: bytes | None,
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
+        opened_at: float,
     ) -> None:
         self.partition = partition
         self.offset = offset
@@ -80,9 +97,16 @@ class RecordWork:
         self.value = value
         self.headers = tuple(headers)
         self.size = len(value or b"") + len(key or b"")
-        self.pending = 0  # messages not finished
+        self.opened_at = opened_at
+        self.pending = 0  # messages opened and not ended
         self.parked = 0  # of those, parked
+        self.sealed = False  # every message of the record is opened
         self.released = False  # value dropped: re-read from Kafka for a dead letter
+
+
+OPEN = 0
+DEAD_LETTERING = 1  # its dead letter is being written
+ENDED = 2
 
 
 class MessageWork:
@@ -96,24 +120,22 @@ class MessageWork:
         "failure",
         "index",
         "is_parked",
-        "ledger",
         "message_type",
         "parked",
         "pending",
         "record",
+        "state",
         "timestamp",
     )
 
     def __init__(
         self,
-        ledger: Ledger,
         record: RecordWork,
         index: int | None,
         message_type: str,
         timestamp: float | None,
         body: Any = None,
     ) -> None:
-        self.ledger = ledger
         self.record = record
         self.index = index
         self.message_type = message_type
@@ -123,52 +145,63 @@ class MessageWork:
         self.parked = 0  # of those, contacts in a batch Gist accepted
         self.is_parked = False
         self.failure: Failure | None = None
+        self.state = OPEN
 
-    def expect(self, operations: int) -> None:
-        self.pending += operations
+    @property
+    def partition(self) -> PartitionWork:
+        return self.record.partition
 
-    def operation_accepted(self) -> None:
-        """One operation is now a contact in a batch Gist accepted (not yet imported)."""
-        self.parked += 1
-        if self.parked == self.pending and not self.is_parked:
-            self.ledger.park(self)
-
-    def operation_done(self, failure: Failure | None = None, *, accepted: bool = False) -> None:
-        """One operation of the message is over (``accepted``: it was one whose batch Gist
-        had accepted); the first failure decides the message's fate."""
-        if failure is not None and self.failure is None:
-            self.failure = failure
-        self.pending -= 1
-        if accepted:
-            self.parked -= 1
-        if self.pending == 0:
-            self.ledger.message_settled(self)
+    def where(self) -> dict[str, Any]:
+        """Where the message came from, for log lines."""
+        record = self.record
+        where: dict[str, Any] = {
+            "topic": record.partition.tp.topic,
+            "partition": record.partition.tp.partition,
+            "offset": record.offset,
+        }
+        if self.index is not None:
+            where["envelope_index"] = self.index
+        return where
 
 
 class Ledger:
-    """Totals of the work in flight, and the partitions it belongs to.
+    """Totals of the work in flight, and the partitions it belongs to."""
 
-    ``on_settled(message)`` is called once per message whose operations are all over:
-    the pipeline then counts it delivered, or dead-letters it, and calls ``finish``."""
-
-    def __init__(self, on_settled: Callable[[MessageWork], None]) -> None:
-        self._on_settled = on_settled
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._clock = clock
         self.partitions: dict[TopicPartition, PartitionWork] = {}
         self.messages = 0  # in flight, not parked
         self.bytes = 0  # record bytes held
         self.parked = 0  # parked messages: waiting only for Gist to finish importing
+        self.uncommitted = 0  # records read past the committable offsets, all partitions
         self.changed = asyncio.Event()
 
+    # --- partitions -------------------------------------------------------------------
     def assign(self, tp: TopicPartition) -> PartitionWork:
         work = self.partitions[tp] = PartitionWork(tp)
         return work
 
     def revoke(self, tp: TopicPartition) -> PartitionWork | None:
+        """Forget the partition: its open work leaves the totals (the new owner reads
+        it again) and whatever ends for it from now on is not counted."""
         work = self.partitions.pop(tp, None)
-        if work is not None:
-            work.revoked = True
+        if work is None:
+            return None
+        work.revoked = True
+        for record in work.unfinished.values():
+            self.messages -= record.pending - record.parked
+            self.parked -= record.parked
+            if not record.released:
+                record.released = True
+                record.value = None
+                self.bytes -= record.size
+        self.uncommitted -= work.offsets.uncommitted
+        work.unfinished.clear()
+        work.messages = work.open = 0
+        self.changed.set()
         return work
 
+    # --- opening ----------------------------------------------------------------------
     def open_record(
         self,
         partition: PartitionWork,
@@ -177,8 +210,10 @@ class Ledger:
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
     ) -> RecordWork:
-        record = RecordWork(partition, offset, key, value, headers)
+        record = RecordWork(partition, offset, key, value, headers, self._clock())
         partition.offsets.add(offset)
+        partition.unfinished[offset] = record
+        self.uncommitted += 1
         self.bytes += record.size
         return record
 
@@ -190,24 +225,30 @@ class Ledger:
         timestamp: float | None,
         body: Any = None,
     ) -> MessageWork:
-        message = MessageWork(self, record, index, message_type, timestamp, body)
+        if record.sealed:
+            raise RuntimeError("a message opened in a sealed record")
+        message = MessageWork(record, index, message_type, timestamp, body)
         record.pending += 1
-        record.partition.messages += 1
+        partition = record.partition
+        partition.messages += 1
+        partition.open += 1
         self.messages += 1
         return message
 
-    def close_record(self, record: RecordWork) -> None:
-        """All messages of the record are open; a record with none is finished now."""
-        if record.pending == 0:
+    def seal(self, record: RecordWork) -> None:
+        """Every message of the record is open: from now on it finishes when they end."""
+        record.sealed = True
+        if record.pending == 0 and not record.partition.revoked:
             self._finish_record(record)
 
-    def message_settled(self, message: MessageWork) -> None:
-        self._on_settled(message)
-
+    # --- messages waiting on Gist -----------------------------------------------------
     def park(self, message: MessageWork) -> None:
+        """All of the message's open operations wait only for a batch import."""
+        record = message.record
+        if message.is_parked or message.state != OPEN or record.partition.revoked:
+            return
         message.is_parked = True
         message.body = None  # re-read with the record if it is ever dead-lettered
-        record = message.record
         record.partition.messages -= 1
         self.messages -= 1
         self.parked += 1
@@ -215,36 +256,63 @@ class Ledger:
         self._maybe_release(record)
         self.changed.set()
 
-    def finish(self, message: MessageWork) -> None:
-        """The message is delivered, skipped or dead-lettered: release it."""
+    def unpark(self, message: MessageWork) -> None:
+        """A parked message is back in flight (its batch is sent again)."""
         record = message.record
+        if not message.is_parked or record.partition.revoked:
+            return
+        message.is_parked = False
+        record.partition.messages += 1
+        self.messages += 1
+        self.parked -= 1
+        record.parked -= 1
+
+    # --- ending -----------------------------------------------------------------------
+    def ended(self, message: MessageWork) -> None:
+        """The message is delivered, skipped or dead-lettered (``outcome`` calls this,
+        once per message): release it, and finish its record when it was the last."""
+        record = message.record
+        partition = record.partition
+        if partition.revoked:
+            return
         if message.is_parked:
             self.parked -= 1
             record.parked -= 1
         else:
-            record.partition.messages -= 1
+            partition.messages -= 1
             self.messages -= 1
+        partition.open -= 1
         record.pending -= 1
-        if record.pending == 0:
+        if record.pending == 0 and record.sealed:
             self._finish_record(record)
         else:
             self._maybe_release(record)
         self.changed.set()
 
     def _maybe_release(self, record: RecordWork) -> None:
-        """Drop the value of a record whose open messages all wait only for Gist."""
-        if not record.released and record.pending and record.parked == record.pending:
+        """Drop the value of a sealed record whose open messages all wait only for Gist."""
+        if (
+            not record.released
+            and record.sealed
+            and record.pending
+            and record.parked == record.pending
+        ):
             record.released = True
             record.value = None
             self.bytes -= record.size
 
     def _finish_record(self, record: RecordWork) -> None:
-        record.partition.offsets.finish(record.offset)
+        partition = record.partition
+        before = partition.offsets.uncommitted
+        partition.offsets.finish(record.offset)
+        self.uncommitted -= before - partition.offsets.uncommitted
+        del partition.unfinished[record.offset]
         if not record.released:
             record.released = True
             record.value = None
             self.bytes -= record.size
         self.changed.set()
 
-    def unfinished(self, partitions: Sequence[PartitionWork]) -> int:
-        return sum(len(p.offsets) for p in partitions)
+    def open_in(self, partitions: Sequence[PartitionWork]) -> int:
+        """Messages opened and not ended in ``partitions``."""
+        return sum(p.open for p in partitions)

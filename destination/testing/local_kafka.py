@@ -1071,3 +1071,45 @@ def _commit_offsets(offsets: Mapping[Any, Any]) -> dict[Any, Any]:
             raise TypeError("Metadata should be a string")
         formatted[tp] = OffsetAndMetadata(offset, metadata)
     return formatted
+
+
+class LocalRecordReader:
+    """``ReadRecord`` on a ``LocalBroker``: a record's value by offset, ``RecordGone``
+    below the log start (retention) or where no record has that offset."""
+
+    def __init__(self, broker: LocalBroker) -> None:
+        self._broker = broker
+
+    async def __call__(self, topic: str, partition: int, offset: int) -> bytes | None:
+        from destination.pipeline.dead_letter import RecordGone
+
+        for record in self._broker.records(topic, partition):
+            if record.offset == offset:
+                value: bytes | None = record.value
+                return value
+        raise RecordGone(f"{topic}:{partition}@{offset} is not in the log")
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalKafkaClients:
+    """The worker's Kafka clients on a ``LocalBroker`` (see ``worker.KafkaClients``)::
+
+        worker = Worker(settings, mapper, key, kafka=LocalKafkaClients(broker))
+    """
+
+    def __init__(self, broker: LocalBroker) -> None:
+        self.broker = broker
+        self.consumers: list[LocalConsumer] = []
+
+    def consumer(self, **options: Any) -> LocalConsumer:
+        consumer = LocalConsumer(self.broker, **options)
+        self.consumers.append(consumer)
+        return consumer
+
+    def producer(self, **options: Any) -> LocalProducer:
+        return LocalProducer(self.broker, **options)
+
+    def record_reader(self, bootstrap_servers: str, **options: Any) -> LocalRecordReader:
+        return LocalRecordReader(self.broker)

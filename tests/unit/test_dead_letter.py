@@ -1,18 +1,37 @@
+"""Dead letters: what they hold, and that every one is written whatever Kafka says."""
+
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
+import pytest
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
-from destination.gist import BatchContactError, BatchStatus
-from destination.pipeline.contacts import ContactStep
-from destination.pipeline.dead_letter import dead_letter_headers, dead_letter_value
-from destination.pipeline.deliver import match_batch_errors
-from destination.pipeline.inflight import Failure, Ledger, TopicPartition
+from destination.gist import RetryPolicy
+from destination.pipeline.dead_letter import (
+    DeadLetterTopicError,
+    DeadLetterWriter,
+    RecordGone,
+    check_topic,
+    dead_letter_headers,
+    dead_letter_value,
+)
+from destination.pipeline.inflight import Failure, Ledger, MessageWork, TopicPartition
 
 
-def _message(value: bytes, index: int | None = None, body: object = None):  # type: ignore[no-untyped-def]
-    ledger = Ledger(on_settled=lambda m: None)
+def _message(
+    value: bytes | None, index: int | None = None, body: object = None, key: bytes = b"u-1"
+) -> MessageWork:
+    ledger = Ledger()
     partition = ledger.assign(TopicPartition("events", 3))
-    record = ledger.open_record(partition, 42, b"u-1", value, [("trace", b"t-1")])
+    record = ledger.open_record(partition, 42, key, value, [("trace", b"t-1")])
     return ledger.open_message(record, index, "track", None, body)
 
 
@@ -46,20 +65,120 @@ def test_a_message_from_an_envelope_is_dead_lettered_alone() -> None:
     assert orjson.loads(dead_letter_value(message) or b"") == body
 
 
-def test_batch_errors_match_by_index_then_identity() -> None:
-    steps = [
-        ContactStep({"email": "a@x.io"}, ("e:a@x.io",)),
-        ContactStep({"email": "B@x.io", "user_id": "u2"}, ("u:u2", "e:b@x.io")),
-        ContactStep({"user_id": "u3"}, ("u:u3",)),
-    ]
-    status = BatchStatus(
-        "COMPLETED",
-        0,
-        (
-            BatchContactError("bad email", index=0),
-            BatchContactError("unknown", email="b@x.io"),
-            BatchContactError("needs email", user_id="u3"),
-            BatchContactError("nobody", email="zzz@x.io"),
-        ),
-    )
-    assert match_batch_errors(steps, status) == {0: "bad email", 1: "unknown", 2: "needs email"}
+class Producer:
+    """The Kafka edge: fails the first sends with the given errors, then takes them."""
+
+    def __init__(self, *errors: Exception, max_request_size: int | None = None) -> None:
+        self.errors = list(errors)
+        self.max_request_size = max_request_size
+        self.sent: list[dict[str, Any]] = []
+        self.attempts = 0
+
+    async def send_and_wait(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Any
+    ) -> None:
+        self.attempts += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        size = len(value or b"") + len(key or b"") + sum(len(k) + len(v) for k, v in headers)
+        if self.max_request_size is not None and size > self.max_request_size:
+            raise MessageSizeTooLargeError("too large")
+        self.sent.append({"topic": topic, "value": value, "key": key, "headers": dict(headers)})
+
+
+FAST = RetryPolicy(base=0.001, cap=0.002)
+
+
+async def test_transient_errors_are_retried_until_the_dead_letter_is_written() -> None:
+    producer = Producer(KafkaTimeoutError(), NotLeaderForPartitionError(), KafkaTimeoutError())
+    writer = DeadLetterWriter(producer, "dlq", retry=FAST)
+    await writer.write(_message(b'{"a":1}'), Failure("invalid_field", "x"))
+    assert producer.attempts == 4
+    assert producer.sent[0]["value"] == b'{"a":1}'
+
+
+async def test_a_forbidden_topic_is_retried_not_skipped() -> None:
+    """An ACL fixed by an operator lets the held dead letter through."""
+    producer = Producer(TopicAuthorizationFailedError(), UnknownTopicOrPartitionError())
+    writer = DeadLetterWriter(producer, "dlq", retry=FAST)
+    await writer.write(_message(b"{}"), Failure("invalid_field", "x"))
+    assert len(producer.sent) == 1
+
+
+async def test_a_record_too_large_for_kafka_is_written_without_its_value() -> None:
+    """Regression: a 1.2 MB record got MessageSizeTooLargeError on every attempt and held
+    its partition forever."""
+    big = b'{"type":"track","pad":"' + b"x" * 1_200_000 + b'"}'
+    producer = Producer(max_request_size=1024 * 1024)
+    writer = DeadLetterWriter(producer, "dlq", retry=FAST)
+    await writer.write(_message(big), Failure("invalid_field", "too big"))
+    (sent,) = producer.sent
+    assert sent["value"] is None
+    assert sent["key"] == b"u-1"
+    assert sent["headers"]["trace"] == b"t-1"
+    assert sent["headers"]["gist-dlq-reason"] == b"invalid_field"
+    assert sent["headers"]["gist-dlq-value-omitted"] == b"too_large"
+    assert sent["headers"]["gist-dlq-value-bytes"] == str(len(big)).encode()
+
+
+async def test_headers_too_large_are_dropped_last() -> None:
+    ledger = Ledger()
+    partition = ledger.assign(TopicPartition("events", 0))
+    record = ledger.open_record(partition, 1, b"k", b"{}", [("huge", b"h" * 5000)])
+    message = ledger.open_message(record, None, "track", None)
+    producer = Producer(max_request_size=2048)
+    await DeadLetterWriter(producer, "dlq", retry=FAST).write(message, Failure("x", "y"))
+    (sent,) = producer.sent
+    assert "huge" not in sent["headers"]
+    assert sent["headers"]["gist-dlq-reason"] == b"x"
+    assert sent["key"] == b"k"
+
+
+async def test_a_record_gone_from_kafka_is_written_without_its_value() -> None:
+    """Regression: retention removed a released record; the re-read raised an error the
+    writer did not expect, on every attempt."""
+    message = _message(b"{}")
+    message.record.released = True
+    message.record.value = None
+
+    async def gone(topic: str, partition: int, offset: int) -> bytes | None:
+        raise RecordGone(f"{topic}:{partition}@{offset}")
+
+    producer = Producer()
+    await DeadLetterWriter(producer, "dlq", gone, retry=FAST).write(message, Failure("x", "y"))
+    (sent,) = producer.sent
+    assert sent["value"] is None
+    assert sent["headers"]["gist-dlq-value-omitted"] == b"gone"
+    assert sent["headers"]["gist-dlq-source-offset"] == b"42"
+
+
+async def test_a_released_envelope_message_is_read_again_and_written_alone() -> None:
+    message = _message(None, index=1)
+    message.record.released = True
+
+    async def read(topic: str, partition: int, offset: int) -> bytes | None:
+        assert (topic, partition, offset) == ("events", 3, 42)
+        return b'{"batch":[{"type":"track"},{"type":"identify","userId":"u"}]}'
+
+    producer = Producer()
+    await DeadLetterWriter(producer, "dlq", read, retry=FAST).write(message, Failure("x", "y"))
+    assert orjson.loads(producer.sent[0]["value"]) == {"type": "identify", "userId": "u"}
+
+
+class Metadata:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        partitions: set[int] = self.answer
+        return partitions
+
+
+async def test_the_dead_letter_topic_is_checked_at_start_up() -> None:
+    assert await check_topic(Metadata({0, 1}), "dlq") == 2
+    with pytest.raises(DeadLetterTopicError, match="does not exist"):
+        await check_topic(Metadata(UnknownTopicOrPartitionError()), "dlq")
+    with pytest.raises(DeadLetterTopicError, match="not authorised"):
+        await check_topic(Metadata(TopicAuthorizationFailedError()), "dlq")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,8 @@ import orjson
 from destination.gist import CredentialsError, GistClient, RetryPolicy
 from destination.operations import ContactUpsert, EventTrack
 from destination.pipeline.deliver import Delivery, DeliverySettings
-from destination.pipeline.inflight import Ledger, MessageWork, TopicPartition
+from destination.pipeline.inflight import ENDED, Failure, Ledger, MessageWork, TopicPartition
+from destination.pipeline.outcome import Outcomes
 
 
 class FakeGist:
@@ -45,22 +47,38 @@ class FakeGist:
             self.polls[batch_id] = self.polls.get(batch_id, 0) + 1
             if self.polls[batch_id] < 2:
                 return httpx.Response(200, json={"status": "IN_PROGRESS"})
+            imported = len(self.batches[batch_id])
             return httpx.Response(
-                200, json={"status": "COMPLETED", "imported_contacts": 1, "errors": []}
+                200, json={"status": "COMPLETED", "imported_contacts": imported, "errors": []}
             )
         if request.url.path == "/events":
             return httpx.Response(200, json={"event": {"id": 1}})
         return httpx.Response(404, json={})
 
 
+class Sink:
+    """The dead-letter topic's edge: acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[MessageWork, Failure]] = []
+
+    async def write(self, message: MessageWork, failure: Failure) -> None:
+        self.written.append((message, failure))
+
+
 class Harness:
     def __init__(
-        self, gist: Callable[[httpx.Request], Any], batch_max_contacts: int = 10, requests: int = 32
+        self,
+        gist: Callable[[httpx.Request], Any],
+        batch_max_contacts: int = 10,
+        requests: int = 32,
+        **settings: Any,
     ) -> None:
-        self.settled: list[MessageWork] = []
+        self.messages: list[MessageWork] = []
         self.fatal: list[CredentialsError] = []
-        self.changed = asyncio.Event()
-        self.ledger = Ledger(on_settled=self._settle)
+        self.ledger = Ledger()
+        self.sink = Sink()
+        self.outcomes = Outcomes(self.ledger, self.sink)
         self.partition = self.ledger.assign(TopicPartition("t", 0))
         client = GistClient(
             "test-key",
@@ -68,44 +86,50 @@ class Harness:
             transport=httpx.MockTransport(gist),
             retry=RetryPolicy(base=0.01, cap=0.02, max_elapsed=0.1),
         )
+        options: dict[str, Any] = {
+            "batch_max_contacts": batch_max_contacts,
+            "batch_max_wait": 0.05,
+            "poll_interval": 0.01,
+            "poll_max_interval": 0.02,
+            "max_concurrent_requests": requests,
+            **settings,
+        }
         self.delivery = Delivery(
-            client,
-            DeliverySettings(
-                batch_max_contacts=batch_max_contacts,
-                batch_max_wait=0.05,
-                poll_interval=0.01,
-                poll_max_interval=0.02,
-                max_concurrent_requests=requests,
-            ),
-            on_fatal=self._halt,
+            client, DeliverySettings(**options), self.outcomes, on_fatal=self._halt
         )
         self.offset = 0
 
-    def _settle(self, message: MessageWork) -> None:
-        self.settled.append(message)
-        self.ledger.finish(message)
-        self.changed.set()
-
     def _halt(self, error: CredentialsError) -> None:
         self.fatal.append(error)
-        self.changed.set()
+        self.ledger.changed.set()
 
-    def send(self, *operations: Any) -> MessageWork:
-        record = self.ledger.open_record(self.partition, self.offset, None, b"{}", [])
+    def send(self, *operations: Any, partition: Any = None) -> MessageWork:
+        work = partition or self.partition
+        record = self.ledger.open_record(work, self.offset, None, b"{}", [])
         self.offset += 1
         message = self.ledger.open_message(record, None, "identify", None)
+        self.ledger.seal(record)
         self.delivery.submit(message, operations)
-        self.ledger.close_record(record)
+        self.messages.append(message)
         return message
 
-    async def until(self, done: Callable[[], bool]) -> None:
-        async with asyncio.timeout(5):
-            while not done():
-                self.changed.clear()
-                await self.changed.wait()
+    @property
+    def settled(self) -> list[MessageWork]:
+        """Messages that ended, in the order they were sent."""
+        return [m for m in self.messages if m.state == ENDED]
 
-    async def until_settled(self, count: int) -> None:
-        await self.until(lambda: len(self.settled) >= count)
+    async def until(self, done: Callable[[], bool], within: float = 5) -> None:
+        async with asyncio.timeout(within):
+            while not done():
+                self.ledger.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.ledger.changed.wait(), 0.05)
+
+    async def until_settled(self, count: int, within: float = 5) -> None:
+        await self.until(lambda: len(self.settled) >= count, within)
+
+    def reasons(self) -> list[str | None]:
+        return [None if m.failure is None else m.failure.reason for m in self.settled]
 
 
 def upsert(user: str, email: str, **props: Any) -> ContactUpsert:
@@ -123,6 +147,7 @@ async def test_a_rejected_batch_is_halved_until_the_bad_contact_stands_alone() -
         await h.until_settled(4)
     finally:
         await h.delivery.close()
+    await h.until(lambda: len(h.sink.written) == 1)
     failed = [m for m in messages if m.failure is not None]
     assert failed == [messages[2]]
     assert failed[0].failure is not None
@@ -256,3 +281,229 @@ async def test_a_rejected_key_stops_the_polls() -> None:
         await h.delivery.close()
     assert [p for p, _ in gist.log].count("poll") == 1
     assert h.settled == []
+
+
+# --- every wait has an end, every answer has a meaning ------------------------------
+
+
+class Misbehaving(FakeGist):
+    """FakeGist, then one twist on the answers, set per test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status: str | None = None  # batch status to answer instead of the truth
+        self.errors: str = "objects"  # how a completed batch names failed contacts
+        self.poll_http: int | None = None
+        self.no_batch_id = False
+        self.stuck: set[str] = set()  # batch ids that never complete
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.startswith("/contacts/batch/"):
+            batch_id = path.rsplit("/", 1)[1]
+            self.log.append((f"GET {path}", None))
+            if self.poll_http is not None:
+                return httpx.Response(self.poll_http, json={"errors": []})
+            if self.status is not None or batch_id in self.stuck:
+                return httpx.Response(200, json={"status": self.status or "IN_PROGRESS"})
+            contacts = self.batches[batch_id]
+            bad = [i for i, c in enumerate(contacts) if c.get("email", "").startswith("bad")]
+            shaped: list[Any] = {
+                "objects": [{"index": i, "message": "invalid email"} for i in bad],
+                "strings": [f"contact {i}: invalid email" for i in bad],
+                "omitted": [],
+            }[self.errors]
+            return httpx.Response(
+                200,
+                json={
+                    "status": "COMPLETED",
+                    "imported_contacts": len(contacts) - len(bad),
+                    "errors": shaped,
+                },
+            )
+        if path == "/contacts/batch":
+            body = orjson.loads(request.content)
+            self.log.append((f"POST {path}", body))
+            batch_id = f"b{len(self.batches)}"
+            self.batches[batch_id] = body["contacts"]
+            answer: dict[str, Any] = {"status": "QUEUED", "queued_contacts": 1}
+            if not self.no_batch_id:
+                answer["batch_id"] = batch_id
+            return httpx.Response(200, json=answer)
+        return super().__call__(request)
+
+    def imports(self) -> list[list[str]]:
+        return [
+            [c.get("user_id") for c in body["contacts"]]
+            for path, body in self.log
+            if path == "POST /contacts/batch"
+        ]
+
+
+async def _run(h: Harness, count: int, within: float = 10) -> None:
+    h.delivery.start()
+    try:
+        await h.until_settled(count, within)
+    finally:
+        await h.delivery.close()
+
+
+async def test_batch_errors_that_name_no_contact_are_found_by_sending_halves() -> None:
+    """Regression: errors given as plain strings ("contact 2: invalid email") matched no
+    contact, and every contact of the batch was counted as delivered."""
+    gist = Misbehaving()
+    gist.errors = "strings"
+    h = Harness(gist, batch_max_contacts=8)
+    messages = [h.send(upsert(f"u{i}", "bad@x.io" if i == 5 else f"u{i}@x.io")) for i in range(8)]
+    await _run(h, 8)
+    assert [m.failure.reason if m.failure else None for m in messages] == [
+        None, None, None, None, None, "batch_contact_error", None, None,
+    ]  # fmt: skip
+    assert messages[5].failure is not None
+    assert "invalid email" in messages[5].failure.detail
+    assert gist.imports()[0] == [f"u{i}" for i in range(8)]
+    assert len(gist.imports()) < 16  # halves, not one request per contact
+
+
+async def test_a_batch_that_imported_fewer_than_sent_without_errors_is_checked() -> None:
+    """Regression: imported_contacts lower than what was sent, with no errors, counted
+    every contact as delivered."""
+    gist = Misbehaving()
+    gist.errors = "omitted"
+    h = Harness(gist, batch_max_contacts=4)
+    messages = [h.send(upsert(f"u{i}", "bad@x.io" if i == 1 else f"u{i}@x.io")) for i in range(4)]
+    await _run(h, 4)
+    assert [m.failure.reason if m.failure else None for m in messages] == [
+        None, "batch_contact_error", None, None,
+    ]  # fmt: skip
+
+
+async def test_an_unknown_batch_status_ends_in_one_resend_then_a_dead_letter() -> None:
+    """Regression: a status the client does not know (FAILED, lower case) was polled
+    forever. Now the batch is sent again once past its deadline, then dead-lettered."""
+    gist = Misbehaving()
+    gist.status = "FAILED"
+    h = Harness(gist, batch_max_contacts=2, batch_deadline=0.3)
+    messages = [h.send(upsert(f"u{i}", f"u{i}@x.io")) for i in range(2)]
+    await _run(h, 2)
+    assert [m.failure.reason if m.failure else None for m in messages] == ["batch_timeout"] * 2
+    assert gist.imports() == [["u0", "u1"], ["u0", "u1"]]
+
+
+async def test_a_stuck_batch_does_not_stop_the_polls_of_later_batches() -> None:
+    """Regression: only the oldest batches were polled, so a few that never completed
+    stopped every later batch."""
+    gist = Misbehaving()
+    gist.stuck = {"b0", "b1"}
+    h = Harness(
+        gist, batch_max_contacts=1, poll_window=2, poll_stale_after=0.1, batch_deadline=60
+    )
+    h.delivery.start()
+    try:
+        stuck = [h.send(upsert(f"s{i}", f"s{i}@x.io")) for i in range(2)]
+        await h.until(lambda: len(gist.batches) == 2)
+        later = [h.send(upsert(f"u{i}", f"u{i}@x.io")) for i in range(4)]
+        await h.until(lambda: all(m.state == ENDED for m in later))
+    finally:
+        await h.delivery.close()
+    assert all(m.failure is None for m in later)
+    assert all(m.state != ENDED for m in stuck)  # still waiting for Gist, not lost
+
+
+async def test_a_failing_batch_poll_never_sends_the_batch_again_at_once() -> None:
+    """Regression: any 4xx on a poll re-sent the batch, without a cap (11 POSTs in 2 s)."""
+    gist = Misbehaving()
+    gist.poll_http = 400
+    h = Harness(gist, batch_max_contacts=1, batch_deadline=0.5)
+    message = h.send(upsert("u1", "u1@x.io"))
+    await _run(h, 1)
+    assert len(gist.imports()) == 2  # the first, and the one re-send past the deadline
+    assert message.failure is not None
+    assert message.failure.reason == "batch_timeout"
+
+
+async def test_a_batch_gist_no_longer_knows_is_sent_again_once() -> None:
+    gist = Misbehaving()
+    gist.poll_http = 404
+    h = Harness(gist, batch_max_contacts=1)
+    message = h.send(upsert("u1", "u1@x.io"))
+    await _run(h, 1)
+    assert len(gist.imports()) == 2
+    assert message.failure is not None
+    assert message.failure.reason == "batch_timeout"
+
+
+async def test_a_batch_accepted_without_an_id_is_not_halved_into_rejections() -> None:
+    """Regression: a 200 without batch_id halved the batch down to single contacts and
+    dead-lettered them all as rejected, although Gist may have queued them."""
+    gist = Misbehaving()
+    gist.no_batch_id = True
+    h = Harness(gist, batch_max_contacts=4)
+    messages = [h.send(upsert(f"u{i}", f"u{i}@x.io")) for i in range(4)]
+    await _run(h, 4)
+    assert {len(batch) for batch in gist.imports()} == {4}  # never split
+    assert len(gist.imports()) == 3
+    assert {m.failure.reason for m in messages if m.failure} == {"gist_unexpected_answer"}
+
+
+async def test_a_contact_json_cannot_carry_fails_alone_and_its_contact_goes_on() -> None:
+    """Regression: an integer beyond 64 bits made orjson raise in the client, the task
+    died, the batch was never sent and the contact's later work waited forever."""
+    gist = Misbehaving()
+    h = Harness(gist, batch_max_contacts=3)
+    bad = h.send(upsert("u1", "u1@x.io", big=2**70))
+    good = h.send(upsert("u2", "u2@x.io"))
+    after = h.send(EventTrack({"event_name": "Later", "user_id": "u1"}))
+    await _run(h, 3)
+    assert bad.failure is not None
+    assert bad.failure.reason == "internal_error"
+    assert good.failure is None
+    assert after.failure is None  # the chain on u1 went on
+    assert gist.imports() == [["u2"]]
+
+
+async def test_an_unexpected_exception_at_the_edge_dead_letters_with_internal_error() -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/events":
+            raise ValueError("a bug somewhere below")
+        return FakeGist()(request)
+
+    h = Harness(broken)
+    message = h.send(EventTrack({"event_name": "X", "user_id": "u1"}))
+    await _run(h, 1)
+    assert message.failure is not None
+    assert message.failure.reason == "internal_error"
+    assert h.delivery.broken is None  # the message ended; nothing is broken
+    await h.until(lambda: len(h.sink.written) == 1)
+
+
+async def test_abandoned_work_sends_nothing_more() -> None:
+    """Rebalance means stop: a revoked partition's requests are cancelled and its
+    contacts leave the batcher; another partition's contacts in the same batch go on."""
+    gist = FakeGist()
+    release = asyncio.Event()
+
+    async def slow_events(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/events":
+            await release.wait()
+        return gist(request)
+
+    h = Harness(slow_events, batch_max_contacts=10)
+    kept = h.ledger.assign(TopicPartition("t", 1))
+    h.delivery.start()
+    try:
+        h.send(EventTrack({"event_name": "Slow", "user_id": "a"}))
+        h.send(upsert("a2", "a2@x.io"))  # revoked partition, waits in the batcher
+        stays = h.send(upsert("b1", "b1@x.io"), partition=kept)
+        await asyncio.sleep(0.01)
+        assert h.delivery.abandon([h.partition]) == 2
+        h.ledger.revoke(h.partition.tp)
+        release.set()
+        await h.until(lambda: stays.state == ENDED)
+        await asyncio.sleep(0.1)
+    finally:
+        await h.delivery.close()
+    batches = [body["contacts"] for path, body in gist.log if path == "POST /contacts/batch"]
+    assert batches == [[{"user_id": "b1", "email": "b1@x.io", "custom_properties": {}}]]
+    assert [p for p, _ in gist.log].count("POST /events") == 0
+    assert h.sink.written == []

@@ -49,3 +49,38 @@ def test_a_paused_partition_resumes_below_the_mark_of_the_uncommitted_bound() ->
         work.offsets.add(offset)
     assert not limits().partition_full(work, resuming=False)  # 45 < 50
     assert limits().partition_full(work, resuming=True)  # 45 >= 40
+
+
+def test_a_message_is_opened_only_below_every_bound() -> None:
+    """Checked per message opened: one huge envelope cannot exceed the limits."""
+    from destination.pipeline.inflight import Ledger
+
+    ledger = Ledger()
+    work = ledger.assign(TopicPartition("events", 0))
+    bounds = FlowLimits(
+        messages=3, bytes_=1000, per_partition=3, awaiting_import=10, uncommitted_total=5
+    )
+    record = ledger.open_record(work, 0, None, b"x" * 10, [])
+    opened = 0
+    while bounds.room(ledger, work):
+        ledger.open_message(record, opened, "track", None)
+        opened += 1
+    assert opened == 3
+    assert ledger.messages == 3
+
+
+def test_records_held_across_partitions_are_bounded_in_total() -> None:
+    from destination.pipeline.inflight import Ledger
+
+    ledger = Ledger()
+    bounds = FlowLimits(
+        messages=1000, bytes_=1 << 20, per_partition=1000, awaiting_import=10, uncommitted_total=4
+    )
+    a = ledger.assign(TopicPartition("events", 0))
+    b = ledger.assign(TopicPartition("events", 1))
+    for offset in range(2):
+        ledger.open_record(a, offset, None, b"{}", [])
+        ledger.open_record(b, offset, None, b"{}", [])
+    assert ledger.uncommitted == 4
+    assert not bounds.room(ledger, a)
+    assert bounds.full(ledger, resuming=False)
