@@ -11,7 +11,7 @@ from typing import Any, Final, cast
 
 from destination.gist._models import ContactPayload, EventPayload
 from destination.mapping import _reasons as reasons
-from destination.mapping._schema import EventTag, Rules, TraitTag
+from destination.mapping._schema import CONTACT_FIELDS, EventTag, Rules, TraitTag
 from destination.mapping._syntax import (
     MISSING,
     Getter,
@@ -29,6 +29,7 @@ from destination.mapping._values import (
     DROP,
     MAX_USER_ID,
     EmailCheck,
+    InvalidField,
     PropertyNames,
     PropertyShaper,
     ValueConverter,
@@ -272,7 +273,16 @@ class Mapper:
             for p in (*rules.identity.user_id, *rules.identity.email)
             if p.startswith("traits.")
         }
-        self._traits = PropertyShaper(identify.traits, names, convert, skip=frozenset(used_traits))
+        drop = self._on_invalid_drop
+        self._traits = PropertyShaper(
+            identify.traits,
+            names,
+            convert,
+            label="traits",
+            skip=frozenset(used_traits),
+            reserved=CONTACT_FIELDS,
+            drop_invalid=drop,
+        )
         self._audiences = rules.engage.audiences
         self._computed_traits = rules.engage.computed_traits
         self._engage_events = rules.engage.send_events
@@ -282,17 +292,29 @@ class Mapper:
         self._event_exclude = Matcher(track.events.exclude, event_names=True)
         self._event_rename = {event_key(k): v for k, v in track.events.rename.items()}
         self._event_cache: dict[str, tuple[str, str | None, tuple[_TagRule, ...]]] = {}
-        self._track_properties = PropertyShaper(track.properties, names, convert)
+        self._track_properties = PropertyShaper(
+            track.properties, names, convert, label="properties", drop_invalid=drop
+        )
 
         self._trait_tags = tuple(_TagRule(rule) for rule in rules.tags.traits)
         self._event_tags = tuple(_TagRule(rule) for rule in rules.tags.events)
 
         self._page_names = tuple(Template(t) for t in rules.page.event)
-        self._page_properties = PropertyShaper(rules.page.properties, names, convert)
+        self._page_properties = PropertyShaper(
+            rules.page.properties, names, convert, label="properties", drop_invalid=drop
+        )
         self._screen_names = tuple(Template(t) for t in rules.screen.event)
-        self._screen_properties = PropertyShaper(rules.screen.properties, names, convert)
+        self._screen_properties = PropertyShaper(
+            rules.screen.properties, names, convert, label="properties", drop_invalid=drop
+        )
         self._group_traits = PropertyShaper(
-            rules.group.traits, names, convert, prefix=rules.group.prefix
+            rules.group.traits,
+            names,
+            convert,
+            label="traits",
+            prefix=rules.group.prefix,
+            reserved=CONTACT_FIELDS,
+            drop_invalid=drop,
         )
 
         handlers: dict[str, Callable[[dict[str, Any], str], MapResult]] = {
@@ -345,6 +367,8 @@ class Mapper:
             return handler(message, kind)
         except _Reject as rejection:
             return Rejected(kind, rejection.reason, rejection.detail)
+        except InvalidField as invalid:
+            return Rejected(kind, reasons.INVALID_FIELD, invalid.detail)
         except Exception as exc:  # the promise is "never raises": say so instead
             return Rejected(kind, reasons.MAPPING_ERROR, f"{type(exc).__name__} while mapping")
 
@@ -419,6 +443,20 @@ class Mapper:
         """A field of the wrong type: reject, unless the rules say drop it (return)."""
         if not self._on_invalid_drop:
             raise _Reject(reasons.INVALID_FIELD, f"{path} must be {expected}")
+
+    def _custom_property(self, key: str, path: str) -> str | None:
+        """The custom property an Engage key (an audience, a computed trait) sets, or
+        ``None`` when it names none (rejected, unless ``invalid_fields: drop``)."""
+        name = self._names(key)
+        if name and name not in CONTACT_FIELDS:
+            return name
+        problem = (
+            f"it becomes {name!r}, the name of a Gist contact field"
+            if name
+            else "it gives no property name (no letters or digits)"
+        )
+        self._invalid(path, f"a custom property name: {problem}")
+        return None
 
     def _object(self, message: dict[str, Any], key: str) -> dict[str, Any]:
         """``traits`` / ``properties``: an object, or empty when absent."""
@@ -510,8 +548,8 @@ class Mapper:
         key = personas.get("computation_key")
         if not isinstance(key, str) or key not in traits:
             return
-        name = self._names(key)
-        if not name:
+        name = self._custom_property(key, "context.personas.computation_key")
+        if name is None:
             return
         if personas.get("computation_class") == "audience":
             if self._audiences:
@@ -632,8 +670,12 @@ class Mapper:
         prop: tuple[str, Any] | None = None
         if self._audiences and key in _AUDIENCE_EVENTS:
             audience = properties.get("audience_key")
-            if isinstance(audience, str) and self._names(audience):
-                prop = (self._names(audience), key == _AUDIENCE_ENTERED)
+            if isinstance(audience, str):
+                name = self._custom_property(audience, "properties.audience_key")
+                if name is not None:
+                    prop = (name, key == _AUDIENCE_ENTERED)
+            elif audience is not None:
+                self._invalid("properties.audience_key", "a string")
         if prop is None and self._computed_traits:
             personas = context.get("personas")
             if isinstance(personas, dict) and personas.get("computation_class") not in (
@@ -641,10 +683,11 @@ class Mapper:
                 "audience",
             ):
                 trait = personas.get("computation_key")
-                if isinstance(trait, str) and trait in properties and self._names(trait):
-                    value = self._convert(properties[trait])
-                    if value is not DROP:
-                        prop = (self._names(trait), value)
+                if isinstance(trait, str) and trait in properties:
+                    name = self._custom_property(trait, "context.personas.computation_key")
+                    value = DROP if name is None else self._convert(properties[trait])
+                    if name is not None and value is not DROP:
+                        prop = (name, value)
         if prop is None:
             return None
         contact: dict[str, Any] = {"custom_properties": {prop[0]: prop[1]}}

@@ -11,7 +11,7 @@ the mapper compiles them once into plain callables and never touches them per me
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, model_validator
 
@@ -48,11 +48,33 @@ def _check_template(text: str) -> str:
 
 _PROPERTY_NAME = re.compile(r"[a-z0-9_]+")
 
+CONTACT_FIELDS: Final = frozenset(
+    {
+        # writable (ContactPayload)
+        "id", "email", "user_id", "name", "phone", "signed_up_at", "last_seen_ip",
+        "last_seen_user_agent", "unsubscribed_from_emails", "tags", "custom_properties",
+        # the rest of the contact object Gist returns (reference: "The contact object")
+        "type", "created_at", "updated_at", "last_seen_at", "last_contacted_at",
+        "session_count", "avatar", "landing_url", "original_referrer", "location_data",
+        "segments", "subscription_types", "social_profiles",
+    }
+)  # fmt: skip
+"""The fields of a Gist contact: no custom property takes one of these names (it would
+sit beside the field of the same name, or be taken for it)."""
+
 
 def _check_property_name(text: str) -> str:
     if not _PROPERTY_NAME.fullmatch(text):
         raise ValueError(
             f"expected a Gist property name (lower-case letters, digits and _), got {text!r}"
+        )
+    return text
+
+
+def _check_not_a_contact_field(text: str) -> str:
+    if text in CONTACT_FIELDS:
+        raise ValueError(
+            f"{text!r} is a Gist contact field: a custom property cannot take its name"
         )
     return text
 
@@ -99,6 +121,7 @@ Templates = Annotated[
     tuple[Annotated[str, AfterValidator(_check_template)], ...], _one_or_many("a template")
 ]
 PropertyName = Annotated[str, AfterValidator(_check_property_name)]
+CustomPropertyName = Annotated[PropertyName, AfterValidator(_check_not_a_contact_field)]
 EventName = Annotated[str, AfterValidator(_check_non_empty)]
 Source = Annotated[tuple[str, ...], BeforeValidator(_source)]
 Sources = Annotated[tuple[Source, ...], _one_or_many("a path")]
@@ -118,6 +141,13 @@ class PropertySelection(_Section):
     include: Patterns = ("*",)
     exclude: Patterns = ()
     rename: dict[str, PropertyName] = {}
+
+
+class ContactPropertySelection(PropertySelection):
+    """A ``PropertySelection`` whose properties are the contact's custom properties: no
+    rename gives one the name of a contact field (``CONTACT_FIELDS``)."""
+
+    rename: dict[str, CustomPropertyName] = {}
 
 
 class EventSelection(_Section):
@@ -166,7 +196,7 @@ class ContactFields(_Section):
 class Identify(_Section):
     enabled: bool = True
     fields: ContactFields = ContactFields()
-    traits: PropertySelection = PropertySelection()
+    traits: ContactPropertySelection = ContactPropertySelection()
 
 
 class Engage(_Section):
@@ -222,7 +252,7 @@ class Screen(_Section):
 class Group(_Section):
     enabled: bool = False
     prefix: Annotated[str, AfterValidator(_check_prefix)] = "company_"
-    traits: PropertySelection = PropertySelection()
+    traits: ContactPropertySelection = ContactPropertySelection()
 
 
 class Switch(_Section):

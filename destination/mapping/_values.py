@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -36,6 +36,15 @@ _UINT64_MAX: Final = 2**64 - 1
 
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _SEPARATORS = re.compile(r"[\W_]+")
+
+
+class InvalidField(Exception):
+    """A field Gist cannot take: the message is rejected with ``invalid_field``.
+    ``detail`` names the field and says what is wrong, never repeating its value."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 # Identities --------------------------------------------------------------------------
@@ -272,14 +281,19 @@ class PropertyShaper:
     ``include`` / ``exclude`` / ``rename`` applied to the names as sent (nested names
     dotted). ``skip`` names fields used elsewhere (e.g. traits mapped to contact fields).
 
+    No property takes a ``reserved`` name, and two fields that give one property name
+    must hold the same value (it is then sent once): otherwise ``shape`` raises
+    ``InvalidField``, or with ``drop_invalid`` leaves the property out (both values, for
+    a collision: which one is right cannot be known).
+
     Everything about a field but its value follows from its path, so what to do with
     each path is worked out once and cached: the per-message loop is a dict look-up and
     a type check per field.
     """
 
     __slots__ = (
-        "_convert", "_dates", "_exclude", "_include", "_keep_nulls", "_keys", "_names",
-        "_nested", "_prefix", "_rename", "_skip",
+        "_convert", "_dates", "_drop_invalid", "_exclude", "_include", "_keep_nulls",
+        "_keys", "_label", "_names", "_nested", "_prefix", "_rename", "_reserved", "_skip",
     )  # fmt: skip
 
     def __init__(
@@ -288,8 +302,11 @@ class PropertyShaper:
         names: PropertyNames,
         convert: ValueConverter,
         *,
+        label: str,
         skip: frozenset[str] = frozenset(),
         prefix: str = "",
+        reserved: frozenset[str] = frozenset(),
+        drop_invalid: bool = False,
     ) -> None:
         self._include = Matcher(selection.include)
         self._exclude = Matcher(selection.exclude)
@@ -298,16 +315,31 @@ class PropertyShaper:
         self._convert = convert
         self._dates = convert.dates
         self._keep_nulls = convert.keep_nulls
+        self._label = label
         self._skip = skip
         self._prefix = prefix
-        self._keys: dict[Any, str] = {}
-        """path -> the property a value there is sent as; "" when it is not sent."""
+        self._reserved = reserved
+        self._drop_invalid = drop_invalid
+        self._keys: dict[Any, str | Literal[False]] = {}
+        """path -> the property a value there is sent as; "" when it is not sent; False
+        when its name is reserved."""
         self._nested: dict[Any, tuple[str, str, bool] | None] = {}
         """path -> ``_nested_plan`` for an object there."""
 
     def shape(self, source: Mapping[Any, Any], out: dict[str, Any]) -> None:
-        """Add ``source``'s properties to ``out``."""
-        self._walk(source, out, "", self._prefix, False, 0)
+        """Add ``source``'s properties to ``out`` (``InvalidField`` for a reserved name
+        or a collision, unless ``drop_invalid``)."""
+        try:
+            conflicts = self._walk(source, out, "", self._prefix, False, 0)
+        except _Collision as collision:
+            first = self._first_path(source, collision.key, collision.path)
+            raise InvalidField(
+                f"{self._label}.{first} and {self._label}.{collision.path} both become "
+                f"property {collision.key!r}, with different values"
+            ) from None
+        if conflicts:
+            for key in [key for key, value in out.items() if value is _CONFLICT]:
+                del out[key]
 
     def _decide(
         self, path: Any, name: Any, key_prefix: str, inherited: bool
@@ -324,11 +356,16 @@ class PropertyShaper:
             return None, False
         return key, inherited or renamed is not None or self._include(path)
 
-    def _key(self, path: Any, name: Any, key_prefix: str, inherited: bool) -> str:
+    def _key(
+        self, path: Any, name: Any, key_prefix: str, inherited: bool
+    ) -> str | Literal[False]:
         key, included = self._decide(path, name, key_prefix, inherited)
+        plan: str | Literal[False] = key if key is not None and included else ""
+        if plan in self._reserved:
+            plan = False
         if len(self._keys) >= CACHE_LIMIT:
             self._keys.clear()
-        self._keys[path] = plan = key if key is not None and included else ""
+        self._keys[path] = plan
         return plan
 
     def _walk(
@@ -339,10 +376,13 @@ class PropertyShaper:
         key_prefix: str,
         inherited: bool,
         depth: int,
-    ) -> None:
+    ) -> bool:
+        """Add ``source``'s fields to ``out``; whether a collision was marked
+        ``_CONFLICT`` (``drop_invalid``), for ``shape`` to remove."""
         keys = self._keys
         nested = self._nested
         dates = self._dates
+        conflicts = False
         for name, value in source.items():
             path = f"{path_prefix}{name}" if path_prefix else name
             kind = type(value)
@@ -350,12 +390,19 @@ class PropertyShaper:
                 plan = nested.get(path, DROP)
                 if plan is DROP:
                     plan = self._nested_plan(path, name, key_prefix, inherited)
-                if plan is not None and depth < MAX_DEPTH:
-                    self._walk(value, out, plan[0], plan[1], plan[2], depth + 1)
+                if (
+                    plan is not None
+                    and depth < MAX_DEPTH
+                    and self._walk(value, out, plan[0], plan[1], plan[2], depth + 1)
+                ):
+                    conflicts = True
                 continue
             key = keys.get(path)
             if key is None:
                 key = self._key(path, name, key_prefix, inherited)
+            if key is False:  # a reserved name
+                self._invalid(path, self._reserved_problem(path, name, key_prefix, inherited))
+                continue
             if not key:
                 continue
             if kind is str:
@@ -363,28 +410,76 @@ class PropertyShaper:
                     seconds = iso_seconds(value)
                     if seconds is not None:
                         value = int(seconds)
-                out[key] = value
             elif (
                 kind is float
                 or kind is bool
                 or (kind is int and _INT64_MIN <= value <= _UINT64_MAX)
             ):
-                out[key] = value
+                pass
             elif value is None:
-                if self._keep_nulls:
-                    out[key] = None
+                if not self._keep_nulls:
+                    continue
             elif kind is list:
                 value = self._convert.convert_list(value)
-                if value is not DROP:
-                    out[key] = value
+                if value is DROP:
+                    continue
             elif isinstance(value, dict):  # a dict subclass, from a Python caller
                 plan = self._nested_plan(path, name, key_prefix, inherited)
-                if plan is not None and depth < MAX_DEPTH:
-                    self._walk(value, out, plan[0], plan[1], plan[2], depth + 1)
+                if (
+                    plan is not None
+                    and depth < MAX_DEPTH
+                    and self._walk(value, out, plan[0], plan[1], plan[2], depth + 1)
+                ):
+                    conflicts = True
+                continue
             else:
                 value = self._convert(value)
-                if value is not DROP:
-                    out[key] = value
+                if value is DROP:
+                    continue
+            if key in out:  # a second field gives this property name
+                if self._collides(out, key, value, path):
+                    conflicts = True
+            else:
+                out[key] = value
+        return conflicts
+
+    def _invalid(self, path: Any, problem: str) -> None:
+        if not self._drop_invalid:
+            raise InvalidField(f"{self._label}.{path} {problem}")
+
+    def _reserved_problem(self, path: Any, name: Any, key_prefix: str, inherited: bool) -> str:
+        key, _ = self._decide(path, name, key_prefix, inherited)
+        return f"becomes custom property {key!r}, the name of a Gist contact field"
+
+    def _collides(self, out: dict[str, Any], key: str, value: Any, path: Any) -> bool:
+        """Whether ``value`` for ``key`` is marked ``_CONFLICT`` (``drop_invalid``);
+        ``_Collision`` unless the value already there is the same."""
+        sent = out[key]
+        if sent is not _CONFLICT and same_value(sent, value):
+            return False
+        if not self._drop_invalid:
+            raise _Collision(key, path)
+        out[key] = _CONFLICT
+        return True
+
+    def _first_path(self, source: Mapping[Any, Any], key: str, second: Any) -> Any:
+        """The path of the first field of ``source`` sent as ``key`` (for a collision's
+        detail; the slow path)."""
+        stack: list[tuple[Mapping[Any, Any], str, str, bool, int]] = [
+            (source, "", self._prefix, False, 0)
+        ]
+        while stack:
+            fields, path_prefix, key_prefix, inherited, depth = stack.pop(0)
+            for name, value in fields.items():
+                path = f"{path_prefix}{name}" if path_prefix else name
+                if isinstance(value, dict):
+                    plan = self._nested_plan(path, name, key_prefix, inherited)
+                    if plan is not None and depth < MAX_DEPTH:
+                        stack.insert(0, (value, plan[0], plan[1], plan[2], depth + 1))
+                    continue
+                if path != second and self._key(path, name, key_prefix, inherited) == key:
+                    return path
+        return "?"
 
     def _nested_plan(
         self, path: Any, name: Any, key_prefix: str, inherited: bool
@@ -398,3 +493,24 @@ class PropertyShaper:
             self._nested.clear()
         self._nested[path] = plan
         return plan
+
+
+class _Collision(Exception):
+    def __init__(self, key: str, path: Any) -> None:
+        super().__init__(key, path)
+        self.key = key
+        self.path = path
+
+
+_CONFLICT: Final[Any] = type("Conflict", (), {"__repr__": lambda self: "CONFLICT"})()
+"""In a shaper's output while it runs: two fields gave this property different values."""
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal and of the same JSON type (``1``, ``1.0`` and ``true`` are different values
+    to Gist though Python finds them equal)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is list:
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)

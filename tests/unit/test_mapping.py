@@ -371,10 +371,10 @@ CONTACT_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
         {"user_id": "u-1", "phone": "+1 555"},
     ),
     (
-        "fields: [] never sets the field, and the trait stays a property",
-        "identify: {fields: {phone: []}}",
+        "fields: [] never sets the field, and the trait can be renamed to a property",
+        "identify: {fields: {phone: []}, traits: {rename: {phone: phone_number}}}",
         identify({"phone": "+1 555"}),
-        {"user_id": "u-1", "custom_properties": {"phone": "+1 555"}},
+        {"user_id": "u-1", "custom_properties": {"phone_number": "+1 555"}},
     ),
     (
         "identity: email from another trait, which is then not repeated",
@@ -1461,3 +1461,277 @@ def test_an_invalid_email_is_dropped_under_drop_but_never_leaves_no_identity(ema
 def test_a_track_email_is_checked_too() -> None:
     message = {"type": "track", "event": "E", "context": {"traits": {"email": "a@b"}}}
     assert rejected(message).detail.startswith("context.traits.email ")
+
+
+# what the mapping accepts: reserved and colliding property names -----------------------
+
+GIST_CONTACT_FIELDS = [
+    "id", "email", "user_id", "name", "phone", "signed_up_at", "last_seen_ip",
+    "last_seen_user_agent", "unsubscribed_from_emails", "tags", "custom_properties",
+    "created_at", "updated_at", "type", "last_seen_at", "last_contacted_at",
+    "session_count", "avatar", "landing_url", "original_referrer", "location_data",
+    "segments", "subscription_types", "social_profiles",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("trait", "field"),
+    [
+        ("Email", "email"),
+        ("NAME", "name"),
+        ("user_id", "user_id"),
+        ("userId", "user_id"),
+        ("Tags", "tags"),
+        ("id", "id"),
+        ("updatedAt", "updated_at"),
+        ("custom properties", "custom_properties"),
+        ("avatar", "avatar"),
+    ],
+)
+def test_a_trait_named_like_a_contact_field_is_rejected(trait: str, field: str) -> None:
+    result = rejected(identify({trait: "x", "plan": "pro"}))
+    assert result.reason == "invalid_field"
+    assert f"traits.{trait}" in result.detail
+    assert repr(field) in result.detail
+    # Under invalid_fields: drop the trait is dropped and the rest is sent.
+    assert contact(identify({trait: "x", "plan": "pro"}), "invalid_fields: drop") == {
+        "user_id": "u-1",
+        "custom_properties": {"plan": "pro"},
+    }
+
+
+def test_a_nested_trait_that_flattens_to_a_contact_field_is_rejected() -> None:
+    result = rejected(identify({"last": {"seen": {"ip": "203.0.113.7"}}}))
+    assert "traits.last.seen.ip" in result.detail
+    assert "'last_seen_ip'" in result.detail
+
+
+@pytest.mark.parametrize("field", GIST_CONTACT_FIELDS)
+def test_no_custom_property_takes_a_contact_field_name(field: str) -> None:
+    result = run(identify({field: "x"}, context={}))
+    if isinstance(result, Mapped):
+        (upsert,) = result.operations
+        assert isinstance(upsert, ContactUpsert)
+        assert field not in upsert.contact.get("custom_properties", {})
+    else:
+        assert isinstance(result, Rejected)
+        assert result.reason == "invalid_field"
+
+
+def test_traits_the_rules_read_as_contact_fields_are_not_custom_properties() -> None:
+    traits = {"email": "a@x.io", "name": "Ada", "phone": "+44", "tags": ["a"], "created_at": 0}
+    assert contact(identify(traits)) == {
+        "user_id": "u-1",
+        "email": "a@x.io",
+        "name": "Ada",
+        "phone": "+44",
+        "tags": ["a"],
+        "signed_up_at": 0,
+    }
+    rules = "identity: {user_id: [traits.user_id]}"
+    assert contact({"type": "identify", "traits": {"user_id": "u-9"}}, rules) == {"user_id": "u-9"}
+
+
+def test_a_contact_field_turned_off_leaves_its_trait_to_be_renamed() -> None:
+    rules = "identify: {fields: {phone: []}, traits: {rename: {phone: mobile}}}"
+    assert contact(identify({"phone": "+1 555"}), rules) == {
+        "user_id": "u-1",
+        "custom_properties": {"mobile": "+1 555"},
+    }
+    phone_off = "identify: {fields: {phone: []}}"
+    assert "'phone'" in rejected(identify({"phone": "+1"}), phone_off).detail
+
+
+def test_group_traits_never_take_a_contact_field_name() -> None:
+    message = {"type": "group", "userId": "u-1", "groupId": "g-1", "traits": {"name": "Acme"}}
+    result = rejected(message, "group: {enabled: true, prefix: ''}")
+    assert result.reason == "invalid_field"
+    assert "'name'" in result.detail or "'id'" in result.detail
+    dropped = run(message, "{invalid_fields: drop, group: {enabled: true, prefix: ''}}")
+    assert dropped == Skipped("group", "nothing_to_send")
+    # Event properties are not contact properties: any name goes.
+    assert event(track(properties={"phone": "p", "name": "n", "id": 1}))["properties"] == {
+        "phone": "p",
+        "name": "n",
+        "id": 1,
+    }
+
+
+COLLISION_CASES: list[tuple[str, dict[str, Any], tuple[str, str]]] = [
+    # (id, message, the two source names the detail gives)
+    ("traits", identify({"Plan Type": "a", "plan_type": "b"}), ("Plan Type", "plan_type")),
+    ("camelCase", identify({"planType": "a", "Plan Type": "b"}), ("planType", "Plan Type")),
+    (
+        "flattened",
+        identify({"address": {"city": "Paris"}, "address_city": "Lyon"}),
+        ("address.city", "address_city"),
+    ),
+    (
+        "a rename onto another trait",
+        identify({"plan": "a", "tier": "b"}),
+        ("plan", "tier"),
+    ),
+    ("value types", identify({"Seats": 1, "seats": True}), ("Seats", "seats")),
+    ("a null", identify({"Seats": None, "seats": 1}), ("Seats", "seats")),
+    ("track", track(properties={"Order ID": "o-1", "order_id": "o-2"}), ("Order ID", "order_id")),
+    (
+        "page",
+        {"type": "page", "userId": "u", "properties": {"URL": "a", "url": "b"}},
+        ("URL", "url"),
+    ),
+    (
+        "screen",
+        {"type": "screen", "userId": "u", "properties": {"a.b": 1, "a_b": 2}},
+        ("a.b", "a_b"),
+    ),
+    (
+        "group",
+        {"type": "group", "userId": "u", "traits": {"Plan": "a", "plan": "b"}},
+        ("Plan", "plan"),
+    ),
+]
+
+COLLISION_RULES = """
+identify: {traits: {rename: {plan: tier}}}
+page: {enabled: true}
+screen: {enabled: true}
+group: {enabled: true}
+"""
+
+
+@pytest.mark.parametrize(
+    ("message", "names"),
+    [case[1:] for case in COLLISION_CASES],
+    ids=[case[0] for case in COLLISION_CASES],
+)
+def test_names_that_collide_with_different_values_are_rejected(
+    message: dict[str, Any], names: tuple[str, str]
+) -> None:
+    result = rejected(message, COLLISION_RULES)
+    assert result.reason == "invalid_field"
+    for name in names:
+        assert name in result.detail
+    # Under drop neither value is sent: which one is right is anyone's guess.
+    dropped = run(message, COLLISION_RULES + "invalid_fields: drop")
+    if isinstance(dropped, Mapped):
+        (op,) = dropped.operations
+        sent = op.contact if isinstance(op, ContactUpsert) else op.event  # type: ignore[union-attr]
+        properties = sent.get("custom_properties", sent.get("properties", {}))
+        assert not properties, properties
+    else:
+        assert dropped == Skipped("group", "nothing_to_send")
+
+
+def test_names_that_collide_with_equal_values_are_sent_once() -> None:
+    traits = {"Plan Type": "pro", "plan_type": "pro", "planType": "pro", "x": 1}
+    assert contact(identify(traits)) == {
+        "user_id": "u-1",
+        "custom_properties": {"plan_type": "pro", "x": 1},
+    }
+    properties = {"Order ID": "o-1", "order_id": "o-1", "at": TS, "At": 1793534400}
+    assert event(track(properties=properties))["properties"] == {
+        "order_id": "o-1",
+        "at": 1793534400,
+    }
+
+
+def test_a_collision_under_drop_keeps_the_other_properties() -> None:
+    traits = {"Plan Type": "a", "plan_type": "b", "PLAN TYPE": "a", "seats": 3}
+    assert contact(identify(traits), "invalid_fields: drop") == {
+        "user_id": "u-1",
+        "custom_properties": {"seats": 3},
+    }
+
+
+# what the mapping accepts: Engage audience keys ----------------------------------------
+
+
+def audience_identify(key: str, rules: str = "") -> MapResult:
+    message = {
+        "type": "identify",
+        "userId": "u-42",
+        "traits": {"email": "a@x.io", key: True, "plan": "pro"},
+        "context": {"personas": {"computation_class": "audience", "computation_key": key}},
+    }
+    return run(message, rules)
+
+
+@pytest.mark.parametrize(("key", "problem"), [("$$", "no property name"), ("Email", "'email'")])
+def test_an_audience_key_that_names_no_custom_property_is_rejected(key: str, problem: str) -> None:
+    rules = "identify: {traits: {include: [plan]}}"  # so only the audience sets it
+    result = audience_identify(key, rules)
+    assert isinstance(result, Rejected), result
+    assert result.reason == "invalid_field"
+    assert "context.personas.computation_key" in result.detail
+    assert problem in result.detail
+    dropped = audience_identify(key, rules + "\ninvalid_fields: drop")
+    assert isinstance(dropped, Mapped)
+    (upsert,) = dropped.operations
+    assert isinstance(upsert, ContactUpsert)
+    assert upsert.contact["custom_properties"] == {"plan": "pro"}
+
+
+def test_an_audience_key_of_a_trait_read_as_a_contact_field_is_rejected() -> None:
+    # traits.name is the contact's name, so the trait filters skip it, but the audience
+    # would still set a custom property "name".
+    message = {
+        "type": "identify",
+        "userId": "u-42",
+        "traits": {"name": "true"},
+        "context": {"personas": {"computation_class": "audience", "computation_key": "name"}},
+    }
+    assert "'name'" in rejected(message).detail
+
+
+@pytest.mark.parametrize(("key", "problem"), [("", "no property name"), ("User ID", "'user_id'")])
+def test_an_audience_track_key_that_names_no_custom_property_is_rejected(
+    key: str, problem: str
+) -> None:
+    message = audience_track(True)
+    message["properties"] = {"audience_key": key, key: True}
+    result = rejected(message)
+    assert result.reason == "invalid_field"
+    assert "properties.audience_key" in result.detail
+    assert problem in result.detail
+
+
+def test_an_audience_key_that_is_not_a_string_is_rejected() -> None:
+    message = audience_track(True)
+    message["properties"] = {"audience_key": 7}
+    assert "properties.audience_key" in rejected(message).detail
+
+
+def test_a_computed_trait_named_like_a_contact_field_is_rejected() -> None:
+    message = {
+        "type": "track",
+        "userId": "u-42",
+        "event": "Trait Computed",
+        "properties": {"phone": "+44"},
+        "context": {"personas": {"computation_class": "trait", "computation_key": "phone"}},
+    }
+    result = rejected(message)
+    assert "context.personas.computation_key" in result.detail
+    assert "'phone'" in result.detail
+
+
+# the demo's sample stream --------------------------------------------------------------
+
+
+def test_the_sample_stream_maps_as_before() -> None:
+    from destination.sample import sample_stream
+
+    outcomes: dict[str, int] = {}
+    for record in sample_stream(users=200):
+        if isinstance(record.value, bytes):
+            continue
+        result = run(record.value)
+        if isinstance(result, Mapped):
+            label = "Mapped"
+        else:
+            label = f"{type(result).__name__}/{result.reason}"
+        outcomes[label] = outcomes.get(label, 0) + 1
+    # Only the two records the sample breaks on purpose are not mapped.
+    assert outcomes.pop("Rejected/missing_identity") == 1
+    assert outcomes.pop("Rejected/unknown_type") == 1
+    assert set(outcomes) == {"Mapped"}
+

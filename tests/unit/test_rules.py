@@ -217,6 +217,22 @@ ERROR_CASES: list[tuple[str, str, list[tuple[int, str, str]]]] = [
         ],
     ),
     (
+        "a rename onto a Gist contact field",
+        """
+        identify:
+          traits:
+            rename: {mail: email, plan: tier}
+        group:
+          traits: {rename: {tags: id}}
+        track:
+          properties: {rename: {mail: email}}
+        """,
+        [
+            (3, "identify.traits.rename.mail", "'email' is a Gist contact field"),
+            (5, "group.traits.rename.tags", "'id' is a Gist contact field"),
+        ],
+    ),
+    (
         "tag rules",
         """
         tags:
