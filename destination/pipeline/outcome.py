@@ -61,6 +61,9 @@ class Outcomes:
         self.dead_letters = dead_letters
         self._wall_clock = wall_clock
         self._writing: dict[MessageWork, asyncio.Task[None]] = {}
+        self.observers: list[Callable[[MessageWork, str, str | None], None]] = []
+        """Called with (message, "delivered" | "skipped" | "dead_lettered", reason) as
+        each message ends (tests watch the invariants through this)."""
 
     # --- a message's operations -------------------------------------------------------
     def expect(self, message: MessageWork, operations: int) -> None:
@@ -101,13 +104,13 @@ class Outcomes:
         metrics.child(metrics.MESSAGES_DELIVERED, message.message_type).inc()
         if message.timestamp is not None:
             metrics.DELIVERY_DELAY.observe(max(0.0, self._wall_clock() - message.timestamp))
-        self._end(message)
+        self._end(message, "delivered", None)
 
     def skipped(self, message: MessageWork, reason: str) -> None:
         if not self._may_end(message, "skipped"):
             return
         metrics.child(metrics.MESSAGES_SKIPPED, message.message_type, reason).inc()
-        self._end(message)
+        self._end(message, "skipped", reason)
 
     def dead_letter(self, message: MessageWork, failure: Failure) -> None:
         """Write the message to the dead-letter topic; it ends once Kafka has it."""
@@ -167,9 +170,11 @@ class Outcomes:
             return False
         return not message.record.partition.revoked
 
-    def _end(self, message: MessageWork) -> None:
+    def _end(self, message: MessageWork, how: str, reason: str | None) -> None:
         message.state = ENDED
         self.ledger.ended(message)
+        for observe in self.observers:
+            observe(message, how, reason)
 
     async def _write(self, message: MessageWork, failure: Failure) -> None:
         while True:
@@ -196,7 +201,7 @@ class Outcomes:
             type=message.message_type,
             **message.where(),
         )
-        self._end(message)
+        self._end(message, "dead_lettered", failure.reason)
 
 
 def internal_failure(error: BaseException, where: str) -> Failure:

@@ -1,0 +1,260 @@
+"""The worker in-process on the Kafka twin, Gist at the HTTP edge: the ways a hostile
+producer and a misbehaving API broke "every message ends, and only then is it
+committed", each as it was reproduced."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from destination.pipeline.inflight import Ledger
+from destination.settings import load_settings
+from destination.testing.local_kafka import LocalKafkaClients
+from destination.worker import EXIT_CONFIG, Worker
+from tests.pipeline.harness import (
+    Group,
+    ModelGist,
+    dead_letters,
+    header,
+    make_broker,
+    produce,
+)
+
+
+def names() -> tuple[str, str]:
+    token = uuid.uuid4().hex[:6]
+    return f"segment-{token}", f"dlq-{token}"
+
+
+def identify(user: str, **traits: Any) -> dict[str, Any]:
+    return {
+        "type": "identify",
+        "userId": user,
+        "messageId": uuid.uuid4().hex,
+        "traits": {"email": f"{user}@example.com", **traits},
+    }
+
+
+def track(user: str, event: str = "Signed Up") -> dict[str, Any]:
+    return {"type": "track", "userId": user, "event": event, "messageId": uuid.uuid4().hex}
+
+
+async def until(condition: Any, within: float = 10.0) -> None:
+    """Poll ``condition`` (state of other tasks: no event to wait on)."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - polling a condition on others' state
+            await asyncio.sleep(0.02)
+
+
+async def test_an_envelope_is_not_committed_before_all_its_messages_ended() -> None:
+    """Regression (loss): an envelope whose first message is skipped, then a track and an
+    identify, while Gist answers 5xx: the offset was committed at once and SIGTERM
+    exited, so the track and the identify were neither in Gist nor in the DLQ."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    gist = ModelGist(__import__("random").Random(1))
+    gist.mode = "down"
+    group = Group(broker, topic, dlq, gist, shutdown_timeout=0.5)
+    envelope = {"batch": [{"type": "page", "userId": "u1", "name": "Home"}, track("u1"),
+                          identify("u1", plan="pro")]}  # fmt: skip
+    await produce(broker, topic, [(b"u1", envelope)])
+    await group.start_worker()
+    await asyncio.sleep(0.5)
+    assert group.committed() == {0: 0}
+    assert await group.stop_worker(1) == 0
+    assert group.committed() == {0: 0}  # SIGTERM did not give it up as done
+    assert dead_letters(broker, dlq) == []
+
+    gist.mode = "healthy"
+    await group.start_worker()
+    await group.until_committed()
+    await group.stop_all()
+    assert [e["event_name"] for e in gist.events] == ["Signed Up"]
+    assert gist.contacts["u1"]["custom_properties"]["plan"] == "pro"
+    # Each message of the envelope ended once in the second worker, one way.
+    assert sorted((k, v[-1][1]) for k, v in group.ends.log.items() if v[-1][0] == 2) == [
+        ((0, 0, 0), "skipped"),
+        ((0, 0, 1), "delivered"),
+        ((0, 0, 2), "delivered"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {"timestamp": 1e300},
+        {"traits": {"email": "u1@example.com", "createdAt": 1e30}},
+    ],
+    ids=["timestamp-1e300", "createdAt-1e30"],
+)
+async def test_a_number_out_of_range_is_dead_lettered_and_the_contact_goes_on(
+    poison: dict[str, Any],
+) -> None:
+    """Regression (stall): a number that maps beyond 64 bits made the client raise, the
+    delivery task died, and the message, its contact's later work and its batch hung
+    forever (and again after a restart)."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    gist = ModelGist(__import__("random").Random(2))
+    group = Group(broker, topic, dlq, gist)
+    bad = {**identify("u1"), **poison}
+    await produce(broker, topic, [(b"u1", bad), (b"u1", track("u1", "Later")),
+                                  (b"u2", identify("u2"))])  # fmt: skip
+    worker = await group.start_worker()
+    await group.until_committed()
+    assert worker._broken() is None
+    await group.stop_all()
+    (letter,) = dead_letters(broker, dlq)
+    assert header(letter, "gist-dlq-reason") in (b"invalid_field", b"internal_error")
+    assert [e["event_name"] for e in gist.events] == ["Later"]
+    assert "u2" in gist.contacts
+
+
+async def test_a_record_too_large_for_the_dead_letter_topic_is_written_truncated() -> None:
+    """Regression (stall): a 1.2 MB rejected record got MessageSizeTooLargeError on every
+    attempt; the partition never moved on."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    group = Group(broker, topic, dlq, ModelGist(__import__("random").Random(3)))
+    huge = {"type": "track", "event": "X", "properties": {"pad": "x" * 1_200_000}}  # no id
+    await produce(broker, topic, [(b"k", huge), (b"u1", identify("u1"))])
+    await group.start_worker()
+    await group.until_committed()
+    await group.stop_all()
+    (letter,) = dead_letters(broker, dlq)
+    assert letter.value is None
+    assert letter.key == b"k"
+    assert header(letter, "gist-dlq-reason") == b"missing_identity"
+    assert header(letter, "gist-dlq-value-omitted") == b"too_large"
+
+
+async def test_huge_envelopes_never_put_more_in_flight_than_the_limit() -> None:
+    """Regression (memory): backpressure was checked once per fetch turn and every
+    message of a record opened at once: three 1 MB envelopes put 44,610 messages in
+    flight against a limit of 20,000."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    group = Group(
+        broker,
+        topic,
+        dlq,
+        ModelGist(__import__("random").Random(4)),
+        max_inflight_messages=500,
+        max_inflight_per_partition=500,
+        gist_batch_size=200,
+    )
+    envelopes = [
+        (b"k", {"batch": [identify(f"u{e}-{i}") for i in range(3000)]}) for e in range(3)
+    ]
+    assert all(len(orjson.dumps(v)) > 300_000 for _, v in envelopes)
+    await produce(broker, topic, envelopes)
+    highest = 0
+    opened = Ledger.open_message
+
+    def watched(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        nonlocal highest
+        message = opened(self, *args, **kwargs)
+        highest = max(highest, self.messages)
+        return message
+
+    Ledger.open_message = watched  # type: ignore[method-assign]
+    try:
+        await group.start_worker()
+        await group.until_committed(within=60)
+        await group.stop_all()
+    finally:
+        Ledger.open_message = opened  # type: ignore[method-assign]
+    assert highest <= 500
+    assert len(group.gist.contacts) == 9000
+
+
+async def test_a_revoked_partition_sends_nothing_more_from_its_old_owner() -> None:
+    """Regression (duplicates, stale writes): revoking a partition only flagged its work;
+    the old owner kept sending (retries for hours) while the new owner sent the same."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    seen: list[tuple[str, Any]] = []  # (worker, user) per event request
+    held = asyncio.Event()
+    gist = ModelGist(__import__("random").Random(5))
+
+    class Tagged:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/events":
+                user = orjson.loads(request.content).get("user_id")
+                seen.append((self.name, user))
+                if self.name == "first" and not held.is_set():
+                    return httpx.Response(503, json={"errors": []})  # retried, and again
+            return gist(request)
+
+    settings = {"rebalance_timeout": 0.3, "gist_retry_base": 0.05, "gist_retry_cap": 0.05}
+    group = Group(broker, topic, dlq, gist, **settings)
+    await produce(broker, topic, [(b"a", track("a"))], partition=0)
+    await produce(broker, topic, [(b"b", track("b"))], partition=1)
+
+    def worker(name: str) -> Worker:
+        return Worker(
+            load_settings(**group.settings),
+            group.mapper,
+            "model-key",
+            kafka=LocalKafkaClients(broker),
+            gist_transport=httpx.MockTransport(Tagged(name)),
+        )
+
+    first = worker("first")
+    first_task = asyncio.create_task(first.serve())
+    await until(lambda: len(seen) >= 4)  # both events failing and retried by "first"
+    second = worker("second")
+    second_task = asyncio.create_task(second.serve())
+    await until(lambda: any(w == "second" for w, _ in seen))
+    revoked_at = len(seen)
+    owned = {tp.partition for tp in first.stream.consumer.assignment()} if first.stream else set()
+    await asyncio.sleep(0.5)  # several retry intervals
+    late = [user for w, user in seen[revoked_at:] if w == "first"]
+    partition_of = {"a": 0, "b": 1}
+    assert len(owned) == 1  # the other one went to the second worker
+    (gone,) = {user for user, p in partition_of.items() if p not in owned}
+    assert ("first", gone) in seen[:revoked_at]  # it was being retried before...
+    assert gone not in late  # ...and not one request after the revocation
+    held.set()
+    first.request_stop()
+    second.request_stop()
+    assert await first_task == 0
+    assert await second_task == 0
+
+
+async def test_a_missing_dead_letter_topic_stops_start_up_with_a_clear_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    settings = {**Group(broker, topic, dlq, ModelGist(__import__("random").Random(6))).settings}
+    settings["kafka_dlq_topic"] = "no-such-topic"
+    worker = Worker(
+        load_settings(**settings),
+        Group(broker, topic, dlq, ModelGist(__import__("random").Random(6))).mapper,
+        "model-key",
+        kafka=LocalKafkaClients(broker),
+        gist_transport=httpx.MockTransport(ModelGist(__import__("random").Random(6))),
+    )
+    assert await worker.serve() == EXIT_CONFIG
+    assert "KAFKA_DLQ_TOPIC" in capsys.readouterr().err
+    broker.create_topic("forbidden-dlq", 1)
+    broker.forbid("forbidden-dlq")
+    settings["kafka_dlq_topic"] = "forbidden-dlq"
+    worker = Worker(
+        load_settings(**settings),
+        Group(broker, topic, dlq, ModelGist(__import__("random").Random(6))).mapper,
+        "model-key",
+        kafka=LocalKafkaClients(broker),
+        gist_transport=httpx.MockTransport(ModelGist(__import__("random").Random(6))),
+    )
+    assert await worker.serve() == EXIT_CONFIG
+    assert "not authorised" in capsys.readouterr().err
