@@ -28,14 +28,15 @@ from destination.mapping._values import (
     CACHE_LIMIT,
     DROP,
     MAX_USER_ID,
+    TIME_RULE,
     EmailCheck,
     InvalidField,
     PropertyNames,
     PropertyShaper,
+    Unsendable,
     ValueConverter,
-    iso_seconds,
     message_time,
-    number_seconds,
+    time_seconds,
 )
 from destination.operations import (
     ContactAlias,
@@ -92,18 +93,10 @@ def _phone(value: Any) -> Any:
 
 
 def _unix(value: Any) -> Any:
-    if isinstance(value, str):
-        seconds = iso_seconds(value)
-        if seconds is None:
-            seconds = iso_seconds(value.strip())
-        if seconds is None:
-            raise _Invalid("an ISO-8601 date or unix seconds")
-        return int(seconds)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = number_seconds(value)
-        if seconds is not None:
-            return int(seconds)
-    raise _Invalid("an ISO-8601 date or unix seconds")
+    seconds = time_seconds(value)
+    if seconds is None:
+        raise _Invalid(TIME_RULE)
+    return int(seconds)
 
 
 def _flag(value: Any) -> Any:
@@ -458,6 +451,14 @@ class Mapper:
         self._invalid(path, f"a custom property name: {problem}")
         return None
 
+    def _engage_value(self, value: Any, path: str) -> Any:
+        """A computed trait's value as sent, or ``DROP``."""
+        try:
+            return self._convert(value)
+        except Unsendable as exc:
+            self._invalid(path, exc.rule)
+            return DROP
+
     def _object(self, message: dict[str, Any], key: str) -> dict[str, Any]:
         """``traits`` / ``properties``: an object, or empty when absent."""
         value = message.get(key)
@@ -557,7 +558,7 @@ class Mapper:
                 if member is not None:
                     properties[name] = member
         elif self._computed_traits:
-            value = self._convert(traits[key])
+            value = self._engage_value(traits[key], f"traits.{key}")
             if value is not DROP:
                 properties[name] = value
 
@@ -582,7 +583,7 @@ class Mapper:
                 if isinstance(message_id, int) and not isinstance(message_id, bool)
                 else None
             )
-        return message_id, message_time(message)
+        return message_id, message_time(message, drop_invalid=self._on_invalid_drop)
 
     # track -----------------------------------------------------------------------------
 
@@ -685,7 +686,11 @@ class Mapper:
                 trait = personas.get("computation_key")
                 if isinstance(trait, str) and trait in properties:
                     name = self._custom_property(trait, "context.personas.computation_key")
-                    value = DROP if name is None else self._convert(properties[trait])
+                    value = (
+                        DROP
+                        if name is None
+                        else self._engage_value(properties[trait], f"properties.{trait}")
+                    )
                     if name is not None and value is not DROP:
                         prop = (name, value)
         if prop is None:

@@ -32,10 +32,21 @@ _MS_THRESHOLD: Final = 1e11
 """A numeric time above this is in milliseconds (1e11 s is the year 5138)."""
 
 _INT64_MIN: Final = -(2**63)
-_UINT64_MAX: Final = 2**64 - 1
+_INT64_MAX: Final = 2**63 - 1
+
+INTEGER_RULE: Final = "an integer within signed 64 bits (what Gist stores)"
+"""What an integer property value must be, for a rejection's detail."""
 
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _SEPARATORS = re.compile(r"[\W_]+")
+
+
+class Unsendable(Exception):
+    """A value Gist cannot store; ``rule`` says what it must be."""
+
+    def __init__(self, rule: str) -> None:
+        super().__init__(rule)
+        self.rule = rule
 
 
 class InvalidField(Exception):
@@ -131,32 +142,84 @@ def iso_seconds(text: str) -> float | None:
 
 def number_seconds(value: int | float) -> float | None:
     """Epoch seconds from a number (seconds, or milliseconds when it is that large)."""
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond float, from a Python caller
+        return None
     if not math.isfinite(seconds):
         return None
     return seconds / 1000.0 if abs(seconds) > _MS_THRESHOLD else seconds
 
 
-def message_time(message: Mapping[str, Any]) -> float | None:
-    """When the message happened, in epoch seconds: ``timestamp``, else
-    ``originalTimestamp``, ``sentAt``, ``receivedAt``; ``None`` if none parses."""
+TIME_END: Final = 253402300800.0
+"""10000-01-01T00:00:00Z: timestamps are before it (and not before 1970-01-01)."""
+
+TIME_RULE: Final = (
+    "an ISO-8601 date-time, or epoch seconds or milliseconds (a number or digits), "
+    "between 1970-01-01 and 9999-12-31"
+)
+"""What a timestamp must be, for a rejection's detail."""
+
+_EPOCH_DIGITS = re.compile(r"[0-9]{1,20}(?:\.[0-9]{1,9})?")
+
+
+def time_seconds(value: Any) -> float | None:
+    """Epoch seconds of a timestamp: ISO-8601 text (no zone = UTC), or epoch seconds or
+    milliseconds as a number or as digits (above 1e11 it is milliseconds); ``None`` for
+    anything else, and for a time outside 1970-01-01 .. 9999-12-31 (Gist keeps unix
+    seconds; a negative or 20-digit one is a producer's bug, not a date)."""
+    if isinstance(value, str):
+        seconds = iso_seconds(value)
+        if seconds is None:
+            seconds = _text_seconds(str(value))
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = number_seconds(value)
+    else:
+        return None
+    if seconds is None or not 0.0 <= seconds < TIME_END:
+        return None
+    return seconds
+
+
+def _text_seconds(text: str) -> float | None:
+    """``time_seconds`` for text that is not the usual ISO-8601 shape."""
+    text = text.strip()
+    if _EPOCH_DIGITS.fullmatch(text):
+        return number_seconds(float(text))
+    if len(text) > 64:
+        return None
+    try:  # the basic format (20261101T120000Z), week dates, a space for the T
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            return (parsed - _NAIVE_EPOCH).total_seconds()
+        return parsed.timestamp()
+    except (ValueError, OverflowError):
+        return None
+
+
+MESSAGE_TIMES: Final = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
+"""Where a message says when it happened, in the order they are read."""
+
+
+def message_time(message: Mapping[str, Any], *, drop_invalid: bool = False) -> float | None:
+    """When the message happened, in epoch seconds: the first of ``MESSAGE_TIMES``
+    present (not null); ``None`` if none is. One that is present but not a time
+    (``time_seconds``) raises ``InvalidField``, or with ``drop_invalid`` is passed over
+    for the next; those after the one used are not read."""
     value = message.get("timestamp")
     if type(value) is str:  # the usual case
         seconds = iso_seconds(value)
-        if seconds is not None:
+        if seconds is not None and 0.0 <= seconds < TIME_END:
             return seconds
-    for key in ("timestamp", "originalTimestamp", "sentAt", "receivedAt"):
+    for key in MESSAGE_TIMES:
         value = message.get(key)
         if value is None:
             continue
-        if isinstance(value, str):
-            seconds = iso_seconds(value)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = number_seconds(value)
-        else:
-            seconds = None
+        seconds = time_seconds(value)
         if seconds is not None:
             return seconds
+        if not drop_invalid:
+            raise InvalidField(f"{key} must be {TIME_RULE}")
     return None
 
 
@@ -195,7 +258,8 @@ class ValueConverter:
     Strings that are ISO-8601 dates become unix seconds (``dates: unix``); lists of
     scalars are kept, joined with ``,`` or dropped (``lists``); objects and lists inside a
     list are dropped or JSON-encoded (``list_objects``); ``null`` is kept or dropped
-    (``nulls``). Integers beyond 64 bits become strings (JSON cannot carry them)."""
+    (``nulls``). An integer beyond signed 64 bits raises ``Unsendable``: Gist cannot
+    store it, and as a string it would change type from one message to the next."""
 
     __slots__ = ("_join", "_json_items", "_keep_lists", "dates", "keep_nulls")
 
@@ -217,7 +281,9 @@ class ValueConverter:
         if kind is bool or kind is float:
             return value
         if kind is int:
-            return value if _INT64_MIN <= value <= _UINT64_MAX else str(value)
+            if _INT64_MIN <= value <= _INT64_MAX:
+                return value
+            raise Unsendable(INTEGER_RULE)
         if value is None:
             return None if self.keep_nulls else DROP
         if kind is list:
@@ -413,14 +479,18 @@ class PropertyShaper:
             elif (
                 kind is float
                 or kind is bool
-                or (kind is int and _INT64_MIN <= value <= _UINT64_MAX)
+                or (kind is int and _INT64_MIN <= value <= _INT64_MAX)
             ):
                 pass
             elif value is None:
                 if not self._keep_nulls:
                     continue
             elif kind is list:
-                value = self._convert.convert_list(value)
+                try:
+                    value = self._convert.convert_list(value)
+                except Unsendable as exc:
+                    self._invalid(path, f"must be {exc.rule}")
+                    continue
                 if value is DROP:
                     continue
             elif isinstance(value, dict):  # a dict subclass, from a Python caller
@@ -433,7 +503,11 @@ class PropertyShaper:
                     conflicts = True
                 continue
             else:
-                value = self._convert(value)
+                try:
+                    value = self._convert(value)
+                except Unsendable as exc:
+                    self._invalid(path, f"must be {exc.rule}")
+                    continue
                 if value is DROP:
                     continue
             if key in out:  # a second field gives this property name
