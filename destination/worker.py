@@ -340,8 +340,8 @@ class Worker:
 
     def _component_done(self, task: asyncio.Task[None]) -> None:
         """The consume loop or housekeeping ended: fine on a stop, a crash otherwise."""
-        if task.cancelled() or self._stop.is_set():
-            return
+        if task.cancelled() or task.exception() is None:
+            return  # stopped, as asked
         error = task.exception()
         metrics.TASKS_FAILED.labels(task.get_name()).inc()
         log.error(log_events.TASK_FAILED, component=task.get_name(), exc_info=error)

@@ -15,11 +15,11 @@ partition moves on:
   (``dead_letter_write_retries_total``), and the stall shows in the oldest-unfinished
   age of the partition;
 - a record Kafka can never take (larger than ``max_bytes`` or the broker's limit) is
-  written *truncated*: the original key and the reason, the value omitted
-  (``gist-dlq-value-omitted: too_large`` and ``gist-dlq-value-bytes``), then, if that is
-  still too large, without the original headers too;
+  written *truncated*: the original key and the reason, an empty value
+  (``gist-dlq-value-omitted: too_large`` and ``gist-dlq-value-bytes`` say what it was),
+  then, if that is still too large, without the original headers too;
 - a record that is no longer in Kafka when it must be re-read (retention, compaction)
-  is written with ``gist-dlq-value-omitted: gone``.
+  is written with an empty value and ``gist-dlq-value-omitted: gone``.
 
 A missing or forbidden dead-letter topic is found at start-up (``check_topic``), not at
 the first dead letter.
@@ -217,18 +217,21 @@ class DeadLetterWriter:
                     value_bytes=value_bytes,
                     keep_original=keep_headers,
                 )
+                if value is None and key is None:
+                    value = b""  # Kafka takes no record without key and value (a tombstone)
                 await self._producer.send_and_wait(  # type: ignore[attr-defined]
                     self.topic, value=value, key=key, headers=headers
                 )
                 return
             except RecordGone:
-                have_value, value, omitted = True, None, "gone"
+                # An empty value, not None: Kafka takes no record without key and value.
+                have_value, value, omitted = True, b"", "gone"
                 self._truncated(message, "gone")
                 continue
             except _TOO_LARGE:
-                if omitted != "too_large" and value is not None:
+                if omitted != "too_large" and value:
                     value_bytes = len(value)
-                    have_value, value, omitted = True, None, "too_large"
+                    have_value, value, omitted = True, b"", "too_large"
                     self._truncated(message, "too_large")
                     continue
                 if keep_headers:

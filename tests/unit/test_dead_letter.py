@@ -27,7 +27,7 @@ from destination.pipeline.inflight import Failure, Ledger, MessageWork, TopicPar
 
 
 def _message(
-    value: bytes | None, index: int | None = None, body: object = None, key: bytes = b"u-1"
+    value: bytes | None, index: int | None = None, body: object = None, key: bytes | None = b"u-1"
 ) -> MessageWork:
     ledger = Ledger()
     partition = ledger.assign(TopicPartition("events", 3))
@@ -78,6 +78,7 @@ class Producer:
         self, topic: str, value: bytes | None, key: bytes | None, headers: Any
     ) -> None:
         self.attempts += 1
+        assert not (value is None and key is None), "Need at least one: key or value"  # aiokafka
         if self.errors:
             raise self.errors.pop(0)
         size = len(value or b"") + len(key or b"") + sum(len(k) + len(v) for k, v in headers)
@@ -113,12 +114,21 @@ async def test_a_record_too_large_for_kafka_is_written_without_its_value() -> No
     writer = DeadLetterWriter(producer, "dlq", retry=FAST)
     await writer.write(_message(big), Failure("invalid_field", "too big"))
     (sent,) = producer.sent
-    assert sent["value"] is None
+    assert sent["value"] == b""
     assert sent["key"] == b"u-1"
     assert sent["headers"]["trace"] == b"t-1"
     assert sent["headers"]["gist-dlq-reason"] == b"invalid_field"
     assert sent["headers"]["gist-dlq-value-omitted"] == b"too_large"
     assert sent["headers"]["gist-dlq-value-bytes"] == str(len(big)).encode()
+
+
+async def test_a_keyless_record_too_large_or_empty_is_still_written() -> None:
+    producer = Producer(max_request_size=1024)
+    writer = DeadLetterWriter(producer, "dlq", retry=FAST)
+    await writer.write(_message(b"x" * 5000, key=None), Failure("invalid_json", "x"))
+    await writer.write(_message(None, key=None), Failure("empty_value", "x"))
+    assert [s["value"] for s in producer.sent] == [b"", b""]
+    assert producer.attempts == 3  # the first too large, then each written once
 
 
 async def test_headers_too_large_are_dropped_last() -> None:
@@ -147,7 +157,7 @@ async def test_a_record_gone_from_kafka_is_written_without_its_value() -> None:
     producer = Producer()
     await DeadLetterWriter(producer, "dlq", gone, retry=FAST).write(message, Failure("x", "y"))
     (sent,) = producer.sent
-    assert sent["value"] is None
+    assert sent["value"] == b""
     assert sent["headers"]["gist-dlq-value-omitted"] == b"gone"
     assert sent["headers"]["gist-dlq-source-offset"] == b"42"
 
