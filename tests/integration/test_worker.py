@@ -475,3 +475,85 @@ async def test_lag_is_reported_before_the_first_commit(
     finally:
         worker.signal(signal.SIGTERM)
         assert await worker.exited(60) == 0
+
+
+async def test_an_envelope_is_held_while_gist_fails_and_delivered_after(
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
+) -> None:
+    """Regression: an envelope whose first message is skipped, then a track and an
+    identify, while Gist answers 5xx: the offset was committed at once, SIGTERM exited
+    in 0.3 s, and a new worker never saw the track or the identify."""
+    stream = await Stream(kafka_bootstrap).create()
+    envelope = {
+        "batch": [
+            {"type": "page", "userId": "u1", "name": "Home", "messageId": unique("m")},
+            track("u1", "Order Completed"),
+            identify("u1", "u1@example.com", plan="pro"),
+        ]
+    }
+    env = stream.env(sandbox_process, SHUTDOWN_TIMEOUT="1")
+    worker = WorkerProcess(tmp_path, env)
+    await wait_for(worker.ready, 60, what="the worker to be ready")
+    await sandbox_process.faults(error_rate=1.0)  # after the key check
+    await produce(kafka_bootstrap, stream.topic, [envelope])
+    await wait_for(
+        lambda: _requests_seen(sandbox_process), 30, what="the worker to try Gist"
+    )
+    worker.signal(signal.SIGTERM)
+    assert await worker.exited(60) == 0, worker.output()[-3000:]
+    assert (await stream.committed()) == {0: None}  # nothing given up as done
+    assert await read_topic(kafka_bootstrap, stream.dlq, expect=0, within=2) == []
+
+    await sandbox_process.faults(error_rate=0.0)
+    worker = WorkerProcess(tmp_path, env, name="second")
+    try:
+
+        async def ended() -> bool:
+            return await _committed_is(stream, {0: 1})
+
+        await wait_for(ended, 90, what="the envelope to be committed")
+        state = await sandbox_process.state()
+        assert by_user(state)["u1"]["custom_properties"]["plan"] == "pro"
+        # The track came before its user's identify: Gist knows no such user_id yet and
+        # answers 404, so it is in the DLQ (with Gist's reason) if not in Gist.
+        in_gist = event_names(state, "u1") == ["Order Completed"]
+        letters = await read_topic(kafka_bootstrap, stream.dlq, expect=0 if in_gist else 1)
+        assert in_gist or [dict(r.headers)["gist-dlq-envelope-index"] for r in letters] == [b"1"]
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert await worker.exited(60) == 0, worker.output()[-3000:]
+
+
+async def test_a_batch_gist_never_completes_is_sent_again_once_then_dead_lettered(
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
+) -> None:
+    """Regression: a status the client does not know was polled forever, and a few such
+    batches stopped every later one."""
+    stream = await Stream(kafka_bootstrap).create()
+    await sandbox_process.faults(batch_status="FAILED")
+    await produce(kafka_bootstrap, stream.topic, [identify("u1", "u1@example.com")])
+    worker = WorkerProcess(tmp_path, stream.env(sandbox_process, GIST_BATCH_DEADLINE="1.5"))
+    try:
+        (letter,) = await read_topic(kafka_bootstrap, stream.dlq, expect=1, within=60)
+        assert dict(letter.headers)["gist-dlq-reason"] == b"batch_timeout"
+        posts = [
+            r for r in await sandbox_process.requests() if r["path"] == "/contacts/batch"
+        ]
+        assert len(posts) == 2  # the import, and the one re-send past the deadline
+        await wait_for(lambda: _committed_is(stream, {0: 1}), 30, what="the commit")
+        await sandbox_process.faults(batch_status=None)
+        await produce(kafka_bootstrap, stream.topic, [identify("u2", "u2@example.com")])
+        await wait_for(
+            lambda: _committed_is(stream, {0: 2}), 30, what="later batches to go through"
+        )
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert await worker.exited(60) == 0, worker.output()[-3000:]
+
+
+async def _requests_seen(sandbox: SandboxProcess) -> bool:
+    return any(r["path"].startswith("/contacts") for r in await sandbox.requests())
+
+
+async def _committed_is(stream: Stream, expected: dict[int, int]) -> bool:
+    return await stream.committed() == expected
