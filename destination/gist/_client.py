@@ -252,6 +252,7 @@ class GistClient:
         None."""
         started = time.monotonic()
         attempt = 0
+        unexpected = 0  # answers that could not be used, of the attempts
         while True:
             attempt += 1
             waited = await self.limiter.acquire()
@@ -264,6 +265,7 @@ class GistClient:
                     return parse(raw)
                 except UnexpectedAnswerError as error:
                     error.method, error.endpoint = method, endpoint
+                    unexpected += 1
                     raise
             except RetryableError as error:
                 error.attempts = attempt
@@ -273,10 +275,7 @@ class GistClient:
                 if (
                     not retry
                     or self.retry.gives_up(attempt, time.monotonic() - started)
-                    or (
-                        isinstance(error, UnexpectedAnswerError)
-                        and attempt >= UNEXPECTED_ANSWER_ATTEMPTS
-                    )
+                    or unexpected >= UNEXPECTED_ANSWER_ATTEMPTS
                 ):
                     raise
                 reason = (

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,7 +242,7 @@ class Delivery:
             if len(self.batcher) == 1 or len(self.batcher) >= self.batcher.max_contacts:
                 self._batcher_wake.set()
         elif isinstance(step, DirectStep):
-            step.task = self._spawn(self._run_direct(step), [step], "request")
+            step.task = self._spawn(functools.partial(self._run_direct, step), [step], "request")
 
     def _finish(self, step: Step, failure: Failure | None) -> None:
         """The step is over: end its operations, and start the steps it held back."""
@@ -281,18 +282,21 @@ class Delivery:
                 self._finish(step, failure)
 
     def _spawn(
-        self, coroutine: Coroutine[Any, Any, None], steps: Sequence[Step], where: str
+        self, work: Callable[[], Awaitable[None]], steps: Sequence[Step], where: str
     ) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._guarded(coroutine, steps, where))
+        """Run ``work()`` in a task; an unexpected exception fails ``steps``. (The
+        coroutine is made inside the task: one cancelled before it ran leaves none
+        un-awaited behind.)"""
+        task = asyncio.create_task(self._guarded(work, steps, where))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
 
     async def _guarded(
-        self, coroutine: Coroutine[Any, Any, None], steps: Sequence[Step], where: str
+        self, work: Callable[[], Awaitable[None]], steps: Sequence[Step], where: str
     ) -> None:
         try:
-            await coroutine
+            await work()
         except Exception as exc:
             self._internal(steps, exc, where)
 
@@ -416,7 +420,7 @@ class Delivery:
             ready.append(step)
         if ready:
             metrics.CONTACTS_PER_BATCH.observe(len(ready))
-            task = self._spawn(self._send_batch(ready, resent), ready, "import")
+            task = self._spawn(functools.partial(self._send_batch, ready, resent), ready, "import")
             self._sending[task] = ready
             task.add_done_callback(lambda t: self._sending.pop(t, None))
 
@@ -487,7 +491,7 @@ class Delivery:
     def _send_halves(self, steps: list[ContactStep], resent: bool) -> None:
         middle = len(steps) // 2
         for half in (steps[:middle], steps[middle:]):
-            task = self._spawn(self._send_batch(half, resent), half, "import")
+            task = self._spawn(functools.partial(self._send_batch, half, resent), half, "import")
             self._sending[task] = half
             task.add_done_callback(lambda t: self._sending.pop(t, None))
 
@@ -507,7 +511,7 @@ class Delivery:
                 await wait_event(self._poller_wake, wait)
                 continue
             batch.polling = True
-            self._spawn(self._poll(batch), batch.live(), "poll")
+            self._spawn(functools.partial(self._poll, batch), batch.live(), "poll")
 
     def _next_poll(self) -> tuple[PendingBatch | None, float | None]:
         """The batch to poll now, or how long until one may be due (None: until woken,

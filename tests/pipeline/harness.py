@@ -59,10 +59,10 @@ class ModelGist:
         self.batches: dict[str, dict[str, Any]] = {}
         self.requests = 0
         self._ids = itertools.count()
-        # An import answer the client cannot use (no batch_id, not JSON) is never given
-        # twice in a row: the client tries such a request a few times only, and the
+        # An import answer the client cannot use (no batch_id, not JSON) is given once
+        # per batch at most: the client tries such a request a few times only, and the
         # model's messages must end as their content says, not by chance.
-        self._unusable_import = False
+        self._unusable: set[bytes] = set()
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests += 1
@@ -79,14 +79,20 @@ class ModelGist:
                 return httpx.Response(429, headers={"Retry-After": "0"}, json={"errors": []})
             if fault != "html":
                 return httpx.Response(int(fault), json={"errors": [{"code": "server_error"}]})
-            if path == "/contacts/batch" and self._unusable_import:
-                return self._answer(request, path)  # never twice in a row: see below
+            if path == "/contacts/batch" and not self._may_be_unusable(request):
+                return self._answer(request, path)
             answer = self._answer(request, path)
             if answer.status_code == 200:
-                self._unusable_import = path == "/contacts/batch"
                 return httpx.Response(200, text="<html>oops</html>")
             return answer
         return self._answer(request, path)
+
+    def _may_be_unusable(self, request: httpx.Request) -> bool:
+        body = bytes(request.content)
+        if body in self._unusable:
+            return False
+        self._unusable.add(body)
+        return True
 
     def _answer(self, request: httpx.Request, path: str) -> httpx.Response:
         body = orjson.loads(request.content) if request.content else None
@@ -97,11 +103,10 @@ class ModelGist:
             batch_id = f"b{next(self._ids)}"
             self.batches[batch_id] = {"contacts": contacts, "polls": self.rng.randint(0, 2)}
             answer: dict[str, Any] = {"status": "QUEUED", "queued_contacts": len(contacts)}
-            if self.mode == "odd" and not self._unusable_import and self.rng.random() < 0.2:
-                self._unusable_import = True
-            else:
+            if not (self.mode == "odd" and self.rng.random() < 0.2) or not self._may_be_unusable(
+                request
+            ):
                 answer["batch_id"] = batch_id
-                self._unusable_import = False
             return httpx.Response(200, json=answer)
         if path.startswith("/contacts/batch/"):
             batch = self.batches.get(path.rsplit("/", 1)[1])

@@ -291,6 +291,22 @@ async def test_a_batch_accepted_without_an_id_is_tried_a_few_times_then_unexpect
     assert len(rec.requests) == UNEXPECTED_ANSWER_ATTEMPTS
 
 
+async def test_only_unusable_answers_count_towards_their_own_cap() -> None:
+    """Found by the model test: two 5xx and then one answer without a batch_id gave up,
+    as if three unusable answers had come."""
+    answers = [
+        httpx.Response(503, json={}),
+        httpx.Response(500, json={}),
+        ok({"status": "QUEUED"}),
+        ok({"status": "QUEUED", "batch_id": "b-1"}),
+    ]
+    rec = Recorder(*answers)
+    async with client(rec) as gist:
+        accepted = await gist.import_contacts([{"email": "a@example.com"}])
+    assert accepted.batch_id == "b-1"
+    assert len(rec.requests) == 4
+
+
 async def test_an_unknown_batch_status_is_not_completed_and_not_retried() -> None:
     """Regression: an unknown status was a RetryableError, retried inside the client for
     hours while the poll slot was held. Now it is a status like any other, not
