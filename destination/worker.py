@@ -186,6 +186,7 @@ class Worker:
     # --- the lifecycle ----------------------------------------------------------------
     async def serve(self) -> int:
         settings = self.settings
+        metrics.declare_series()
         metrics.READY.set(0)
         metrics.RATE_LIMIT_CURRENT.set(settings.gist_rate_limit)
         await self.health.start()

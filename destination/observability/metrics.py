@@ -182,3 +182,33 @@ CREDENTIALS_REJECTED = Counter(
     _P + "credentials_rejected",
     "401/403 answers from Gist: the key or workspace was refused.",
 )
+
+
+# --- series that exist before their first event -------------------------------------
+MESSAGE_TYPES = ("identify", "track", "page", "screen", "group", "alias", "delete", "unknown")
+COMPONENTS = ("consume", "housekeeping", "contact-batcher", "batch-poller", "delivery-task")
+"""The parts of the pipeline whose crash ``tasks_failed_total`` counts."""
+INTERNAL_ERROR_PLACES = (
+    "decode", "intake", "submit", "start", "encode", "batcher", "request", "import", "poll",
+    "poller", "outcome", "dead_letter", "housekeeping",
+)  # fmt: skip
+"""Where ``internal_errors_total`` counts an unexpected exception."""
+
+
+def declare_series() -> None:
+    """Create the labelled series alerts watch, at 0, before their first event: a counter
+    that appears only with its first increment makes ``increase()`` miss that increment
+    (and a crash is usually the only one before the pod restarts)."""
+    from destination import reasons
+
+    for component in COMPONENTS:
+        TASKS_FAILED.labels(component)
+    for place in INTERNAL_ERROR_PLACES:
+        INTERNAL_ERRORS.labels(place)
+    for action in ("resent", "dead_lettered"):
+        BATCHES_PAST_DEADLINE.labels(action)
+    for how in ("too_large", "gone", "headers_dropped", "key_dropped"):
+        DEAD_LETTERS_TRUNCATED.labels(how)
+    for kind in MESSAGE_TYPES:
+        for reason in reasons.DEAD_LETTER:
+            MESSAGES_DEAD_LETTERED.labels(kind, reason)

@@ -20,7 +20,7 @@ At the end Gist recovers, and every message must end within a bounded time: the
 whole topic is committed, each dead-lettered message is in the dead-letter topic with
 its reason, and each user's contact holds the values of its last identify.
 
-``MODEL_SEEDS`` (default 10) and ``MODEL_STEPS`` (default 40) set how much is played;
+``MODEL_SEEDS`` (default 30) and ``MODEL_STEPS`` (default 40) set how much is played;
 ``MODEL_SEED`` the first seed. The nightly run plays far more:
 ``MODEL_SEEDS=300 MODEL_STEPS=80 ./dev test tests/pipeline/test_model.py``. A failure
 names its seed: ``MODEL_SEED=<seed> MODEL_SEEDS=1`` plays it again.
@@ -42,7 +42,7 @@ from structlog.testing import capture_logs
 from destination.testing.local_kafka import LocalProducer
 from tests.pipeline.harness import Group, ModelGist, dead_letters, header, make_broker
 
-SEEDS = int(os.environ.get("MODEL_SEEDS", "10"))
+SEEDS = int(os.environ.get("MODEL_SEEDS", "30"))
 STEPS = int(os.environ.get("MODEL_STEPS", "40"))
 FIRST_SEED = int(os.environ.get("MODEL_SEED", "0"))
 
