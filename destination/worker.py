@@ -102,11 +102,13 @@ class Worker:
         self.settings = settings
         self.mapper = mapper
         self.kafka = kafka or KafkaClients()
-        limiter = RateLimiter(
+        limiter = self.limiter = RateLimiter(
             RateLimit(
                 settings.gist_rate_limit, settings.gist_rate_window, settings.gist_rate_margin
             )
         )
+        # One of several replicas, perhaps: the budget is shared by partitions.
+        limiter.start_sharing()
         requests = settings.gist_max_concurrent_requests
         imports = max(1, requests // 8)
         self.client = GistClient(
@@ -239,6 +241,7 @@ class Worker:
                 rebalance_timeout_ms=int((settings.rebalance_timeout + 10) * 1000),
                 **security,
             )
+            limiter = self.limiter
             self.stream = StreamConsumer(
                 consumer,
                 settings.kafka_topics,
@@ -254,6 +257,7 @@ class Worker:
                     settings.max_uncommitted_total,
                 ),
                 settings.rebalance_timeout,
+                on_share=limiter.set_share,
             )
             self.stream.subscribe()
             await consumer.start()

@@ -9,7 +9,7 @@ from destination.gist._errors import (
     RetryableError,
     UnexpectedAnswerError,
 )
-from destination.gist._limiter import RateLimit, RateLimiter, SlidingWindow
+from destination.gist._limiter import RESERVE, Budget, Grant, RateLimit, RateLimiter, SlidingWindow
 from destination.gist._models import (
     BatchAccepted,
     BatchContactError,
@@ -24,16 +24,19 @@ from destination.gist._retry import NO_RETRY, RetryPolicy
 __all__ = [
     "DEFAULT_BASE_URL",
     "NO_RETRY",
+    "RESERVE",
     "USER_AGENT",
     "BatchAccepted",
     "BatchContactError",
     "BatchStatus",
+    "Budget",
     "ContactPayload",
     "ContactRef",
     "CredentialsError",
     "EventPayload",
     "GistClient",
     "GistError",
+    "Grant",
     "PermanentError",
     "RateLimit",
     "RateLimitedError",

@@ -28,7 +28,7 @@ from destination.gist._errors import (
     UnexpectedAnswerError,
     error_for_status,
 )
-from destination.gist._limiter import RateLimiter
+from destination.gist._limiter import Budget, RateLimiter
 from destination.gist._models import (
     BatchAccepted,
     BatchContactError,
@@ -69,7 +69,7 @@ class GistClient:
         api_key: str,
         *,
         base_url: str = DEFAULT_BASE_URL,
-        limiter: RateLimiter | None = None,
+        limiter: Budget | None = None,
         retry: RetryPolicy | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         limits: httpx.Limits = DEFAULT_LIMITS,
@@ -77,7 +77,7 @@ class GistClient:
     ) -> None:
         if not api_key or not api_key.strip():
             raise ValueError("a Gist API key is required")
-        self.limiter = limiter or RateLimiter()
+        self.limiter: Budget = limiter or RateLimiter()
         self.retry = retry or RetryPolicy()
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
@@ -255,10 +255,13 @@ class GistClient:
         unexpected = 0  # answers that could not be used, of the attempts
         while True:
             attempt += 1
-            waited = await self.limiter.acquire()
-            metrics.RATE_LIMIT_WAIT.observe(waited)
+            grant = await self.limiter.acquire()
+            metrics.RATE_LIMIT_WAIT.observe(grant.waited)
             try:
-                raw = await self._send(method, path, endpoint, content, params, missing_ok)
+                try:
+                    raw = await self._send(method, path, endpoint, content, params, missing_ok)
+                finally:
+                    self.limiter.release(grant)  # answered (or failed): Gist counted it
                 if raw is None:
                     return None  # type: ignore[return-value]
                 try:

@@ -1,40 +1,61 @@
 """The workspace's request budget: never more than ``limit`` requests in any interval of
-``window`` seconds, waiting requests served in arrival order.
+``window`` seconds as Gist counts them, waiting requests served in arrival order.
 
 Gist allows 100 requests per 10 s per workspace and does not say whether that window is
 fixed or sliding; a limiter correct for a sliding window is correct for a fixed one, and
-a token bucket is neither (it lets 2x the limit through in one window). So this keeps the
-send times of the last ``limit`` requests and lets a request go only once the oldest of
-them is ``window`` (plus a safety margin for network jitter) in the past.
+a token bucket is neither (it lets 2x the limit through in one window).
+
+**A request holds its slot until a window after its answer.** Gist counts a request when
+it arrives, which is somewhere between our grant and its answer; on a busy machine
+(measured: a saturated 2-core host) a granted request can wait hundreds of milliseconds
+before it is on the wire, more than any fixed margin, and Gist then counts ``limit + 1``
+in one of its windows. So a slot is taken at the grant, kept while the request is in
+flight, and freed ``window`` (plus ``margin``) after the answer came back, an upper bound
+of Gist's count time: whatever the delays on either side, two requests ``limit`` apart
+arrive a full window apart. The cost is the answer's latency per request (tens of
+milliseconds in 10 s).
 
 Grants are also *paced*: spread ``span / limit`` apart rather than a window's budget in
-one burst. A burst of 100 grants leaves the HTTP stack putting 100 requests on the wire
-one after another (measured: up to ~200 ms from grant to arrival), more jitter than the
-margin absorbs, so Gist would now and then count 101 in its window and answer 429.
-Paced, the grant-to-arrival delay stays at a few milliseconds (benchmarks/RESULTS.md).
-The pacing schedule does not drift: each grant advances a theoretical send time by one
-gap from the previous one, and a grant up to half a gap early or late keeps it.
+one burst (a burst puts the requests on the wire one after another, with the jitter
+that causes). The pacing schedule does not drift: each grant advances a theoretical send
+time by one gap from the previous one, and a grant up to half a gap early or late keeps
+it.
+
+**Shares.** Several replicas of the worker on one workspace must not add up to more than
+its budget. With a shared limiter (``_redis``) they draw from one log; without one, each
+takes ``set_share(owned, total)``: its share of the assigned partitions, of the budget
+less ``RESERVE`` (kept for starting replicas' key checks). A share that *grows* is used
+only one window later (until then, the lowest of the new share and any limit in force
+during the last window): the other replicas' past requests, made under their old, larger
+shares, must age out first. That includes a replica's start: it waits one window after
+its first assignment. Before any assignment a replica has ``RESERVE`` for its start-up
+calls.
 
 ``SlidingWindow`` is the pure arithmetic on an explicit ``now``; ``RateLimiter`` adds the
-async queue, an injected clock and the adaptive slow-down after a 429 from Gist (another
-process sharing the workspace): a pause for ``Retry-After`` (or a backoff), and a
-multiplicative cut of the limit that recovers by one request per quiet window.
+async queue, an injected clock, the shares and the adaptive slow-down after a 429 from
+Gist (someone else shares the workspace): a pause for ``Retry-After`` (or a backoff),
+and a multiplicative cut of the limit that recovers by a tenth per quiet window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
+
+RESERVE = 2
+"""Requests per window a shared budget keeps for replicas that are starting (their
+``GET /token/info`` comes before they know their share)."""
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
     """``limit`` requests in any ``window`` seconds. ``margin`` seconds are added to the
-    window on our side so that jitter between our send and Gist's arrival time cannot
-    squeeze ``limit + 1`` requests into one of Gist's windows."""
+    window on our side against clock granularity."""
 
     limit: int = 100
     window: float = 10.0
@@ -48,46 +69,96 @@ class RateLimit:
             raise ValueError("rate window must be positive and margin non-negative")
 
 
-class SlidingWindow:
-    """Send times of the most recent requests, and when the next one may go."""
+@dataclass(slots=True, eq=False)
+class Grant:
+    """A slot taken for one request; hand it back with ``release`` once answered."""
 
-    __slots__ = ("_capacity", "_sent", "_tat", "limit", "pace", "span")
+    at: float
+    waited: float
+    released: bool = field(default=False)
+
+
+class Budget(Protocol):
+    """What the Gist client needs of a limiter (local, or shared through Redis)."""
+
+    async def acquire(self) -> Grant: ...
+    def release(self, grant: Grant) -> None: ...
+    def on_rate_limited(self, retry_after: float | None, backoff: float) -> None: ...
+    def utilisation(self) -> float: ...
+    @property
+    def current_limit(self) -> int: ...
+
+
+class SlidingWindow:
+    """Requests in flight and the answer times of recent ones, and when the next may go."""
+
+    __slots__ = ("_answered", "_capacity", "_tat", "in_flight", "limit", "pace", "span")
 
     def __init__(self, limit: int, span: float, pace: bool = False) -> None:
         self.limit = limit
         self.span = span
         self.pace = pace
-        self._capacity = limit  # the most send times a later, raised limit can need
-        self._sent: deque[float] = deque()
+        self._capacity = max(1, limit)
+        self._answered: deque[float] = deque()  # answer times, in order
+        self.in_flight = 0
         self._tat = float("-inf")  # paced: the theoretical time of the next send
 
     @property
     def gap(self) -> float:
         """Paced: the time between two sends at the limit's steady rate."""
-        return self.span / self.limit
+        return self.span / max(1, self.limit)
 
     def next_slot(self, now: float) -> float:
         """The earliest time >= ``now`` at which one more request keeps every interval of
-        ``span`` seconds at ``limit`` requests or fewer."""
+        ``span`` seconds at ``limit`` requests or fewer (``inf``: not before a request in
+        flight is answered, or the limit is raised)."""
+        if self.limit < 1:
+            return math.inf
+        answered = self._answered
+        recent = 0  # answered within the last span
+        for t in reversed(answered):
+            if t <= now - self.span:
+                break
+            recent += 1
+        excess = self.in_flight + recent - self.limit + 1
         slot = now
-        sent = self._sent
-        if len(sent) >= self.limit:
-            slot = max(slot, sent[-self.limit] + self.span)
+        if excess > 0:
+            if excess > recent:
+                return math.inf
+            # The excess-th oldest recent answer must leave the span.
+            slot = max(slot, answered[len(answered) - recent + excess - 1] + self.span)
         if self.pace:
             slot = max(slot, self._tat - self.gap / 2)
         return slot
 
-    def record(self, at: float) -> None:
-        self._sent.append(at)
+    def grant(self, at: float) -> None:
+        self.in_flight += 1
         if self.pace:
             self._tat = max(self._tat, at) + self.gap
-        # Only the last ``limit`` send times can ever decide a slot.
-        if len(self._sent) > self._capacity * 2:
-            for _ in range(len(self._sent) - self._capacity):
-                self._sent.popleft()
+
+    def release(self, at: float) -> None:
+        """A request granted earlier was answered at ``at``."""
+        self.in_flight -= 1
+        answered = self._answered
+        if answered and at < answered[-1]:
+            at = answered[-1]  # keep the order (a clock never goes back here)
+        answered.append(at)
+        # Only the last ``limit`` answer times can ever decide a slot.
+        if len(answered) > self._capacity * 2:
+            for _ in range(len(answered) - self._capacity):
+                answered.popleft()
+
+    def record(self, at: float) -> None:
+        """A request sent and answered at ``at`` (no time in flight)."""
+        self.grant(at)
+        self.release(at)
+
+    def raise_capacity(self, limit: int) -> None:
+        self._capacity = max(self._capacity, limit)
 
     def count_since(self, since: float) -> int:
-        return sum(1 for t in self._sent if t > since)
+        """Requests in flight, and those answered after ``since``."""
+        return self.in_flight + sum(1 for t in self._answered if t > since)
 
 
 Clock = Callable[[], float]
@@ -95,7 +166,8 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 class RateLimiter:
-    """Every request to one workspace passes ``await limiter.acquire()`` first.
+    """Every request to one workspace passes ``grant = await limiter.acquire()`` first
+    and ``limiter.release(grant)`` once answered (or failed).
 
     Waiters are served strictly in arrival order (one waiter at a time holds the queue).
     ``on_rate_limited`` is called when Gist still answers 429: everyone pauses and the
@@ -114,53 +186,141 @@ class RateLimiter:
         self.rate = rate
         self._clock = clock
         self._sleep = sleep
-        self._window = SlidingWindow(rate.limit, rate.window + rate.margin, rate.pace)
+        self._span = rate.window + rate.margin
+        self._window = SlidingWindow(rate.limit, self._span, rate.pace)
         self._queue = asyncio.Lock()  # asyncio.Lock wakes waiters in FIFO order
+        self._changed = asyncio.Event()  # an answer came, or the limit moved
         self._paused_until = 0.0
         self._min_limit = max(1, int(rate.limit * min_fraction))
         self._cut = cut
+        self._cut_limit = rate.limit  # after 429s from Gist
         self._last_cut = float("-inf")
         self._quiet_since = float("-inf")  # recovery counts whole windows without a 429
+        # Shares: the share's limit, and the limits in force lately (for the hold rule).
+        self._share: int | None = None  # None: the whole budget (no shares)
+        self._held: tuple[float, int] | None = None  # (until, limit) while a share grows
+        self._history: deque[tuple[float, int]] = deque()
         self._waiting = 0
         self.granted = 0
         self.rate_limited = 0
         self.total_wait = 0.0
 
+    # --- what operators see -----------------------------------------------------------
     @property
     def current_limit(self) -> int:
-        """The limit in force now, lower than ``rate.limit`` after 429s from Gist."""
-        self._recover(self._clock())
+        """The limit in force now: the share, held or cut after 429s from Gist."""
+        self._update(self._clock())
         return self._window.limit
 
     @property
     def waiting(self) -> int:
         return self._waiting
 
+    @property
+    def in_flight(self) -> int:
+        return self._window.in_flight
+
     def utilisation(self) -> float:
         """Share of the configured budget used over the last window (0..1)."""
         now = self._clock()
         return self._window.count_since(now - self.rate.window) / self.rate.limit
 
-    async def acquire(self) -> float:
-        """Wait for a slot; returns the seconds waited."""
+    # --- shares -----------------------------------------------------------------------
+    def start_sharing(self) -> None:
+        """From now on this process is one of several: before its first share it keeps to
+        ``RESERVE`` requests per window."""
+        if self._share is None:
+            self._set_share_limit(min(RESERVE, self.rate.limit))
+
+    def set_share(self, owned: int, total: int) -> None:
+        """Take ``owned / total`` of the budget (less ``RESERVE``): the share of the
+        assigned partitions. A share that grows is used one window later."""
+        budget = max(1, self.rate.limit - RESERVE) if self.rate.limit > RESERVE else 1
+        target = 0 if total <= 0 or owned <= 0 else max(1, budget * owned // total)
+        self._set_share_limit(target)
+
+    def hold(self, limit: int) -> None:
+        """Keep to at most ``limit`` requests per window for one window (a shared view of
+        the budget was lost or has just come back: see ``_redis``)."""
+        now = self._clock()
+        self._held = (now + self._span, max(0, limit))
+        self._apply(now)
+
+    def _set_share_limit(self, target: int) -> None:
+        now = self._clock()
+        self._update(now)
+        recent = max([limit for _, limit in self._history] + [self._window.limit])
+        self._share = target
+        if target > recent:
+            self._held = (now + self._span, recent)
+        self._apply(now)
+
+    def _apply(self, now: float) -> None:
+        limit = self._cut_limit
+        if self._share is not None:
+            limit = min(limit, self._share)
+        if self._held is not None:
+            until, held = self._held
+            if now < until:
+                limit = min(limit, held)
+            else:
+                self._held = None
+        if limit != self._window.limit:
+            self._window.limit = limit
+            self._window.raise_capacity(limit)
+            self._history.append((now, limit))
+            self._changed.set()
+        # Keep each limit that was in force at some time in the last span.
+        while len(self._history) > 1 and self._history[1][0] <= now - self._span:
+            self._history.popleft()
+
+    # --- granting ---------------------------------------------------------------------
+    async def acquire(self) -> Grant:
+        """Wait for a slot; the grant says how long it waited."""
         start = self._clock()
         self._waiting += 1
         try:
             async with self._queue:
                 while True:
                     now = self._clock()
-                    self._recover(now)
+                    self._update(now)
                     slot = max(self._window.next_slot(now), self._paused_until)
                     if slot <= now:
                         break
-                    await self._sleep(slot - now)
-                self._window.record(now)
+                    await self._wait(slot - now, now)
+                self._window.grant(now)
         finally:
             self._waiting -= 1
         self.granted += 1
         waited = now - start
         self.total_wait += waited
-        return waited
+        return Grant(at=now, waited=waited)
+
+    async def _wait(self, delay: float, now: float) -> None:
+        """Sleep ``delay`` (``inf``: until an answer or a change of limit); a share's hold
+        ending also wakes the waiter."""
+        if self._held is not None:
+            delay = min(delay, max(0.0, self._held[0] - now))
+        self._changed.clear()
+        if math.isinf(delay):
+            await self._changed.wait()
+            return
+        sleeper = asyncio.ensure_future(self._sleep(delay))
+        changed = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait({sleeper, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (sleeper, changed):
+                if not waiter.done():
+                    waiter.cancel()
+
+    def release(self, grant: Grant) -> None:
+        """The request of ``grant`` was answered (or failed) now."""
+        if grant.released:
+            return
+        grant.released = True
+        self._window.release(self._clock())
+        self._changed.set()
 
     def on_rate_limited(self, retry_after: float | None, backoff: float) -> None:
         """Gist answered 429 although we kept to the budget: someone else shares it.
@@ -169,21 +329,22 @@ class RateLimiter:
         hint) and cut the limit; it grows back by a tenth of the configured limit per
         window without a 429."""
         now = self._clock()
-        self._recover(now)
+        self._update(now)
         self.rate_limited += 1
         pause = retry_after if retry_after is not None and retry_after >= 0 else backoff
         self._paused_until = max(self._paused_until, now + pause)
         # Several in-flight requests see the same 429 storm: cut once per window.
         if now - self._last_cut >= self.rate.window:
-            self._window.limit = max(self._min_limit, int(self._window.limit * self._cut))
+            self._cut_limit = max(self._min_limit, int(self._cut_limit * self._cut))
             self._last_cut = now
         self._quiet_since = now
+        self._apply(now)
 
-    def _recover(self, now: float) -> None:
-        if self._window.limit >= self.rate.limit:
-            return
-        windows = int((now - self._quiet_since) // self.rate.window)
-        if windows > 0:
-            step = max(1, self.rate.limit // 10)
-            self._window.limit = min(self.rate.limit, self._window.limit + windows * step)
-            self._quiet_since += windows * self.rate.window
+    def _update(self, now: float) -> None:
+        if self._cut_limit < self.rate.limit:
+            windows = int((now - self._quiet_since) // self.rate.window)
+            if windows > 0:
+                step = max(1, self.rate.limit // 10)
+                self._cut_limit = min(self.rate.limit, self._cut_limit + windows * step)
+                self._quiet_since += windows * self.rate.window
+        self._apply(now)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
@@ -69,6 +70,7 @@ class KafkaConsumer(Protocol):
     async def committed(self, partition: Any) -> int | None: ...
     async def beginning_offsets(self, partitions: list[Any]) -> dict[Any, int]: ...
     def highwater(self, partition: Any) -> int | None: ...
+    def partitions_for_topic(self, topic: str) -> set[int] | None: ...
 
 
 class FlowLimits:
@@ -173,7 +175,10 @@ class StreamConsumer:
         limits: FlowLimits,
         rebalance_timeout: float,
         clock: Any = time.monotonic,
+        on_share: Callable[[int, int], None] = lambda owned, total: None,
     ) -> None:
+        """``on_share(owned, total)`` is told this worker's share of the partitions after
+        every change (the rate limiter takes as much of the budget)."""
         self.consumer = consumer
         self.topics = topics
         self.mapper = mapper
@@ -183,6 +188,7 @@ class StreamConsumer:
         self.limits = limits
         self.rebalance_timeout = rebalance_timeout
         self._clock = clock
+        self._on_share = on_share
         self._stopping = False
         self._globally_full = False
         self._blocked = False  # some intake waits for room
@@ -440,6 +446,8 @@ class StreamConsumer:
             ):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
+        # Our share of the budget shrinks only now: the drain above needed it.
+        self._tell_share()
         if left:
             log.warning(log_events.PARTITION_WORK_ABANDONED, messages=left, steps=abandoned)
         log.info(
@@ -457,12 +465,22 @@ class StreamConsumer:
                 self._intakes[key] = _Intake()
                 self._draining.discard(key)
         await self._load_committed(fresh)
+        self._tell_share()
         self._apply_backpressure()
         self.assigned_once.set()
         log.info(
             log_events.PARTITIONS_ASSIGNED,
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
         )
+
+    def _tell_share(self) -> None:
+        """This worker's share of the subscribed topics' partitions."""
+        total = 0
+        for topic in self.topics:
+            partitions = self.consumer.partitions_for_topic(topic)
+            total += len(partitions) if partitions else 0
+        owned = len(self.ledger.partitions)
+        self._on_share(owned, max(total, owned))
 
     async def _load_committed(self, fresh: list[tuple[Any, PartitionWork]]) -> None:
         """Start each new partition's lag from the group's commit (or the log start), so

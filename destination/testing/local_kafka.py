@@ -803,6 +803,13 @@ class LocalConsumer:
         state = self._state(partition)
         return self._position(partition, state, self._broker._log(partition))
 
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        """The topic's partition numbers (None for a topic the broker does not have)."""
+        try:
+            return self._broker.partitions_for(topic)
+        except KafkaError:
+            return None
+
     def highwater(self, partition: Any) -> int | None:
         """The partition's end offset as of this consumer's last fetch of it."""
         if partition not in self._assignment:

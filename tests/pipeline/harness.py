@@ -195,7 +195,7 @@ DEFAULTS: dict[str, Any] = {
     "gist_api_key": "model-key",
     "gist_api_url": "http://gist.model",
     "gist_rate_limit": 10_000,
-    "gist_rate_window": 1.0,
+    "gist_rate_window": 0.2,
     "gist_rate_margin": 0.0,
     "gist_batch_size": 20,
     "gist_batch_wait": 0.02,

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from destination.gist import RateLimit, RateLimiter, SlidingWindow
+from destination.gist import RESERVE, RateLimit, RateLimiter, SlidingWindow
 
 EPS = 1e-9
 
@@ -74,7 +74,11 @@ class VirtualTime:
 
     async def advance_to(self, t: float) -> None:
         await self.settle()
-        while self._timers and self._timers[0][0] <= t:
+        while True:
+            while self._timers and self._timers[0][2].done():  # cancelled sleepers
+                heapq.heappop(self._timers)
+            if not self._timers or self._timers[0][0] > t:
+                break
             await self.fire_next()
         self.now = max(self.now, t)
         await self.settle()
@@ -95,10 +99,12 @@ class Simulation:
         self.time.progress = lambda: (len(self.order), self.limiter.waiting)
 
     async def _request(self, index: int) -> None:
-        await self.limiter.acquire()
-        # Same task step as the grant: the append order is the grant order.
+        grant = await self.limiter.acquire()
+        # Same task step as the grant: the append order is the grant order. Gist answers
+        # at once (the time a request holds its slot in flight has tests of its own).
         self.order.append(index)
         self.granted_at.append(self.time.now)
+        self.limiter.release(grant)
 
     async def run(
         self,
@@ -319,7 +325,7 @@ async def test_a_429_pauses_every_waiter_for_retry_after_and_cuts_the_limit() ->
     vt.progress = lambda: (len(granted), limiter.waiting)
 
     async def request() -> None:
-        await limiter.acquire()
+        limiter.release(await limiter.acquire())  # answered at once
         granted.append(vt.now)
 
     tasks = [asyncio.create_task(request()) for _ in range(13)]
@@ -355,7 +361,7 @@ async def test_without_retry_after_the_pause_is_the_backoff() -> None:
         await vt.advance_to(102.4)
         assert not task.done()
         await vt.advance_to(102.5)
-        assert await task == pytest.approx(2.5)
+        assert (await task).waited == pytest.approx(2.5)
 
 
 def test_429s_of_one_storm_cut_once_and_the_limit_recovers_over_quiet_windows() -> None:
@@ -421,7 +427,7 @@ async def test_paced_grants_spread_a_burst_over_the_window_without_drift() -> No
     vt.progress = lambda: (len(granted), limiter.waiting)
 
     async def request() -> None:
-        await limiter.acquire()
+        limiter.release(await limiter.acquire())  # answered at once
         granted.append(vt.now)
 
     tasks = [asyncio.create_task(request()) for _ in range(30)]
@@ -440,7 +446,7 @@ async def test_paced_grants_spread_a_burst_over_the_window_without_drift() -> No
 async def test_a_cancelled_waiter_leaves_the_queue_to_the_next() -> None:
     vt = VirtualTime()
     limiter = _limiter_at(vt, RateLimit(limit=1, window=1.0, margin=0.0))
-    await limiter.acquire()
+    limiter.release(await limiter.acquire())
     first = asyncio.create_task(limiter.acquire())
     second = asyncio.create_task(limiter.acquire())
     await vt.settle()
@@ -450,7 +456,7 @@ async def test_a_cancelled_waiter_leaves_the_queue_to_the_next() -> None:
     assert limiter.waiting == 1
     await vt.advance_to(1.0)
     assert second.done()
-    assert await second == pytest.approx(1.0)
+    assert (await second).waited == pytest.approx(1.0)
     assert limiter.granted == 2
 
 
@@ -459,7 +465,9 @@ async def test_utilisation_is_the_share_of_the_last_window() -> None:
     limiter = _limiter_at(vt, RateLimit(limit=4, window=10.0, margin=0.0, pace=False))
     for t in (0.0, 1.0, 5.0):
         vt.now = t
-        assert await limiter.acquire() == 0.0
+        grant = await limiter.acquire()
+        assert grant.waited == 0.0
+        limiter.release(grant)
     vt.now = 9.0
     assert limiter.utilisation() == pytest.approx(3 / 4)
     vt.now = 12.0
@@ -499,7 +507,7 @@ def test_record_forgets_only_what_can_no_longer_decide_a_slot() -> None:
     window = SlidingWindow(limit=5, span=1.0)
     for k in range(1000):
         window.record(k * 0.1)
-    assert len(window._sent) <= 2 * 5
+    assert len(window._answered) <= 2 * 5
     assert window.next_slot(99.9) == pytest.approx(99.5 + 1.0)
 
 
@@ -544,3 +552,124 @@ def test_sliding_window_greedy_schedule_keeps_every_span_within_the_limit(
 def test_rate_limit_rejects_nonsense(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RateLimit(**kwargs)  # type: ignore[arg-type]
+
+
+# --- a request holds its slot until a window after its answer -------------------------
+async def test_a_request_in_flight_holds_its_slot_until_a_window_after_its_answer() -> None:
+    vt = VirtualTime()
+    limiter = _limiter_at(vt, RateLimit(limit=1, window=1.0, margin=0.0, pace=False))
+    first = await limiter.acquire()
+    second = asyncio.create_task(limiter.acquire())
+    await vt.advance_to(2.5)
+    assert not second.done(), "granted while the first request was still in flight"
+    limiter.release(first)  # answered at 2.5: Gist counted it at 2.5 at the latest
+    await vt.advance_to(3.4999)
+    assert not second.done()
+    await vt.advance_to(3.5)
+    assert (await second).waited == pytest.approx(3.5)
+
+
+@PROPERTY
+@given(
+    data=st.data(),
+    limit=st.integers(min_value=1, max_value=12),
+    latency=st.floats(min_value=0.0, max_value=3.0),
+)
+def test_whatever_the_delay_between_grant_and_arrival_gist_counts_no_more_than_the_limit(
+    data: st.DataObject, limit: int, latency: float
+) -> None:
+    """Gist counts a request when it arrives, anywhere between our grant and its answer
+    (a starved machine puts it on the wire late, a slow Gist answers late): in any window
+    of Gist's clock, never more than the limit arrive."""
+    window = 1.0
+    rate = RateLimit(limit=limit, window=window, margin=0.0)
+    arrivals = data.draw(arrival_patterns(limit, window))
+    # Each request: how long after the grant Gist counts it, and then answers.
+    delays = data.draw(
+        st.lists(
+            st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
+            min_size=len(arrivals),
+            max_size=len(arrivals),
+        )
+    )
+    vt = VirtualTime()
+    limiter = RateLimiter(rate, clock=vt.clock, sleep=vt.sleep)
+    counted: list[float] = []
+    done: list[int] = []
+    vt.progress = lambda: (len(done), limiter.waiting, len(counted))
+
+    async def request(index: int) -> None:
+        grant = await limiter.acquire()
+        to_gist, to_answer = delays[index]
+        await vt.sleep(to_gist * latency)
+        counted.append(vt.now)
+        await vt.sleep(to_answer * latency)
+        limiter.release(grant)
+        done.append(index)
+
+    async def run() -> None:
+        tasks = []
+        for index, t in enumerate(arrivals):
+            await vt.advance_to(t)
+            tasks.append(asyncio.create_task(request(index)))
+        while len(done) < len(arrivals):
+            assert await vt.fire_next(), "requests wait but no timer is set"
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+    assert _max_in_any_span(sorted(counted), window) <= limit
+
+
+# --- shares ---------------------------------------------------------------------------
+def test_a_share_is_its_part_of_the_budget_less_the_reserve() -> None:
+    vt = VirtualTime()
+    limiter = _limiter_at(vt)  # 100 per 10 s
+    limiter.start_sharing()
+    assert limiter.current_limit == RESERVE
+    limiter.set_share(1, 3)
+    vt.now = 10.2
+    assert limiter.current_limit == (100 - RESERVE) // 3
+    limiter.set_share(0, 3)
+    assert limiter.current_limit == 0
+
+
+def test_a_share_that_grows_is_used_one_window_later_and_one_that_shrinks_at_once() -> None:
+    vt = VirtualTime()
+    limiter = _limiter_at(vt)
+    limiter.start_sharing()
+    vt.now = 1.0
+    limiter.set_share(2, 4)  # a start: nothing known of the others, hold
+    assert limiter.current_limit == RESERVE
+    vt.now = 11.2
+    assert limiter.current_limit == 49
+    vt.now = 20.0
+    limiter.set_share(0, 4)  # revoked (eager rebalance)...
+    vt.now = 20.5
+    limiter.set_share(4, 4)  # ...and given everything: the others' 51 must age out
+    assert limiter.current_limit == 49
+    vt.now = 30.6
+    assert limiter.current_limit == 98
+    limiter.set_share(1, 4)
+    assert limiter.current_limit == 24  # shrinks at once
+
+
+def test_replicas_that_rebalance_never_add_up_to_more_than_the_budget() -> None:
+    """Three replicas take and give partitions at random; at every instant the sum of
+    the limits they have been allowed over the last window stays within the budget."""
+    rng = __import__("random").Random(7)
+    vt = VirtualTime()
+    replicas = [_limiter_at(vt) for _ in range(3)]
+    for limiter in replicas:
+        limiter.start_sharing()
+    history: list[tuple[float, list[int]]] = []
+    for step in range(200):
+        vt.now = step * 0.7
+        owners = [rng.randrange(3) for _ in range(6)] if rng.random() < 0.3 else None
+        for index, limiter in enumerate(replicas):
+            if owners is not None:
+                limiter.set_share(owners.count(index), 6)
+        history.append((vt.now, [limiter.current_limit for limiter in replicas]))
+    # The most each replica may send in any window is the highest limit it had in it.
+    for end, _ in history:
+        inside = [limits for t, limits in history if end - 10.1 < t <= end]
+        assert sum(max(limits[i] for limits in inside) for i in range(3)) <= 100
