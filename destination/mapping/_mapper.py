@@ -28,13 +28,15 @@ from destination.mapping._values import (
     CACHE_LIMIT,
     DROP,
     MAX_USER_ID,
+    TIME_END,
     TIME_RULE,
-    EmailCheck,
     InvalidField,
     PropertyNames,
     PropertyShaper,
     Unsendable,
     ValueConverter,
+    email_problem,
+    iso_seconds,
     message_time,
     time_seconds,
 )
@@ -93,6 +95,10 @@ def _phone(value: Any) -> Any:
 
 
 def _unix(value: Any) -> Any:
+    if type(value) is str:  # the usual case: an ISO-8601 date
+        seconds = iso_seconds(value)
+        if seconds is not None and 0.0 <= seconds < TIME_END:
+            return int(seconds)
     seconds = time_seconds(value)
     if seconds is None:
         raise _Invalid(TIME_RULE)
@@ -238,7 +244,8 @@ class Mapper:
         self._on_invalid_drop = rules.invalid_fields == "drop"
         self._user_ids = tuple(_source((p,)) for p in rules.identity.user_id)
         self._emails = tuple(_source((p,)) for p in rules.identity.email)
-        self._email_problem = EmailCheck()
+        self._good_emails: set[str] = set()
+        """Addresses that passed ``email_problem`` (the same ones come back)."""
 
         names = PropertyNames(rules.values.keys)
         self._names = names
@@ -399,6 +406,7 @@ class Mapper:
     def _email(self, message: dict[str, Any]) -> str | None:
         """The first present, non-blank email, trimmed; a bad one rejects the message, or
         is dropped for the next source under ``invalid_fields: drop``."""
+        good = self._good_emails
         for get, path in self._emails:
             value = get(message)
             if value is MISSING or value is None:
@@ -407,12 +415,17 @@ class Mapper:
                 self._invalid(path, "a string")
                 continue
             email = value.strip()
+            if email in good:  # the usual case: this address passed before
+                return email
             if not email:
                 continue
-            problem = self._email_problem(email)
+            problem = email_problem(email)
             if problem is not None:
                 self._invalid(path, problem)
                 continue
+            if len(good) >= CACHE_LIMIT:
+                good.clear()
+            good.add(email)
             return email
         return None
 
@@ -427,7 +440,7 @@ class Mapper:
             if not isinstance(value, str):
                 return _Reject(reasons.INVALID_FIELD, f"{path} must be a string")
             email = value.strip()
-            problem = self._email_problem(email) if email else None
+            problem = email_problem(email) if email else None
             if problem is not None:
                 return _Reject(reasons.INVALID_FIELD, f"{path} must be {problem}")
         return _Reject(reasons.MISSING_IDENTITY, detail)
@@ -520,8 +533,7 @@ class Mapper:
                 if saw_null and nullable and self._keep_nulls:
                     contact[name] = None
 
-        properties: dict[str, Any] = {}
-        self._traits.shape(traits, properties)
+        properties = self._traits.shape(traits)
         if "personas" in context and (self._audiences or self._computed_traits):
             self._engage_trait(context, traits, properties)
         if properties:
@@ -583,7 +595,7 @@ class Mapper:
                 if isinstance(message_id, int) and not isinstance(message_id, bool)
                 else None
             )
-        return message_id, message_time(message, drop_invalid=self._on_invalid_drop)
+        return message_id, message_time(message, self._on_invalid_drop)
 
     # track -----------------------------------------------------------------------------
 
@@ -625,8 +637,7 @@ class Mapper:
                 event["user_id"] = user_id
             if email is not None:
                 event["email"] = email
-            shaped: dict[str, Any] = {}
-            self._track_properties.shape(properties, shaped)
+            shaped = self._track_properties.shape(properties)
             if shaped:
                 event["properties"] = shaped
             if stamp[1] is not None:
@@ -730,8 +741,7 @@ class Mapper:
             event["user_id"] = user_id
         if email is not None:
             event["email"] = email
-        shaped: dict[str, Any] = {}
-        shaper.shape(properties, shaped)
+        shaped = shaper.shape(properties)
         if shaped:
             event["properties"] = shaped
         if stamp[1] is not None:
@@ -753,8 +763,7 @@ class Mapper:
             and group_id != ""
         ):
             traits = {"id": str(group_id), **traits}
-        properties: dict[str, Any] = {}
-        self._group_traits.shape(traits, properties)
+        properties = self._group_traits.shape(traits)
         if not properties:
             return Skipped(kind, reasons.NOTHING_TO_SEND)
         contact: dict[str, Any] = {"custom_properties": properties}

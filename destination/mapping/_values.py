@@ -100,26 +100,6 @@ def email_problem(text: str) -> str | None:
     return None
 
 
-class EmailCheck:
-    """``email_problem`` with a bounded cache of the addresses that passed (the same
-    addresses come back message after message)."""
-
-    __slots__ = ("_good",)
-
-    def __init__(self) -> None:
-        self._good: set[str] = set()
-
-    def __call__(self, text: str) -> str | None:
-        if text in self._good:
-            return None
-        problem = email_problem(text)
-        if problem is None:
-            if len(self._good) >= CACHE_LIMIT:
-                self._good.clear()
-            self._good.add(text)
-        return problem
-
-
 # Times -------------------------------------------------------------------------------
 
 
@@ -201,7 +181,7 @@ MESSAGE_TIMES: Final = ("timestamp", "originalTimestamp", "sentAt", "receivedAt"
 """Where a message says when it happened, in the order they are read."""
 
 
-def message_time(message: Mapping[str, Any], *, drop_invalid: bool = False) -> float | None:
+def message_time(message: Mapping[str, Any], drop_invalid: bool = False) -> float | None:
     """When the message happened, in epoch seconds: the first of ``MESSAGE_TIMES``
     present (not null); ``None`` if none is. One that is present but not a time
     (``time_seconds``) raises ``InvalidField``, or with ``drop_invalid`` is passed over
@@ -392,20 +372,24 @@ class PropertyShaper:
         self._nested: dict[Any, tuple[str, str, bool] | None] = {}
         """path -> ``_nested_plan`` for an object there."""
 
-    def shape(self, source: Mapping[Any, Any], out: dict[str, Any]) -> None:
-        """Add ``source``'s properties to ``out`` (``InvalidField`` for a reserved name
-        or a collision, unless ``drop_invalid``)."""
+    def shape(self, source: Mapping[Any, Any]) -> dict[str, Any]:
+        """``source``'s properties (``InvalidField`` for a reserved name or a collision,
+        unless ``drop_invalid``)."""
+        out: dict[str, Any] = {}
+        if self._walk(source, out, "", self._prefix, False, 0, False) == len(out):
+            return out
+        # Fewer properties than fields written: two fields gave one name. Again, checking
+        # every write (the usual walk does not, to stay lean).
+        out = {}
         try:
-            conflicts = self._walk(source, out, "", self._prefix, False, 0)
+            self._walk(source, out, "", self._prefix, False, 0, True)
         except _Collision as collision:
             first = self._first_path(source, collision.key, collision.path)
             raise InvalidField(
                 f"{self._label}.{first} and {self._label}.{collision.path} both become "
                 f"property {collision.key!r}, with different values"
             ) from None
-        if conflicts:
-            for key in [key for key, value in out.items() if value is _CONFLICT]:
-                del out[key]
+        return {key: value for key, value in out.items() if value is not _CONFLICT}
 
     def _decide(
         self, path: Any, name: Any, key_prefix: str, inherited: bool
@@ -442,34 +426,36 @@ class PropertyShaper:
         key_prefix: str,
         inherited: bool,
         depth: int,
-    ) -> bool:
-        """Add ``source``'s fields to ``out``; whether a collision was marked
-        ``_CONFLICT`` (``drop_invalid``), for ``shape`` to remove."""
+        check: bool,
+    ) -> int:
+        """Add ``source``'s fields to ``out``; how many were written. A field whose name
+        is already there overwrites it, unless ``check``: then the same value is left
+        alone and a different one raises ``_Collision`` (or, with ``drop_invalid``, is
+        marked ``_CONFLICT``)."""
         keys = self._keys
         nested = self._nested
         dates = self._dates
-        conflicts = False
+        written = len(source)  # less each field not written, plus what nested ones write
         for name, value in source.items():
             path = f"{path_prefix}{name}" if path_prefix else name
             kind = type(value)
             if kind is dict:
+                written -= 1
                 plan = nested.get(path, DROP)
                 if plan is DROP:
                     plan = self._nested_plan(path, name, key_prefix, inherited)
-                if (
-                    plan is not None
-                    and depth < MAX_DEPTH
-                    and self._walk(value, out, plan[0], plan[1], plan[2], depth + 1)
-                ):
-                    conflicts = True
+                if plan is not None and depth < MAX_DEPTH:
+                    written += self._walk(
+                        value, out, plan[0], plan[1], plan[2], depth + 1, check
+                    )
                 continue
             key = keys.get(path)
             if key is None:
                 key = self._key(path, name, key_prefix, inherited)
-            if key is False:  # a reserved name
-                self._invalid(path, self._reserved_problem(path, name, key_prefix, inherited))
-                continue
-            if not key:
+            if not key:  # not sent ("") or a reserved name (False)
+                written -= 1
+                if key is False:
+                    self._invalid(path, self._reserved_problem(path, name, key_prefix, inherited))
                 continue
             if kind is str:
                 if dates and len(value) > 9 and value[4] == "-":
@@ -484,38 +470,39 @@ class PropertyShaper:
                 pass
             elif value is None:
                 if not self._keep_nulls:
+                    written -= 1
                     continue
             elif kind is list:
                 try:
                     value = self._convert.convert_list(value)
                 except Unsendable as exc:
                     self._invalid(path, f"must be {exc.rule}")
-                    continue
+                    value = DROP
                 if value is DROP:
+                    written -= 1
                     continue
             elif isinstance(value, dict):  # a dict subclass, from a Python caller
+                written -= 1
                 plan = self._nested_plan(path, name, key_prefix, inherited)
-                if (
-                    plan is not None
-                    and depth < MAX_DEPTH
-                    and self._walk(value, out, plan[0], plan[1], plan[2], depth + 1)
-                ):
-                    conflicts = True
+                if plan is not None and depth < MAX_DEPTH:
+                    written += self._walk(
+                        value, out, plan[0], plan[1], plan[2], depth + 1, check
+                    )
                 continue
             else:
                 try:
                     value = self._convert(value)
                 except Unsendable as exc:
                     self._invalid(path, f"must be {exc.rule}")
-                    continue
+                    value = DROP
                 if value is DROP:
+                    written -= 1
                     continue
-            if key in out:  # a second field gives this property name
-                if self._collides(out, key, value, path):
-                    conflicts = True
+            if check and key in out:
+                self._check(out, key, value, path)
             else:
                 out[key] = value
-        return conflicts
+        return written
 
     def _invalid(self, path: Any, problem: str) -> None:
         if not self._drop_invalid:
@@ -525,16 +512,15 @@ class PropertyShaper:
         key, _ = self._decide(path, name, key_prefix, inherited)
         return f"becomes custom property {key!r}, the name of a Gist contact field"
 
-    def _collides(self, out: dict[str, Any], key: str, value: Any, path: Any) -> bool:
-        """Whether ``value`` for ``key`` is marked ``_CONFLICT`` (``drop_invalid``);
-        ``_Collision`` unless the value already there is the same."""
+    def _check(self, out: dict[str, Any], key: str, value: Any, path: Any) -> None:
+        """A second field gives ``key``: ``_Collision`` unless its value is the one
+        already there (with ``drop_invalid``, the property is marked ``_CONFLICT``)."""
         sent = out[key]
         if sent is not _CONFLICT and same_value(sent, value):
-            return False
+            return
         if not self._drop_invalid:
             raise _Collision(key, path)
         out[key] = _CONFLICT
-        return True
 
     def _first_path(self, source: Mapping[Any, Any], key: str, second: Any) -> Any:
         """The path of the first field of ``source`` sent as ``key`` (for a collision's
