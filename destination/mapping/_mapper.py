@@ -36,6 +36,7 @@ from destination.mapping._values import (
     Unsendable,
     ValueConverter,
     email_problem,
+    field_name,
     iso_seconds,
     message_time,
     time_seconds,
@@ -446,7 +447,7 @@ class Mapper:
         return _Reject(reasons.MISSING_IDENTITY, detail)
 
     def _invalid(self, path: str, expected: str) -> None:
-        """A field of the wrong type: reject, unless the rules say drop it (return)."""
+        """A field Gist cannot take: reject, unless the rules say drop it (return)."""
         if not self._on_invalid_drop:
             raise _Reject(reasons.INVALID_FIELD, f"{path} must be {expected}")
 
@@ -570,7 +571,7 @@ class Mapper:
                 if member is not None:
                     properties[name] = member
         elif self._computed_traits:
-            value = self._engage_value(traits[key], f"traits.{key}")
+            value = self._engage_value(traits[key], f"traits.{field_name(key)}")
             if value is not DROP:
                 properties[name] = value
 
@@ -697,13 +698,11 @@ class Mapper:
                 trait = personas.get("computation_key")
                 if isinstance(trait, str) and trait in properties:
                     name = self._custom_property(trait, "context.personas.computation_key")
-                    value = (
-                        DROP
-                        if name is None
-                        else self._engage_value(properties[trait], f"properties.{trait}")
-                    )
-                    if name is not None and value is not DROP:
-                        prop = (name, value)
+                    if name is not None:
+                        path = f"properties.{field_name(trait)}"
+                        value = self._engage_value(properties[trait], path)
+                        if value is not DROP:
+                            prop = (name, value)
         if prop is None:
             return None
         contact: dict[str, Any] = {"custom_properties": {prop[0]: prop[1]}}

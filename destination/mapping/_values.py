@@ -1,4 +1,5 @@
-"""Property names and values as Gist takes them, and times as epoch seconds.
+"""Property names and values as Gist takes them, times as epoch seconds, and the checks
+on what Gist can store (user ids, emails, times, integers, property names).
 
 All of it runs per message, so it is written for speed: exact-type checks first, and
 small bounded caches for what repeats from message to message (property names and the
@@ -39,6 +40,13 @@ INTEGER_RULE: Final = "an integer within signed 64 bits (what Gist stores)"
 
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _SEPARATORS = re.compile(r"[\W_]+")
+
+
+def field_name(path: Any) -> str:
+    """A field's path as a rejection's detail shows it: cut short (the name comes from
+    the message: it may be anything, and the detail becomes a dead-letter header)."""
+    text = str(path)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Unsendable(Exception):
@@ -386,8 +394,9 @@ class PropertyShaper:
         except _Collision as collision:
             first = self._first_path(source, collision.key, collision.path)
             raise InvalidField(
-                f"{self._label}.{first} and {self._label}.{collision.path} both become "
-                f"property {collision.key!r}, with different values"
+                f"{self._label}.{field_name(first)} and "
+                f"{self._label}.{field_name(collision.path)} both become "
+                f"property {field_name(collision.key)!r}, with different values"
             ) from None
         return {key: value for key, value in out.items() if value is not _CONFLICT}
 
@@ -506,7 +515,7 @@ class PropertyShaper:
 
     def _invalid(self, path: Any, problem: str) -> None:
         if not self._drop_invalid:
-            raise InvalidField(f"{self._label}.{path} {problem}")
+            raise InvalidField(f"{self._label}.{field_name(path)} {problem}")
 
     def _reserved_problem(self, path: Any, name: Any, key_prefix: str, inherited: bool) -> str:
         key, _ = self._decide(path, name, key_prefix, inherited)
@@ -516,7 +525,7 @@ class PropertyShaper:
         """A second field gives ``key``: ``_Collision`` unless its value is the one
         already there (with ``drop_invalid``, the property is marked ``_CONFLICT``)."""
         sent = out[key]
-        if sent is not _CONFLICT and same_value(sent, value):
+        if sent is not _CONFLICT and _same_value(sent, value):
             return
         if not self._drop_invalid:
             raise _Collision(key, path)
@@ -566,11 +575,11 @@ _CONFLICT: Final[Any] = type("Conflict", (), {"__repr__": lambda self: "CONFLICT
 """In a shaper's output while it runs: two fields gave this property different values."""
 
 
-def same_value(a: Any, b: Any) -> bool:
+def _same_value(a: Any, b: Any) -> bool:
     """Equal and of the same JSON type (``1``, ``1.0`` and ``true`` are different values
     to Gist though Python finds them equal)."""
     if type(a) is not type(b):
         return False
     if type(a) is list:
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)

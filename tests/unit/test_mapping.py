@@ -1859,3 +1859,13 @@ def test_a_computed_trait_beyond_64_bits_is_rejected() -> None:
         "context": {"personas": {"computation_class": "trait", "computation_key": "score"}},
     }
     assert rejected(message).detail.startswith("traits.score ")
+
+
+def test_a_detail_shows_a_long_field_name_cut_short() -> None:
+    # The detail becomes a dead-letter header: a name from the message may be anything.
+    name = "n" * 10_000
+    result = rejected(identify({name: 2**64, "plan": "pro"}))
+    assert result.detail.startswith("traits.nnn")
+    assert len(result.detail) < 200
+    result = rejected(identify({name: "a", name.upper(): "b"}))
+    assert len(result.detail) < 300
