@@ -51,6 +51,15 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="longest wait for a batch import to complete, s"
     )
 
+    # --- the shared budget (optional) ---
+    redis_url: str | None = Field(
+        None, description="redis:// or rediss:// URL of the Redis that holds the shared budget"
+    )
+    redis_password: SecretStr | None = None
+    redis_password_file: Path | None = None
+    redis_timeout: float = Field(0.5, gt=0, description="longest wait for Redis, s")
+    redis_key_prefix: str = "gist-destination"
+
     # --- Kafka ---
     kafka_bootstrap_servers: str = "localhost:9092"
     kafka_topics: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -130,6 +139,12 @@ class Settings(BaseSettings):
             )
         if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
             raise ValueError(f"KAFKA_SSL_CAFILE: no such file: {self.kafka_ssl_cafile}")
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("REDIS_URL: must start with redis://, rediss:// or unix://")
+        if self.redis_password_file is not None and not self.redis_password_file.is_file():
+            raise ValueError(f"REDIS_PASSWORD_FILE: no such file: {self.redis_password_file}")
         if self.max_inflight_per_partition > self.max_inflight_messages:
             raise ValueError("MAX_INFLIGHT_PER_PARTITION: must not exceed MAX_INFLIGHT_MESSAGES")
         return self
@@ -151,6 +166,22 @@ class Settings(BaseSettings):
         if not key:
             raise SettingsError([f"GIST_API_KEY_FILE: {self.gist_api_key_file} is empty"])
         return key
+
+
+def redis_password(settings: Settings) -> str | None:
+    """The Redis password from REDIS_PASSWORD or the file REDIS_PASSWORD_FILE names (a
+    password in REDIS_URL is used as it is)."""
+    if settings.redis_password is not None:
+        return settings.redis_password.get_secret_value()
+    if settings.redis_password_file is not None:
+        try:
+            return settings.redis_password_file.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise SettingsError(
+                [f"REDIS_PASSWORD_FILE: cannot read {settings.redis_password_file}: "
+                 f"{exc.strerror}"]
+            ) from None  # fmt: skip
+    return None
 
 
 def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:

@@ -33,6 +33,7 @@ from destination.gist import (
     RateLimiter,
     RetryPolicy,
 )
+from destination.gist._redis import RedisBudget, redis_client
 from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.observability.health import HealthServer
@@ -46,7 +47,7 @@ from destination.pipeline.dead_letter import (
 from destination.pipeline.deliver import Delivery, DeliverySettings
 from destination.pipeline.inflight import Failure, Ledger, MessageWork
 from destination.pipeline.outcome import Outcomes
-from destination.settings import Settings
+from destination.settings import Settings, redis_password
 
 log = structlog.get_logger(__name__)
 
@@ -102,19 +103,28 @@ class Worker:
         self.settings = settings
         self.mapper = mapper
         self.kafka = kafka or KafkaClients()
-        limiter = self.limiter = RateLimiter(
-            RateLimit(
-                settings.gist_rate_limit, settings.gist_rate_window, settings.gist_rate_margin
-            )
+        rate = RateLimit(
+            settings.gist_rate_limit, settings.gist_rate_window, settings.gist_rate_margin
         )
-        # One of several replicas, perhaps: the budget is shared by partitions.
+        # One of several replicas, perhaps: the budget is shared through Redis, else by
+        # partitions (and by partitions too whenever Redis is unavailable).
+        limiter = self.limiter = RateLimiter(rate)
         limiter.start_sharing()
+        self.shared: RedisBudget | None = None
+        if settings.redis_url:
+            self.shared = RedisBudget(
+                redis_client(settings.redis_url, redis_password(settings), settings.redis_timeout),
+                rate,
+                limiter,
+                prefix=settings.redis_key_prefix,
+                timeout=settings.redis_timeout,
+            )
         requests = settings.gist_max_concurrent_requests
         imports = max(1, requests // 8)
         self.client = GistClient(
             api_key,
             base_url=settings.gist_api_url,
-            limiter=limiter,
+            limiter=self.shared or limiter,
             retry=RetryPolicy(
                 base=settings.gist_retry_base,
                 cap=settings.gist_retry_cap,
@@ -290,6 +300,8 @@ class Worker:
             raise
         self._gist_ok = True
         log.info(log_events.WORKER_READY, workspace=info.workspace_id)
+        if self.shared is not None:
+            await self.shared.start(info.workspace_id or "unknown")
         return True
 
     async def _consume(self, stream: StreamConsumer) -> int:
@@ -342,6 +354,10 @@ class Worker:
             metrics.RATE_LIMIT_CURRENT.set(limiter.current_limit)
             metrics.BATCHES_PENDING.set(self.delivery.batches_pending)
             metrics.OLDEST_PENDING_BATCH_AGE.set(self.delivery.oldest_pending_batch_age())
+            if self.shared is not None:
+                used = await self.shared.shared_use()
+                if used is not None:
+                    metrics.WORKSPACE_BUDGET_USED.set(used)
 
     def _component_done(self, task: asyncio.Task[None]) -> None:
         """The consume loop or housekeeping ended: fine on a stop, a crash otherwise."""
@@ -368,6 +384,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._record_reader.close()
         await self.client.aclose()
+        if self.shared is not None:
+            with contextlib.suppress(Exception):
+                await self.shared.close()
         await self.health.stop()
         log.info(log_events.WORKER_STOPPED)
 

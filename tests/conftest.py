@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.redis_server import RedisServer, RedisUnavailable
+
 
 def _docker_runs() -> bool:
     if shutil.which("docker") is None:
@@ -49,3 +51,17 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.bootstrap_servers
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for one test (stop and start it to play an outage)."""
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
+        server.start()
+    except RedisUnavailable as exc:
+        pytest.skip(f"no Redis to test against: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -243,8 +243,17 @@ class RateLimiter:
         """Keep to at most ``limit`` requests per window for one window (a shared view of
         the budget was lost or has just come back: see ``_redis``)."""
         now = self._clock()
-        self._held = (now + self._span, max(0, limit))
+        self._hold(now, max(0, limit))
         self._apply(now)
+
+    def _hold(self, now: float, limit: int) -> None:
+        """Hold to ``limit`` for a window from now; a hold in force keeps its stricter
+        limit and the later end."""
+        until = now + self._span
+        if self._held is not None and now < self._held[0]:
+            until = max(until, self._held[0])
+            limit = min(limit, self._held[1])
+        self._held = (until, limit)
 
     def _set_share_limit(self, target: int) -> None:
         now = self._clock()
@@ -252,7 +261,7 @@ class RateLimiter:
         recent = max([limit for _, limit in self._history] + [self._window.limit])
         self._share = target
         if target > recent:
-            self._held = (now + self._span, recent)
+            self._hold(now, recent)
         self._apply(now)
 
     def _apply(self, now: float) -> None:
@@ -313,6 +322,20 @@ class RateLimiter:
             for waiter in (sleeper, changed):
                 if not waiter.done():
                     waiter.cancel()
+
+    def track(self) -> Grant:
+        """A request granted elsewhere (a shared budget): counted here too, without
+        waiting, so that this replica knows its own recent requests if it must fall back
+        on its share."""
+        now = self._clock()
+        self._window.grant(now)
+        self.granted += 1
+        return Grant(at=now, waited=0.0)
+
+    def sent_in_last_window(self) -> int:
+        """This replica's requests holding a slot: in flight, or answered within the
+        last window."""
+        return self._window.count_since(self._clock() - self._span)
 
     def release(self, grant: Grant) -> None:
         """The request of ``grant`` was answered (or failed) now."""

@@ -147,6 +147,33 @@ RATE_LIMIT_CURRENT = Gauge(
     _P + "rate_limit_current",
     "Requests per window the limiter allows now (below the setting after 429s).",
 )
+LIMITER_BACKEND = Gauge(
+    _P + "limiter_backend",
+    "1 for the budget in use: 'redis' (shared by every replica), 'dual' (just back on "
+    "Redis: held to the local share for a window too), 'fallback' (Redis unavailable: "
+    "this replica's partition share), 'local' (no Redis configured: the partition share).",
+    ["backend"],
+)
+LIMITER_GRANTS = Counter(
+    _P + "limiter_grants",
+    "Requests granted by the shared budget in Redis.",
+    ["backend"],
+)
+LIMITER_FALLBACKS = Counter(
+    _P + "limiter_fallbacks",
+    "Times Redis did not answer (in time) and the replica fell back on its partition share.",
+)
+LIMITER_REDIS_ERRORS = Counter(
+    _P + "limiter_redis_errors",
+    "Redis calls of the limiter that failed without a fallback (a release: its slot ages "
+    "out by itself).",
+    ["operation"],
+)
+WORKSPACE_BUDGET_USED = Gauge(
+    _P + "workspace_budget_used_ratio",
+    "Share (0..1) of the workspace's budget in use over the last window by every replica, "
+    "as Redis sees it (absent without Redis).",
+)
 RATE_LIMITED = Counter(
     _P + "rate_limited",
     "429 answers from Gist (the budget is shared with someone else).",

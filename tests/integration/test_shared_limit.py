@@ -1,0 +1,158 @@
+"""One Gist budget for every replica: clients sharing it through a real redis-server,
+in one process and in several, measured where Gist would count them (the sandbox's own
+request log), and what happens when Redis goes away and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any
+
+import orjson
+import pytest
+
+from destination.gist import GistClient, RateLimit, RetryPolicy
+from destination.observability import metrics
+from destination.sandbox import Sandbox, SandboxConfig, running_sandbox
+from tests.support.budget_client import KEY, budget, send_events
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+LIMIT, WINDOW = 20, 1.0
+"""A short window: the sharing is under test, and the property is the same at 100/10 s."""
+
+
+def most_in_any_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def arrivals(sandbox: Sandbox) -> list[float]:
+    """When the sandbox counted each API request (its rate limiter's clock)."""
+    return [float(r["t"]) for r in sandbox.store.requests_json() if r["path"] == "/events"]
+
+
+def statuses(sandbox: Sandbox) -> list[int]:
+    return [int(r["status"]) for r in sandbox.store.requests_json()]
+
+
+def client(url: str, shared: Any) -> GistClient:
+    return GistClient(
+        KEY, base_url=url, limiter=shared, retry=RetryPolicy(base=0.05, cap=0.5, max_elapsed=60)
+    )
+
+
+@pytest.fixture
+async def sandbox() -> Any:
+    async with running_sandbox(SandboxConfig(rate_limit=LIMIT, rate_window=WINDOW)) as sb:
+        yield sb
+
+
+async def test_three_clients_in_one_process_share_one_budget(
+    redis_server: RedisServer, sandbox: Sandbox
+) -> None:
+    rate = RateLimit(limit=LIMIT, window=WINDOW, margin=0.05)
+    budgets = [budget(redis_server.url, rate, 1, 3)[1] for _ in range(3)]
+    clients = [client(sandbox.url, b) for b in budgets]
+    for shared in budgets:
+        assert shared is not None
+        await shared.start("sandbox-workspace")
+        assert shared.backend == "redis"
+    seconds = 5.0
+    until = time.monotonic() + seconds
+    sent = await asyncio.gather(
+        *(send_events(c, until, name=f"c{i}") for i, c in enumerate(clients))
+    )
+    for c in clients:
+        await c.aclose()
+    for shared in budgets:
+        assert shared is not None
+        await shared.close()
+    assert 429 not in statuses(sandbox)
+    assert most_in_any_window(arrivals(sandbox), WINDOW) <= LIMIT
+    # The whole budget (less the start-up reserve) was used, by all of them together.
+    assert sum(sent) >= 0.85 * (LIMIT - 2) * seconds / WINDOW
+    assert all(n > 0 for n in sent)
+
+
+async def test_replicas_in_separate_processes_share_one_budget(
+    redis_server: RedisServer,
+) -> None:
+    from benchmarks.processes import sandbox_subprocess
+
+    async with sandbox_subprocess(
+        api_key=KEY, rate_limit=LIMIT, rate_window=WINDOW, batch_delay=0.1
+    ) as sandbox:
+        seconds = 5.0
+        command = [
+            sys.executable, "-m", "tests.support.budget_client", sandbox.url,
+            redis_server.url, str(seconds), str(LIMIT), str(WINDOW),
+        ]  # fmt: skip
+        procs = [
+            await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+            for _ in range(3)
+        ]
+        outs = [orjson.loads((await p.communicate())[0].splitlines()[-1]) for p in procs]
+        import httpx
+
+        async with httpx.AsyncClient(base_url=sandbox.url) as http:
+            log = (await http.get("/_sandbox/requests")).json()
+    events = [r for r in log if r["path"] == "/events"]
+    assert [r for r in events if r["status"] == 429] == []
+    assert sum(o["rate_limited"] for o in outs) == 0
+    assert most_in_any_window([r["t"] for r in events], WINDOW) <= LIMIT
+    assert sum(o["sent"] for o in outs) >= 0.85 * (LIMIT - 2) * seconds / WINDOW
+
+
+async def test_redis_down_falls_back_on_the_share_and_comes_back(
+    redis_server: RedisServer, sandbox: Sandbox
+) -> None:
+    """Redis is stopped mid-run and started again (empty): the clients fall back on
+    their partition share (never a full budget each), count and log it, and return to
+    Redis; the workspace never gets more than its budget."""
+    rate = RateLimit(limit=LIMIT, window=WINDOW, margin=0.05)
+    pairs = [budget(redis_server.url, rate, 1, 2) for _ in range(2)]
+    clients = [client(sandbox.url, shared) for _, shared in pairs]
+    for _, shared in pairs:
+        assert shared is not None
+        await shared.start("sandbox-workspace")
+    fallbacks = metrics.LIMITER_FALLBACKS._value.get()
+    seen: set[str] = set()
+
+    async def watch(until: float) -> None:
+        while time.monotonic() < until:
+            for _, shared in pairs:
+                assert shared is not None
+                seen.add(shared.backend)
+            await asyncio.sleep(0.05)
+
+    async def outage() -> None:
+        await asyncio.sleep(1.5)
+        redis_server.stop()
+        await asyncio.sleep(3.0)
+        redis_server.start()
+
+    until = time.monotonic() + 12.0
+    await asyncio.gather(
+        *(send_events(c, until, name=f"c{i}") for i, c in enumerate(clients)),
+        outage(),
+        watch(until),
+    )
+    for c in clients:
+        await c.aclose()
+    backends = [shared.backend for _, shared in pairs if shared is not None]
+    for _, shared in pairs:
+        assert shared is not None
+        await shared.close()
+    assert {"redis", "fallback"} <= seen
+    assert backends == ["redis", "redis"]
+    assert metrics.LIMITER_FALLBACKS._value.get() == fallbacks + 2
+    assert 429 not in statuses(sandbox)
+    assert most_in_any_window(arrivals(sandbox), WINDOW) <= LIMIT

@@ -1,0 +1,1 @@
+"""Real servers the tests start as processes of their own."""
