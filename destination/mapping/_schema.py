@@ -193,10 +193,15 @@ class ContactFields(_Section):
     last_seen_user_agent: Sources = (("context.userAgent",),)
 
 
+SEGMENT_TRAIT_RENAMES: dict[str, str] = {"id": "segment_id", "avatar": "avatar_url"}
+"""Segment's spec traits that are named like a Gist contact field (which no custom
+property may be): renamed by default so that identifies carrying them keep flowing."""
+
+
 class Identify(_Section):
     enabled: bool = True
     fields: ContactFields = ContactFields()
-    traits: ContactPropertySelection = ContactPropertySelection()
+    traits: ContactPropertySelection = ContactPropertySelection(rename=SEGMENT_TRAIT_RENAMES)
 
 
 class Engage(_Section):

@@ -1480,14 +1480,27 @@ GIST_CONTACT_FIELDS = [
     ],
 )
 def test_a_trait_named_like_a_contact_field_is_rejected(trait: str, field: str) -> None:
-    result = rejected(identify({trait: "x", "plan": "pro"}))
+    no_renames = "identify:\n  traits:\n    rename: {}\n"  # id and avatar have defaults
+    result = rejected(identify({trait: "x", "plan": "pro"}), no_renames)
     assert result.reason == "invalid_field"
     assert f"traits.{trait}" in result.detail
     assert repr(field) in result.detail
     # Under invalid_fields: drop the trait is dropped and the rest is sent.
-    assert contact(identify({trait: "x", "plan": "pro"}), "invalid_fields: drop") == {
+    dropping = no_renames + "invalid_fields: drop\n"
+    assert contact(identify({trait: "x", "plan": "pro"}), dropping) == {
         "user_id": "u-1",
         "custom_properties": {"plan": "pro"},
+    }
+
+
+def test_segments_id_and_avatar_traits_are_renamed_by_default() -> None:
+    """Segment's spec has two traits named like Gist contact fields; the shipped rules
+    rename them rather than reject every identify that carries them."""
+    sent = contact(identify({"id": "db-42", "avatar": "https://x.io/a.png", "plan": "pro"}))
+    assert sent["custom_properties"] == {
+        "segment_id": "db-42",
+        "avatar_url": "https://x.io/a.png",
+        "plan": "pro",
     }
 
 
