@@ -4,12 +4,19 @@
 - promtool checks the alert rules and the Prometheus config and runs the alert unit tests;
 - the Kustomize base renders (``kubectl kustomize``) and an offline check of the same
   manifests always runs: probes on the worker's paths, names that resolve, settings that
-  exist;
-- docker-compose.yml is wired together (services, settings, mounted files);
+  exist; the base needs no Redis (sets no REDIS_URL);
+- the Redis component (``components/redis``) adds a small locked-down Redis and points the
+  worker's REDIS_URL at it, changing nothing else of the base; the existing-Redis example
+  sets REDIS_URL and mounts REDIS_PASSWORD_FILE from a Secret; both render and are checked
+  offline too;
+- no deploy file still tells operators to divide GIST_RATE_LIMIT by the replica count;
+- docker-compose.yml is wired together (services, settings, mounted files, Redis);
 - the Dockerfile's final stage is small and non-root, and installs by hash.
 
-Tools that may be missing (promtool, kubectl, ``docker compose``, hadolint) skip their test
-with the reason; ``./dev test`` installs Debian's prometheus package for promtool.
+Tools that may be missing (promtool, kubectl or kustomize, ``docker compose``, hadolint) skip
+their test with the reason; ``./dev test`` installs Debian's prometheus package for promtool.
+kubectl comes with the machine image (a Kustomize 5); Debian's kubernetes-client (1.20,
+Kustomize 2) is too old for the base's ``labels:`` and for components, and is skipped.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 KUSTOMIZE_BASE = DEPLOY / "kubernetes" / "base"
 KEDA_EXAMPLE = DEPLOY / "kubernetes" / "examples" / "keda-scaledobject.yaml"
+REDIS_COMPONENT = DEPLOY / "kubernetes" / "components" / "redis"
+WITH_REDIS_EXAMPLE = DEPLOY / "kubernetes" / "examples" / "with-redis"
+EXISTING_REDIS_EXAMPLE = DEPLOY / "kubernetes" / "examples" / "existing-redis"
 RULES = REPO / "config" / "mapping-rules.yaml"
 
 PREFIX = "gist_destination_"
@@ -56,6 +66,7 @@ HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"
 DEFAULT_METRICS_PORT = 9464
+DEFAULT_REDIS_PORT = 6379
 
 # Every environment variable the worker reads (destination/settings.py declares them).
 SETTINGS_ENV = frozenset(name.upper() for name in Settings.model_fields)
@@ -78,6 +89,13 @@ REQUIRED_ALERTS = frozenset(
         "GistDestinationDeadLetters",
         "GistDestinationRateLimited",
         "GistDestinationDeliveryDelayHigh",
+        # Stalls: work that stops moving, and the bugs behind it.
+        "GistDestinationPartitionStalled",
+        "GistDestinationComponentCrashed",
+        "GistDestinationInternalErrors",
+        "GistDestinationDeadLetterWriteFailing",
+        "GistDestinationBatchesPastDeadline",
+        "GistDestinationBatchImportSlow",
     }
 )
 
@@ -432,6 +450,15 @@ def _offline_render() -> list[dict[str, Any]]:
     return docs
 
 
+def _volume_at(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The pod's volume mounted on the folder of ``path`` in the container."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    folder = str(Path(path).parent)
+    assert folder in mounts, f"nothing is mounted at {folder} for {path}"
+    return volumes[mounts[folder]]
+
+
 def _check_manifests(docs: list[dict[str, Any]]) -> None:
     """What must hold of the base, rendered or as written."""
     for doc in docs:
@@ -480,13 +507,8 @@ def _check_manifests(docs: list[dict[str, Any]]) -> None:
             assert container[probe]["httpGet"]["port"] in ("metrics", port), probe
 
     # Mounted files: the API key from a Secret, the rules from the generated ConfigMap.
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-
     def volume_at(path: str) -> dict[str, Any]:
-        folder = str(Path(path).parent)
-        assert folder in mounts, f"nothing is mounted at {folder} for {path}"
-        return volumes[mounts[folder]]
+        return _volume_at(pod, container, path)
 
     key_volume = volume_at(env["GIST_API_KEY_FILE"])
     items = {item["path"] for item in key_volume["secret"].get("items", [])}
@@ -522,10 +544,10 @@ def _check_manifests(docs: list[dict[str, Any]]) -> None:
     assert "jobLabel" not in monitor["spec"]
 
 
-def test_kustomize_base_as_written() -> None:
-    """Offline: runs wherever the suite does, with or without kubectl."""
+def _offline_render_labelled() -> list[dict[str, Any]]:
+    """``_offline_render`` with the kustomization's labels added as Kustomize adds them (as
+    written, the pods carry none)."""
     docs = _offline_render()
-    # Labels come from the kustomization; as written, the pods carry none, so add them.
     labels = {}
     for entry in _kustomization().get("labels", []):
         labels.update(entry["pairs"])
@@ -537,20 +559,107 @@ def test_kustomize_base_as_written() -> None:
             doc["spec"]["template"]["metadata"]["labels"].update(labels)
         if doc["kind"] == "Service":
             doc["spec"].setdefault("selector", {}).update(labels)
-    _check_manifests(docs)
+    return docs
 
 
-def test_kustomize_base_renders() -> None:
+def _worker_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The worker's settings: its ConfigMaps (envFrom) overridden by its env entries."""
+    configmaps = {
+        d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"
+    }
+    worker = next(d for d in docs if d["kind"] == "Deployment" and _is_worker(d))
+    (container,) = worker["spec"]["template"]["spec"]["containers"]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(configmaps[source["configMapRef"]["name"]])
+    for var in container.get("env", []):
+        env[var["name"]] = var.get("value", "<from secret>")
+    return env
+
+
+def _is_worker(doc: dict[str, Any]) -> bool:
+    return bool(doc["metadata"]["name"] == "gist-destination")
+
+
+def test_kustomize_base_as_written() -> None:
+    """Offline: runs wherever the suite does, with or without kubectl."""
+    _check_manifests(_offline_render_labelled())
+
+
+def test_kustomize_base_needs_no_redis() -> None:
+    """The base runs several replicas without Redis (each takes its partition share of the
+    budget); REDIS_URL comes only from the component or an overlay."""
+    docs = _offline_render()
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"].get("replicas", 1) >= 2
+    env = _worker_env(docs)
+    assert not {name for name in env if name.startswith("REDIS_")}, env
+    assert not any("REDIS_URL" in str(d) for d in docs)
+
+
+# Kustomize 4.1 brought the ``labels:`` field the base uses (components came in 3.7);
+# kubectl embeds Kustomize 4.2 from 1.22 on. Debian's kubernetes-client is 1.20 (2.0.3).
+_MIN_KUSTOMIZE = (4, 1)
+_MIN_KUBECTL = (1, 22)
+
+
+def _major_minor(pattern: str, text: str) -> tuple[int, int] | None:
+    match = re.search(pattern, text)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _dotted(version: tuple[int, int] | None) -> str:
+    return "unknown" if version is None else f"{version[0]}.{version[1]}"
+
+
+@pytest.fixture(scope="module")
+def kustomize() -> list[str]:
+    """The command that renders a kustomization folder: ``kubectl kustomize`` (the machine
+    image's kubectl), else a standalone ``kustomize build``; skips when neither is recent
+    enough for the base's ``labels:`` and for components."""
+    reasons = []
     kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not on PATH; test_kustomize_base_as_written checks offline")
-    result = _run([kubectl, "kustomize", str(KUSTOMIZE_BASE)])
+    if kubectl is not None:
+        text = _run([kubectl, "version", "--client"]).stdout
+        embedded = _major_minor(r"Kustomize Version:\s*v?(\d+)\.(\d+)", text)
+        client = _major_minor(r'(?:Client Version:\s*|GitVersion:")v(\d+)\.(\d+)', text)
+        if embedded is not None and embedded >= _MIN_KUSTOMIZE:
+            return [kubectl, "kustomize"]
+        if embedded is None and client is not None and client >= _MIN_KUBECTL:
+            return [kubectl, "kustomize"]
+        reasons.append(
+            f"kubectl is too old (client {_dotted(client)}, Kustomize {_dotted(embedded)})"
+        )
+    else:
+        reasons.append("kubectl is not on PATH")
+    standalone = shutil.which("kustomize")
+    if standalone is not None:
+        version = _major_minor(r"v(\d+)\.(\d+)", _run([standalone, "version"]).stdout)
+        if version is None or version >= _MIN_KUSTOMIZE:
+            return [standalone, "build"]
+        reasons.append(f"kustomize is too old ({_dotted(version)})")
+    else:
+        reasons.append("kustomize is not on PATH")
+    pytest.skip(
+        "; ".join(reasons)
+        + f"; Kustomize {_MIN_KUSTOMIZE[0]}.{_MIN_KUSTOMIZE[1]}+ is needed"
+        + " (the offline checks of the same files ran)"
+    )
+
+
+def _render(kustomize: list[str], folder: Path) -> list[dict[str, Any]]:
+    result = _run([*kustomize, str(folder)])
     assert result.returncode == 0, result.stderr
-    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_kustomize_base_renders(kustomize: list[str]) -> None:
+    docs = _render(kustomize, KUSTOMIZE_BASE)
     _check_manifests(docs)
     # Kustomize renamed the generated ConfigMaps (hash suffix) and every reference with them.
     names = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     assert all(re.fullmatch(r"gist-destination-[a-z-]+-[a-z0-9]{10}", n) for n in names), names
+    assert not {name for name in _worker_env(docs) if name.startswith("REDIS_")}
 
 
 def test_kustomize_rules_are_the_shipped_rules() -> None:
@@ -580,6 +689,301 @@ def test_keda_example_scales_the_base_deployment() -> None:
     assert trigger["metadata"].get("allowIdleConsumers", "false") == "false"
 
 
+# --- Redis: the shared budget ------------------------------------------------------------
+
+
+def _kustomization_at(folder: Path) -> dict[str, Any]:
+    result: dict[str, Any] = _load_yaml(folder / "kustomization.yaml")
+    return result
+
+
+def _component_resources() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for resource in _kustomization_at(REDIS_COMPONENT)["resources"]:
+        path = REDIS_COMPONENT / resource
+        assert path.is_file(), f"the component lists {resource}, which does not exist"
+        docs.extend(_load_yaml_all(path))
+    return docs
+
+
+def _split_component(
+    docs: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The documents of a render that are the base's, and those the component added."""
+    added = {(d["kind"], d["metadata"]["name"]) for d in _component_resources()}
+    ours = [d for d in docs if (d["kind"], d["metadata"]["name"]) in added]
+    assert len(ours) == len(added), f"the render lacks some of the component's {sorted(added)}"
+    return [d for d in docs if d not in ours], ours
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def _patch_targets_worker(patch: dict[str, Any], worker: dict[str, Any]) -> None:
+    """A ``patches:`` entry that applies to the worker Deployment and only to it."""
+    target = patch.get("target")
+    if target is not None:
+        assert target.get("group", "apps") == "apps", target
+        assert target.get("version", "v1") == "v1", target
+        assert (target["kind"], target["name"]) == ("Deployment", worker["metadata"]["name"])
+
+
+def _patch_container(patch_doc: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:
+    """The one container a strategic-merge patch of the worker changes; containers merge by
+    name, so any other name would add a second container to the pod."""
+    assert patch_doc["apiVersion"] == worker["apiVersion"]
+    assert (patch_doc["kind"], patch_doc["metadata"]["name"]) == (
+        "Deployment",
+        worker["metadata"]["name"],
+    )
+    (container,) = patch_doc["spec"]["template"]["spec"]["containers"]
+    (worker_container,) = worker["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == worker_container["name"]
+    result: dict[str, Any] = container
+    return result
+
+
+def _check_redis(redis_docs: list[dict[str, Any]], worker: dict[str, Any], url: str) -> None:
+    """What must hold of the component's Redis, as written or rendered, for a worker whose
+    REDIS_URL is ``url``."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for doc in redis_docs:
+        for field in ("apiVersion", "kind"):
+            assert doc.get(field), doc
+        assert doc["metadata"].get("name"), doc
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    assert len(by_kind.get("Deployment", [])) == 1
+    assert len(by_kind.get("Service", [])) == 1
+    # No persistence: nothing claims or mounts storage.
+    assert not by_kind.keys() & {"PersistentVolumeClaim", "StatefulSet"}
+
+    deployment = by_kind["Deployment"][0]
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert _selects(spec["selector"]["matchLabels"], pod_labels)
+    # One Redis, never two at once (each would hold a budget of its own).
+    assert spec.get("replicas", 1) == 1
+    assert spec["strategy"]["type"] == "Recreate"
+    (container,) = pod["containers"]
+    assert container["image"].partition(":")[0] in ("redis", "docker.io/library/redis")
+    argv = [*container.get("command", []), *container.get("args", [])]
+    assert "redis-server" in argv
+
+    def option(name: str) -> str:
+        assert name in argv, f"redis-server is not given {name}"
+        return str(argv[argv.index(name) + 1])
+
+    assert option("--save") == ""  # no RDB snapshots
+    assert option("--appendonly") == "no"  # no append-only file
+    assert option("--maxmemory-policy") == "noeviction"  # a log evicted alone undercounts
+    for volume in pod.get("volumes", []):
+        assert not volume.keys() & {"persistentVolumeClaim", "hostPath"}, volume
+
+    # In the style of the worker's Deployment: bounded, non-root, locked down, probed.
+    for bound in ("requests", "limits"):
+        assert {"cpu", "memory"} <= container["resources"][bound].keys()
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"].get("runAsUser", 0) != 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    readiness = container["readinessProbe"]
+    if "exec" in readiness:
+        assert "redis-cli" in " ".join(readiness["exec"]["command"])
+        assert "ping" in " ".join(readiness["exec"]["command"])
+    else:
+        assert "tcpSocket" in readiness, readiness
+
+    # The worker's Service, PodDisruptionBudget and ServiceMonitor select by the worker's
+    # labels: they must not pick the Redis up, nor its Service the worker.
+    worker_labels = worker["spec"]["template"]["metadata"]["labels"]
+    assert not _selects(worker["spec"]["selector"]["matchLabels"], pod_labels)
+    service = by_kind["Service"][0]
+    assert _selects(service["spec"]["selector"], pod_labels)
+    assert not _selects(service["spec"]["selector"], worker_labels)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (service_port,) = service["spec"]["ports"]
+    target = service_port.get("targetPort", service_port["port"])
+    assert ports.get(target, target) in ports.values(), "the Service targets no container port"
+
+    # REDIS_URL names that Service (same namespace), on its port.
+    parsed = urlsplit(url)
+    assert parsed.scheme == "redis"
+    assert parsed.hostname == service["metadata"]["name"]
+    assert (parsed.port or DEFAULT_REDIS_PORT) == service_port["port"]
+    assert ports.get(target, target) == DEFAULT_REDIS_PORT or "--port" in argv
+
+    # Only the worker's pods may connect (the Redis has no password).
+    for policy in by_kind.get("NetworkPolicy", []):
+        assert _selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        rules = policy["spec"]["ingress"]
+        peers = [peer for rule in rules for peer in rule.get("from", [])]
+        assert peers, "a rule without `from` lets every pod in"
+        for peer in peers:
+            assert _selects(peer["podSelector"]["matchLabels"], worker_labels), peer
+        allowed = {p["port"] for rule in rules for p in rule.get("ports", [])}
+        assert allowed & {target, ports.get(target, target)}, allowed
+
+
+def test_redis_component_as_written() -> None:
+    """Offline: the component's resources parse and pass the Redis checks, its patch sets
+    REDIS_URL on the worker Deployment's container, and applied by hand the base still
+    passes its own checks."""
+    component = _kustomization_at(REDIS_COMPONENT)
+    assert component["apiVersion"].startswith("kustomize.config.k8s.io/")
+    assert component["kind"] == "Component"
+    base = _offline_render_labelled()
+    worker = next(d for d in base if d["kind"] == "Deployment")
+    redis_docs = _component_resources()
+    base_names = {(d["kind"], d["metadata"]["name"]) for d in base}
+    assert not base_names & {(d["kind"], d["metadata"]["name"]) for d in redis_docs}
+
+    env: dict[str, str] = {}
+    patches = component["patches"]
+    assert patches, "the component patches nothing"
+    for patch in patches:
+        _patch_targets_worker(patch, worker)
+        for patch_doc in _load_yaml_all(REDIS_COMPONENT / patch["path"]):
+            container = _patch_container(patch_doc, worker)
+            assert container.keys() <= {"name", "env"}, "the patch changes more than env"
+            for var in container["env"]:
+                env[var["name"]] = var["value"]  # a plain value: no secret in it
+    assert not env.keys() - SETTINGS_ENV, f"unknown settings: {sorted(env.keys() - SETTINGS_ENV)}"
+    assert "REDIS_URL" in env
+    _check_redis(redis_docs, worker, env["REDIS_URL"])
+
+    # Applied by hand (a strategic merge adds env entries by name), the base still holds.
+    (worker_container,) = worker["spec"]["template"]["spec"]["containers"]
+    worker_container["env"] = [
+        *({"name": name, "value": value} for name, value in env.items()),
+        *(var for var in worker_container["env"] if var["name"] not in env),
+    ]
+    _check_manifests(base)
+    assert _worker_env(base)["REDIS_URL"] == env["REDIS_URL"]
+
+
+def test_with_redis_example_uses_the_component() -> None:
+    example = _kustomization_at(WITH_REDIS_EXAMPLE)
+    assert [(WITH_REDIS_EXAMPLE / r).resolve() for r in example["resources"]] == [
+        KUSTOMIZE_BASE.resolve()
+    ]
+    assert [(WITH_REDIS_EXAMPLE / c).resolve() for c in example["components"]] == [
+        REDIS_COMPONENT.resolve()
+    ]
+
+
+def test_kustomize_renders_the_base_with_the_redis_component(kustomize: list[str]) -> None:
+    docs = _render(kustomize, WITH_REDIS_EXAMPLE)
+    worker_docs, redis_docs = _split_component(docs)
+    _check_manifests(worker_docs)
+    worker = next(d for d in worker_docs if d["kind"] == "Deployment")
+    (container,) = worker["spec"]["template"]["spec"]["containers"]
+    env = {var["name"]: var for var in container["env"]}
+    assert "value" in env["REDIS_URL"], env["REDIS_URL"]
+    _check_redis(redis_docs, worker, env["REDIS_URL"]["value"])
+
+    # The component adds the Redis and REDIS_URL, and changes nothing else of the base.
+    container["env"] = [var for var in container["env"] if var["name"] != "REDIS_URL"]
+    base = _render(kustomize, KUSTOMIZE_BASE)
+
+    def key(doc: dict[str, Any]) -> tuple[str, str]:
+        return doc["kind"], doc["metadata"]["name"]
+
+    assert sorted(worker_docs, key=key) == sorted(base, key=key)
+
+
+def _existing_redis_settings() -> dict[str, str]:
+    example = _kustomization_at(EXISTING_REDIS_EXAMPLE)
+    (generator,) = [
+        g for g in example["configMapGenerator"] if g["name"] == "gist-destination-settings"
+    ]
+    assert generator["behavior"] == "merge"
+    settings = {}
+    for literal in generator["literals"]:
+        name, _, value = literal.partition("=")
+        settings[name] = value
+    return settings
+
+
+def _check_password_file(pod: dict[str, Any], container: dict[str, Any], path: str) -> None:
+    volume = _volume_at(pod, container, path)
+    assert "secret" in volume, f"{path} is not mounted from a Secret: {volume}"
+    items = volume["secret"].get("items", [])
+    assert not items or Path(path).name in {item["path"] for item in items}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert mount.get("readOnly") is True
+
+
+def test_existing_redis_example_as_written() -> None:
+    """Offline: the example points the base at a Redis it does not run, with the password
+    from a Secret, never in the ConfigMap."""
+    example = _kustomization_at(EXISTING_REDIS_EXAMPLE)
+    assert [(EXISTING_REDIS_EXAMPLE / r).resolve() for r in example["resources"]] == [
+        KUSTOMIZE_BASE.resolve()
+    ]
+    assert not example.get("components"), "an existing Redis needs no Redis of its own"
+    settings = _existing_redis_settings()
+    assert not settings.keys() - SETTINGS_ENV, sorted(settings.keys() - SETTINGS_ENV)
+    url = urlsplit(settings["REDIS_URL"])
+    assert url.scheme in ("redis", "rediss")
+    assert url.hostname
+    assert url.password is None, "a password in the ConfigMap is in clear"
+    assert "REDIS_PASSWORD" not in settings
+    assert any(
+        g["name"] == "gist-destination-settings"
+        for g in _kustomization().get("configMapGenerator", [])
+    ), "the example merges into a ConfigMap the base does not make"
+
+    base = _offline_render_labelled()
+    worker = next(d for d in base if d["kind"] == "Deployment")
+    (patch,) = example["patches"]
+    _patch_targets_worker(patch, worker)
+    (patch_doc,) = _load_yaml_all(EXISTING_REDIS_EXAMPLE / patch["path"])
+    container = _patch_container(patch_doc, worker)
+    _check_password_file(
+        patch_doc["spec"]["template"]["spec"], container, settings["REDIS_PASSWORD_FILE"]
+    )
+    # Its mount does not hide the base's (the API key, the rules, /tmp).
+    (worker_container,) = worker["spec"]["template"]["spec"]["containers"]
+    base_mounts = {m["mountPath"] for m in worker_container["volumeMounts"]}
+    base_volumes = {v["name"] for v in worker["spec"]["template"]["spec"]["volumes"]}
+    assert not {m["mountPath"] for m in container["volumeMounts"]} & base_mounts
+    assert not {v["name"] for v in patch_doc["spec"]["template"]["spec"]["volumes"]} & base_volumes
+
+
+def test_kustomize_renders_the_existing_redis_example(kustomize: list[str]) -> None:
+    docs = _render(kustomize, EXISTING_REDIS_EXAMPLE)
+    _check_manifests(docs)  # also: exactly one Deployment, the worker
+    env = _worker_env(docs)
+    assert env["REDIS_URL"] == _existing_redis_settings()["REDIS_URL"]
+    worker = next(d for d in docs if d["kind"] == "Deployment")
+    pod = worker["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    _check_password_file(pod, container, env["REDIS_PASSWORD_FILE"])
+
+
+# The advice replicas made obsolete: they split the budget themselves now.
+_DIVIDE_THE_BUDGET = re.compile(r"\bdivid\w*|\b100\s*/\s*N\b|limit\s*/\s*replicas", re.I)
+
+
+def test_deploy_no_longer_divides_the_budget_by_hand() -> None:
+    files = [COMPOSE, DEPLOY / "README.md", *sorted((DEPLOY / "kubernetes").rglob("*.yaml"))]
+    advice = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if _DIVIDE_THE_BUDGET.search(line)
+    ]
+    assert not advice, "GIST_RATE_LIMIT is the budget of all replicas together:\n" + "\n".join(
+        advice
+    )
+
+
 # --- docker compose -----------------------------------------------------------------------
 
 
@@ -598,7 +1002,7 @@ def _duration_seconds(value: str) -> float:
 
 def test_compose_services_are_wired_together() -> None:
     services = _compose()["services"]
-    assert {"kafka", "worker", "sandbox", "prometheus", "grafana"} <= services.keys()
+    assert {"kafka", "worker", "sandbox", "redis", "prometheus", "grafana"} <= services.keys()
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "broker,controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]
 
@@ -641,6 +1045,30 @@ def test_compose_services_are_wired_together() -> None:
     for service in services.values():
         for dependency in service.get("depends_on", []):
             assert dependency in services
+
+
+def test_compose_worker_shares_the_budget_through_redis() -> None:
+    services = _compose()["services"]
+    redis = services["redis"]
+    assert redis["image"] == "redis:7-alpine"
+    # In memory only: no volume, no snapshots, no append-only file.
+    assert not redis.get("volumes")
+    argv = [str(arg) for arg in redis["command"]]
+    assert argv[0] == "redis-server"
+    assert argv[argv.index("--save") + 1] == ""
+    assert argv[argv.index("--appendonly") + 1] == "no"
+    redis_port = int(argv[argv.index("--port") + 1]) if "--port" in argv else DEFAULT_REDIS_PORT
+    test = redis["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL")
+    assert "redis-cli" in " ".join(test[1:])
+    assert "ping" in " ".join(test[1:])
+
+    worker = services["worker"]
+    url = urlsplit(str(worker["environment"]["REDIS_URL"]))
+    assert url.scheme == "redis"
+    assert (url.hostname, url.port or DEFAULT_REDIS_PORT) == ("redis", redis_port)
+    # The worker starts once Redis answers (it would fall back on its share meanwhile).
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_compose_mounts_files_that_exist() -> None:
