@@ -199,6 +199,8 @@ class Worker:
     async def serve(self) -> int:
         settings = self.settings
         metrics.declare_series()
+        if self.shared is None:
+            metrics.LIMITER_BACKEND.labels("local").set(1)
         metrics.READY.set(0)
         metrics.RATE_LIMIT_CURRENT.set(settings.gist_rate_limit)
         await self.health.start()

@@ -234,6 +234,8 @@ def declare_series() -> None:
         INTERNAL_ERRORS.labels(place)
     for action in ("resent", "dead_lettered"):
         BATCHES_PAST_DEADLINE.labels(action)
+    for backend in ("local", "redis", "dual", "fallback"):
+        LIMITER_BACKEND.labels(backend)
     for how in ("too_large", "gone", "headers_dropped", "key_dropped"):
         DEAD_LETTERS_TRUNCATED.labels(how)
     for kind in MESSAGE_TYPES:
