@@ -14,7 +14,7 @@ table of reasons is checked against ``DEAD_LETTER`` and ``SKIP`` by a test.
      └── delivery to Gist      gist_rejected, batch_contact_error, retries_exhausted,
                                batch_timeout, gist_unexpected_answer, internal_error
     skipped                    integration_off, type_off, event_excluded, no_event_name,
-                               nothing_to_send
+                               nothing_to_send, duplicate, unchanged
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ TYPE_OFF: Final = "type_off"
 EVENT_EXCLUDED: Final = "event_excluded"
 NO_EVENT_NAME: Final = "no_event_name"
 NOTHING_TO_SEND: Final = "nothing_to_send"
+DUPLICATE: Final = "duplicate"
+UNCHANGED: Final = "unchanged"
 
 RECORD: Final[dict[str, str]] = {
     EMPTY_VALUE: "the record has no value (or only white space)",
@@ -91,5 +93,9 @@ SKIP: Final[dict[str, str]] = {
     EVENT_EXCLUDED: "a track whose event the rules exclude (and no tag rule matched)",
     NO_EVENT_NAME: "a page or screen for which no event-name template applies",
     NOTHING_TO_SEND: "a group with no traits left to copy, or an alias onto the same id",
+    DUPLICATE: "its messageId was delivered within DEDUP_WINDOW (a producer's retry, a "
+    "replay); a copy of a message in flight ends as that message ends",
+    UNCHANGED: "a contact update whose every field Gist already holds (as it last "
+    "confirmed, within CONTACT_MEMORY_TTL)",
 }
 """Every reason a message is skipped, with what it means."""

@@ -78,6 +78,15 @@ class Settings(BaseSettings):
     kafka_max_poll_records: int = Field(500, ge=1)
     kafka_session_timeout_ms: int = Field(10_000, ge=1000)
 
+    # --- spending the budget only on changes ---
+    dedup_window: float = Field(
+        86_400.0, ge=0, description="seconds a delivered messageId is remembered; 0: off"
+    )
+    dedup_max_ids: int = Field(1_000_000, ge=1, description="ids remembered in this process")
+    contact_memory: bool = Field(True, description="leave out fields Gist already holds")
+    contact_memory_ttl: float = Field(86_400.0, gt=0, description="seconds a value is trusted")
+    contact_memory_max: int = Field(200_000, ge=1, description="contacts remembered here")
+
     # --- flow control ---
     max_inflight_messages: int = Field(20_000, ge=1)
     max_inflight_bytes: int = Field(64 * MiB, ge=1024)

@@ -44,7 +44,9 @@ from destination.pipeline.dead_letter import (
     KafkaRecordReader,
     check_topic,
 )
+from destination.pipeline.dedup import Dedup, DeliveredIds, SharedIds
 from destination.pipeline.deliver import Delivery, DeliverySettings
+from destination.pipeline.fingerprints import Fingerprints, SharedFingerprints
 from destination.pipeline.inflight import Failure, Ledger, MessageWork
 from destination.pipeline.outcome import Outcomes
 from destination.settings import Settings, redis_password
@@ -140,6 +142,15 @@ class Worker:
         )
         self.ledger = Ledger()
         self.outcomes = Outcomes(self.ledger, _NotStarted())
+        self.fingerprints = (
+            Fingerprints(
+                settings.contact_memory_ttl,
+                settings.contact_memory_max,
+                stable=self.shared is not None,
+            )
+            if settings.contact_memory
+            else None
+        )
         self.delivery = Delivery(
             self.client,
             DeliverySettings(
@@ -153,7 +164,17 @@ class Worker:
             ),
             self.outcomes,
             on_fatal=self._credentials_rejected,
+            fingerprints=self.fingerprints,
         )
+        self.dedup: Dedup | None = None
+        if settings.dedup_window > 0:
+            self.dedup = Dedup(
+                DeliveredIds(settings.dedup_window, settings.dedup_max_ids),
+                self.delivery.submit,
+                self.outcomes.skipped,
+                self.outcomes.dead_letter,
+            )
+            self.outcomes.observers.append(self.dedup.ended)
         self.health = HealthServer(
             settings.metrics_host, settings.metrics_port, self._not_ready, self._broken
         )
@@ -270,6 +291,7 @@ class Worker:
                 ),
                 settings.rebalance_timeout,
                 on_share=limiter.set_share,
+                dedup=self.dedup,
             )
             self.stream.subscribe()
             await consumer.start()
@@ -304,6 +326,14 @@ class Worker:
         log.info(log_events.WORKER_READY, workspace=info.workspace_id)
         if self.shared is not None:
             await self.shared.start(info.workspace_id or "unknown")
+            prefix = self.shared.prefix
+            timeout = self.settings.redis_timeout
+            if prefix is not None and self.dedup is not None:
+                self.dedup.shared = SharedIds(
+                    self.shared.redis, prefix, self.settings.dedup_window, timeout
+                )
+            if prefix is not None and self.fingerprints is not None:
+                self.fingerprints.shared = SharedFingerprints(self.shared.redis, prefix, timeout)
         return True
 
     async def _consume(self, stream: StreamConsumer) -> int:

@@ -165,6 +165,16 @@ class RedisBudget:
         self.granted = 0
         self.rate_limited = 0
 
+    @property
+    def redis(self) -> Any:
+        """The client (the de-duplication and contact memory share it)."""
+        return self._redis
+
+    @property
+    def prefix(self) -> str | None:
+        """``{prefix}:{workspace}`` once started."""
+        return None if self._keys is None else self._keys[0].rsplit(":", 1)[0]
+
     # --- life -------------------------------------------------------------------------
     async def start(self, workspace_id: str) -> None:
         """Use the workspace's shared log from now on (falling back if Redis fails)."""

@@ -82,6 +82,23 @@ DELIVERY_DELAY = Histogram(
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600, 21600),
 )
 
+# --- spending the budget only on changes ---------------------------------------------
+DUPLICATES = Counter(
+    _P + "duplicates",
+    "Messages skipped because their messageId was delivered within DEDUP_WINDOW.",
+    ["type"],
+)
+REQUESTS_SAVED = Counter(
+    _P + "requests_saved",
+    "Gist requests not made (estimated: an event one each, a contact its share of a batch "
+    "import and poll), by what saved them: duplicate, unchanged, tag_batch.",
+    ["feature"],
+)
+UNCHANGED_FIELDS = Counter(
+    _P + "unchanged_fields",
+    "Contact fields left out of an upsert because Gist already holds their values.",
+)
+
 # --- Gist ---------------------------------------------------------------------------
 GIST_REQUESTS = Counter(
     _P + "gist_requests",

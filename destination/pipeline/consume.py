@@ -38,6 +38,7 @@ from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.operations import Mapped, Rejected, Skipped
 from destination.pipeline.decode import DecodeError, decode_record
+from destination.pipeline.dedup import Dedup
 from destination.pipeline.deliver import Delivery
 from destination.pipeline.inflight import (
     OPEN,
@@ -146,13 +147,40 @@ class _Opening:
         self.index = 0
 
 
+class _Fetched:
+    """A fetched record, decoded (its messages, or why it has none)."""
+
+    __slots__ = ("decoded", "record")
+
+    def __init__(self, record: Any) -> None:
+        self.record = record
+        self.decoded: tuple[list[Any], bool] | Exception
+        try:
+            self.decoded = decode_record(record.value)
+        except Exception as error:  # DecodeError, or a bug: the record is dead-lettered
+            self.decoded = error
+
+    def message_ids(self) -> list[str]:
+        if isinstance(self.decoded, Exception):
+            return []
+        ids = []
+        for message in self.decoded[0]:
+            if isinstance(message, dict):
+                value = message.get("messageId")
+                if isinstance(value, str):
+                    ids.append(value)
+                elif isinstance(value, int) and not isinstance(value, bool):
+                    ids.append(str(value))
+        return ids
+
+
 class _Intake:
     """A partition's fetched records not yet opened, and the one being opened."""
 
     __slots__ = ("next_offset", "opening", "records")
 
     def __init__(self) -> None:
-        self.records: deque[Any] = deque()
+        self.records: deque[_Fetched] = deque()
         self.opening: _Opening | None = None
         self.next_offset: int | None = None  # records below it were taken already
 
@@ -176,6 +204,7 @@ class StreamConsumer:
         rebalance_timeout: float,
         clock: Any = time.monotonic,
         on_share: Callable[[int, int], None] = lambda owned, total: None,
+        dedup: Dedup | None = None,
     ) -> None:
         """``on_share(owned, total)`` is told this worker's share of the partitions after
         every change (the rate limiter takes as much of the budget)."""
@@ -189,6 +218,7 @@ class StreamConsumer:
         self.rebalance_timeout = rebalance_timeout
         self._clock = clock
         self._on_share = on_share
+        self.dedup = dedup
         self._stopping = False
         self._globally_full = False
         self._blocked = False  # some intake waits for room
@@ -210,22 +240,30 @@ class StreamConsumer:
             self.open_available()
             self._apply_backpressure()
             batches = await self.consumer.getmany(timeout_ms=50 if self._blocked else 200)
+            fetched: list[_Fetched] = []
             for tp, records in batches.items():
-                self._enqueue(TopicPartition(tp.topic, tp.partition), records)
+                fetched += self._enqueue(TopicPartition(tp.topic, tp.partition), records)
+            if self.dedup is not None and self.dedup.shared is not None and fetched:
+                # One round trip to Redis for the ids of the records about to be opened.
+                await self.dedup.look_up(i for f in fetched for i in f.message_ids())
             opened = self.open_available()
             if not batches and not opened and (self._blocked or self._paused_everything()):
                 self.ledger.changed.clear()
                 await wait_event(self.ledger.changed, 0.5)
 
-    def _enqueue(self, tp: TopicPartition, records: list[Any]) -> None:
+    def _enqueue(self, tp: TopicPartition, records: list[Any]) -> list[_Fetched]:
         intake = self._intakes.get(tp)
         if intake is None or tp not in self.ledger.partitions or tp in self._draining:
-            return  # fetched just before a revocation: the new owner reads it
+            return []  # fetched just before a revocation: the new owner reads it
+        taken = []
         for record in records:
             if intake.next_offset is not None and record.offset < intake.next_offset:
                 continue  # fetched twice: it is already ours
-            intake.records.append(record)
+            fetched = _Fetched(record)
+            intake.records.append(fetched)
+            taken.append(fetched)
             intake.next_offset = record.offset + 1
+        return taken
 
     def open_available(self) -> int:
         """Open the messages of waiting records while the limits leave room; returns
@@ -248,21 +286,22 @@ class StreamConsumer:
                 opened += 1
         return opened
 
-    def _begin(self, work: PartitionWork, intake: _Intake, record: Any) -> None:
-        """Take a record: decode it, and open its first message."""
+    def _begin(self, work: PartitionWork, intake: _Intake, fetched: _Fetched) -> None:
+        """Take a decoded record, and open its first message."""
+        record = fetched.record
         if work.offsets.seen(record.offset):
             return
         headers = [(k, v) for k, v in (record.headers or ())]
         taken = self.ledger.open_record(work, record.offset, record.key, record.value, headers)
-        try:
-            messages, enveloped = decode_record(record.value)
-        except DecodeError as error:
+        decoded = fetched.decoded
+        if isinstance(decoded, DecodeError):
             message = self._open_unknown(taken, None, None)
-            self.outcomes.dead_letter(message, Failure(error.reason, error.detail))
+            self.outcomes.dead_letter(message, Failure(decoded.reason, decoded.detail))
             return
-        except Exception as exc:  # a bug in decoding: this record ends as a dead letter
-            self.outcomes.internal_error(self._open_unknown(taken, None, None), exc, "decode")
+        if isinstance(decoded, Exception):  # a bug in decoding: a dead letter
+            self.outcomes.internal_error(self._open_unknown(taken, None, None), decoded, "decode")
             return
+        messages, enveloped = decoded
         if not messages:  # an empty envelope: nothing to wait for
             self.ledger.seal(taken)
             return
@@ -287,10 +326,11 @@ class StreamConsumer:
             result = self.mapper.map(body)
             kind = result.message_type
             metrics.child(metrics.MESSAGES_CONSUMED, kind).inc()
-            timestamp = None
+            timestamp = message_id = None
             if isinstance(result, Mapped) and result.operations:
                 timestamp = result.operations[0].timestamp
-            message = ledger.open_message(record, at, kind, timestamp, kept)
+                message_id = result.operations[0].message_id
+            message = ledger.open_message(record, at, kind, timestamp, kept, message_id)
             if last:
                 ledger.seal(record)
             if isinstance(result, Rejected):
@@ -299,6 +339,8 @@ class StreamConsumer:
                 outcomes.skipped(message, result.reason)
             elif not result.operations:
                 outcomes.delivered(message)
+            elif self.dedup is not None:
+                self.dedup.offer(message, result.operations)
             else:
                 self.delivery.submit(message, result.operations)
         except Exception as exc:  # a bug: the message ends as a dead letter, never hangs
@@ -431,6 +473,8 @@ class StreamConsumer:
         # may start; it reads those records again from the commit.
         abandoned = self.delivery.abandon(works)
         self.outcomes.abandon(works)
+        if self.dedup is not None:
+            self.dedup.abandon(works)
         left = self.ledger.open_in(works)
         for work in works:
             self.ledger.revoke(work.tp)

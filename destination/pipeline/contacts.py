@@ -24,7 +24,17 @@ class ContactStep(Step):
     step never merges messages of two partitions, so a revoked partition's work can be
     dropped without touching another's)."""
 
-    __slots__ = ("accepted", "encoded", "merged", "partition", "payload", "sent", "tickets")
+    __slots__ = (
+        "accepted",
+        "encoded",
+        "memory_key",
+        "merged",
+        "partition",
+        "payload",
+        "sent",
+        "sent_fields",
+        "tickets",
+    )
 
     def __init__(
         self,
@@ -40,6 +50,9 @@ class ContactStep(Step):
         self.accepted = False  # in a batch Gist queued: only its import is awaited
         self.encoded: bytes | None = None  # the payload as sent, once taken into a batch
         self.merged = 0
+        # What Gist will hold once the batch completes (``fingerprints``).
+        self.memory_key: str | None = None
+        self.sent_fields: Any = None
 
     def merge(self, later: ContactPayload) -> None:
         """Fold a later update of the same contact in; its values win."""

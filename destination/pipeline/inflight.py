@@ -34,6 +34,14 @@ class TopicPartition(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class Skip:
+    """An operation that was not sent because it would change nothing in Gist
+    (``reason`` from ``destination.reasons.SKIP``)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Failure:
     """Why a message is dead-lettered. ``reason`` is a code from ``destination.reasons``;
     ``detail`` is for people and never holds the API key."""
@@ -120,10 +128,13 @@ class MessageWork:
         "failure",
         "index",
         "is_parked",
+        "message_id",
         "message_type",
         "parked",
         "pending",
         "record",
+        "sent",
+        "skipped",
         "state",
         "timestamp",
     )
@@ -135,12 +146,16 @@ class MessageWork:
         message_type: str,
         timestamp: float | None,
         body: Any = None,
+        message_id: str | None = None,
     ) -> None:
         self.record = record
         self.index = index
         self.message_type = message_type
         self.timestamp = timestamp
         self.body = body
+        self.message_id = message_id
+        self.sent = False  # an operation of it was delivered
+        self.skipped: str | None = None  # the reason an operation was not sent
         self.pending = 0  # operations not over
         self.parked = 0  # of those, contacts in a batch Gist accepted
         self.is_parked = False
@@ -224,10 +239,11 @@ class Ledger:
         message_type: str,
         timestamp: float | None,
         body: Any = None,
+        message_id: str | None = None,
     ) -> MessageWork:
         if record.sealed:
             raise RuntimeError("a message opened in a sealed record")
-        message = MessageWork(record, index, message_type, timestamp, body)
+        message = MessageWork(record, index, message_type, timestamp, body, message_id)
         record.pending += 1
         partition = record.partition
         partition.messages += 1

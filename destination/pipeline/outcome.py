@@ -36,6 +36,7 @@ from destination.pipeline.inflight import (
     Ledger,
     MessageWork,
     PartitionWork,
+    Skip,
 )
 
 log = structlog.get_logger(__name__)
@@ -82,20 +83,33 @@ class Outcomes:
             self.ledger.unpark(message)
 
     def operation_done(
-        self, message: MessageWork, failure: Failure | None = None, *, accepted: bool = False
+        self,
+        message: MessageWork,
+        result: Failure | Skip | None = None,
+        *,
+        accepted: bool = False,
     ) -> None:
-        """One operation of the message is over (``accepted``: it was one whose batch Gist
-        had accepted); the first failure decides the message's fate."""
-        if failure is not None and message.failure is None:
-            message.failure = failure
+        """One operation of the message is over: delivered (``None``), failed, or not sent
+        because Gist already holds it (``Skip``); ``accepted``: it was a contact whose
+        batch Gist had accepted. The first failure decides the message's fate; a message
+        none of whose operations was sent is skipped."""
+        if isinstance(result, Failure):
+            if message.failure is None:
+                message.failure = result
+        elif isinstance(result, Skip):
+            message.skipped = result.reason
+        else:
+            message.sent = True
         message.pending -= 1
         if accepted:
             message.parked -= 1
         if message.pending == 0:
-            if message.failure is None:
+            if message.failure is not None:
+                self.dead_letter(message, message.failure)
+            elif message.sent or message.skipped is None:
                 self.delivered(message)
             else:
-                self.dead_letter(message, message.failure)
+                self.skipped(message, message.skipped)
 
     # --- the ends ---------------------------------------------------------------------
     def delivered(self, message: MessageWork) -> None:

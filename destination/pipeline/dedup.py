@@ -1,0 +1,263 @@
+"""``messageId`` de-duplication: a message whose id was delivered within the window is
+skipped (reason ``duplicate``), as Segment does for its destinations.
+
+Producers retry and Kafka replays: the same message comes again with the same
+``messageId``. Gist has no idempotency key for events, so sending it twice makes two
+events; a replayed identify sends values that may be older than what Gist holds. An id is
+recorded only once its message is *delivered*, never before:
+
+- ``DeliveredIds`` keeps the ids delivered within ``window`` in this process, bounded and
+  compact: the current time slice in a set, older slices as sorted arrays of 64-bit
+  hashes (8 bytes an id; ``benchmarks/RESULTS.md`` has the measured figure). Past
+  ``capacity`` ids the oldest slice is forgotten early.
+- ``SharedIds`` keeps them in Redis too (``REDIS_URL``), one set per hour of the window,
+  so replicas and restarts share them; looked up once per fetched batch of records.
+- ``Dedup`` holds the copies of a message that is still in flight: they end as it ends
+  (delivered: skipped as ``duplicate``; dead-lettered: dead-lettered alike; skipped:
+  skipped alike), so a producer's retry arriving right behind the original sends
+  nothing twice and is never sent out of order.
+
+A 64-bit hash can collide: with a million ids in the window the chance that a new id is
+taken for one of them is about 5e-14.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import structlog
+
+from destination import reasons
+from destination.observability import log_events, metrics
+from destination.operations import Operation
+from destination.pipeline.inflight import MessageWork, PartitionWork
+
+log = structlog.get_logger(__name__)
+
+_MASK = (1 << 64) - 1
+
+
+def id_hash(message_id: str) -> int:
+    """A 64-bit hash of a messageId (Python's string hash: fast, cached, per process)."""
+    return hash(message_id) & _MASK
+
+
+class DeliveredIds:
+    """The messageIds delivered within the last ``window`` seconds, in this process."""
+
+    __slots__ = ("_clock", "_current", "_sealed", "_slice", "_started", "capacity", "window")
+
+    def __init__(
+        self,
+        window: float,
+        capacity: int,
+        slices: int = 24,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.capacity = capacity
+        self._slice = window / slices
+        self._clock = clock
+        self._current: set[int] = set()
+        self._started = clock()
+        self._sealed: deque[tuple[float, array[int]]] = deque()  # (start, sorted hashes)
+
+    def __len__(self) -> int:
+        return len(self._current) + sum(len(ids) for _, ids in self._sealed)
+
+    def __contains__(self, message_id: str) -> bool:
+        self._turn()
+        h = id_hash(message_id)
+        if h in self._current:
+            return True
+        for _, ids in self._sealed:
+            i = bisect.bisect_left(ids, h)
+            if i < len(ids) and ids[i] == h:
+                return True
+        return False
+
+    def add(self, message_id: str) -> None:
+        self._turn()
+        self._current.add(id_hash(message_id))
+        if len(self) > self.capacity and self._sealed:
+            self._sealed.popleft()
+
+    def _turn(self) -> None:
+        """Seal the current slice once it is a slice old; forget slices past the window."""
+        now = self._clock()
+        if now - self._started >= self._slice:
+            if self._current:
+                self._sealed.append((self._started, array("Q", sorted(self._current))))
+            self._current = set()
+            self._started = now
+        while self._sealed and self._sealed[0][0] + self._slice <= now - self.window:
+            self._sealed.popleft()
+
+
+class SharedIds:
+    """The delivered ids in Redis (all replicas, across restarts): one set per hour."""
+
+    def __init__(self, redis: Any, prefix: str, window: float, timeout: float) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self.window = window
+        self._timeout = timeout
+        self._hour = 3600.0
+        self._pending: list[str] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    def _key(self, hour: int) -> str:
+        return f"{self._prefix}:delivered:{hour}"
+
+    def _hours(self) -> list[int]:
+        now = int(time.time() // self._hour)
+        return list(range(now - int(self.window // self._hour) - 1, now + 1))
+
+    async def delivered(self, message_ids: Sequence[str]) -> set[str]:
+        """Those of ``message_ids`` delivered within the window (an empty set when Redis
+        does not answer: sending a duplicate is better than losing a message)."""
+        if not message_ids:
+            return set()
+        members = [format(id_hash(m), "x") for m in message_ids]
+        try:
+            async with asyncio.timeout(self._timeout):
+                pipe = self._redis.pipeline(transaction=False)
+                for hour in self._hours():
+                    pipe.smismember(self._key(hour), members)
+                answers = await pipe.execute()
+        except Exception as error:
+            metrics.LIMITER_REDIS_ERRORS.labels("dedup_lookup").inc()
+            log.warning(log_events.DEDUP_REDIS_UNAVAILABLE, error=type(error).__name__)
+            return set()
+        seen = set()
+        for answer in answers:
+            for message_id, hit in zip(message_ids, answer, strict=True):
+                if hit:
+                    seen.add(message_id)
+        return seen
+
+    def add(self, message_id: str) -> None:
+        """Record a delivered id (written in the background, in batches)."""
+        self._pending.append(format(id_hash(message_id), "x"))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0.05)  # gather a few
+        while self._pending:
+            members, self._pending = self._pending, []
+            hour = self._hours()[-1]
+            try:
+                async with asyncio.timeout(self._timeout * 4):
+                    pipe = self._redis.pipeline(transaction=False)
+                    pipe.sadd(self._key(hour), *members)
+                    pipe.expire(self._key(hour), int(self.window + 2 * self._hour))
+                    await pipe.execute()
+            except Exception:  # the local record stands; Redis forgets this batch
+                metrics.LIMITER_REDIS_ERRORS.labels("dedup_record").inc()
+
+
+class _Copies:
+    __slots__ = ("first", "waiting")
+
+    def __init__(self, first: MessageWork) -> None:
+        self.first = first
+        self.waiting: list[tuple[MessageWork, Sequence[Operation]]] = []
+
+
+Submit = Callable[[MessageWork, Sequence[Operation]], None]
+
+
+class Dedup:
+    """Decides, for each message opened with an id, whether it is sent, skipped as a
+    duplicate, or held behind its copy in flight; learns from each message's end."""
+
+    def __init__(
+        self,
+        local: DeliveredIds,
+        submit: Submit,
+        skip: Callable[[MessageWork, str], None],
+        dead_letter: Callable[[MessageWork, Any], None],
+        shared: SharedIds | None = None,
+    ) -> None:
+        self.local = local
+        self.shared = shared
+        self._submit = submit
+        self._skip = skip
+        self._dead_letter = dead_letter
+        self._in_flight: dict[str, _Copies] = {}
+        self._seen_shared: set[str] = set()  # found in Redis for records not opened yet
+
+    def offer(self, message: MessageWork, operations: Sequence[Operation]) -> None:
+        message_id = message.message_id
+        if message_id is None:
+            self._submit(message, operations)
+            return
+        if message_id in self._seen_shared or message_id in self.local:
+            self._seen_shared.discard(message_id)
+            metrics.DUPLICATES.labels(message.message_type).inc()
+            self._skip(message, reasons.DUPLICATE)
+            return
+        copies = self._in_flight.get(message_id)
+        if copies is not None:
+            copies.waiting.append((message, operations))
+            return
+        self._in_flight[message_id] = _Copies(message)
+        self._submit(message, operations)
+
+    async def look_up(self, message_ids: Iterable[str]) -> None:
+        """Ask Redis about the ids of records about to be opened (one round trip)."""
+        if self.shared is None:
+            return
+        unknown = [m for m in set(message_ids) if m not in self.local]
+        if len(self._seen_shared) > 100_000:  # ids of records dropped unopened (revoked)
+            self._seen_shared.clear()
+        self._seen_shared |= await self.shared.delivered(unknown)
+
+    def ended(self, message: MessageWork, how: str, reason: str | None) -> None:
+        """An ``Outcomes`` observer: the message ended; its held copies end alike."""
+        message_id = message.message_id
+        if message_id is None:
+            return
+        copies = self._in_flight.get(message_id)
+        if copies is None or copies.first is not message:
+            return
+        del self._in_flight[message_id]
+        if how == "delivered":
+            self.local.add(message_id)
+            if self.shared is not None:
+                self.shared.add(message_id)
+        for waiting, _ in copies.waiting:
+            if how == "delivered":
+                metrics.DUPLICATES.labels(waiting.message_type).inc()
+                self._skip(waiting, reasons.DUPLICATE)
+            elif how == "skipped":
+                self._skip(waiting, reason or reasons.DUPLICATE)
+            else:
+                self._dead_letter(waiting, message.failure)
+
+    def abandon(self, partitions: Iterable[PartitionWork]) -> None:
+        """Revoked partitions: forget their messages; a copy waiting on one of them from
+        another partition becomes the one sent."""
+        gone = set(partitions)
+        for message_id, copies in list(self._in_flight.items()):
+            if copies.first.record.partition not in gone:
+                continue
+            del self._in_flight[message_id]
+            kept = [(m, ops) for m, ops in copies.waiting if m.record.partition not in gone]
+            if kept:
+                first, operations = kept[0]
+                successor = _Copies(first)
+                successor.waiting = kept[1:]
+                self._in_flight[message_id] = successor
+                self._submit(first, operations)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)

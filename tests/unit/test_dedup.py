@@ -1,0 +1,161 @@
+"""messageId de-duplication: ids recorded only once delivered, copies in flight end as
+their original ends, bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from typing import Any
+
+from destination import reasons
+from destination.operations import EventTrack
+from destination.pipeline.dedup import Dedup, DeliveredIds
+from destination.pipeline.inflight import ENDED, Failure, Ledger, MessageWork, TopicPartition
+from destination.pipeline.outcome import Outcomes
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_id_is_remembered_for_the_window_and_then_forgotten() -> None:
+    clock = Clock()
+    ids = DeliveredIds(window=100.0, capacity=1000, slices=10, clock=clock)
+    ids.add("m-1")
+    clock.now = 50.0
+    ids.add("m-2")
+    assert "m-1" in ids
+    assert "m-2" in ids
+    assert "m-3" not in ids
+    clock.now = 109.0  # m-1's slice [0, 10) ends 100 s before 110
+    assert "m-1" in ids
+    clock.now = 111.0
+    assert "m-1" not in ids
+    assert "m-2" in ids
+
+
+def test_past_its_capacity_the_oldest_slice_is_forgotten_first() -> None:
+    clock = Clock()
+    ids = DeliveredIds(window=1000.0, capacity=150, slices=10, clock=clock)
+    for slice_ in range(3):
+        clock.now = slice_ * 100.0
+        for n in range(60):
+            ids.add(f"s{slice_}-{n}")
+    assert len(ids) <= 150
+    assert "s0-0" not in ids
+    assert "s2-59" in ids
+    assert "s1-0" in ids
+
+
+def test_an_id_costs_about_eight_bytes_once_its_slice_is_sealed() -> None:
+    clock = Clock()
+    ids = DeliveredIds(window=86_400.0, capacity=10_000_000, slices=24, clock=clock)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for n in range(200_000):
+        ids.add(f"message-{n}")
+    clock.now = 3_600.0
+    ids.add("next-slice")  # seals the first slice
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    per_id = (after - before) / 200_000
+    assert per_id < 12, per_id
+
+
+class Pipeline:
+    """Dedup between intake and delivery, with the real Outcomes and Ledger."""
+
+    def __init__(self) -> None:
+        self.ledger = Ledger()
+        self.written: list[tuple[MessageWork, Failure]] = []
+        self.outcomes = Outcomes(self.ledger, self)
+        self.partition = self.ledger.assign(TopicPartition("t", 0))
+        self.submitted: list[MessageWork] = []
+        self.dedup = Dedup(
+            DeliveredIds(3600.0, 1000),
+            lambda message, ops: self.submitted.append(message),
+            self.outcomes.skipped,
+            self.outcomes.dead_letter,
+        )
+        self.outcomes.observers.append(self.dedup.ended)
+        self.ends: dict[int, tuple[str, str | None]] = {}
+        self.outcomes.observers.append(
+            lambda message, how, reason: self.ends.__setitem__(id(message), (how, reason))
+        )
+        self.offset = 0
+
+    async def write(self, message: MessageWork, failure: Failure) -> None:
+        self.written.append((message, failure))
+
+    def offer(self, message_id: str | None, partition: Any = None) -> MessageWork:
+        record = self.ledger.open_record(partition or self.partition, self.offset, None, b"{}", [])
+        self.offset += 1
+        message = self.ledger.open_message(record, None, "track", None, None, message_id)
+        self.ledger.seal(record)
+        op = EventTrack({"event_name": "X", "user_id": "u"}, message_id)
+        self.dedup.offer(message, (op,))
+        return message
+
+    def deliver(self, message: MessageWork) -> None:
+        self.outcomes.expect(message, 1)
+        self.outcomes.operation_done(message)
+
+
+def test_an_id_is_recorded_only_once_delivered() -> None:
+    p = Pipeline()
+    first = p.offer("m-1")
+    assert p.submitted == [first]
+    assert "m-1" not in p.dedup.local  # sent, not yet delivered
+    p.deliver(first)
+    assert "m-1" in p.dedup.local
+    again = p.offer("m-1")
+    assert p.ends[id(again)] == ("skipped", "duplicate")
+    assert p.submitted == [first]
+
+
+def test_a_copy_in_flight_ends_as_its_original_ends() -> None:
+    p = Pipeline()
+    first = p.offer("m-1")
+    copy = p.offer("m-1")  # a producer's retry right behind it
+    assert p.submitted == [first]  # not sent twice
+    assert copy.state != ENDED  # held: its offset waits
+    p.deliver(first)
+    assert p.ends[id(copy)] == ("skipped", "duplicate")
+    assert p.partition.offsets.committable() == 2
+
+
+async def test_a_copy_of_a_dead_lettered_message_is_dead_lettered_alike() -> None:
+    p = Pipeline()
+    first = p.offer("m-1")
+    copy = p.offer("m-1")
+    p.outcomes.expect(first, 1)
+    p.outcomes.operation_done(first, Failure(reasons.GIST_REJECTED, "404"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [(m, f.reason) for m, f in p.written] == [
+        (first, reasons.GIST_REJECTED),
+        (copy, reasons.GIST_REJECTED),
+    ]
+    assert "m-1" not in p.dedup.local
+
+
+def test_messages_without_an_id_are_always_sent() -> None:
+    p = Pipeline()
+    a, b = p.offer(None), p.offer(None)
+    assert p.submitted == [a, b]
+
+
+def test_a_copy_from_another_partition_is_sent_when_the_original_is_revoked() -> None:
+    p = Pipeline()
+    other = p.ledger.assign(TopicPartition("t", 1))
+    first = p.offer("m-1")
+    copy = p.offer("m-1", partition=other)
+    assert p.submitted == [first]
+    p.dedup.abandon([p.partition])
+    assert p.submitted == [first, copy]
+    p.deliver(copy)
+    assert "m-1" in p.dedup.local
