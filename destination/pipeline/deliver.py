@@ -1,9 +1,10 @@
 """Delivering operations to Gist, in per-contact order, inside the workspace's budget.
 
 Contact upserts merge and batch (``contacts``), go out as batch imports, and finish only
-when their batch has COMPLETED (``BatchPoller`` below); events, deletes, aliases and tag
-changes go one request each. ``IdentityGate`` decides when each may go. Every request
-passes the client's rate limiter, so polls and retries share the budget with the rest.
+when their batch has COMPLETED (polling below); tag changes go many contacts to a
+``POST /tags``; events, deletes and aliases one request each. ``IdentityGate`` decides
+when each may go. Every request passes the client's rate limiter, so polls and retries
+share the budget with the rest.
 
 Every step ends, and ends its messages' operations through ``Outcomes``:
 
@@ -87,6 +88,11 @@ class DeliverySettings:
     batch_deadline: float = 3600.0
     """A batch not COMPLETED this long after it was sent is sent again once; the second
     time, its contacts are dead-lettered (``batch_timeout``)."""
+    tag_batch: int = 50
+    """Contacts tagged (or untagged) in one ``POST /tags``: the reference's "up to ~50"."""
+    tag_batch_wait: float = 0.2
+    """Longest wait (s) to fill a tag request; a tag change holds its contact's later
+    work meanwhile, so this is short."""
 
 
 class DirectStep(Step):
@@ -162,6 +168,9 @@ class Delivery:
         self._open: dict[Step, None] = {}  # admitted and not finished, for ``abandon``
         self._pending: list[PendingBatch] = []
         self._sending: dict[asyncio.Task[None], list[ContactStep]] = {}
+        # Tag changes waiting to fill a POST /tags, by (tag, untag); and those in flight.
+        self._tag_groups: dict[tuple[str, bool], list[DirectStep]] = {}
+        self._tagging: dict[asyncio.Task[None], list[DirectStep]] = {}
         self._batcher_wake = asyncio.Event()
         self._poller_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -246,6 +255,8 @@ class Delivery:
             self.batcher.add(step, self._clock())
             if len(self.batcher) == 1 or len(self.batcher) >= self.batcher.max_contacts:
                 self._batcher_wake.set()
+        elif isinstance(step, DirectStep) and isinstance(step.operation, TagChange):
+            self._queue_tag(step)
         elif isinstance(step, DirectStep):
             step.task = self._spawn(functools.partial(self._run_direct, step), [step], "request")
 
@@ -338,9 +349,15 @@ class Delivery:
             elif isinstance(step, DirectStep) and step.task is not None:
                 step.task.cancel()
         doomed_set = set(doomed)
-        for task, steps in list(self._sending.items()):
+        in_flight: list[tuple[asyncio.Task[None], Sequence[Step]]] = [
+            *self._sending.items(),
+            *self._tagging.items(),
+        ]
+        for task, steps in in_flight:
             if any(s in doomed_set for s in steps):
-                task.cancel()  # the others of the batch go back to the batcher
+                task.cancel()  # the others of the batch go back to wait again
+        for key, group in list(self._tag_groups.items()):
+            self._tag_groups[key] = [s for s in group if s not in doomed_set]
         released: list[Step] = []
         for step in doomed:  # finished without an outcome: the new owner reads it again
             released.extend(self.gate.finish(step))
@@ -353,6 +370,86 @@ class Delivery:
                 except Exception as exc:
                     self._internal([later], exc, "start")
         return len(doomed)
+
+    # --- tag changes: many contacts per POST /tags --------------------------------------
+    def _queue_tag(self, step: DirectStep) -> None:
+        operation = step.operation
+        assert isinstance(operation, TagChange)
+        key = (operation.tag, operation.untag)
+        group = self._tag_groups.setdefault(key, [])
+        group.append(step)
+        if len(group) >= self.settings.tag_batch:
+            self._send_tags(key)
+        elif len(group) == 1:
+            asyncio.get_running_loop().call_later(
+                self.settings.tag_batch_wait, self._send_tags, key, group
+            )
+
+    def _send_tags(self, key: tuple[str, bool], group: list[DirectStep] | None = None) -> None:
+        """Send the waiting group for ``key`` (when ``group`` is given: only if it is
+        still the one waiting, i.e. the timer of an earlier, already sent group does not
+        cut a later one short)."""
+        waiting = self._tag_groups.get(key)
+        if waiting is None or (group is not None and waiting is not group):
+            return
+        del self._tag_groups[key]
+        steps = [s for s in waiting if not s.finished]
+        if steps:
+            self._dispatch_tags(key, steps)
+
+    def _dispatch_tags(self, key: tuple[str, bool], steps: list[DirectStep]) -> None:
+        if len(steps) > 1:
+            metrics.REQUESTS_SAVED.labels("tag_batch").inc(len(steps) - 1)
+        task = self._spawn(functools.partial(self._run_tags, key, steps), steps, "request")
+        self._tagging[task] = steps
+        task.add_done_callback(lambda t: self._tagging.pop(t, None))
+
+    async def _run_tags(self, key: tuple[str, bool], steps: list[DirectStep]) -> None:
+        tag, untag = key
+        if self.fingerprints is not None:
+            for step in steps:
+                self.fingerprints.forget(step.identities)
+        try:
+            async with self._requests:
+                refs: list[ContactRef] = []
+                for step in steps:
+                    operation = step.operation
+                    assert isinstance(operation, TagChange)
+                    ref: ContactRef = (
+                        {"user_id": operation.user_id}
+                        if operation.user_id is not None
+                        else {"email": operation.email or ""}
+                    )
+                    if untag:
+                        ref["untag"] = True
+                    refs.append(ref)
+                await self.client.tag_contacts(tag, refs)
+        except asyncio.CancelledError:
+            if self._closing:
+                raise
+            # Revoked partitions' changes were in the request: the others wait again.
+            for step in steps:
+                if not step.finished:
+                    self._queue_tag(step)
+            return
+        except CredentialsError as error:
+            self._on_fatal(error)
+            return
+        except PermanentError as error:
+            if len(steps) > 1:  # one contact at fault: find it, as for batch imports
+                middle = len(steps) // 2
+                self._dispatch_tags(key, steps[:middle])
+                self._dispatch_tags(key, steps[middle:])
+                return
+            self._finish(steps[0], failure_from(error))
+            return
+        except GistError as error:
+            failure = failure_from(error)
+            for step in steps:
+                self._finish(step, failure)
+            return
+        for step in steps:
+            self._finish(step, None)
 
     # --- one request per operation ----------------------------------------------------
     async def _run_direct(self, step: DirectStep) -> None:
@@ -380,22 +477,13 @@ class Delivery:
                 await client.delete_contact(user_id=operation.user_id)
             else:
                 await client.delete_contact(email=operation.email)
-        elif isinstance(operation, TagChange):
-            ref: ContactRef = (
-                {"user_id": operation.user_id}
-                if operation.user_id is not None
-                else {"email": operation.email or ""}
-            )
-            if operation.untag:
-                ref["untag"] = True
-            await client.tag_contacts(operation.tag, [ref])
         elif isinstance(operation, ContactAlias):
             contact = await client.get_contact(user_id=operation.previous_id)
             if contact is None or contact.get("id") is None:
                 log.info(log_events.ALIAS_NOTHING_TO_MOVE)
                 return
             await client.upsert_contact({"id": str(contact["id"]), "user_id": operation.user_id})
-        else:  # pragma: no cover - ContactUpsert goes through the batcher
+        else:  # pragma: no cover - upserts and tag changes are batched
             raise TypeError(f"not a direct operation: {type(operation).__name__}")
 
     # --- contacts: batch imports ------------------------------------------------------

@@ -11,7 +11,7 @@ import httpx
 import orjson
 
 from destination.gist import CredentialsError, GistClient, RetryPolicy
-from destination.operations import ContactUpsert, EventTrack
+from destination.operations import ContactUpsert, EventTrack, TagChange
 from destination.pipeline.deliver import Delivery, DeliverySettings
 from destination.pipeline.inflight import ENDED, Failure, Ledger, MessageWork, TopicPartition
 from destination.pipeline.outcome import Outcomes
@@ -507,3 +507,53 @@ async def test_abandoned_work_sends_nothing_more() -> None:
     assert batches == [[{"user_id": "b1", "email": "b1@x.io", "custom_properties": {}}]]
     assert [p for p, _ in gist.log].count("POST /events") == 0
     assert h.sink.written == []
+
+
+# --- tag changes go many contacts per request ---------------------------------------
+
+
+class TagGist(FakeGist):
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/tags":
+            body = orjson.loads(request.content)
+            self.log.append(("POST /tags", body))
+            if any(str(c.get("email", "")).startswith("bad") for c in body["contacts"]):
+                return httpx.Response(400, json={"errors": [{"message": "invalid email"}]})
+            return httpx.Response(200, json={"tag": {"id": 1, "name": body["name"]}})
+        return super().__call__(request)
+
+
+async def test_tag_changes_of_many_contacts_go_in_one_request() -> None:
+    gist = TagGist()
+    h = Harness(gist)
+    for i in range(7):
+        h.send(TagChange("vip", email=f"c{i}@x.io"))
+    h.send(TagChange("vip", email="u0@x.io", untag=True))
+    await _run(h, 8)
+    tags = [body for path, body in gist.log if path == "POST /tags"]
+    assert sorted(len(body["contacts"]) for body in tags) == [1, 7]
+    (untag,) = [body for body in tags if len(body["contacts"]) == 1]
+    assert untag["contacts"] == [{"email": "u0@x.io", "untag": True}]
+    assert all(m.failure is None for m in h.settled)
+
+
+async def test_a_tag_request_gist_refuses_is_halved_until_the_bad_contact_stands_alone() -> None:
+    gist = TagGist()
+    h = Harness(gist)
+    messages = [
+        h.send(TagChange("vip", email="bad@x.io" if i == 3 else f"c{i}@x.io")) for i in range(6)
+    ]
+    await _run(h, 6)
+    assert [m.failure.reason if m.failure else None for m in messages] == [
+        None, None, None, "gist_rejected", None, None,
+    ]  # fmt: skip
+
+
+async def test_a_tag_change_keeps_its_place_among_the_contacts_operations() -> None:
+    gist = TagGist()
+    h = Harness(gist)
+    h.send(TagChange("vip", user_id="u1"))
+    h.send(EventTrack({"event_name": "After", "user_id": "u1"}))
+    await _run(h, 2)
+    paths = [path for path, _ in gist.log]
+    assert paths.index("POST /tags") < paths.index("POST /events")
