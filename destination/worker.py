@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
+from collections import deque
 from typing import Any
 
 import httpx
@@ -374,11 +376,17 @@ class Worker:
     async def _housekeeping(self, stream: StreamConsumer) -> None:
         """Periodic commits and gauges."""
         limiter = self.client.limiter
+        samples: deque[tuple[float, int, int]] = deque()  # (time, delivered, granted)
         while True:
             await asyncio.sleep(self.settings.commit_interval)
             try:
                 await stream.commit()
-                stream.update_gauges()
+                lag = stream.update_gauges()
+                now = time.monotonic()
+                samples.append((now, self.outcomes.delivered_count, self.limiter.granted))
+                while samples[0][0] < now - 60:
+                    samples.popleft()
+                metrics.TIME_TO_DRAIN.set(self._time_to_drain(lag, samples))
             except Exception:  # keep committing on the next turn; never stop silently
                 metrics.INTERNAL_ERRORS.labels("housekeeping").inc()
                 log.exception(log_events.HOUSEKEEPING_FAILED)
@@ -390,6 +398,18 @@ class Worker:
                 used = await self.shared.shared_use()
                 if used is not None:
                     metrics.WORKSPACE_BUDGET_USED.set(used)
+
+    def _time_to_drain(self, lag: int, samples: deque[tuple[float, int, int]]) -> float:
+        """The lag over the throughput the budget allows, at the messages per request of
+        the last minute (the budget alone: the other replicas' lag and share are theirs)."""
+        if lag == 0:
+            return 0.0
+        delivered = samples[-1][1] - samples[0][1]
+        requests = samples[-1][2] - samples[0][2]
+        if delivered <= 0 or requests <= 0:
+            return float("inf")
+        per_second = self.client.limiter.current_limit / self.settings.gist_rate_window
+        return lag / max(1e-9, per_second * delivered / requests)
 
     def _component_done(self, task: asyncio.Task[None]) -> None:
         """The consume loop or housekeeping ended: fine on a stop, a crash otherwise."""

@@ -94,6 +94,17 @@ REQUESTS_SAVED = Counter(
     "import and poll), by what saved them: duplicate, unchanged, tag_batch.",
     ["feature"],
 )
+REQUESTS_FOR_MESSAGES = Counter(
+    _P + "requests_for_messages",
+    "Gist requests made, shared among the messages they were for, by message type (a batch "
+    "import or poll: 1/contacts each): over messages_delivered_total, requests per message.",
+    ["type"],
+)
+TIME_TO_DRAIN = Gauge(
+    _P + "time_to_drain_seconds",
+    "The lag (records) over the throughput the budget allows at the recent messages per "
+    "request: how long the backlog takes at the rate limit.",
+)
 UNCHANGED_FIELDS = Counter(
     _P + "unchanged_fields",
     "Contact fields left out of an upsert because Gist already holds their values.",

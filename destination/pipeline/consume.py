@@ -418,16 +418,20 @@ class StreamConsumer:
             work.committed = offset
             metrics.COMMITTED_OFFSET.labels(tp.topic, str(tp.partition)).set(offset)
 
-    def update_gauges(self) -> None:
+    def update_gauges(self) -> int:
         """Lag from the committed offset (the group's, until this worker commits), and
-        the age of each partition's oldest unfinished record."""
+        the age of each partition's oldest unfinished record; returns the total lag."""
         now = self._clock()
+        total = 0
         for tp, work in self.ledger.partitions.items():
             labels = (tp.topic, str(tp.partition))
             metrics.OLDEST_UNFINISHED_AGE.labels(*labels).set(work.oldest_unfinished_age(now))
             highwater = self.consumer.highwater(KafkaTopicPartition(*tp))
             if highwater is not None and work.committed is not None:
-                metrics.CONSUMER_LAG.labels(*labels).set(max(0, highwater - work.committed))
+                lag = max(0, highwater - work.committed)
+                metrics.CONSUMER_LAG.labels(*labels).set(lag)
+                total += lag
+        return total
 
     # --- draining: shutdown and revocation --------------------------------------------
     def stop_opening(self, partitions: list[PartitionWork]) -> None:

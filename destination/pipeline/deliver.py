@@ -423,6 +423,7 @@ class Delivery:
                     if untag:
                         ref["untag"] = True
                     refs.append(ref)
+                _charge(steps)
                 await self.client.tag_contacts(tag, refs)
         except asyncio.CancelledError:
             if self._closing:
@@ -458,6 +459,7 @@ class Delivery:
             self.fingerprints.forget(step.identities)
         async with self._requests:
             try:
+                _charge((step,))
                 await self._execute(step.operation)
             except CredentialsError as error:
                 self._on_fatal(error)
@@ -558,6 +560,7 @@ class Delivery:
                 if not live:
                     return
                 steps = live
+                _charge(steps)
                 accepted = await self.client.import_encoded([s.encode() for s in steps])
         except asyncio.CancelledError:
             if self._closing:
@@ -677,6 +680,7 @@ class Delivery:
             if self._clock() >= batch.deadline:
                 self._expire(batch, "deadline")
                 return
+            _charge(batch.live())
             status = await self.client.batch_status(batch.batch_id)
         except CredentialsError as error:
             self._polls_halted = True  # nothing will succeed until an operator acts
@@ -792,6 +796,23 @@ class Delivery:
         if self.fingerprints is not None and step.sent_fields is not None:
             self.fingerprints.confirm(step.memory_key, step.sent_fields)
         step.sent_fields = None
+
+
+def _charge(steps: Sequence[Step]) -> None:
+    """One request made for ``steps``: its cost shared among their messages, by type
+    (``requests_for_messages_total``: requests per delivered message, by type)."""
+    if not steps:
+        return
+    share = 1.0 / len(steps)
+    for step in steps:
+        if isinstance(step, ContactStep):
+            tickets = step.tickets
+            if tickets:
+                each = share / len(tickets)
+                for message in tickets:
+                    metrics.child(metrics.REQUESTS_FOR_MESSAGES, message.message_type).inc(each)
+        elif isinstance(step, DirectStep):
+            metrics.child(metrics.REQUESTS_FOR_MESSAGES, step.message.message_type).inc(share)
 
 
 def _memory_key(step: ContactStep) -> str | None:

@@ -62,6 +62,7 @@ class Outcomes:
         self.dead_letters = dead_letters
         self._wall_clock = wall_clock
         self._writing: dict[MessageWork, asyncio.Task[None]] = {}
+        self.delivered_count = 0
         self.observers: list[Callable[[MessageWork, str, str | None], None]] = []
         """Called with (message, "delivered" | "skipped" | "dead_lettered", reason) as
         each message ends (tests watch the invariants through this)."""
@@ -115,6 +116,7 @@ class Outcomes:
     def delivered(self, message: MessageWork) -> None:
         if not self._may_end(message, "delivered"):
             return
+        self.delivered_count += 1
         metrics.child(metrics.MESSAGES_DELIVERED, message.message_type).inc()
         if message.timestamp is not None:
             metrics.DELIVERY_DELAY.observe(max(0.0, self._wall_clock() - message.timestamp))
