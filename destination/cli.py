@@ -25,6 +25,27 @@ def _check_config(parser: argparse.ArgumentParser) -> Runner:
     return command.run
 
 
+def _map(parser: argparse.ArgumentParser) -> Runner:
+    from destination.commands import map as command
+
+    command.add_arguments(parser)
+    return command.run
+
+
+def _replay(parser: argparse.ArgumentParser) -> Runner:
+    from destination.commands import replay as command
+
+    command.add_arguments(parser)
+    return command.run
+
+
+def _plan(parser: argparse.ArgumentParser) -> Runner:
+    from destination.commands import plan as command
+
+    command.add_arguments(parser)
+    return command.run
+
+
 def _run(parser: argparse.ArgumentParser) -> Runner:
     from destination import run_command
 
@@ -52,6 +73,9 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = 
     "produce": ("send a file of messages, or sample traffic, to a Kafka topic", _produce),
     "demo": ("run broker, sandbox, sample stream and worker end to end on this machine", _demo),
     "check-config": ("validate a mapping-rules file and report every error", _check_config),
+    "map": ("show what messages become in Gist under the mapping rules (offline)", _map),
+    "replay": ("copy dead letters back to an input topic, filtered by reason and time", _replay),
+    "plan": ("the Gist requests a sample of messages costs, against the budget", _plan),
 }
 
 

@@ -1,0 +1,162 @@
+"""``gist-destination map [FILE|-] [--rules PATH]``: what messages become in Gist.
+
+Offline (no Kafka, no Gist): reads record values (JSON lines or one JSON array; each a
+Segment message or a ``{"batch": [...]}`` envelope, as a Kafka record holds it) and
+prints, for each message, the Gist operations the mapping rules turn it into, or why it
+is skipped or rejected (the reason a dead letter would carry). JSON lines, or a table
+on a terminal. The way to try a rules change on real messages before deploying it::
+
+    kcat -C -b B -t segment -o -100 -e -f '%s\\n' | gist-destination map - --rules new.yaml
+
+Exit 0 when every record was read (rejections are results, not failures), 2 when the
+input or the rules cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from destination import reasons
+from destination.commands._input import record_values
+from destination.mapping import Mapper, RulesError, load_rules
+from destination.operations import (
+    ContactAlias,
+    ContactDelete,
+    ContactUpsert,
+    EventTrack,
+    Mapped,
+    Operation,
+    Rejected,
+    Skipped,
+    TagChange,
+)
+from destination.pipeline.decode import DecodeError, decode_record
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source", nargs="?", default="-", metavar="FILE",
+        help="record values: JSON lines or a JSON array (default -: standard input)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rules", metavar="PATH", help="a mapping-rules file (default: the shipped rules)"
+    )
+    parser.add_argument(
+        "--format", choices=("auto", "json", "table"), default="auto",
+        help="JSON lines, a table, or a table on a terminal and JSON lines otherwise",
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        mapper = Mapper(load_rules(args.rules))
+    except RulesError as error:
+        print(f"gist-destination map: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"gist-destination map: cannot read {args.rules}: {error.strerror}", file=sys.stderr)
+        return 2
+    table = args.format == "table" or (args.format == "auto" and sys.stdout.isatty())
+    try:
+        if table:
+            print_table(results(record_values(args.source), mapper))
+        else:
+            for row in results(record_values(args.source), mapper):
+                sys.stdout.write(orjson.dumps(row).decode() + "\n")
+    except OSError as error:
+        print(f"gist-destination map: cannot read {args.source}: {error.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def results(values: Iterator[bytes], mapper: Mapper) -> Iterator[dict[str, Any]]:
+    """One row per message: record number (1-based), index in its envelope, type,
+    outcome (``sent`` / ``skipped`` / ``rejected``), and the operations or the reason."""
+    for number, value in enumerate(values, start=1):
+        try:
+            messages, enveloped = decode_record(value)
+        except DecodeError as error:
+            yield {"record": number, "index": None, "type": "unknown", "outcome": "rejected",
+                   "reason": error.reason, "detail": error.detail}  # fmt: skip
+            continue
+        for index, message in enumerate(messages):
+            yield row(number, index if enveloped else None, mapper.map(message))
+
+
+def row(number: int, index: int | None, result: Mapped | Skipped | Rejected) -> dict[str, Any]:
+    out: dict[str, Any] = {"record": number, "index": index, "type": result.message_type}
+    if isinstance(result, Rejected):
+        out.update(outcome="rejected", reason=result.reason, detail=result.detail)
+    elif isinstance(result, Skipped):
+        out.update(outcome="skipped", reason=result.reason, detail=reasons.SKIP[result.reason])
+    else:
+        out.update(outcome="sent", operations=[operation_json(op) for op in result.operations])
+    return out
+
+
+def operation_json(operation: Operation) -> dict[str, Any]:
+    """An operation as the request it becomes."""
+    out: dict[str, Any]
+    if isinstance(operation, ContactUpsert):
+        out = {"operation": "contact_upsert", "request": "POST /contacts/batch",
+               "contact": dict(operation.contact)}  # fmt: skip
+    elif isinstance(operation, EventTrack):
+        out = {"operation": "event", "request": "POST /events", "event": dict(operation.event)}
+    elif isinstance(operation, ContactDelete):
+        out = {"operation": "contact_delete", "request": "DELETE /contacts",
+               "user_id": operation.user_id, "email": operation.email}  # fmt: skip
+    elif isinstance(operation, ContactAlias):
+        out = {"operation": "contact_alias", "request": "GET /contacts, POST /contacts",
+               "previous_id": operation.previous_id, "user_id": operation.user_id}  # fmt: skip
+    else:
+        tag: TagChange = operation
+        out = {"operation": "untag" if tag.untag else "tag", "request": "POST /tags",
+               "tag": tag.tag, "user_id": tag.user_id, "email": tag.email}  # fmt: skip
+    priority = getattr(operation, "priority", None)
+    if priority is not None:
+        out["priority"] = getattr(priority, "value", str(priority))
+    if operation.message_id is not None:
+        out["message_id"] = operation.message_id
+    return out
+
+
+def print_table(rows: Iterator[dict[str, Any]]) -> None:
+    counts: dict[str, int] = {}
+    print(f"{'#':>6}  {'type':<9} {'outcome':<9} what")
+    for r in rows:
+        where = f"{r['record']}" + (f".{r['index']}" if r["index"] is not None else "")
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        if r["outcome"] == "sent":
+            what = "; ".join(_summary(op) for op in r["operations"]) or "(nothing to send)"
+        else:
+            what = f"{r['reason']}: {r['detail']}"
+        print(f"{where:>6}  {r['type']:<9} {r['outcome']:<9} {what}")
+    print("\n" + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())))
+
+
+def _summary(op: dict[str, Any]) -> str:
+    kind = op["operation"]
+    if kind == "contact_upsert":
+        contact = op["contact"]
+        who = contact.get("user_id") or contact.get("email")
+        fields = sorted(k for k in contact if k not in ("user_id", "email", "custom_properties"))
+        props = sorted(contact.get("custom_properties") or {})
+        parts = [f"upsert {who}"]
+        if fields:
+            parts.append("fields " + ", ".join(fields))
+        if props:
+            parts.append("properties " + ", ".join(props))
+        return " ".join(parts)
+    if kind == "event":
+        event = op["event"]
+        return f"event {event['event_name']!r} for {event.get('user_id') or event.get('email')}"
+    if kind in ("tag", "untag"):
+        return f"{kind} {op['tag']!r} {op.get('user_id') or op.get('email')}"
+    if kind == "contact_delete":
+        return f"delete {op.get('user_id') or op.get('email')}"
+    return f"alias {op.get('previous_id')} -> {op.get('user_id')}"

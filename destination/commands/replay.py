@@ -1,0 +1,287 @@
+"""``gist-destination replay --from DLQ_TOPIC --to TOPIC``: dead letters back to an input.
+
+Once the cause of dead letters is fixed (the rules, the data, Gist), this copies them
+back to an input topic with their original key, value and headers (the ``gist-dlq-*``
+headers dropped; ``gist-replay`` and ``gist-replay-of`` added), filtered by reason
+(``--reason``, repeatable), by when they were dead-lettered (``--since`` / ``--until``:
+ISO 8601 or epoch seconds) and by where they came from (``--partition P --offsets A-B``:
+source partition and offsets, as the worker's logs name them). ``--dry-run`` counts
+what would be copied, by reason, and writes nothing.
+
+It reads the dead-letter topic from its start up to its end as it was when the command
+started (outside any consumer group: the topic is left as it is, nothing is committed),
+one fetch at a time (bounded memory). Safe to run twice: the worker skips a message
+whose ``messageId`` it has delivered (``DEDUP_WINDOW``), so a second run sends nothing
+twice. A dead letter written without its value (too large, or gone from Kafka) cannot
+be replayed: it is counted and left.
+
+Kafka connection settings are the worker's (``KAFKA_BOOTSTRAP_SERVERS``, the
+``KAFKA_SECURITY_*`` / ``KAFKA_SASL_*`` / ``KAFKA_SSL_*`` variables); ``--bootstrap-servers``
+overrides the first. Exit 0 when done, 2 for bad arguments or settings, 1 when Kafka fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from destination.pipeline.dead_letter import HEADER_PREFIX
+
+REPLAY_HEADER = "gist-replay"
+REPLAY_OF_HEADER = "gist-replay-of"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source", required=True, metavar="DLQ_TOPIC")
+    parser.add_argument("--to", dest="target", required=True, metavar="TOPIC")
+    parser.add_argument(
+        "--reason", action="append", default=[], metavar="R",
+        help="only dead letters with this gist-dlq-reason (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--since", metavar="T", help="dead-lettered at or after T")
+    parser.add_argument("--until", metavar="T", help="dead-lettered before T")
+    parser.add_argument("--partition", type=int, metavar="P", help="source partition")
+    parser.add_argument("--offsets", metavar="A-B", help="source offsets A to B (inclusive)")
+    parser.add_argument("--dry-run", action="store_true", help="count by reason, write nothing")
+    parser.add_argument("--bootstrap-servers", metavar="B", help="overrides the setting")
+
+
+@dataclass
+class Filter:
+    reasons: frozenset[str] = frozenset()
+    since: float | None = None
+    until: float | None = None
+    partition: int | None = None
+    offsets: tuple[int, int] | None = None
+
+    def keeps(self, why: dict[str, str]) -> bool:
+        if self.reasons and why.get("reason") not in self.reasons:
+            return False
+        if self.since is not None or self.until is not None:
+            when = _number(why.get("time"))
+            if when is None:
+                return False
+            if self.since is not None and when < self.since:
+                return False
+            if self.until is not None and when >= self.until:
+                return False
+        if self.partition is not None and _number(why.get("source-partition")) != self.partition:
+            return False
+        if self.offsets is not None:
+            offset = _number(why.get("source-offset"))
+            if offset is None or not self.offsets[0] <= offset <= self.offsets[1]:
+                return False
+        return True
+
+
+@dataclass
+class Summary:
+    read: int = 0
+    copied: Counter[str] = field(default_factory=Counter)
+    filtered: int = 0
+    without_value: Counter[str] = field(default_factory=Counter)
+
+    def lines(self, dry_run: bool) -> list[str]:
+        verb = "would copy" if dry_run else "copied"
+        total = sum(self.copied.values())
+        out = [f"read {self.read} dead letters; {verb} {total}"]
+        for reason, count in self.copied.most_common():
+            out.append(f"  {count:>8}  {reason}")
+        if self.filtered:
+            out.append(f"left by the filters: {self.filtered}")
+        if self.without_value:
+            kinds = ", ".join(f"{n} {why}" for why, n in self.without_value.most_common())
+            out.append(f"cannot be replayed (written without their value): {kinds}")
+        return out
+
+
+def parse_time(text: str) -> float:
+    """ISO 8601 (no zone: UTC) or epoch seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def parse_filter(args: argparse.Namespace) -> Filter:
+    """The filter the arguments ask for; ``ValueError`` naming a bad one."""
+    offsets = None
+    if args.offsets is not None:
+        if args.partition is None:
+            raise ValueError("--offsets needs --partition")
+        first, sep, last = args.offsets.partition("-")
+        if not sep or not first.isdigit() or not last.isdigit() or int(first) > int(last):
+            raise ValueError(f"--offsets must be A-B with A <= B, got {args.offsets!r}")
+        offsets = (int(first), int(last))
+    try:
+        since = None if args.since is None else parse_time(args.since)
+        until = None if args.until is None else parse_time(args.until)
+    except ValueError:
+        raise ValueError("--since / --until must be ISO 8601 or epoch seconds") from None
+    return Filter(frozenset(args.reason), since, until, args.partition, offsets)
+
+
+def run(args: argparse.Namespace) -> int:
+    from destination.settings import SettingsError, load_settings
+
+    try:
+        wanted = parse_filter(args)
+        overrides: dict[str, Any] = {
+            "kafka_topics": args.target,
+            "kafka_dlq_topic": args.source,
+            "gist_api_key": "not-used-by-replay",
+        }
+        if args.bootstrap_servers:
+            overrides["kafka_bootstrap_servers"] = args.bootstrap_servers
+        settings = load_settings(**overrides)
+    except (ValueError, SettingsError) as error:
+        print(f"gist-destination replay: {error}", file=sys.stderr)
+        return 2
+    from destination.worker import kafka_security
+
+    try:
+        summary = asyncio.run(
+            replay(
+                settings.kafka_bootstrap_servers,
+                kafka_security(settings),
+                args.source,
+                args.target,
+                wanted,
+                args.dry_run,
+            )
+        )
+    except Exception as error:  # Kafka's errors: say which, no traceback
+        print(f"gist-destination replay: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    for line in summary.lines(args.dry_run):
+        print(line)
+    return 0
+
+
+async def replay(
+    bootstrap: str,
+    security: dict[str, Any],
+    source: str,
+    target: str,
+    wanted: Filter,
+    dry_run: bool,
+    progress: Any = None,
+) -> Summary:
+    """Copy the dead letters of ``source`` that ``wanted`` keeps to ``target``."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    progress = progress if progress is not None else sys.stderr.isatty()
+    summary = Summary()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, **security
+    )
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **security,
+    )
+    await producer.start()
+    await consumer.start()
+    try:
+        partitions = await producer.partitions_for(source)
+        tps = [TopicPartition(source, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        pending = []
+        started = time.monotonic()
+        idle = 0
+        while True:
+            done = [await consumer.position(tp) >= ends[tp] for tp in tps]
+            if all(done) and idle >= 1:
+                break
+            batch = await consumer.getmany(timeout_ms=1000, max_records=500)
+            if not batch:
+                idle += 1
+                if idle >= 3 and all(done):
+                    break
+                if idle >= 10:  # the end offsets the broker reported were too high
+                    break
+                continue
+            idle = 0
+            for records in batch.values():
+                for record in records:
+                    summary.read += 1
+                    pending += _copy(record, source, target, wanted, summary, dry_run, producer)
+            if len(pending) >= 500:
+                await asyncio.gather(*pending)
+                pending = []
+            if progress:
+                rate = summary.read / max(0.001, time.monotonic() - started)
+                print(
+                    f"\rread {summary.read}, copying {sum(summary.copied.values())} "
+                    f"({rate:,.0f}/s)",
+                    end="",
+                    file=sys.stderr,
+                )
+        if pending:
+            await asyncio.gather(*pending)
+        if progress:
+            print(file=sys.stderr)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return summary
+
+
+def _copy(
+    record: Any,
+    source: str,
+    target: str,
+    wanted: Filter,
+    summary: Summary,
+    dry_run: bool,
+    producer: Any,
+) -> list[Any]:
+    """The sends for one dead letter (none when filtered out or not replayable)."""
+    headers = [(k, bytes(v)) for k, v in (record.headers or ())]
+    why = {
+        k[len(HEADER_PREFIX) :]: v.decode(errors="replace")
+        for k, v in headers
+        if k.startswith(HEADER_PREFIX)
+    }
+    reason = why.get("reason", "unknown")
+    if not wanted.keeps(why):
+        summary.filtered += 1
+        return []
+    omitted = why.get("value-omitted")
+    if omitted is not None:
+        summary.without_value[omitted] += 1
+        return []
+    summary.copied[reason] += 1
+    if dry_run:
+        return []
+    kept = [(k, v) for k, v in headers if not k.startswith(HEADER_PREFIX)]
+    kept.append((REPLAY_HEADER, datetime.now(UTC).isoformat().encode()))
+    kept.append((REPLAY_OF_HEADER, f"{source}:{record.partition}:{record.offset}".encode()))
+    return [
+        asyncio.ensure_future(
+            producer.send_and_wait(target, value=record.value, key=record.key, headers=kept)
+        )
+    ]
+
+
+def _number(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(float(text))
+    except ValueError:
+        return None
