@@ -318,12 +318,14 @@ async def sample_topic(
         while len(values) < sample and idle < 3:
             batch = await consumer.getmany(timeout_ms=1000)
             idle = 0 if batch else idle + 1
-            for records in batch.values():
+            for tp, records in batch.items():
                 for record in records:
+                    ends[tp] = max(ends[tp], record.offset + 1)  # some brokers under-report
                     if record.value is not None:
                         values.append(record.value)
                         stamps.append(record.timestamp / 1000)
-            if all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+            # At the end offsets, and two fetches in a row came back empty.
+            if idle >= 2 and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
                 break
     finally:
         await consumer.stop()

@@ -1,0 +1,176 @@
+"""The operator's commands end to end, as an operator runs them: ``map`` on a file,
+``plan`` on a topic, and ``replay`` of dead letters a bad rules file made, after the
+rules are fixed, twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.integration.harness import (
+    SandboxProcess,
+    WorkerProcess,
+    committed_offsets,
+    make_topics,
+    produce,
+    read_topic,
+    unique,
+    wait_for,
+    worker_env,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def command(
+    *args: str, stdin: bytes | None = None, **env: str
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "destination", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+def identify(user: str) -> dict[str, Any]:
+    return {"type": "identify", "userId": user, "messageId": f"id-{user}",
+            "traits": {"email": f"{user}@example.com", "plan": "pro"}}  # fmt: skip
+
+
+def track(user: str, n: int) -> dict[str, Any]:
+    return {"type": "track", "userId": user, "event": "Viewed", "messageId": f"tr-{user}-{n}",
+            "context": {"traits": {"email": f"{user}@example.com"}}}  # fmt: skip
+
+
+def test_map_shows_what_each_message_becomes(tmp_path: Path) -> None:
+    source = tmp_path / "messages.jsonl"
+    source.write_bytes(
+        b"\n".join(
+            [
+                orjson.dumps(identify("u1")),
+                orjson.dumps({"batch": [{"type": "page", "userId": "u1"}, track("u1", 1)]}),
+                b"{not json",
+            ]
+        )
+    )
+    done = command("map", str(source))
+    assert done.returncode == 0, done.stderr
+    rows = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["record"], r["index"], r["outcome"]) for r in rows] == [
+        (1, None, "sent"), (2, 0, "skipped"), (2, 1, "sent"), (3, None, "rejected"),
+    ]  # fmt: skip
+    assert rows[0]["operations"][0]["contact"]["custom_properties"] == {"plan": "pro"}
+    assert rows[1]["reason"] == "type_off"
+    assert rows[3]["reason"] == "invalid_json"
+    # A rules change tried before it is deployed: page views become events.
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\npage:\n  enabled: true\n")
+    done = command("map", str(source), "--rules", str(rules), "--format", "table")
+    assert done.returncode == 0, done.stderr
+    assert b"page      sent      event 'Viewed a Page' for u1" in done.stdout
+    assert command("map", str(tmp_path / "missing.jsonl")).returncode == 2
+
+
+async def test_plan_reads_a_topic_and_says_whether_it_fits(kafka_bootstrap: str) -> None:
+    topic = unique("segment")
+    await make_topics(kafka_bootstrap, topic, partitions=2)
+    messages: list[Any] = [identify(f"u{i}") for i in range(40)]
+    messages += [track(f"u{i % 40}", i) for i in range(200)]
+    messages += [messages[-1]] * 10  # a producer's retries
+    await produce(kafka_bootstrap, topic, messages)
+    done = await asyncio.to_thread(
+        command, "plan", "--topic", topic, "--sample", "1000", "--json", "--rate", "50",
+        KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, KAFKA_GROUP_ID=unique("group"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    plan = orjson.loads(done.stdout)
+    assert plan["records"] == 250
+    lines = {line["what"]: line for line in plan["lines"]}
+    assert lines["track: Viewed"]["requests"] == 200  # one each, the retries none
+    assert lines["track: Viewed"]["duplicates"] == 10
+    assert lines["identify"]["requests"] < 1  # 40 contacts: part of one import and poll
+    # 50 records/s at ~0.8 requests each is ~3.5M requests a day: more than 864,000.
+    assert plan["fits"] is False
+    assert plan["lag"] == 250  # the group never committed
+
+
+async def test_replay_sends_fixed_dead_letters_once(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    sandbox = SandboxProcess(tmp_path, "--batch-delay", "0.1")
+    await sandbox.ready()
+    topic, dlq, group = unique("segment"), unique("dlq"), unique("group")
+    await make_topics(kafka_bootstrap, topic, dlq, partitions=1)
+    bad_rules = tmp_path / "bad.yaml"  # the user id read from a field no message has
+    bad_rules.write_text("version: 1\nidentity:\n  user_id: properties.uid\n  email: []\n")
+    messages = [track(f"u{i}", i) for i in range(5)]
+    for message in messages:
+        del message["context"]  # no email: only the (badly configured) user id identifies
+    await produce(kafka_bootstrap, topic, [identify(f"u{i}") for i in range(5)])
+    env = worker_env(kafka_bootstrap, sandbox.url, topic, group, dlq)
+    worker = WorkerProcess(tmp_path, env, name="setup")
+    await wait_for(
+        lambda: _committed(kafka_bootstrap, group, topic, 5), 60, what="the users imported"
+    )
+    worker.signal(signal.SIGTERM)
+    assert await worker.exited(60) == 0
+
+    await produce(kafka_bootstrap, topic, messages)
+    worker = WorkerProcess(tmp_path, {**env, "MAPPING_CONFIG": str(bad_rules)}, name="bad")
+    letters = await read_topic(kafka_bootstrap, dlq, expect=5, within=60)
+    assert {dict(r.headers)["gist-dlq-reason"] for r in letters} == {b"missing_identity"}
+    worker.signal(signal.SIGTERM)
+    assert await worker.exited(60) == 0
+    assert (await sandbox.state())["events"] == []
+
+    worker = WorkerProcess(tmp_path, env, name="fixed")  # the rules fixed
+    try:
+        base = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+        dry = await asyncio.to_thread(
+            command, "replay", "--from", dlq, "--to", topic, "--dry-run", **base
+        )
+        assert dry.returncode == 0, dry.stderr
+        assert b"would copy 5" in dry.stdout
+        assert b"5  missing_identity" in dry.stdout
+
+        done = await asyncio.to_thread(
+            command, "replay", "--from", dlq, "--to", topic, "--reason", "missing_identity",
+            **base,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert b"copied 5" in done.stdout
+
+        async def five_events() -> bool:
+            return len((await sandbox.state())["events"]) == 5
+
+        await wait_for(five_events, 60, what="the replayed tracks in Gist")
+        replayed = [r for r in await read_topic(kafka_bootstrap, topic, expect=15) if r.headers]
+        assert {k for r in replayed for k, _ in r.headers} >= {"gist-replay", "gist-replay-of"}
+        assert not any(k.startswith("gist-dlq-") for r in replayed for k, _ in r.headers)
+
+        again = await asyncio.to_thread(
+            command, "replay", "--from", dlq, "--to", topic, **base
+        )  # a second run: nothing is sent twice
+        assert again.returncode == 0, again.stderr
+        await wait_for(lambda: _committed(kafka_bootstrap, group, topic, 20), 60, what="commit")
+        assert len((await sandbox.state())["events"]) == 5
+        assert len(await read_topic(kafka_bootstrap, dlq, expect=5, within=3)) == 5  # left as is
+    finally:
+        worker.signal(signal.SIGTERM)
+        assert await worker.exited(60) == 0
+        await sandbox.close()
+
+
+async def _committed(bootstrap: str, group: str, topic: str, offset: int) -> bool:
+    return (await committed_offsets(bootstrap, group, topic, 1)) == {0: offset}
