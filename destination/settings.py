@@ -7,6 +7,8 @@ interface. A bad or missing value stops start-up with a message naming the varia
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -71,10 +73,23 @@ class Settings(BaseSettings):
     kafka_client_id: str = "gist-destination"
     kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = (
+        "PLAIN"
+    )
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_oauth_token_url: str | None = Field(
+        None, description="OAUTHBEARER: the OIDC provider's token endpoint"
+    )
+    kafka_sasl_oauth_client_id: str | None = None
+    kafka_sasl_oauth_client_secret: SecretStr | None = None
+    kafka_sasl_oauth_client_secret_file: Path | None = None
+    kafka_sasl_oauth_scope: str | None = Field(None, description="space-separated scopes")
     kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = Field(None, description="client certificate (PEM)")
+    kafka_ssl_keyfile: Path | None = Field(None, description="the certificate's key (PEM)")
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_key_password_file: Path | None = None
     kafka_max_poll_records: int = Field(500, ge=1)
     kafka_session_timeout_ms: int = Field(10_000, ge=1000)
 
@@ -139,15 +154,8 @@ class Settings(BaseSettings):
             raise ValueError("GIST_API_KEY: required (or GIST_API_KEY_FILE)")
         if self.kafka_dlq_topic in self.kafka_topics:
             raise ValueError("KAFKA_DLQ_TOPIC: must not be one of KAFKA_TOPICS")
-        if self.kafka_security_protocol.startswith("SASL") and not (
-            self.kafka_sasl_username and self.kafka_sasl_password
-        ):
-            raise ValueError(
-                "KAFKA_SASL_USERNAME: required with KAFKA_SASL_PASSWORD when "
-                f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
-            )
-        if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
-            raise ValueError(f"KAFKA_SSL_CAFILE: no such file: {self.kafka_ssl_cafile}")
+        self._check_kafka_sasl()
+        self._check_kafka_tls()
         if self.redis_url is not None and not self.redis_url.startswith(
             ("redis://", "rediss://", "unix://")
         ):
@@ -157,6 +165,77 @@ class Settings(BaseSettings):
         if self.max_inflight_per_partition > self.max_inflight_messages:
             raise ValueError("MAX_INFLIGHT_PER_PARTITION: must not exceed MAX_INFLIGHT_MESSAGES")
         return self
+
+    def _check_kafka_sasl(self) -> None:
+        protocol = self.kafka_security_protocol
+        if self.kafka_sasl_mechanism == "OAUTHBEARER":
+            if not protocol.startswith("SASL"):
+                raise ValueError(
+                    "KAFKA_SASL_MECHANISM: OAUTHBEARER needs KAFKA_SECURITY_PROTOCOL=SASL_SSL "
+                    f"(or SASL_PLAINTEXT), not {protocol}"
+                )
+            url = self.kafka_sasl_oauth_token_url
+            if not url:
+                raise ValueError(
+                    "KAFKA_SASL_OAUTH_TOKEN_URL: required with KAFKA_SASL_MECHANISM=OAUTHBEARER"
+                )
+            if not url.startswith(("https://", "http://")):
+                raise ValueError("KAFKA_SASL_OAUTH_TOKEN_URL: must start with https:// or http://")
+            if not self.kafka_sasl_oauth_client_id:
+                raise ValueError(
+                    "KAFKA_SASL_OAUTH_CLIENT_ID: required with KAFKA_SASL_MECHANISM=OAUTHBEARER"
+                )
+            _oauth_client_secret(
+                self.kafka_sasl_oauth_client_secret, self.kafka_sasl_oauth_client_secret_file
+            )
+        elif protocol.startswith("SASL") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "KAFKA_SASL_USERNAME: required with KAFKA_SASL_PASSWORD when "
+                f"KAFKA_SECURITY_PROTOCOL={protocol}"
+            )
+
+    def _check_kafka_tls(self) -> None:
+        if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
+            raise ValueError(f"KAFKA_SSL_CAFILE: no such file: {self.kafka_ssl_cafile}")
+        cert, key = self.kafka_ssl_certfile, self.kafka_ssl_keyfile
+        if cert is None and key is None:
+            if self.kafka_ssl_key_password or self.kafka_ssl_key_password_file:
+                raise ValueError(
+                    "KAFKA_SSL_KEY_PASSWORD: a password for no key: set KAFKA_SSL_CERTFILE and "
+                    "KAFKA_SSL_KEYFILE too"
+                )
+            return
+        if cert is None or key is None:
+            given, missing = (
+                ("KAFKA_SSL_KEYFILE", "KAFKA_SSL_CERTFILE")
+                if cert is None
+                else ("KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE")
+            )
+            raise ValueError(f"{missing}: required with {given} (a client certificate and its key)")
+        if self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(
+                "KAFKA_SSL_CERTFILE: a client certificate needs KAFKA_SECURITY_PROTOCOL=SSL or "
+                f"SASL_SSL, not {self.kafka_security_protocol}"
+            )
+        for name, path in (("KAFKA_SSL_CERTFILE", cert), ("KAFKA_SSL_KEYFILE", key)):
+            if not path.is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        password_file = self.kafka_ssl_key_password_file
+        if (
+            self.kafka_ssl_key_password is None
+            and password_file is not None
+            and not password_file.is_file()
+        ):
+            raise ValueError(f"KAFKA_SSL_KEY_PASSWORD_FILE: no such file: {password_file}")
+        _check_client_certificate(
+            cert,
+            key,
+            _secret_or_file(
+                self.kafka_ssl_key_password, password_file, "KAFKA_SSL_KEY_PASSWORD_FILE"
+            ),
+        )
 
     def api_key(self) -> str:
         """The key itself, read from GIST_API_KEY or the file GIST_API_KEY_FILE names."""
@@ -191,6 +270,98 @@ def redis_password(settings: Settings) -> str | None:
                  f"{exc.strerror}"]
             ) from None  # fmt: skip
     return None
+
+
+def kafka_ssl_key_password(settings: Settings) -> str | None:
+    """The client key's password from KAFKA_SSL_KEY_PASSWORD or the file
+    KAFKA_SSL_KEY_PASSWORD_FILE names; ``None`` when the key is not encrypted."""
+    try:
+        return _secret_or_file(
+            settings.kafka_ssl_key_password,
+            settings.kafka_ssl_key_password_file,
+            "KAFKA_SSL_KEY_PASSWORD_FILE",
+        )
+    except ValueError as exc:
+        raise SettingsError([str(exc)]) from None
+
+
+def kafka_sasl_oauth_client_secret(settings: Settings) -> str:
+    """The OAuth client secret from KAFKA_SASL_OAUTH_CLIENT_SECRET or the file
+    KAFKA_SASL_OAUTH_CLIENT_SECRET_FILE names (read again: a rotated file is seen)."""
+    try:
+        return _oauth_client_secret(
+            settings.kafka_sasl_oauth_client_secret, settings.kafka_sasl_oauth_client_secret_file
+        )
+    except ValueError as exc:
+        raise SettingsError([str(exc)]) from None
+
+
+def _oauth_client_secret(value: SecretStr | None, file: Path | None) -> str:
+    if value is not None:
+        if not value.get_secret_value().strip():
+            raise ValueError("KAFKA_SASL_OAUTH_CLIENT_SECRET: is empty")
+        return value.get_secret_value()
+    if file is None:
+        raise ValueError(
+            "KAFKA_SASL_OAUTH_CLIENT_SECRET: required (or KAFKA_SASL_OAUTH_CLIENT_SECRET_FILE) "
+            "with KAFKA_SASL_MECHANISM=OAUTHBEARER"
+        )
+    if not file.is_file():
+        raise ValueError(f"KAFKA_SASL_OAUTH_CLIENT_SECRET_FILE: no such file: {file}")
+    secret = _secret_or_file(None, file, "KAFKA_SASL_OAUTH_CLIENT_SECRET_FILE")
+    if not secret:
+        raise ValueError(f"KAFKA_SASL_OAUTH_CLIENT_SECRET_FILE: {file} is empty")
+    return secret
+
+
+def _secret_or_file(value: SecretStr | None, file: Path | None, file_name: str) -> str | None:
+    """A secret given as it is, else read (stripped) from a file; ``ValueError`` naming the
+    file's variable when it cannot be read."""
+    if value is not None:
+        return value.get_secret_value()
+    if file is None:
+        return None
+    try:
+        return file.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"{file_name}: cannot read {file}: {reason}") from None
+
+
+def _check_client_certificate(cert: Path, key: Path, password: str | None) -> None:
+    """Load the client certificate and key once, so that a bad file or a wrong password
+    stops start-up with the variable named (not the first connection to Kafka)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(cert, key, password=no_prompt_password(password))
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"KAFKA_SSL_KEYFILE: cannot load the client certificate {cert} with the key {key} "
+            "(a PEM certificate and its private key; the right KAFKA_SSL_KEY_PASSWORD if the "
+            f"key is encrypted): {exc.strerror or exc}"
+        ) from None
+    except KeyPasswordMissing:
+        raise ValueError(
+            f"KAFKA_SSL_KEY_PASSWORD: required: the key {key} is encrypted "
+            "(or KAFKA_SSL_KEY_PASSWORD_FILE)"
+        ) from None
+
+
+class KeyPasswordMissing(Exception):
+    """An encrypted client key and no password (OpenSSL would prompt on the terminal)."""
+
+
+def no_prompt_password(password: str | None) -> str | Callable[[], str]:
+    """The ``password`` argument of ``load_cert_chain``: the password, or else a callback
+    that raises ``KeyPasswordMissing`` (without one OpenSSL asks on the terminal for an
+    encrypted key's password, which would hang a worker)."""
+    if password is not None:
+        return password
+
+    def missing() -> str:
+        raise KeyPasswordMissing("the client key is encrypted and no password was given")
+
+    return missing
 
 
 def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:

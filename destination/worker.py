@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import structlog
-from aiokafka.helpers import create_ssl_context
 
 from destination.gist import (
     CredentialsError,
@@ -36,6 +35,7 @@ from destination.gist import (
     RetryPolicy,
 )
 from destination.gist._redis import RedisBudget, redis_client
+from destination.kafka_security import kafka_security as kafka_security  # re-exported
 from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.observability.health import HealthServer
@@ -77,19 +77,6 @@ class KafkaClients:
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_CREDENTIALS = 3
-
-
-def kafka_security(settings: Settings) -> dict[str, Any]:
-    options: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        cafile = str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
-        options["ssl_context"] = create_ssl_context(cafile=cafile)
-    if settings.kafka_security_protocol.startswith("SASL"):
-        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        options["sasl_plain_username"] = settings.kafka_sasl_username
-        password = settings.kafka_sasl_password
-        options["sasl_plain_password"] = password.get_secret_value() if password else None
-    return options
 
 
 class Worker:

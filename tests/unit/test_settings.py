@@ -4,7 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from destination.settings import SettingsError, load_settings
+from destination.settings import (
+    SettingsError,
+    kafka_sasl_oauth_client_secret,
+    kafka_ssl_key_password,
+    load_settings,
+)
 
 BASE = {"GIST_API_KEY": "k-secret-1", "KAFKA_TOPICS": "a, b"}
 
@@ -75,3 +80,55 @@ def test_unreadable_key_file_is_reported(tmp_path: Path, monkeypatch: pytest.Mon
     _env(monkeypatch, KAFKA_TOPICS="a", GIST_API_KEY_FILE=str(tmp_path / "nope"))
     with pytest.raises(SettingsError, match="GIST_API_KEY_FILE"):
         load_settings().api_key()
+
+
+def test_kafka_oauthbearer_and_mutual_tls_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.unit.test_kafka_security import CLIENT_CERT, CLIENT_KEY_ENCRYPTED, KEY_PASSWORD
+
+    (tmp_path / "cert.pem").write_text(CLIENT_CERT)
+    (tmp_path / "key.pem").write_text(CLIENT_KEY_ENCRYPTED)
+    (tmp_path / "key-password").write_text(KEY_PASSWORD + "\n")
+    (tmp_path / "client-secret").write_text("oauth-secret-1\n")
+    _env(
+        monkeypatch,
+        **BASE,
+        KAFKA_SECURITY_PROTOCOL="SASL_SSL",
+        KAFKA_SASL_MECHANISM="OAUTHBEARER",
+        KAFKA_SASL_OAUTH_TOKEN_URL="https://idp.example/token",
+        KAFKA_SASL_OAUTH_CLIENT_ID="client-1",
+        KAFKA_SASL_OAUTH_CLIENT_SECRET_FILE=str(tmp_path / "client-secret"),
+        KAFKA_SASL_OAUTH_SCOPE="kafka",
+        KAFKA_SSL_CERTFILE=str(tmp_path / "cert.pem"),
+        KAFKA_SSL_KEYFILE=str(tmp_path / "key.pem"),
+        KAFKA_SSL_KEY_PASSWORD_FILE=str(tmp_path / "key-password"),
+    )
+    settings = load_settings()
+    assert settings.kafka_sasl_mechanism == "OAUTHBEARER"
+    assert settings.kafka_sasl_oauth_client_id == "client-1"
+    assert settings.kafka_sasl_oauth_scope == "kafka"
+    assert kafka_sasl_oauth_client_secret(settings) == "oauth-secret-1"
+    assert kafka_ssl_key_password(settings) == KEY_PASSWORD
+    assert settings.kafka_ssl_certfile == tmp_path / "cert.pem"
+
+
+def test_an_empty_oauth_secret_is_named(tmp_path: Path) -> None:
+    oauth = {
+        "kafka_security_protocol": "SASL_SSL",
+        "kafka_sasl_mechanism": "OAUTHBEARER",
+        "kafka_sasl_oauth_token_url": "https://idp.example/token",
+        "kafka_sasl_oauth_client_id": "client-1",
+    }
+    (tmp_path / "secret").write_text("\n")
+    with pytest.raises(SettingsError, match=r"KAFKA_SASL_OAUTH_CLIENT_SECRET_FILE: .* is empty"):
+        load_settings(
+            gist_api_key="k",
+            kafka_topics=["a"],
+            kafka_sasl_oauth_client_secret_file=tmp_path / "secret",
+            **oauth,
+        )
+    with pytest.raises(SettingsError, match="KAFKA_SASL_OAUTH_CLIENT_SECRET: is empty"):
+        load_settings(
+            gist_api_key="k", kafka_topics=["a"], kafka_sasl_oauth_client_secret=" ", **oauth
+        )
