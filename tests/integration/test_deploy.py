@@ -1,10 +1,19 @@
 """Checks of deploy/: the files an operator runs, checked against the worker they deploy.
 
 - every metric the dashboard and the alerts query is one the worker exports;
-- promtool checks the alert rules and the Prometheus config and runs the alert unit tests;
+- the dashboard names no data source: every panel, target and query variable uses the
+  ``$datasource`` variable (type datasource, Prometheus), so the JSON imports into any
+  Grafana; its "Capacity" row shows the capacity metrics (no Grafana server is installable
+  from the registries here, so this is a check of the JSON model);
+- promtool checks the alert rules and the Prometheus config and runs the alert unit tests,
+  which cover every alert, firing and quiet; every runbook_url is built from the
+  ``runbook_base`` external label (prometheus.yml sets it) and names a RUNBOOK.md section;
 - the Kustomize base renders (``kubectl kustomize``) and an offline check of the same
   manifests always runs: probes on the worker's paths, names that resolve, settings that
-  exist; the base needs no Redis (sets no REDIS_URL);
+  exist; the base needs no Redis (sets no REDIS_URL) and no Prometheus Operator (the
+  ServiceMonitor is the optional component ``components/servicemonitor``);
+- every kustomization under deploy/kubernetes renders: the base, each example, and every
+  combination of the components on top of the base (found by walking the tree);
 - the Redis component (``components/redis``) adds a small locked-down Redis and points the
   worker's REDIS_URL at it, changing nothing else of the base; the existing-Redis example
   sets REDIS_URL and mounts REDIS_PASSWORD_FILE from a Secret; both render and are checked
@@ -22,12 +31,15 @@ Kustomize 2) is too old for the base's ``labels:`` and for components, and is sk
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,16 +57,20 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "gist-destination.json"
+DASHBOARD_PROVIDER = DEPLOY / "grafana" / "provisioning" / "dashboards" / "gist-destination.yml"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 RUNBOOK = DEPLOY / "RUNBOOK.md"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
+KUBERNETES = DEPLOY / "kubernetes"
 KUSTOMIZE_BASE = DEPLOY / "kubernetes" / "base"
 KEDA_EXAMPLE = DEPLOY / "kubernetes" / "examples" / "keda-scaledobject.yaml"
 REDIS_COMPONENT = DEPLOY / "kubernetes" / "components" / "redis"
+SERVICE_MONITOR_COMPONENT = DEPLOY / "kubernetes" / "components" / "servicemonitor"
 WITH_REDIS_EXAMPLE = DEPLOY / "kubernetes" / "examples" / "with-redis"
 EXISTING_REDIS_EXAMPLE = DEPLOY / "kubernetes" / "examples" / "existing-redis"
+PROMETHEUS_OPERATOR_EXAMPLE = DEPLOY / "kubernetes" / "examples" / "prometheus-operator"
 RULES = REPO / "config" / "mapping-rules.yaml"
 
 PREFIX = "gist_destination_"
@@ -83,6 +99,8 @@ _GRAFANA_VARIABLES = {
 REQUIRED_ALERTS = frozenset(
     {
         "GistDestinationDown",
+        # A target gone from service discovery: no up series, so Down cannot fire.
+        "GistDestinationTargetMissing",
         "GistDestinationNotReady",
         "GistDestinationCredentialsRejected",
         "GistDestinationConsumerLagGrowing",
@@ -256,17 +274,35 @@ def test_alerts_cover_what_on_call_needs() -> None:
     rules = {rule["alert"]: rule for rule in _alert_rules() if "alert" in rule}
     assert rules.keys() >= REQUIRED_ALERTS
     assert re.search(r"\bup\b.*==\s*0", rules["GistDestinationDown"]["expr"])
+    # A target gone from service discovery has no up series at all: absent() of up for the
+    # job (not of a worker metric, which a failing target loses too: that is Down's case).
+    missing = rules["GistDestinationTargetMissing"]
+    assert re.fullmatch(r'absent\(up\{job="gist-destination"\}\)', missing["expr"].strip())
+    assert missing.get("for")
     delay = rules["GistDestinationDeliveryDelayHigh"]["expr"]
     assert "histogram_quantile" in delay
     assert "gist_destination_delivery_delay_seconds_bucket" in delay
 
 
-def test_every_alert_links_its_runbook_section() -> None:
-    anchors = {
+# Every runbook_url: the base from the Prometheus server's external label "runbook_base" (a
+# rule file has no variables), "deploy" (the repository path) when the label is not set.
+RUNBOOK_BASE_LABEL = "runbook_base"
+RUNBOOK_DEFAULT_BASE = "deploy"
+_RUNBOOK_URL = re.compile(
+    r'\{\{ or \$externalLabels\.runbook_base "(?P<default>[^"]*)" \}\}/RUNBOOK\.md#(?P<anchor>.+)'
+)
+
+
+def _runbook_anchors() -> set[str]:
+    return {
         _slug(line.lstrip("#"))
         for line in RUNBOOK.read_text(encoding="utf-8").splitlines()
         if line.startswith("#")
     }
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    anchors = _runbook_anchors()
     problems = []
     for rule in _alert_rules():
         if "alert" not in rule:
@@ -276,14 +312,51 @@ def test_every_alert_links_its_runbook_section() -> None:
             if not annotations.get(key):
                 problems.append(f"{rule['alert']}: no {key}")
         url = annotations.get("runbook_url", "")
-        path, _, anchor = url.partition("#")
-        if (REPO / path).resolve() != RUNBOOK.resolve():
-            problems.append(f"{rule['alert']}: runbook_url {url!r} is not deploy/RUNBOOK.md")
-        elif anchor not in anchors:
-            problems.append(f"{rule['alert']}: RUNBOOK.md has no section #{anchor}")
+        match = _RUNBOOK_URL.fullmatch(url)
+        if match is None:
+            problems.append(f"{rule['alert']}: runbook_url {url!r} is not built from the base")
+            continue
+        if match["default"] != RUNBOOK_DEFAULT_BASE:
+            problems.append(f"{rule['alert']}: default base {match['default']!r}")
+        if match["anchor"] != _slug(rule["alert"]):
+            problems.append(f"{rule['alert']}: links #{match['anchor']}, not its own section")
+        elif match["anchor"] not in anchors:
+            problems.append(f"{rule['alert']}: RUNBOOK.md has no section #{match['anchor']}")
         if "severity" not in rule.get("labels", {}):
             problems.append(f"{rule['alert']}: no severity label")
     assert not problems
+    # The default base is the repository path of the folder that holds the runbook.
+    assert (REPO / RUNBOOK_DEFAULT_BASE / "RUNBOOK.md").resolve() == RUNBOOK.resolve()
+
+
+def test_runbook_base_is_set_where_documented() -> None:
+    """The compose stack's Prometheus sets the external label the links are built from, and
+    deploy/README.md tells operators how to set theirs (with its default)."""
+    external = _load_yaml(PROMETHEUS_CONFIG)["global"]["external_labels"]
+    assert external[RUNBOOK_BASE_LABEL] == RUNBOOK_DEFAULT_BASE
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert RUNBOOK_BASE_LABEL in readme
+    assert f"`{RUNBOOK_DEFAULT_BASE}`" in readme
+    assert "external_labels" in readme
+
+
+def test_alert_unit_tests_check_the_links_with_and_without_the_base() -> None:
+    """alerts_test.yml expects each link under the base its group sets (the default without
+    one), and has groups of both kinds."""
+    groups = _load_yaml(ALERTS_TEST)["tests"]
+    bases = set()
+    checked = 0
+    for group in groups:
+        base = group.get("external_labels", {}).get(RUNBOOK_BASE_LABEL, RUNBOOK_DEFAULT_BASE)
+        bases.add(base)
+        for case in group.get("alert_rule_test", []):
+            for alert in case.get("exp_alerts") or []:
+                url = alert["exp_annotations"]["runbook_url"]
+                assert url == f"{base}/RUNBOOK.md#{_slug(case['alertname'])}", group["name"]
+                checked += 1
+    assert checked
+    assert RUNBOOK_DEFAULT_BASE in bases
+    assert bases - {RUNBOOK_DEFAULT_BASE}, "no group sets runbook_base"
 
 
 @pytest.fixture(scope="module")
@@ -313,12 +386,13 @@ def test_promtool_checks_the_prometheus_config(promtool: str) -> None:
 def test_promtool_runs_the_alert_unit_tests(promtool: str) -> None:
     result = _run([promtool, "test", "rules", str(ALERTS_TEST)])
     assert result.returncode == 0, result.stdout + result.stderr
-    tested = {
-        case["alertname"]
-        for test in _load_yaml(ALERTS_TEST)["tests"]
-        for case in test.get("alert_rule_test", [])
-    }
-    assert tested >= {"GistDestinationDown", "GistDestinationDeadLetters"}
+    # Every alert has a case where it fires and one where it stays quiet.
+    cases = [case for test in _load_yaml(ALERTS_TEST)["tests"] for case in test["alert_rule_test"]]
+    alerts = {rule["alert"] for rule in _alert_rules() if "alert" in rule}
+    fires = {case["alertname"] for case in cases if case.get("exp_alerts")}
+    quiet = {case["alertname"] for case in cases if not case.get("exp_alerts")}
+    assert not alerts - fires, f"no case where these fire: {sorted(alerts - fires)}"
+    assert not alerts - quiet, f"no case where these stay quiet: {sorted(alerts - quiet)}"
 
 
 def test_promtool_parses_every_dashboard_query(promtool: str, tmp_path: Path) -> None:
@@ -341,27 +415,125 @@ def test_promtool_parses_every_dashboard_query(promtool: str, tmp_path: Path) ->
 # --- the dashboard ------------------------------------------------------------------------
 
 
-def test_dashboard_panels_use_the_provisioned_datasource() -> None:
-    datasources = _load_yaml(DATASOURCES)["datasources"]
-    uids = {ds["uid"] for ds in datasources if ds["type"] == "prometheus"}
-    assert uids == {"prometheus"}
-    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+# The one data source the dashboard names: its own variable, so that it imports into any
+# Grafana (no uid of a data source of ours) and the compose stack's provisioned Prometheus,
+# Grafana's default one, is what the variable starts on.
+DATASOURCE_VARIABLE = "datasource"
+DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
+# Data-source references that name no data source of ours: Grafana's built-in annotations.
+_GRAFANA_BUILT_IN = {"type": "grafana", "uid": "-- Grafana --"}
+# Grafana's core panel types that this dashboard may use.
+_PANEL_TYPES = {"row", "stat", "timeseries", "state-timeline", "gauge", "bargauge", "table"}
+
+
+def _dashboard() -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return result
+
+
+def _datasource_references(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """Every value of a "datasource" key anywhere in the JSON model, with where it is."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                yield where, value
+            yield from _datasource_references(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _datasource_references(value, f"{where}/{i}")
+
+
+def test_dashboard_has_a_datasource_variable() -> None:
+    variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
+    variable = variables[DATASOURCE_VARIABLE]
+    assert variable["type"] == "datasource"
+    assert variable["query"] == "prometheus"
+    assert not variable.get("multi")
+    assert not variable.get("includeAll")
+    # No saved choice: Grafana starts on its default Prometheus (the provisioned one in the
+    # compose stack), not on a uid only this stack has.
+    assert not variable.get("current", {}).get("value"), variable["current"]
+    assert not variable.get("options")
+    assert not variable.get("regex")
+    # The variables that query Prometheus come after it (Grafana resolves them in order).
+    names = list(variables)
+    assert names[0] == DATASOURCE_VARIABLE, names
+
+
+def test_dashboard_names_no_datasource_of_its_own() -> None:
+    """Every panel, every target and every query variable uses ``${datasource}``; nothing in
+    the model names a concrete data source (by uid, or by name as old dashboards did)."""
+    dashboard = _dashboard()
     text = DASHBOARD.read_text(encoding="utf-8")
     assert "${DS_" not in text
     assert "__inputs" not in dashboard
     problems = []
     for panel in _dashboard_panels(dashboard["panels"]):
+        title = panel["title"]
+        if panel["type"] not in _PANEL_TYPES:
+            problems.append(f"{title}: panel type {panel['type']!r}")
         if panel["type"] == "row":
+            if panel.get("targets"):
+                problems.append(f"row {title}: has queries")
             continue
+        if panel.get("datasource") != DATASOURCE_REF:
+            problems.append(f"{title}: datasource {panel.get('datasource')}")
         if not panel.get("targets"):
-            problems.append(f"{panel['title']}: no query")
-        for source in [panel.get("datasource")] + [t.get("datasource") for t in panel["targets"]]:
-            if not source or source.get("uid") not in uids:
-                problems.append(f"{panel['title']}: datasource {source}")
+            problems.append(f"{title}: no query")
+        ref_ids = [target.get("refId") for target in panel.get("targets", [])]
+        if len(set(ref_ids)) != len(ref_ids) or not all(ref_ids):
+            problems.append(f"{title}: refIds {ref_ids}")
+        for target in panel.get("targets", []):
+            if target.get("datasource") != DATASOURCE_REF:
+                problems.append(
+                    f"{title} {target.get('refId')}: datasource {target.get('datasource')}"
+                )
+            if not str(target.get("expr", "")).strip():
+                problems.append(f"{title} {target.get('refId')}: no expression")
     for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query" and variable["datasource"]["uid"] not in uids:
-            problems.append(f"${variable['name']}: datasource {variable['datasource']}")
-    assert not problems
+        if variable["type"] == "query" and variable.get("datasource") != DATASOURCE_REF:
+            problems.append(f"${variable['name']}: datasource {variable.get('datasource')}")
+    for where, reference in _datasource_references(dashboard):
+        if reference not in (DATASOURCE_REF, _GRAFANA_BUILT_IN):
+            problems.append(f"{where}: datasource {reference!r}")
+    assert not problems, "\n".join(problems)
+    # The only uids left: the dashboard's own, the variable's and Grafana's built-in one.
+    uids = set(re.findall(r'"uid":\s*"([^"]*)"', text))
+    assert uids == {dashboard["uid"], DATASOURCE_REF["uid"], _GRAFANA_BUILT_IN["uid"]}, uids
+
+
+def test_dashboard_checks_catch_a_wired_datasource() -> None:
+    """The reference walk finds a hard-wired data source wherever it hides."""
+    model = {
+        "panels": [{"datasource": DATASOURCE_REF, "targets": [{"datasource": "Prometheus"}]}],
+        "annotations": {"list": [{"datasource": _GRAFANA_BUILT_IN}]},
+        "templating": {"list": [{"datasource": {"type": "prometheus", "uid": "prometheus"}}]},
+    }
+    found = [ref for _, ref in _datasource_references(model)]
+    assert [r for r in found if r not in (DATASOURCE_REF, _GRAFANA_BUILT_IN)] == [
+        "Prometheus",
+        {"type": "prometheus", "uid": "prometheus"},
+    ]
+
+
+def test_compose_grafana_provisions_what_the_dashboard_expects() -> None:
+    """In the compose stack the variable starts on Grafana's default data source: the
+    provisioned Prometheus must be that default, and of the variable's type."""
+    datasources = _load_yaml(DATASOURCES)["datasources"]
+    defaults = [ds for ds in datasources if ds.get("isDefault")]
+    assert len(defaults) == 1
+    (default,) = defaults
+    assert default["type"] == _dashboard_variable(DATASOURCE_VARIABLE)["query"] == "prometheus"
+    assert urlsplit(default["url"]).hostname == "prometheus"
+    (provider,) = _load_yaml(DASHBOARD_PROVIDER)["providers"]
+    assert provider["type"] == "file"
+
+
+def _dashboard_variable(name: str) -> dict[str, Any]:
+    result: dict[str, Any] = next(
+        v for v in _dashboard()["templating"]["list"] if v["name"] == name
+    )
+    return result
 
 
 def test_dashboard_layout_is_sound() -> None:
@@ -401,6 +573,14 @@ def test_dashboard_shows_what_on_call_needs() -> None:
         "bytes_in_flight",
         "batches_pending",
         "contacts_per_batch_bucket",
+        # Capacity
+        "requests_saved_total",
+        "requests_for_messages_total",
+        "time_to_drain_seconds",
+        "duplicates_total",
+        "unchanged_fields_total",
+        "workspace_budget_used_ratio",
+        "limiter_backend",
     }
     assert not {PREFIX + name for name in wanted} - used
     quantiles = [e for e in dashboard_expressions().values() if "histogram_quantile" in e]
@@ -409,6 +589,62 @@ def test_dashboard_shows_what_on_call_needs() -> None:
             f"histogram_quantile({q}," in e and "gist_request_duration_seconds" in e
             for e in quantiles
         ), f"no p{q} of Gist latency"
+
+
+def _row(title: str) -> list[dict[str, Any]]:
+    """The panels of a (not collapsed) row: those after it up to the next row."""
+    panels = _dashboard()["panels"]
+    (start,) = [i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == title]
+    row = panels[start]
+    found = []
+    for panel in panels[start + 1 :]:
+        if panel["type"] == "row":
+            break
+        assert panel["gridPos"]["y"] > row["gridPos"]["y"], panel["title"]
+        found.append(panel)
+    return found
+
+
+def _normalised(expr: str) -> str:
+    """A PromQL expression without whitespace and the $instance filter, to compare shapes."""
+    return re.sub(r"\s+", "", expr.replace('{instance=~"$instance"}', ""))
+
+
+def test_dashboard_capacity_row() -> None:
+    """The row "Capacity": what the budget is spent on and saved by, and how long the
+    backlog takes at it."""
+    exprs = [target["expr"] for panel in _row("Capacity") for target in panel["targets"]]
+    shapes = {_normalised(expr) for expr in exprs}
+    wanted = {
+        # requests saved, by feature (duplicate, unchanged, tag_batch)
+        "sum by (feature) (rate(gist_destination_requests_saved_total[$__rate_interval]))",
+        # requests per delivered message, by type
+        "sum by (type) (rate(gist_destination_requests_for_messages_total[5m]))"
+        " / sum by (type) (rate(gist_destination_messages_delivered_total[5m]))",
+    }
+    assert {_normalised(w) for w in wanted} <= shapes, sorted(shapes)
+    used: set[str] = set()
+    for expr in exprs:
+        used |= metric_names_in(expr)
+    assert {
+        PREFIX + name
+        for name in (
+            "requests_saved_total",
+            "requests_for_messages_total",
+            "messages_delivered_total",
+            "time_to_drain_seconds",
+            "duplicates_total",
+            "unchanged_fields_total",
+            "workspace_budget_used_ratio",
+            "limiter_backend",
+        )
+    } <= used
+    # Counters as rates; every query follows the worker filter like the rest.
+    for expr in exprs:
+        for name in metric_names_in(expr):
+            if name.endswith("_total"):
+                assert re.search(rf"rate\({name}\b", expr), expr
+        assert '{instance=~"$instance"}' in expr, expr
 
 
 # --- Kubernetes ---------------------------------------------------------------------------
@@ -460,7 +696,8 @@ def _volume_at(pod: dict[str, Any], container: dict[str, Any], path: str) -> dic
 
 
 def _check_manifests(docs: list[dict[str, Any]]) -> None:
-    """What must hold of the base, rendered or as written."""
+    """What must hold of the base, rendered or as written, with or without the
+    ServiceMonitor component."""
     for doc in docs:
         assert doc.get("apiVersion"), doc
         assert doc.get("kind"), doc
@@ -468,8 +705,9 @@ def _check_manifests(docs: list[dict[str, Any]]) -> None:
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
         by_kind.setdefault(doc["kind"], []).append(doc)
-    for kind in ("Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor"):
+    for kind in ("Deployment", "Service", "PodDisruptionBudget"):
         assert len(by_kind.get(kind, [])) == 1, f"expected one {kind}"
+    assert len(by_kind.get("ServiceMonitor", [])) <= 1, "more than one ServiceMonitor"
     configmaps = {cm["metadata"]["name"]: cm for cm in by_kind.get("ConfigMap", [])}
 
     deployment = by_kind["Deployment"][0]
@@ -527,21 +765,32 @@ def _check_manifests(docs: list[dict[str, Any]]) -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
-    # The Service, the PDB and the ServiceMonitor select the pods, on the metrics port.
+    # The Service and the PDB select the pods, the Service on the metrics port.
     service = by_kind["Service"][0]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]}.get("metrics") == port
     pdb = by_kind["PodDisruptionBudget"][0]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    monitor = by_kind["ServiceMonitor"][0]
+    # alerts.yml matches job="gist-destination": a ServiceMonitor's job is the Service name,
+    # and a scrape job of one's own is told to use it.
+    assert service["metadata"]["name"] == "gist-destination"
+    for monitor in by_kind.get("ServiceMonitor", []):
+        _check_service_monitor(monitor, service)
+
+
+def _check_service_monitor(monitor: dict[str, Any], service: dict[str, Any]) -> None:
+    """The ServiceMonitor selects the worker's Service and scrapes its metrics port, with the
+    Service's name as the job label."""
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     service_labels = service["metadata"].get("labels", {})
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector
+    assert selector.items() <= service_labels.items()
     assert [(e["port"], e.get("path", METRICS_PATH)) for e in monitor["spec"]["endpoints"]] == [
         ("metrics", METRICS_PATH)
     ]
-    # alerts.yml matches job="gist-destination": the ServiceMonitor's job is the Service name.
-    assert service["metadata"]["name"] == "gist-destination"
     assert "jobLabel" not in monitor["spec"]
+    assert not monitor["spec"].get("namespaceSelector"), "scrapes beyond its own namespace"
 
 
 def _offline_render_labelled() -> list[dict[str, Any]]:
@@ -584,6 +833,44 @@ def _is_worker(doc: dict[str, Any]) -> bool:
 def test_kustomize_base_as_written() -> None:
     """Offline: runs wherever the suite does, with or without kubectl."""
     _check_manifests(_offline_render_labelled())
+
+
+# The API groups of the base: Kubernetes' own, so that it applies on any cluster (no CRD, such
+# as the Prometheus Operator's ServiceMonitor).
+_BUILT_IN_API_VERSIONS = {"v1", "apps/v1", "policy/v1"}
+
+
+def test_kustomize_base_needs_no_prometheus_operator() -> None:
+    docs = _offline_render()
+    assert {d["apiVersion"] for d in docs} <= _BUILT_IN_API_VERSIONS
+    assert not any(d["kind"] == "ServiceMonitor" for d in docs)
+    assert not any("servicemonitor" in r.lower() for r in _kustomization()["resources"])
+
+
+def test_service_monitor_component_as_written() -> None:
+    """Offline: the component adds one ServiceMonitor that selects the base's Service (with
+    the labels Kustomize gives it), and nothing else; the base with it passes its checks."""
+    component = _kustomization_at(SERVICE_MONITOR_COMPONENT)
+    assert component["apiVersion"].startswith("kustomize.config.k8s.io/")
+    assert component["kind"] == "Component"
+    assert not component.get("patches"), "the component changes nothing of the base"
+    docs = [
+        doc
+        for resource in component["resources"]
+        for doc in _load_yaml_all(SERVICE_MONITOR_COMPONENT / resource)
+    ]
+    assert [d["kind"] for d in docs] == ["ServiceMonitor"]
+    base = _offline_render_labelled()
+    service = next(d for d in base if d["kind"] == "Service")
+    _check_service_monitor(docs[0], service)
+    _check_manifests([*base, *docs])
+    example = _kustomization_at(PROMETHEUS_OPERATOR_EXAMPLE)
+    assert [(PROMETHEUS_OPERATOR_EXAMPLE / r).resolve() for r in example["resources"]] == [
+        KUSTOMIZE_BASE.resolve()
+    ]
+    assert [(PROMETHEUS_OPERATOR_EXAMPLE / c).resolve() for c in example["components"]] == [
+        SERVICE_MONITOR_COMPONENT.resolve()
+    ]
 
 
 def test_kustomize_base_needs_no_redis() -> None:
@@ -660,6 +947,8 @@ def test_kustomize_base_renders(kustomize: list[str]) -> None:
     names = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     assert all(re.fullmatch(r"gist-destination-[a-z-]+-[a-z0-9]{10}", n) for n in names), names
     assert not {name for name in _worker_env(docs) if name.startswith("REDIS_")}
+    # Applies on a cluster without the Prometheus Operator: no ServiceMonitor, no CRD.
+    assert {d["apiVersion"] for d in docs} <= _BUILT_IN_API_VERSIONS
 
 
 def test_kustomize_rules_are_the_shipped_rules() -> None:
@@ -697,10 +986,10 @@ def _kustomization_at(folder: Path) -> dict[str, Any]:
     return result
 
 
-def _component_resources() -> list[dict[str, Any]]:
+def _component_resources(component: Path = REDIS_COMPONENT) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
-    for resource in _kustomization_at(REDIS_COMPONENT)["resources"]:
-        path = REDIS_COMPONENT / resource
+    for resource in _kustomization_at(component).get("resources", []):
+        path = component / resource
         assert path.is_file(), f"the component lists {resource}, which does not exist"
         docs.extend(_load_yaml_all(path))
     return docs
@@ -965,6 +1254,158 @@ def test_kustomize_renders_the_existing_redis_example(kustomize: list[str]) -> N
     pod = worker["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     _check_password_file(pod, container, env["REDIS_PASSWORD_FILE"])
+
+
+# --- every kustomization under deploy/kubernetes ---------------------------------------
+
+
+def _kustomization_folders() -> list[Path]:
+    return sorted(path.parent for path in KUBERNETES.rglob("kustomization.yaml"))
+
+
+def _is_component(folder: Path) -> bool:
+    return bool(_kustomization_at(folder)["kind"] == "Component")
+
+
+def _included_components(folder: Path) -> set[Path]:
+    """The components a kustomization uses, also through the folders it builds on."""
+    kustomization = _kustomization_at(folder)
+    found = {(folder / c).resolve() for c in kustomization.get("components", [])}
+    for resource in kustomization.get("resources", []):
+        path = (folder / resource).resolve()
+        if path.is_dir():
+            found |= _included_components(path)
+    return found
+
+
+@dataclass(frozen=True)
+class RenderCase:
+    """A kustomization folder rendered as it is, or components rendered on top of the base
+    (through an overlay written for the test)."""
+
+    name: str
+    folder: Path | None
+    components: tuple[Path, ...] = ()
+
+
+def _render_cases() -> list[RenderCase]:
+    folders = _kustomization_folders()
+    components = [folder for folder in folders if _is_component(folder)]
+    cases = [
+        RenderCase(folder.relative_to(KUBERNETES).as_posix(), folder)
+        for folder in folders
+        if not _is_component(folder)
+    ]
+    for size in range(1, len(components) + 1):
+        for combination in itertools.combinations(components, size):
+            names = "+".join(c.relative_to(KUBERNETES).as_posix() for c in combination)
+            cases.append(RenderCase(f"base+{names}", None, combination))
+    return cases
+
+
+def test_every_kustomization_is_found() -> None:
+    """The walk finds every kustomization (a broken walk would render nothing), each is a
+    Kustomization or a Component, and every combination of the components is a case."""
+    folders = _kustomization_folders()
+    assert {
+        KUSTOMIZE_BASE,
+        REDIS_COMPONENT,
+        SERVICE_MONITOR_COMPONENT,
+        WITH_REDIS_EXAMPLE,
+        EXISTING_REDIS_EXAMPLE,
+        PROMETHEUS_OPERATOR_EXAMPLE,
+    } <= set(folders)
+    for folder in folders:
+        kind = _kustomization_at(folder)["kind"]
+        assert kind in ("Kustomization", "Component"), (folder, kind)
+    components = [f for f in folders if _is_component(f)]
+    cases = _render_cases()
+    assert len(cases) == len(folders) - len(components) + 2 ** len(components) - 1
+    assert len({case.name for case in cases}) == len(cases)
+    # Every example and overlay builds on the base, and uses only components that exist.
+    for folder in folders:
+        if folder != KUSTOMIZE_BASE and not _is_component(folder):
+            assert KUSTOMIZE_BASE.resolve() in _resolved_resources(folder), folder
+            assert _included_components(folder) <= {c.resolve() for c in components}
+
+
+def _resolved_resources(folder: Path) -> set[Path]:
+    found = set()
+    for resource in _kustomization_at(folder).get("resources", []):
+        path = (folder / resource).resolve()
+        found.add(path)
+        if path.is_dir() and (path / "kustomization.yaml").is_file():
+            found |= _resolved_resources(path)
+    return found
+
+
+def _overlay(tmp_path: Path, components: tuple[Path, ...]) -> Path:
+    """A kustomization of the base with these components (Kustomize wants relative paths)."""
+    folder = tmp_path / "overlay"
+    folder.mkdir()
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(KUSTOMIZE_BASE, folder)],
+        "components": [os.path.relpath(component, folder) for component in components],
+    }
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
+    return folder
+
+
+def _key(doc: dict[str, Any]) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("case", _render_cases(), ids=lambda case: case.name)
+def test_kustomize_renders_every_kustomization(
+    kustomize: list[str], case: RenderCase, tmp_path: Path
+) -> None:
+    folder = case.folder or _overlay(tmp_path, case.components)
+    included = (
+        _included_components(case.folder)
+        if case.folder is not None
+        else {c.resolve() for c in case.components}
+    )
+    docs = _render(kustomize, folder)
+
+    # The worker's part (the base's labels; the ServiceMonitor carries them too) passes the
+    # base's checks; everything else comes from a component the case includes.
+    def worker_part(doc: dict[str, Any]) -> bool:
+        labels = doc["metadata"].get("labels", {})
+        return bool(labels.get("app.kubernetes.io/name") == "gist-destination")
+
+    worker_docs = [d for d in docs if worker_part(d)]
+    others = [d for d in docs if not worker_part(d)]
+    _check_manifests(worker_docs)
+    from_components = {
+        _key(doc) for component in included for doc in _component_resources(component)
+    }
+    assert {_key(d) for d in others} <= from_components, sorted(_key(d) for d in others)
+
+    # A ServiceMonitor (and a CRD at all) exactly when the component is there.
+    monitoring = SERVICE_MONITOR_COMPONENT.resolve() in included
+    assert any(d["kind"] == "ServiceMonitor" for d in docs) == monitoring
+    if not monitoring:
+        assert not any(d["apiVersion"].startswith("monitoring.coreos.com/") for d in docs)
+
+    # With the Redis component: its Redis, and the worker's REDIS_URL naming it.
+    env = _worker_env(docs)
+    if REDIS_COMPONENT.resolve() in included:
+        worker = next(d for d in worker_docs if d["kind"] == "Deployment")
+        _check_redis(others, worker, env["REDIS_URL"])
+    else:
+        assert not others
+
+    if case.folder is None:
+        # Components on the base add their resources (and REDIS_URL) and change nothing else.
+        base = _render(kustomize, KUSTOMIZE_BASE)
+        for doc in worker_docs:
+            if doc["kind"] == "Deployment":
+                (container,) = doc["spec"]["template"]["spec"]["containers"]
+                container["env"] = [v for v in container["env"] if v["name"] != "REDIS_URL"]
+        kept = [d for d in worker_docs if d["kind"] != "ServiceMonitor"]
+        assert sorted(kept, key=_key) == sorted(base, key=_key)
 
 
 # The advice replicas made obsolete: they split the budget themselves now.
