@@ -6,9 +6,10 @@ rules in ``deploy/`` use these names; a test checks that each one they use exist
 
 from __future__ import annotations
 
+import platform
 from typing import TypeVar
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 _P = "gist_destination_"
 
@@ -221,6 +222,10 @@ DEAD_LETTERS_TRUNCATED = Counter(
 )
 
 # --- health -------------------------------------------------------------------------
+BUILD = Info(
+    _P + "build",
+    "The running build: versions of gist-destination and of Python.",
+)
 READY = Gauge(_P + "ready", "1 while the worker consumes and Gist accepts its key.")
 INTERNAL_ERRORS = Counter(
     _P + "internal_errors",
@@ -254,8 +259,9 @@ def declare_series() -> None:
     """Create the labelled series alerts watch, at 0, before their first event: a counter
     that appears only with its first increment makes ``increase()`` miss that increment
     (and a crash is usually the only one before the pod restarts)."""
-    from destination import reasons
+    from destination import __version__, reasons
 
+    BUILD.info({"version": __version__, "python": platform.python_version()})
     for component in COMPONENTS:
         TASKS_FAILED.labels(component)
     for place in INTERNAL_ERROR_PLACES:
