@@ -13,13 +13,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Final, Literal
 
+from annotated_types import MinLen
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, model_validator
+from pydantic.json_schema import WithJsonSchema
 
 from destination.mapping._syntax import Scalar, parse_path, parse_template, pattern_regex
 
 
-def _one_or_many(what: str) -> BeforeValidator:
-    """Accept one item or a list of items; always give a list."""
+def _one_or_many(what: str, item: Any = str) -> BeforeValidator:
+    """Accept one item or a list of items; always give a list. (``item``: the type of an
+    item as written, for the JSON Schema of the file.)"""
 
     def coerce(value: Any) -> Any:
         if isinstance(value, str):
@@ -28,7 +31,7 @@ def _one_or_many(what: str) -> BeforeValidator:
             return value
         raise ValueError(f"expected {what} or a list of them")
 
-    return BeforeValidator(coerce)
+    return BeforeValidator(coerce, json_schema_input_type=str | list[item])
 
 
 def _check_path(text: str) -> str:
@@ -112,6 +115,9 @@ def _condition_values(value: Any) -> Any:
     return tuple(values)
 
 
+# ``json_schema_input_type`` and ``WithJsonSchema`` below shape only the JSON Schema of
+# the file (``rules_json_schema``): the shorthands a user may write, and what an editor
+# can check of the validators.
 PathText = Annotated[str, AfterValidator(_check_path)]
 Paths = Annotated[tuple[PathText, ...], _one_or_many("a path")]
 Patterns = Annotated[
@@ -120,12 +126,24 @@ Patterns = Annotated[
 Templates = Annotated[
     tuple[Annotated[str, AfterValidator(_check_template)], ...], _one_or_many("a template")
 ]
-PropertyName = Annotated[str, AfterValidator(_check_property_name)]
-CustomPropertyName = Annotated[PropertyName, AfterValidator(_check_not_a_contact_field)]
-EventName = Annotated[str, AfterValidator(_check_non_empty)]
-Source = Annotated[tuple[str, ...], BeforeValidator(_source)]
-Sources = Annotated[tuple[Source, ...], _one_or_many("a path")]
-Expected = Annotated[tuple[Scalar, ...], BeforeValidator(_condition_values)]
+_PROPERTY_NAME_SCHEMA: Final[dict[str, Any]] = {"type": "string", "pattern": "^[a-z0-9_]+$"}
+PropertyName = Annotated[
+    str, AfterValidator(_check_property_name), WithJsonSchema(_PROPERTY_NAME_SCHEMA)
+]
+CustomPropertyName = Annotated[
+    PropertyName,
+    AfterValidator(_check_not_a_contact_field),
+    WithJsonSchema({**_PROPERTY_NAME_SCHEMA, "not": {"enum": sorted(CONTACT_FIELDS)}}),
+]
+_NON_EMPTY_SCHEMA: Final[dict[str, Any]] = {"type": "string", "pattern": "\\S"}
+EventName = Annotated[str, AfterValidator(_check_non_empty), WithJsonSchema(_NON_EMPTY_SCHEMA)]
+_SOURCE_INPUT = str | Annotated[list[str], MinLen(1)]
+Source = Annotated[tuple[str, ...], BeforeValidator(_source, json_schema_input_type=_SOURCE_INPUT)]
+Sources = Annotated[tuple[Source, ...], _one_or_many("a path", _SOURCE_INPUT)]
+Expected = Annotated[
+    tuple[Scalar, ...],
+    BeforeValidator(_condition_values, json_schema_input_type=Scalar | list[Scalar]),
+]
 
 
 class _Section(BaseModel):
@@ -220,6 +238,15 @@ class TraitTag(_Section):
     """On identify: ``tag`` adds a tag to the contact, ``untag`` removes one, when every
     path in ``when`` holds one of its values and the template renders."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": [key], "properties": {key: {"not": {"type": "null"}}}}
+                for key in ("tag", "untag")
+            ]
+        }
+    )
+
     tag: Templates | None = None
     untag: Templates | None = None
     when: dict[PathText, Expected] = {}
@@ -256,7 +283,11 @@ class Screen(_Section):
 
 class Group(_Section):
     enabled: bool = False
-    prefix: Annotated[str, AfterValidator(_check_prefix)] = "company_"
+    prefix: Annotated[
+        str,
+        AfterValidator(_check_prefix),
+        WithJsonSchema({"type": "string", "pattern": "^[a-z0-9_]*$"}),
+    ] = "company_"
     traits: ContactPropertySelection = ContactPropertySelection()
 
 
@@ -268,7 +299,9 @@ class Rules(_Section):
     """A whole mapping-rules file. ``Rules()`` is the shipped default."""
 
     version: Literal[1] = 1
-    integration: Annotated[str, AfterValidator(_check_non_empty)] = "Gist"
+    integration: Annotated[
+        str, AfterValidator(_check_non_empty), WithJsonSchema(_NON_EMPTY_SCHEMA)
+    ] = "Gist"
     invalid_fields: Literal["reject", "drop"] = "reject"
     identity: Identity = Identity()
     values: Values = Values()
@@ -293,3 +326,32 @@ class Rules(_Section):
             f"{', '.join(on) or 'nothing'} on; {', '.join(off) or 'nothing'} off; "
             f"{renames} event rename(s), {tag_rules} tag rule(s)"
         )
+
+
+JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
+
+
+def rules_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a rules file as users write it, for editors to validate and
+    complete it (``config/mapping-rules.schema.json``; ``gist-destination check-config
+    --schema`` prints it).
+
+    ``Rules``' schema in validation mode, so with the shorthands the loader takes (one
+    path, pattern or template where a list is allowed; one value for a list of values),
+    and ``null`` for an empty file. It checks the shape, the names and the choices, not
+    the small languages (paths, patterns, templates): ``check-config`` checks those too.
+    """
+    schema = Rules.model_json_schema(mode="validation")
+    for key in ("title", "description"):
+        schema.pop(key, None)
+    return {
+        "$schema": JSON_SCHEMA_DIALECT,
+        "title": "gist-destination mapping rules",
+        "description": (
+            "How Segment messages become Gist operations. Every key is optional: an omitted "
+            "key keeps the shipped default (config/mapping-rules.yaml). Check a file with "
+            "`gist-destination check-config PATH`."
+        ),
+        **schema,
+        "type": ["object", "null"],
+    }

@@ -2,14 +2,19 @@
 
 Exit 0 with a one-line summary when the file is valid, 1 with every error (file, line,
 key path, what was expected) when it is not, 2 when the file cannot be read.
+
+``check-config --schema`` prints the JSON Schema of a rules file instead (for editors;
+committed as ``config/mapping-rules.schema.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from destination.mapping._loading import RulesError, default_rules_path, load_rules
+from destination.mapping._schema import rules_json_schema
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +25,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="the mapping-rules YAML file (default: the shipped config/mapping-rules.yaml)",
     )
+    parser.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the JSON Schema of a mapping-rules file (for editors) and check nothing",
+    )
+
+
+def schema_text() -> str:
+    """The JSON Schema as ``--schema`` prints it (and as the committed file holds it)."""
+    return json.dumps(rules_json_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.schema:
+        if args.path is not None:
+            print("check-config: --schema takes no PATH", file=sys.stderr)
+            return 2
+        sys.stdout.write(schema_text())
+        return 0
     path = args.path if args.path is not None else str(default_rules_path())
     try:
         rules = load_rules(path)
