@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     contact_memory_max: int = Field(200_000, ge=1, description="contacts remembered here")
 
     # --- flow control ---
+    read_ahead_seconds: float = Field(
+        30.0, gt=0, description="hold what the budget can send (and Gist import) in this long"
+    )
     max_inflight_messages: int = Field(20_000, ge=1)
     max_inflight_bytes: int = Field(64 * MiB, ge=1024)
     max_inflight_per_partition: int = Field(5_000, ge=1)

@@ -51,6 +51,7 @@ from destination.pipeline.deliver import Delivery, DeliverySettings
 from destination.pipeline.fingerprints import Fingerprints, SharedFingerprints
 from destination.pipeline.inflight import Failure, Ledger, MessageWork
 from destination.pipeline.outcome import Outcomes
+from destination.pipeline.read_ahead import Counts, ReadAhead
 from destination.settings import Settings, redis_password
 
 log = structlog.get_logger(__name__)
@@ -364,6 +365,17 @@ class Worker:
         """Periodic commits and gauges."""
         limiter = self.client.limiter
         samples: deque[tuple[float, int, int]] = deque()  # (time, delivered, granted)
+        settings = self.settings
+        limits = stream.limits
+        imports = max(2, self.delivery.settings.max_concurrent_imports)
+        read_ahead = ReadAhead(
+            settings.read_ahead_seconds,
+            limits.max_messages,
+            limits.max_awaiting_import,
+            min_in_flight=max(200, 2 * settings.gist_batch_size),
+            min_parked=2 * settings.gist_batch_size * imports,
+        )
+        limits.messages, limits.awaiting_import = read_ahead.in_flight, read_ahead.parked
         while True:
             await asyncio.sleep(self.settings.commit_interval)
             try:
@@ -374,6 +386,16 @@ class Worker:
                 while samples[0][0] < now - 60:
                     samples.popleft()
                 metrics.TIME_TO_DRAIN.set(self._time_to_drain(lag, samples))
+                counts = Counts(
+                    now,
+                    self.limiter.granted,
+                    self.outcomes.delivered_count + self.ledger.parked_total,
+                    self.delivery.imported,
+                )
+                rate = self.client.limiter.current_limit / settings.gist_rate_window
+                limits.messages, limits.awaiting_import = read_ahead.update(counts, rate)
+                metrics.READ_AHEAD.labels("in_flight").set(limits.messages)
+                metrics.READ_AHEAD.labels("awaiting_import").set(limits.awaiting_import)
             except Exception:  # keep committing on the next turn; never stop silently
                 metrics.INTERNAL_ERRORS.labels("housekeeping").inc()
                 log.exception(log_events.HOUSEKEEPING_FAILED)

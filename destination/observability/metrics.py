@@ -52,6 +52,13 @@ MESSAGES_IN_FLIGHT = Gauge(
     _P + "messages_in_flight",
     "Messages consumed but not yet delivered or dead-lettered.",
 )
+READ_AHEAD = Gauge(
+    _P + "read_ahead_messages",
+    "The bound in force on messages held: 'in_flight' (not yet sent) and 'awaiting_import', "
+    "sized by what the budget sends and Gist imports in READ_AHEAD_SECONDS (at most "
+    "MAX_INFLIGHT_MESSAGES / MAX_AWAITING_IMPORT).",
+    ["held"],
+)
 BYTES_IN_FLIGHT = Gauge(_P + "bytes_in_flight", "Record bytes held for in-flight messages.")
 MESSAGES_AWAITING_IMPORT = Gauge(
     _P + "messages_awaiting_import",

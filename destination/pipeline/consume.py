@@ -95,6 +95,10 @@ class FlowLimits:
         uncommitted_total: int = 1_000_000,
         resume_at: float = 0.8,
     ) -> None:
+        """``messages`` and ``awaiting_import`` are the ceilings; the bounds in force may
+        be lower (``read_ahead``)."""
+        self.max_messages = messages
+        self.max_awaiting_import = awaiting_import
         self.messages = messages
         self.bytes = bytes_
         self.per_partition = per_partition

@@ -51,7 +51,16 @@ def id_hash(message_id: str) -> int:
 class DeliveredIds:
     """The messageIds delivered within the last ``window`` seconds, in this process."""
 
-    __slots__ = ("_clock", "_current", "_sealed", "_slice", "_started", "capacity", "window")
+    __slots__ = (
+        "_clock",
+        "_current",
+        "_sealed",
+        "_slice",
+        "_slices",
+        "_started",
+        "capacity",
+        "window",
+    )
 
     def __init__(
         self,
@@ -63,6 +72,7 @@ class DeliveredIds:
         self.window = window
         self.capacity = capacity
         self._slice = window / slices
+        self._slices = slices
         self._clock = clock
         self._current: set[int] = set()
         self._started = clock()
@@ -89,9 +99,14 @@ class DeliveredIds:
             self._sealed.popleft()
 
     def _turn(self) -> None:
-        """Seal the current slice once it is a slice old; forget slices past the window."""
+        """Seal the current slice once it is a slice old (or holds its share of the
+        capacity: a set costs ~60 bytes an id, a sealed slice 8); forget slices past the
+        window."""
         now = self._clock()
-        if now - self._started >= self._slice:
+        if (
+            now - self._started >= self._slice
+            or len(self._current) >= self.capacity // self._slices
+        ):
             if self._current:
                 self._sealed.append((self._started, array("Q", sorted(self._current))))
             self._current = set()

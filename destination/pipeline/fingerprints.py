@@ -120,9 +120,10 @@ class Fingerprints:
                 out[h(("f", name))] = (h(("f", name, _freeze(text))), name, None)
         return out
 
-    def strip(self, payload: ContactPayload) -> tuple[ContactPayload | None, Pairs, int]:
+    def strip(self, payload: ContactPayload) -> tuple[ContactPayload | None, bytes, int]:
         """``payload`` without the fields Gist holds (None: nothing left to send), the
-        fingerprints of what is sent, and how many fields were left out."""
+        fingerprints of what is sent (packed: kept while the contact waits for its
+        import), and how many fields were left out."""
         key = contact_key(payload)
         fields = self.fields(payload)
         sent = array("Q")
@@ -135,9 +136,9 @@ class Fingerprints:
                 sent.append(f)
                 sent.append(v)
         if known is not None and len(held) == len(fields):
-            return None, sent, len(held)  # Gist holds all of it (or it names a known contact)
+            return None, b"", len(held)  # Gist holds all of it (or it names a known contact)
         if not held:
-            return payload, sent, 0
+            return payload, sent.tobytes(), 0
         out = cast(dict[str, Any], dict(payload))
         props = dict(out.get("custom_properties") or {})
         tags = list(out.get("tags") or [])
@@ -159,18 +160,21 @@ class Fingerprints:
                 out["tags"] = tags
             else:
                 del out["tags"]
-        return cast(ContactPayload, out), sent, len(held)
+        return cast(ContactPayload, out), sent.tobytes(), len(held)
 
     # --- what Gist confirmed ----------------------------------------------------------
-    def confirm(self, key: str | None, sent: Pairs) -> None:
-        """The contact's batch import completed without an error for it."""
+    def confirm(self, key: str | None, sent: bytes) -> None:
+        """The contact's batch import completed without an error for it (``sent`` as
+        ``strip`` gave it)."""
         if key is None:
             return
         known = self._get(key) or {}
-        known.update(zip(sent[::2], sent[1::2], strict=True))
+        pairs = array("Q")
+        pairs.frombytes(sent)
+        known.update(zip(pairs[::2], pairs[1::2], strict=True))
         self._put(key, known)
         if self.shared is not None:
-            self.shared.record(key, sent, self.ttl)
+            self.shared.record(key, pairs, self.ttl)
 
     def forget(self, identities: Iterable[str]) -> None:
         """A delete, an alias or a tag change touched the contact."""

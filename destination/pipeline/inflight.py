@@ -189,6 +189,7 @@ class Ledger:
         self.bytes = 0  # record bytes held
         self.parked = 0  # parked messages: waiting only for Gist to finish importing
         self.uncommitted = 0  # records read past the committable offsets, all partitions
+        self.parked_total = 0  # messages ever parked (read-ahead measures with it)
         self.changed = asyncio.Event()
 
     # --- partitions -------------------------------------------------------------------
@@ -264,6 +265,7 @@ class Ledger:
         if message.is_parked or message.state != OPEN or record.partition.revoked:
             return
         message.is_parked = True
+        self.parked_total += 1
         message.body = None  # re-read with the record if it is ever dead-lettered
         record.partition.messages -= 1
         self.messages -= 1

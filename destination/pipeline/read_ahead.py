@@ -1,0 +1,76 @@
+"""How much to read ahead: what the budget can send in the next little while, plus what
+Gist is importing, not whatever the fixed bounds allow.
+
+Gist lets a workspace send about 2,500 contacts a second at best (batches of 500, an
+import and a poll each) and 10 events a second. A worker that reads until
+``MAX_INFLIGHT_MESSAGES`` / ``MAX_AWAITING_IMPORT`` holds minutes of work the budget
+cannot send (measured: RSS climbing past 400 MB in the first minute of a backlog at the
+real limit). ``ReadAhead`` sizes the two bounds from what the worker measured over the
+last half minute:
+
+- messages in flight (not yet sent): the budget's requests per second
+  (``current_limit / window``) times the messages a request carried lately times
+  ``seconds``: 30 s of events is 300 of them, 30 s of contacts the whole ceiling;
+- messages waiting on Gist's import (*parked*): the rate Gist completed them lately
+  times ``seconds``: holding more than Gist imports meanwhile only holds memory.
+
+The fixed settings stay as hard ceilings; small floors keep a batch fillable and a few
+imports in flight before anything is measured (at start, or after a quiet spell).
+Pure arithmetic on counters the worker reads; the worker applies the result to its
+``FlowLimits`` every housekeeping turn.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Totals since start, read at one instant."""
+
+    at: float
+    requests: int  # granted by the limiter
+    served: int  # messages that left the in-flight set through a request: delivered, parked
+    imported: int  # messages whose contacts a completed batch import confirmed
+
+
+class ReadAhead:
+    def __init__(
+        self,
+        seconds: float,
+        max_in_flight: int,
+        max_parked: int,
+        min_in_flight: int,
+        min_parked: int,
+        horizon: float = 30.0,
+    ) -> None:
+        self.seconds = seconds
+        self.max_in_flight = max_in_flight
+        self.max_parked = max_parked
+        self.min_in_flight = min(min_in_flight, max_in_flight)
+        self.min_parked = min(min_parked, max_parked)
+        self.horizon = horizon
+        self._samples: deque[Counts] = deque()
+        self.in_flight = self.min_in_flight
+        self.parked = self.min_parked
+
+    def update(self, counts: Counts, requests_per_second: float) -> tuple[int, int]:
+        """New bounds (in flight, parked) from the latest counts and the budget's rate."""
+        samples = self._samples
+        samples.append(counts)
+        while len(samples) > 2 and samples[1].at <= counts.at - self.horizon:
+            samples.popleft()
+        first = samples[0]
+        span = counts.at - first.at
+        requests = counts.requests - first.requests
+        if span <= 0 or requests <= 0:
+            return self.in_flight, self.parked  # nothing measured lately: keep as is
+        per_request = (counts.served - first.served) / requests
+        wanted = per_request * requests_per_second * self.seconds
+        self.in_flight = int(min(self.max_in_flight, max(self.min_in_flight, wanted)))
+        imported_per_second = (counts.imported - first.imported) / span
+        wanted = imported_per_second * self.seconds
+        self.parked = int(min(self.max_parked, max(self.min_parked, wanted)))
+        return self.in_flight, self.parked

@@ -1,0 +1,41 @@
+"""The bounds on held work follow what the budget sends and Gist imports."""
+
+from __future__ import annotations
+
+from destination.pipeline.read_ahead import Counts, ReadAhead
+
+
+def read_ahead() -> ReadAhead:
+    return ReadAhead(30.0, 20_000, 100_000, min_in_flight=1_000, min_parked=4_000)
+
+
+def test_before_anything_is_measured_the_floors_hold() -> None:
+    ra = read_ahead()
+    assert ra.update(Counts(0.0, 0, 0, 0), 10.0) == (1_000, 4_000)
+    assert ra.update(Counts(5.0, 0, 0, 0), 10.0) == (1_000, 4_000)  # no request yet
+
+
+def test_events_hold_thirty_seconds_of_the_budget() -> None:
+    ra = read_ahead()
+    ra.update(Counts(0.0, 0, 0, 0), 10.0)
+    # 10 requests a second, one event each: 300 events are 30 s of budget (the floor wins)
+    assert ra.update(Counts(10.0, 100, 100, 0), 10.0)[0] == 1_000
+    small = ReadAhead(30.0, 20_000, 100_000, min_in_flight=50, min_parked=50)
+    small.update(Counts(0.0, 0, 0, 0), 10.0)
+    assert small.update(Counts(10.0, 100, 100, 0), 10.0)[0] == 300
+
+
+def test_contacts_reach_the_ceiling_and_parked_follows_gists_imports() -> None:
+    ra = read_ahead()
+    ra.update(Counts(0.0, 0, 0, 0), 10.0)
+    # 250 contacts a request; Gist confirms 500 a second: 15,000 parked are 30 s of it.
+    assert ra.update(Counts(10.0, 100, 25_000, 5_000), 10.0) == (20_000, 15_000)
+
+
+def test_only_the_last_half_minute_counts() -> None:
+    ra = read_ahead()
+    ra.update(Counts(0.0, 0, 0, 0), 10.0)
+    ra.update(Counts(10.0, 100, 25_000, 50_000), 10.0)  # a fast start...
+    ra.update(Counts(40.0, 400, 100_000, 50_000), 10.0)
+    # ...then Gist stopped completing: the parked bound falls back towards the floor.
+    assert ra.update(Counts(70.0, 700, 175_000, 50_000), 10.0)[1] == 4_000
