@@ -806,15 +806,20 @@ def _charge(steps: Sequence[Step]) -> None:
     if not steps:
         return
     share = 1.0 / len(steps)
+    by_type: dict[str, float] = {}
     for step in steps:
         if isinstance(step, ContactStep):
             tickets = step.tickets
             if tickets:
                 each = share / len(tickets)
                 for message in tickets:
-                    metrics.child(metrics.REQUESTS_FOR_MESSAGES, message.message_type).inc(each)
+                    kind = message.message_type
+                    by_type[kind] = by_type.get(kind, 0.0) + each
         elif isinstance(step, DirectStep):
-            metrics.child(metrics.REQUESTS_FOR_MESSAGES, step.message.message_type).inc(share)
+            kind = step.message.message_type
+            by_type[kind] = by_type.get(kind, 0.0) + share
+    for kind, amount in by_type.items():
+        metrics.child(metrics.REQUESTS_FOR_MESSAGES, kind).inc(amount)
 
 
 def _memory_key(step: ContactStep) -> str | None:

@@ -37,21 +37,22 @@ from destination.observability import log_events, metrics
 
 log = structlog.get_logger(__name__)
 
-_MASK = (1 << 64) - 1
 _IDENTITY = ("user_id", "email", "id")
+_SCALARS = (str, int, float, bool, type(None))
 
 Pairs: TypeAlias = "array[int]"
-"""64-bit ints: field hash, value hash, field hash, value hash, ..."""
+"""Signed 64-bit ints: field hash, value hash, field hash, value hash, ..."""
 
 
 def local_hash(item: Any) -> int:
-    return hash(item) & _MASK
+    """Python's hash: 64 bits, fast, the same within one process."""
+    return hash(item)
 
 
 def stable_hash(item: Any) -> int:
     """The same in every process (for fingerprints shared through Redis)."""
     raw = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big")
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
 
 
 def contact_key(payload: ContactPayload) -> str | None:
@@ -66,6 +67,8 @@ def contact_key(payload: ContactPayload) -> str | None:
 
 
 def _freeze(value: Any) -> Any:
+    if type(value) in _SCALARS:
+        return value
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
     if isinstance(value, dict):
@@ -112,7 +115,7 @@ class Fingerprints:
             elif name == "tags" and isinstance(value, list):
                 for tag in value:
                     tag_name = str(tag).lower()
-                    out[h(("t", tag_name))] = (h(("t", tag_name, True)), name, str(tag))
+                    out[h(("t", tag_name))] = (h(("t", tag_name)), name, str(tag))
             elif name in _IDENTITY and not (name == "email" and key_email):
                 continue
             else:
@@ -125,17 +128,20 @@ class Fingerprints:
         fingerprints of what is sent (packed: kept while the contact waits for its
         import), and how many fields were left out."""
         key = contact_key(payload)
-        fields = self.fields(payload)
-        sent = array("Q")
         known = None if key is None else self._get(key)
-        held = (
-            set() if known is None else {f for f, (v, _, _) in fields.items() if known.get(f) == v}
-        )
+        fields = self.fields(payload)
+        sent = array("q")
+        if known is None:  # the usual first sight of a contact: everything goes
+            for f, (v, _, _) in fields.items():
+                sent.append(f)
+                sent.append(v)
+            return payload, sent.tobytes(), 0
+        held = {f for f, (v, _, _) in fields.items() if known.get(f) == v}
         for f, (v, _, _) in fields.items():
             if f not in held:
                 sent.append(f)
                 sent.append(v)
-        if known is not None and len(held) == len(fields):
+        if len(held) == len(fields):
             return None, b"", len(held)  # Gist holds all of it (or it names a known contact)
         if not held:
             return payload, sent.tobytes(), 0
@@ -168,12 +174,20 @@ class Fingerprints:
         ``strip`` gave it)."""
         if key is None:
             return
-        known = self._get(key) or {}
-        pairs = array("Q")
-        pairs.frombytes(sent)
-        known.update(zip(pairs[::2], pairs[1::2], strict=True))
-        self._put(key, known)
+        slot = local_hash(key)
+        if slot in self._known:
+            known = self._get(key) or {}
+            pairs = array("q")
+            pairs.frombytes(sent)
+            known.update(zip(pairs[::2], pairs[1::2], strict=True))
+            self._put(key, known)
+        else:  # the usual first confirmation: what was sent is all that is known
+            self._known[slot] = self._stamp() + sent
+            while len(self._known) > self.capacity:
+                del self._known[next(iter(self._known))]
         if self.shared is not None:
+            pairs = array("q")
+            pairs.frombytes(sent)
             self.shared.record(key, pairs, self.ttl)
 
     def forget(self, identities: Iterable[str]) -> None:
@@ -196,6 +210,9 @@ class Fingerprints:
     # Per contact one bytes object: 4 bytes of the time it was recorded (whole seconds of
     # the clock), then a (field, value) pair of 64-bit hashes per field; keyed by a hash of
     # the contact's key. About 250 bytes a contact with nine fields (measured in the tests).
+    def _stamp(self) -> bytes:
+        return (int(self._clock()) & 0xFFFFFFFF).to_bytes(4, "big")
+
     def _get(self, key: str) -> dict[int, int] | None:
         slot = local_hash(key)
         blob = self._known.pop(slot, None)
@@ -205,19 +222,18 @@ class Fingerprints:
         if int(self._clock()) - recorded > self.ttl:
             return None
         self._known[slot] = blob  # most recently used
-        pairs = array("Q")
+        pairs = array("q")
         pairs.frombytes(blob[4:])
         return dict(zip(pairs[::2], pairs[1::2], strict=True))
 
     def _put(self, key: str, known: dict[int, int]) -> None:
-        pairs = array("Q")
+        pairs = array("q")
         for f, v in known.items():
             pairs.append(f)
             pairs.append(v)
         slot = local_hash(key)
         self._known.pop(slot, None)
-        stamp = int(self._clock()) & 0xFFFFFFFF
-        self._known[slot] = stamp.to_bytes(4, "big") + pairs.tobytes()
+        self._known[slot] = self._stamp() + pairs.tobytes()
         while len(self._known) > self.capacity:
             del self._known[next(iter(self._known))]
 
@@ -252,7 +268,7 @@ class SharedFingerprints:
         out: dict[str, dict[int, int]] = {}
         for key, fields in zip(keys, answers, strict=True):
             if fields:
-                out[key] = {int(f, 16): int(v, 16) for f, v in fields.items()}
+                out[key] = {_signed(int(f, 16)): _signed(int(v, 16)) for f, v in fields.items()}
         return out
 
     def record(self, key: str, sent: Pairs, ttl: float) -> None:
@@ -281,7 +297,7 @@ class SharedFingerprints:
                             pipe.delete(name)
                             continue
                         mapping = {
-                            format(f, "x"): format(v, "x")
+                            format(f & _MASK, "x"): format(v & _MASK, "x")
                             for f, v in zip(sent[::2], sent[1::2], strict=True)
                         }
                         pipe.hset(name, mapping=mapping)
@@ -289,3 +305,11 @@ class SharedFingerprints:
                     await pipe.execute()
             except Exception:
                 metrics.LIMITER_REDIS_ERRORS.labels("contact_memory").inc()
+
+
+_MASK = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit hash read back from its unsigned hex form."""
+    return value - (1 << 64) if value >= 1 << 63 else value
