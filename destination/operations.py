@@ -6,12 +6,18 @@ sends them. Every operation keeps the source message's ``messageId`` and ``times
 
 ``identities`` names the Gist contact an operation touches (``"u:<user_id>"``,
 ``"e:<lower-cased email>"``); the pipeline orders operations that share one.
+
+``priority`` (the last field of each, so positional construction keeps working) is the
+lane its requests take at the rate limiter when requests wait (``Priority``; the rules'
+``priorities`` section sets it): contact upserts default to ``HIGH``, the rest to
+``NORMAL``. It orders requests only; nothing is dropped for it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from destination.gist._limiter import Priority
 from destination.gist._models import ContactPayload, EventPayload
 
 
@@ -40,6 +46,7 @@ class ContactUpsert:
     contact: ContactPayload
     message_id: str | None = None
     timestamp: float | None = None
+    priority: Priority = Priority.HIGH
 
     @property
     def identities(self) -> tuple[str, ...]:
@@ -53,6 +60,7 @@ class EventTrack:
     event: EventPayload
     message_id: str | None = None
     timestamp: float | None = None
+    priority: Priority = Priority.NORMAL
 
     @property
     def identities(self) -> tuple[str, ...]:
@@ -67,6 +75,7 @@ class ContactDelete:
     email: str | None = None
     message_id: str | None = None
     timestamp: float | None = None
+    priority: Priority = Priority.NORMAL
 
     @property
     def identities(self) -> tuple[str, ...]:
@@ -81,6 +90,7 @@ class ContactAlias:
     user_id: str
     message_id: str | None = None
     timestamp: float | None = None
+    priority: Priority = Priority.NORMAL
 
     @property
     def identities(self) -> tuple[str, ...]:
@@ -97,6 +107,7 @@ class TagChange:
     untag: bool = False
     message_id: str | None = None
     timestamp: float | None = None
+    priority: Priority = Priority.NORMAL
 
     @property
     def identities(self) -> tuple[str, ...]:

@@ -9,7 +9,17 @@ from destination.gist._errors import (
     RetryableError,
     UnexpectedAnswerError,
 )
-from destination.gist._limiter import RESERVE, Budget, Grant, RateLimit, RateLimiter, SlidingWindow
+from destination.gist._limiter import (
+    LANE_SHARES,
+    RESERVE,
+    Budget,
+    Grant,
+    Lanes,
+    Priority,
+    RateLimit,
+    RateLimiter,
+    SlidingWindow,
+)
 from destination.gist._models import (
     BatchAccepted,
     BatchContactError,
@@ -23,6 +33,7 @@ from destination.gist._retry import NO_RETRY, RetryPolicy
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "LANE_SHARES",
     "NO_RETRY",
     "RESERVE",
     "USER_AGENT",
@@ -37,7 +48,9 @@ __all__ = [
     "GistClient",
     "GistError",
     "Grant",
+    "Lanes",
     "PermanentError",
+    "Priority",
     "RateLimit",
     "RateLimitedError",
     "RateLimiter",

@@ -1,7 +1,9 @@
 """An async client for the Gist REST API calls the destination makes.
 
 Every request first takes a slot from the workspace's ``RateLimiter`` (retries and
-batch-status polls included), is retried by ``RetryPolicy`` when the failure is
+batch-status polls included) in the lane of its ``priority`` (each call takes one,
+keyword-only: ``NORMAL``, except ``batch_status`` and ``token_info``, ``CRITICAL``, and
+the batch imports, ``HIGH``), is retried by ``RetryPolicy`` when the failure is
 transient, and ends in a typed result or one of the errors in ``_errors``.
 """
 
@@ -28,7 +30,7 @@ from destination.gist._errors import (
     UnexpectedAnswerError,
     error_for_status,
 )
-from destination.gist._limiter import Budget, RateLimiter
+from destination.gist._limiter import Budget, Priority, RateLimiter
 from destination.gist._models import (
     BatchAccepted,
     BatchContactError,
@@ -105,9 +107,11 @@ class GistClient:
         await self._http.aclose()
 
     # --- operations -------------------------------------------------------------------
-    async def token_info(self) -> TokenInfo:
+    async def token_info(self, *, priority: Priority = Priority.CRITICAL) -> TokenInfo:
         """``GET /token/info``: checks the key and tells the workspace it belongs to."""
-        data = await self._request("GET", "/token/info", "GET /token/info", parse=_json_object)
+        data = await self._request(
+            "GET", "/token/info", "GET /token/info", parse=_json_object, priority=priority
+        )
         return TokenInfo(
             workspace_id=str(data.get("workspace_id", "")),
             token_type=_opt_str(data.get("token_type")),
@@ -116,18 +120,29 @@ class GistClient:
             raw=data,
         )
 
-    async def upsert_contact(self, contact: ContactPayload) -> dict[str, JSONValue]:
+    async def upsert_contact(
+        self, contact: ContactPayload, *, priority: Priority = Priority.NORMAL
+    ) -> dict[str, JSONValue]:
         """``POST /contacts``: create or update one contact; returns the stored contact."""
         body = await self._request(
-            "POST", "/contacts", "POST /contacts", content=_encode(contact), parse=_json_object
+            "POST",
+            "/contacts",
+            "POST /contacts",
+            content=_encode(contact),
+            parse=_json_object,
+            priority=priority,
         )
         return _object(body.get("contact"))
 
-    async def import_contacts(self, contacts: Sequence[ContactPayload]) -> BatchAccepted:
+    async def import_contacts(
+        self, contacts: Sequence[ContactPayload], *, priority: Priority = Priority.HIGH
+    ) -> BatchAccepted:
         """``POST /contacts/batch``: queue an asynchronous import of many contacts."""
-        return await self.import_encoded([_encode(c) for c in contacts])
+        return await self.import_encoded([_encode(c) for c in contacts], priority=priority)
 
-    async def import_encoded(self, contacts: Sequence[bytes]) -> BatchAccepted:
+    async def import_encoded(
+        self, contacts: Sequence[bytes], *, priority: Priority = Priority.HIGH
+    ) -> BatchAccepted:
         """``import_contacts`` for contacts already encoded as JSON objects (the pipeline
         encodes each one on its own, so that one that cannot be encoded fails alone).
 
@@ -157,10 +172,17 @@ class GistClient:
             )
 
         return await self._request(
-            "POST", "/contacts/batch", "POST /contacts/batch", content=content, parse=accepted
+            "POST",
+            "/contacts/batch",
+            "POST /contacts/batch",
+            content=content,
+            parse=accepted,
+            priority=priority,
         )
 
-    async def batch_status(self, batch_id: str) -> BatchStatus:
+    async def batch_status(
+        self, batch_id: str, *, priority: Priority = Priority.CRITICAL
+    ) -> BatchStatus:
         """``GET /contacts/batch/{id}``: where an import stands; errors once completed.
 
         One attempt (the caller polls again later): a failure raises, an answer that is
@@ -194,43 +216,80 @@ class GistClient:
             "GET /contacts/batch/{id}",
             parse=status,
             retry=False,
+            priority=priority,
         )
 
     async def get_contact(
-        self, *, id: str | None = None, user_id: str | None = None, email: str | None = None
+        self,
+        *,
+        id: str | None = None,
+        user_id: str | None = None,
+        email: str | None = None,
+        priority: Priority = Priority.NORMAL,
     ) -> dict[str, JSONValue] | None:
         """Look one contact up by ``id``, ``user_id`` or ``email``; None when there is none."""
         path, params = _contact_address(id=id, user_id=user_id, email=email)
         body = await self._request(
-            "GET", path, "GET /contacts", params=params, missing_ok=True, parse=_json_object
+            "GET",
+            path,
+            "GET /contacts",
+            params=params,
+            missing_ok=True,
+            parse=_json_object,
+            priority=priority,
         )
         return None if body is None else _object(body.get("contact"))
 
     async def delete_contact(
-        self, *, id: str | None = None, user_id: str | None = None, email: str | None = None
+        self,
+        *,
+        id: str | None = None,
+        user_id: str | None = None,
+        email: str | None = None,
+        priority: Priority = Priority.NORMAL,
     ) -> bool:
         """Delete one contact; False when Gist had no such contact (already gone)."""
         path, params = _contact_address(id=id, user_id=user_id, email=email)
         found = await self._request(
-            "DELETE", path, "DELETE /contacts", params=params, missing_ok=True, parse=_done
+            "DELETE",
+            path,
+            "DELETE /contacts",
+            params=params,
+            missing_ok=True,
+            parse=_done,
+            priority=priority,
         )
         return found is not None
 
-    async def track_event(self, event: EventPayload) -> dict[str, JSONValue]:
+    async def track_event(
+        self, event: EventPayload, *, priority: Priority = Priority.NORMAL
+    ) -> dict[str, JSONValue]:
         """``POST /events``: record one event on a contact; returns the stored event ({}
         when the answer does not say). A 2xx is success whatever its body (sending the
         event again would record it twice)."""
         body = await self._request(
-            "POST", "/events", "POST /events", content=_encode(event), parse=_maybe_object
+            "POST",
+            "/events",
+            "POST /events",
+            content=_encode(event),
+            parse=_maybe_object,
+            priority=priority,
         )
         return _object(body.get("event"))
 
-    async def tag_contacts(self, tag: str, contacts: Sequence[ContactRef]) -> dict[str, JSONValue]:
+    async def tag_contacts(
+        self, tag: str, contacts: Sequence[ContactRef], *, priority: Priority = Priority.NORMAL
+    ) -> dict[str, JSONValue]:
         """``POST /tags``: tag (or, per ``untag`` in each ref, untag) up to ~50 contacts;
         returns the tag ({} when the answer does not say)."""
         payload: dict[str, Any] = {"name": tag, "contacts": list(contacts)}
         body = await self._request(
-            "POST", "/tags", "POST /tags", content=_encode(payload), parse=_maybe_object
+            "POST",
+            "/tags",
+            "POST /tags",
+            content=_encode(payload),
+            parse=_maybe_object,
+            priority=priority,
         )
         return _object(body.get("tag"))
 
@@ -246,16 +305,17 @@ class GistClient:
         params: dict[str, str] | None = None,
         missing_ok: bool = False,
         retry: bool = True,
+        priority: Priority = Priority.NORMAL,
     ) -> _T:
-        """One logical call: limiter slot, send, classify, ``parse`` a 2xx body; retried
-        while transient (unless ``retry`` is False). A 404 with ``missing_ok`` gives
-        None."""
+        """One logical call: limiter slot (in the lane of ``priority``, retries too), send,
+        classify, ``parse`` a 2xx body; retried while transient (unless ``retry`` is
+        False). A 404 with ``missing_ok`` gives None."""
         started = time.monotonic()
         attempt = 0
         unexpected = 0  # answers that could not be used, of the attempts
         while True:
             attempt += 1
-            grant = await self.limiter.acquire()
+            grant = await self.limiter.acquire(priority)
             metrics.RATE_LIMIT_WAIT.observe(grant.waited)
             try:
                 try:

@@ -1,5 +1,6 @@
 """The workspace's request budget: never more than ``limit`` requests in any interval of
-``window`` seconds as Gist counts them, waiting requests served in arrival order.
+``window`` seconds as Gist counts them, waiting requests served by priority, then in
+arrival order.
 
 Gist allows 100 requests per 10 s per workspace and does not say whether that window is
 fixed or sliding; a limiter correct for a sliding window is correct for a fixed one, and
@@ -31,25 +32,147 @@ shares, must age out first. That includes a replica's start: it waits one window
 its first assignment. Before any assignment a replica has ``RESERVE`` for its start-up
 calls.
 
-``SlidingWindow`` is the pure arithmetic on an explicit ``now``; ``RateLimiter`` adds the
-async queue, an injected clock, the shares and the adaptive slow-down after a 429 from
-Gist (someone else shares the workspace): a pause for ``Retry-After`` (or a backoff),
-and a multiplicative cut of the limit that recovers by a tenth per quiet window.
+**Priorities.** Every request waits in the lane of its ``Priority``; priority decides only
+the order of grants, never whether one is made (nothing is dropped). Each time a slot is
+free and requests wait, ``Lanes.pop`` picks the next one:
+
+1. ``CRITICAL`` (batch-status polls, the start-up key check) goes first: they are few, and
+   a poll that waits holds offsets and memory. Only when CRITICAL requests keep coming
+   do the others still get every other grant (``SHARE_BESIDE_CRITICAL``, 50 %): a flood
+   of polls must not starve the deliveries whose batches they poll. Precisely: while
+   CRITICAL and other lanes both wait, the others earn half a grant of credit per grant,
+   and take the grant when it reaches a whole one (paying it); a CRITICAL request so gets
+   the next grant, or the one after when the last grant went to CRITICAL too.
+2. A grant for the other lanes: each of ``HIGH``, ``NORMAL``, ``LOW`` that has a waiter
+   earns its reserved share of it as credit (``LANE_SHARES``: 60, 30 and 10 % of a
+   grant); a lane that has no waiter loses its credit. The highest lane whose credit
+   reached a whole grant is owed one and goes;
+3. else the highest lane that waits goes.
+
+The lane served pays a whole grant of credit (never going below none). So, over any run
+of those grants during which a lane waits, it gets at least its share of them (60/30/10
+%, less at most four grants), and higher lanes take whatever the lower ones are not owed
+(HIGH and LOW waiting: 90/10); within a lane, strictly first come first served.
+
+``SlidingWindow`` is the pure arithmetic on an explicit ``now``; ``Lanes`` the order of
+waiters; ``RateLimiter`` adds the async queue, an injected clock, the shares and the
+adaptive slow-down after a 429 from Gist (someone else shares the workspace): a pause for
+``Retry-After`` (or a backoff), and a multiplicative cut of the limit that recovers by a
+tenth per quiet window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from types import MappingProxyType
+from typing import Final, Generic, Protocol, TypeVar
 
 RESERVE = 2
 """Requests per window a shared budget keeps for replicas that are starting (their
 ``GET /token/info`` comes before they know their share)."""
+
+
+class Priority(enum.IntEnum):
+    """How soon a request should go when requests wait; a greater value goes first (so
+    ``max`` of several is the most urgent). Rules files name them in lower case."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    CRITICAL = 3
+    """Batch-status polls and the start-up key check: first (at least every other grant
+    while they keep coming), outside the shares of the others."""
+
+    @property
+    def label(self) -> str:
+        """The name in rules files, logs and metrics: ``high``."""
+        return self.name.lower()
+
+
+LANE_SHARES: Final[Mapping[Priority, int]] = MappingProxyType(
+    {Priority.HIGH: 60, Priority.NORMAL: 30, Priority.LOW: 10}
+)
+"""Percent of the grants (those not to CRITICAL) each lane is sure of while it waits (see
+the module docstring); they add up to 100."""
+
+SHARE_BESIDE_CRITICAL: Final = 50
+"""Percent of the grants the lanes below CRITICAL are sure of, together, while CRITICAL
+requests wait too."""
+
+_WHOLE: Final = 100  # a whole grant, in the unit of LANE_SHARES
+_SHARED_LANES: Final = tuple(sorted(LANE_SHARES, reverse=True))  # HIGH, NORMAL, LOW
+
+_R = TypeVar("_R")
+
+
+class Lanes(Generic[_R]):
+    """Waiters queued by priority, each a future its turn resolves, and who goes next.
+
+    ``pop`` applies the rule of the module docstring; a waiter that gave up (its future
+    cancelled) is skipped and gives its turn to the next. Needs a running event loop."""
+
+    __slots__ = ("_beside_critical", "_credit", "_queues")
+
+    def __init__(self) -> None:
+        self._queues: dict[Priority, deque[asyncio.Future[_R]]] = {
+            priority: deque() for priority in sorted(Priority, reverse=True)
+        }
+        self._credit: dict[Priority, int] = dict.fromkeys(LANE_SHARES, 0)
+        self._beside_critical = 0  # the other lanes' credit while CRITICAL waits too
+
+    def push(self, priority: Priority) -> asyncio.Future[_R]:
+        """Queue a waiter at the end of its lane; await the future for its turn."""
+        future: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
+        self._queues[Priority(priority)].append(future)
+        return future
+
+    def _live(self, priority: Priority) -> bool:
+        queue = self._queues[priority]
+        while queue and queue[0].done():  # gave up while waiting
+            queue.popleft()
+        return bool(queue)
+
+    def __bool__(self) -> bool:
+        """Whether anyone waits."""
+        return any(self._live(priority) for priority in self._queues)
+
+    def pop(self) -> asyncio.Future[_R] | None:
+        """The next waiter by the lane rule (taken off its lane), or None if none waits.
+        Call it once per grant: the shares count calls."""
+        waiting = [lane for lane in _SHARED_LANES if self._live(lane)]
+        if self._live(Priority.CRITICAL):
+            if not waiting:
+                self._beside_critical = 0
+                return self._queues[Priority.CRITICAL].popleft()
+            self._beside_critical += SHARE_BESIDE_CRITICAL
+            if self._beside_critical < _WHOLE:
+                return self._queues[Priority.CRITICAL].popleft()
+            self._beside_critical -= _WHOLE
+        else:
+            self._beside_critical = 0
+        credit = self._credit
+        for lane in _SHARED_LANES:
+            credit[lane] = credit[lane] + LANE_SHARES[lane] if lane in waiting else 0
+        if not waiting:
+            return None
+        owed = [lane for lane in waiting if credit[lane] >= _WHOLE]
+        lane = owed[0] if owed else waiting[0]
+        credit[lane] = max(0, credit[lane] - _WHOLE)
+        return self._queues[lane].popleft()
+
+    def fail(self, error: BaseException) -> None:
+        """Every waiter's turn ends in ``error``; the lanes are left empty."""
+        for queue in self._queues.values():
+            for future in queue:
+                if not future.done():
+                    future.set_exception(error)
+            queue.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +204,7 @@ class Grant:
 class Budget(Protocol):
     """What the Gist client needs of a limiter (local, or shared through Redis)."""
 
-    async def acquire(self) -> Grant: ...
+    async def acquire(self, priority: Priority = Priority.NORMAL) -> Grant: ...
     def release(self, grant: Grant) -> None: ...
     def on_rate_limited(self, retry_after: float | None, backoff: float) -> None: ...
     def utilisation(self) -> float: ...
@@ -148,6 +271,11 @@ class SlidingWindow:
             for _ in range(len(answered) - self._capacity):
                 answered.popleft()
 
+    def ungrant(self) -> None:
+        """A grant never used (its waiter gave up before sending): Gist never saw it, so
+        its slot is free again. The pacing schedule keeps it (a gap, no more)."""
+        self.in_flight -= 1
+
     def record(self, at: float) -> None:
         """A request sent and answered at ``at`` (no time in flight)."""
         self.grant(at)
@@ -166,12 +294,14 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 class RateLimiter:
-    """Every request to one workspace passes ``grant = await limiter.acquire()`` first
-    and ``limiter.release(grant)`` once answered (or failed).
+    """Every request to one workspace passes ``grant = await limiter.acquire(priority)``
+    first and ``limiter.release(grant)`` once answered (or failed).
 
-    Waiters are served strictly in arrival order (one waiter at a time holds the queue).
-    ``on_rate_limited`` is called when Gist still answers 429: everyone pauses and the
-    limit is cut, so one 429 slows every sender of the workspace.
+    Waiters queue in the lane of their priority; one dispatcher task (alive while anyone
+    waits) waits for each free slot and grants it to the next waiter by the lane rule of
+    the module docstring, so the choice is made when the slot frees, not when the waiter
+    arrived. ``on_rate_limited`` is called when Gist still answers 429: everyone pauses
+    and the limit is cut, so one 429 slows every sender of the workspace.
     """
 
     def __init__(
@@ -188,7 +318,8 @@ class RateLimiter:
         self._sleep = sleep
         self._span = rate.window + rate.margin
         self._window = SlidingWindow(rate.limit, self._span, rate.pace)
-        self._queue = asyncio.Lock()  # asyncio.Lock wakes waiters in FIFO order
+        self._lanes: Lanes[float] = Lanes()  # waiters; a turn's result is the grant time
+        self._dispatcher: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # an answer came, or the limit moved
         self._paused_until = 0.0
         self._min_limit = max(1, int(rate.limit * min_fraction))
@@ -284,26 +415,63 @@ class RateLimiter:
             self._history.popleft()
 
     # --- granting ---------------------------------------------------------------------
-    async def acquire(self) -> Grant:
-        """Wait for a slot; the grant says how long it waited."""
+    async def acquire(self, priority: Priority = Priority.NORMAL) -> Grant:
+        """Wait for a slot, in the lane of ``priority``; the grant says how long it
+        waited. Cancelled while waiting, it leaves its turn to the next waiter."""
         start = self._clock()
+        self._update(start)
+        if not self._lanes and self._slot(start) <= start:  # nobody waits: no queue
+            self._window.grant(start)
+            return self._granted(start, start)
+        turn = self._lanes.push(priority)
         self._waiting += 1
         try:
-            async with self._queue:
-                while True:
-                    now = self._clock()
-                    self._update(now)
-                    slot = max(self._window.next_slot(now), self._paused_until)
-                    if slot <= now:
-                        break
-                    await self._wait(slot - now, now)
-                self._window.grant(now)
+            if self._dispatcher is None:
+                self._dispatcher = asyncio.ensure_future(self._dispatch())
+            try:
+                at = await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():  # granted as it was cancelled
+                    self._window.ungrant()
+                    self._changed.set()
+                raise
         finally:
             self._waiting -= 1
+        return self._granted(start, at)
+
+    def _granted(self, start: float, at: float) -> Grant:
         self.granted += 1
-        waited = now - start
+        waited = at - start
         self.total_wait += waited
-        return Grant(at=now, waited=waited)
+        return Grant(at=at, waited=waited)
+
+    def _slot(self, now: float) -> float:
+        return max(self._window.next_slot(now), self._paused_until)
+
+    async def _dispatch(self) -> None:
+        """While anyone waits: wait for a free slot, grant it to the next waiter."""
+        try:
+            while self._lanes:
+                now = self._clock()
+                self._update(now)
+                slot = self._slot(now)
+                if slot > now:
+                    await self._wait(slot - now, now)
+                    continue
+                turn = self._lanes.pop()
+                if turn is not None:
+                    self._window.grant(now)
+                    turn.set_result(now)
+                    # Let the granted waiter run first: what it does at once (a failure
+                    # answered at once) decides the next slot.
+                    await asyncio.sleep(0)
+        except asyncio.CancelledError:  # the loop is closing: nobody will grant them
+            self._lanes.fail(RuntimeError("the rate limiter's dispatcher was cancelled"))
+            raise
+        except Exception as error:  # a bug: no waiter may wait for ever on it
+            self._lanes.fail(error)
+        finally:
+            self._dispatcher = None
 
     async def _wait(self, delay: float, now: float) -> None:
         """Sleep ``delay`` (``inf``: until an answer or a change of limit); a share's hold

@@ -19,6 +19,12 @@ changed *epoch* key), the replica keeps, for one window, to at most what it sent
 in the last window, and on its way back it also keeps to its partition share for that
 window. So a Redis restart costs no extra requests: each replica knows its own recent
 ones, and their sum was within the budget.
+
+**Priorities are per replica.** The shared log is one log: Redis knows nothing of lanes.
+Each replica's waiters queue in its own ``Lanes``, and one asker task per replica asks
+Redis for the next slot and gives it, once granted, to the next waiter by the lane rule
+(``_limiter``), so a replica's urgent requests overtake its own others, not other
+replicas' ones.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
 
-from destination.gist._limiter import RESERVE, Grant, RateLimit, RateLimiter
+from destination.gist._limiter import RESERVE, Grant, Lanes, Priority, RateLimit, RateLimiter
 from destination.observability import log_events, metrics
 
 log = structlog.get_logger(__name__)
@@ -152,7 +159,8 @@ class RedisBudget:
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
         self._rate_limited = redis.register_script(_RATE_LIMITED)
-        self._queue = asyncio.Lock()
+        self._lanes: Lanes[str] = Lanes()  # waiters for the shared log; a turn's result
+        self._asker: asyncio.Task[None] | None = None  # is the member of its grant
         self._epoch: str | None = None
         self._limit = rate.limit - RESERVE
         self._members: dict[int, str] = {}  # id(grant) -> member, for release
@@ -190,7 +198,7 @@ class RedisBudget:
         log.info(log_events.LIMITER_SHARED, workspace=workspace_id)
 
     async def close(self) -> None:
-        for task in list(self._pending):
+        for task in [*self._pending, *([self._asker] if self._asker is not None else [])]:
             task.cancel()
         await self._redis.aclose()
 
@@ -204,71 +212,110 @@ class RedisBudget:
     def utilisation(self) -> float:
         return self.local.utilisation()  # our own part; the workspace's: ``shared_use``
 
-    async def acquire(self) -> Grant:
+    async def acquire(self, priority: Priority = Priority.NORMAL) -> Grant:
+        """A slot of the workspace's budget, in the lane of ``priority`` among this
+        replica's waiters."""
         if self.backend == "local":  # before start(): the start-up reserve
-            return await self.local.acquire()
+            return await self.local.acquire(priority)
         now = self._clock()
         if self.backend == "fallback":
             if now < self._next_try:
-                return await self.local.acquire()
+                return await self.local.acquire(priority)
             self._next_try = now + RETRY_REDIS_EVERY
             self._come_back()  # try Redis again, holding to the share for a window
         if self.backend == "dual":
-            grant = await self.local.acquire()
-            with contextlib.suppress(_Unavailable):  # fell back: the local grant stands
-                await self._shared_grant(grant)
+            grant = await self.local.acquire(priority)
+            try:
+                await self._shared_grant(grant, priority)
+            except _Unavailable:  # fell back: the local grant stands
+                pass
+            except BaseException:  # cancelled: the grant is handed back unused
+                self.release(grant)
+                raise
             return grant
         start = self._clock()
         grant = self.local.track()
         try:
-            await self._shared_grant(grant)
+            await self._shared_grant(grant, priority)
         except _Unavailable:
             self.local.release(grant)
-            return await self.local.acquire()
+            return await self.local.acquire(priority)
+        except BaseException:
+            self.release(grant)
+            raise
         grant.waited = self._clock() - start
         return grant
 
-    async def _shared_grant(self, grant: Grant) -> None:
-        """Wait for a slot in the shared log (one asker per replica at a time)."""
-        assert self._keys is not None
-        async with self._queue:
-            self._seq += 1
-            member = f"{self._id}:{self._seq}"
-            args = [
-                self._limit,
-                round(self._span * 1000),
-                round(self.rate.window * 1000),
-                round(HOLD_IN_FLIGHT * 1000),
-                member,
-                1 if self.rate.pace else 0,
-                uuid.uuid4().hex,
-            ]
-            while True:
-                try:
-                    answer = await asyncio.wait_for(
-                        self._acquire(keys=self._keys, args=args), self._timeout
-                    )
-                except Exception as error:
-                    self._fall_back(error)
-                    raise _Unavailable from None
-                granted, wait_ms, epoch, limit = answer
-                self._limit = int(limit)
-                self._check_epoch(epoch.decode() if isinstance(epoch, bytes) else str(epoch))
-                if int(granted):
-                    break
-                await asyncio.sleep(min(MAX_NAP, int(wait_ms) / 1000))
+    async def _shared_grant(self, grant: Grant, priority: Priority) -> None:
+        """Wait for this replica's asker to get ``grant`` a slot in the shared log;
+        ``_Unavailable`` when Redis failed meanwhile."""
+        turn = self._lanes.push(priority)
+        if self._asker is None:
+            self._asker = asyncio.ensure_future(self._ask())
+        try:
+            member = await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # granted as it was cancelled
+                self._members[id(grant)] = turn.result()
+            raise
         self._members[id(grant)] = member
-        self.granted += 1
-        metrics.LIMITER_GRANTS.labels("redis").inc()
+
+    async def _ask(self) -> None:
+        """While this replica's waiters wait: take the next slot of the shared log (one
+        asker per replica), give it to the next waiter by the lane rule."""
+        assert self._keys is not None
+        try:
+            while self._lanes:
+                self._seq += 1
+                member = f"{self._id}:{self._seq}"
+                args = [
+                    self._limit,
+                    round(self._span * 1000),
+                    round(self.rate.window * 1000),
+                    round(HOLD_IN_FLIGHT * 1000),
+                    member,
+                    1 if self.rate.pace else 0,
+                    uuid.uuid4().hex,
+                ]
+                while True:
+                    try:
+                        answer = await asyncio.wait_for(
+                            self._acquire(keys=self._keys, args=args), self._timeout
+                        )
+                    except Exception as error:
+                        self._fall_back(error)
+                        self._lanes.fail(_Unavailable())
+                        return
+                    granted, wait_ms, epoch, limit = answer
+                    self._limit = int(limit)
+                    self._check_epoch(epoch.decode() if isinstance(epoch, bytes) else str(epoch))
+                    if int(granted):
+                        break
+                    await asyncio.sleep(min(MAX_NAP, int(wait_ms) / 1000))
+                turn = self._lanes.pop()
+                if turn is None:  # every waiter gave up meanwhile: the slot goes unused
+                    self._release_member(member)
+                    return
+                turn.set_result(member)
+                self.granted += 1
+                metrics.LIMITER_GRANTS.labels("redis").inc()
+        except asyncio.CancelledError:  # closing
+            self._lanes.fail(_Unavailable())
+            raise
+        except Exception as error:  # a bug: no waiter may wait for ever on it
+            self._lanes.fail(error)
+        finally:
+            self._asker = None
 
     def release(self, grant: Grant) -> None:
         self.local.release(grant)
         member = self._members.pop(id(grant), None)
         if member is None or self._keys is None or self.backend == "fallback":
             return
-        task = asyncio.ensure_future(self._send_release(member))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._release_member(member)
+
+    def _release_member(self, member: str) -> None:
+        self._spawn(self._send_release(member))
 
     async def _send_release(self, member: str) -> None:
         assert self._keys is not None
@@ -285,9 +332,7 @@ class RedisBudget:
         if self._keys is None or self.backend == "fallback":
             return
         pause = retry_after if retry_after is not None and retry_after >= 0 else backoff
-        task = asyncio.ensure_future(self._share_cooldown(pause))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._spawn(self._share_cooldown(pause))
 
     async def _share_cooldown(self, pause: float) -> None:
         assert self._keys is not None
@@ -341,6 +386,21 @@ class RedisBudget:
         self.local.hold(self._own_recent())
         self._next_try = self._clock() + RETRY_REDIS_EVERY
         self._set_backend("fallback")
+        self._spawn(self._drop_connections())
+
+    async def _drop_connections(self) -> None:
+        """Close every pooled connection: after a Redis restart each one left open would
+        fail once on its next use ("closed by server"), and that use may be the next
+        ask, which would fall back again."""
+        pool = getattr(self._redis, "connection_pool", None)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.disconnect(), self._timeout)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def _come_back(self) -> None:
         """Redis may answer again: for one window, keep to the share too (Redis did not

@@ -1,7 +1,8 @@
 """One Segment message in, the Gist operations it causes out (or why none).
 
 ``Mapper(rules)`` compiles the rules once; ``Mapper.map`` is pure, never raises and
-touches only plain dicts, compiled regexes and small caches per message.
+touches only plain dicts, compiled regexes and small caches per message. Every operation
+carries the priority the rules' ``priorities`` section gives it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Final, cast
 
+from destination.gist._limiter import Priority
 from destination.gist._models import ContactPayload, EventPayload
 from destination.mapping import _reasons as reasons
 from destination.mapping._schema import CONTACT_FIELDS, EventTag, Rules, TraitTag
@@ -236,6 +238,10 @@ class _TagRule:
         self.events = Matcher(rule.event, event_names=True) if isinstance(rule, EventTag) else None
 
 
+def _priority(name: str) -> Priority:
+    return Priority[name.upper()]
+
+
 class Mapper:
     """Maps Segment-spec messages to Gist operations according to ``rules``."""
 
@@ -292,7 +298,7 @@ class Mapper:
         self._event_include = Matcher(track.events.include, event_names=True)
         self._event_exclude = Matcher(track.events.exclude, event_names=True)
         self._event_rename = {event_key(k): v for k, v in track.events.rename.items()}
-        self._event_cache: dict[str, tuple[str, str | None, tuple[_TagRule, ...]]] = {}
+        self._event_cache: dict[str, tuple[str, str | None, tuple[_TagRule, ...], Priority]] = {}
         self._track_properties = PropertyShaper(
             track.properties, names, convert, label="properties", drop_invalid=drop
         )
@@ -331,6 +337,14 @@ class Mapper:
             kind: handler if getattr(rules, kind).enabled else _type_off
             for kind, handler in handlers.items()
         }
+
+        priorities = rules.priorities
+        self._priority = {kind: _priority(getattr(priorities.types, kind)) for kind in handlers}
+        self._audience_priority = _priority(priorities.audiences)
+        self._event_priorities = tuple(
+            (Matcher((pattern,), event_names=True), _priority(name))
+            for pattern, name in priorities.events.items()
+        )
 
     # The entry point -------------------------------------------------------------------
 
@@ -535,45 +549,57 @@ class Mapper:
                     contact[name] = None
 
         properties = self._traits.shape(traits)
-        if "personas" in context and (self._audiences or self._computed_traits):
-            self._engage_trait(context, traits, properties)
+        priority = self._priority[kind]
+        if (
+            "personas" in context
+            and (self._audiences or self._computed_traits)
+            and self._engage_trait(context, traits, properties)
+        ):
+            priority = self._audience_priority
         if properties:
             contact["custom_properties"] = properties
 
-        stamp = self._stamp(message)
+        message_id, timestamp = self._stamp(message)
         if not self._trait_tags:
-            return Mapped(kind, (ContactUpsert(cast(ContactPayload, contact), *stamp),))
+            upsert = ContactUpsert(cast(ContactPayload, contact), message_id, timestamp, priority)
+            return Mapped(kind, (upsert,))
         changes = self._rule_tags(self._trait_tags, message)
         added = [tag for tag, untag in changes if not untag]
         if added:
             contact["tags"] = list(dict.fromkeys([*contact.get("tags", ()), *added]))
-        upsert = ContactUpsert(cast(ContactPayload, contact), *stamp)
-        untags = (TagChange(tag, user_id, email, True, *stamp) for tag, untag in changes if untag)
+        upsert = ContactUpsert(cast(ContactPayload, contact), message_id, timestamp, priority)
+        untags = (
+            TagChange(tag, user_id, email, True, message_id, timestamp, priority)
+            for tag, untag in changes
+            if untag
+        )
         return Mapped(kind, (upsert, *untags))
 
     def _engage_trait(
         self, context: dict[str, Any], traits: dict[str, Any], properties: dict[str, Any]
-    ) -> None:
+    ) -> bool:
         """An identify from Engage: its audience (a boolean) or computed trait is set
-        whatever the trait filters say."""
+        whatever the trait filters say. True when it sets an audience's membership."""
         personas = context.get("personas")
         if not isinstance(personas, dict):
-            return
+            return False
         key = personas.get("computation_key")
         if not isinstance(key, str) or key not in traits:
-            return
+            return False
         name = self._custom_property(key, "context.personas.computation_key")
         if name is None:
-            return
+            return False
         if personas.get("computation_class") == "audience":
             if self._audiences:
                 member = _membership(traits[key])
                 if member is not None:
                     properties[name] = member
+                    return True
         elif self._computed_traits:
             value = self._engage_value(traits[key], f"traits.{field_name(key)}")
             if value is not DROP:
                 properties[name] = value
+        return False
 
     def _rule_tags(
         self, rules: tuple[_TagRule, ...], message: dict[str, Any]
@@ -623,10 +649,10 @@ class Mapper:
             )
         stamp = self._stamp(message)
         ops: list[Operation] = []
-        key, event_name, tag_rules = self._event_rules(name)
+        key, event_name, tag_rules, priority = self._event_rules(name)
 
         if key in _AUDIENCE_EVENTS or "personas" in context:
-            engage = self._engage_upsert(context, key, properties, user_id, email, stamp)
+            engage = self._engage_upsert(context, key, properties, user_id, email, stamp, priority)
             if engage is not None:
                 ops.append(engage)
                 if not self._engage_events:
@@ -643,19 +669,19 @@ class Mapper:
                 event["properties"] = shaped
             if stamp[1] is not None:
                 event["occurred_at"] = int(stamp[1])
-            ops.append(EventTrack(cast(EventPayload, event), *stamp))
+            ops.append(EventTrack(cast(EventPayload, event), *stamp, priority))
         if tag_rules:
             ops.extend(
-                TagChange(tag, user_id, email, untag, *stamp)
+                TagChange(tag, user_id, email, untag, *stamp, priority)
                 for tag, untag in self._rule_tags(tag_rules, message)
             )
         if not ops:
             return Skipped(kind, reasons.EVENT_EXCLUDED)
         return Mapped(kind, tuple(ops))
 
-    def _event_rules(self, name: str) -> tuple[str, str | None, tuple[_TagRule, ...]]:
+    def _event_rules(self, name: str) -> tuple[str, str | None, tuple[_TagRule, ...], Priority]:
         """(the event's key; the name to send, or None when excluded; the tag rules
-        for this event)."""
+        for this event; its priority)."""
         cached = self._event_cache.get(name)
         if cached is None:
             key = event_key(name)
@@ -663,7 +689,11 @@ class Mapper:
             if self._event_include(key) and not self._event_exclude(key):
                 sent = self._event_name(self._event_rename.get(key, name))
             rules = tuple(r for r in self._event_tags if r.events is not None and r.events(key))
-            cached = (key, sent, rules)
+            priority = next(
+                (level for matches, level in self._event_priorities if matches(key)),
+                self._priority["track"],
+            )
+            cached = (key, sent, rules, priority)
             if len(self._event_cache) >= CACHE_LIMIT:
                 self._event_cache.clear()
             self._event_cache[name] = cached
@@ -677,9 +707,11 @@ class Mapper:
         user_id: str | None,
         email: str | None,
         stamp: tuple[str | None, float | None],
+        priority: Priority,
     ) -> ContactUpsert | None:
         """A track from Engage (Audience Entered / Exited, a computed trait) sets a
-        custom property on the contact; ``None`` for any other track."""
+        custom property on the contact; ``None`` for any other track. An audience's
+        upsert takes the audiences' priority, a computed trait's ``priority``."""
         prop: tuple[str, Any] | None = None
         if self._audiences and key in _AUDIENCE_EVENTS:
             audience = properties.get("audience_key")
@@ -687,6 +719,7 @@ class Mapper:
                 name = self._custom_property(audience, "properties.audience_key")
                 if name is not None:
                     prop = (name, key == _AUDIENCE_ENTERED)
+                    priority = self._audience_priority
             elif audience is not None:
                 self._invalid("properties.audience_key", "a string")
         if prop is None and self._computed_traits:
@@ -710,7 +743,7 @@ class Mapper:
             contact["user_id"] = user_id
         if email is not None:
             contact["email"] = email
-        return ContactUpsert(cast(ContactPayload, contact), *stamp)
+        return ContactUpsert(cast(ContactPayload, contact), *stamp, priority)
 
     # page and screen -------------------------------------------------------------------
 
@@ -745,7 +778,7 @@ class Mapper:
             event["properties"] = shaped
         if stamp[1] is not None:
             event["occurred_at"] = int(stamp[1])
-        return Mapped(kind, (EventTrack(cast(EventPayload, event), *stamp),))
+        return Mapped(kind, (EventTrack(cast(EventPayload, event), *stamp, self._priority[kind]),))
 
     # group, alias, delete --------------------------------------------------------------
 
@@ -770,7 +803,10 @@ class Mapper:
             contact["user_id"] = user_id
         if email is not None:
             contact["email"] = email
-        return Mapped(kind, (ContactUpsert(cast(ContactPayload, contact), *self._stamp(message)),))
+        upsert = ContactUpsert(
+            cast(ContactPayload, contact), *self._stamp(message), self._priority[kind]
+        )
+        return Mapped(kind, (upsert,))
 
     def _alias(self, message: dict[str, Any], kind: str) -> MapResult:
         previous_id = self._user_id(message, _PREVIOUS_ID)
@@ -779,13 +815,15 @@ class Mapper:
             raise _Reject(reasons.MISSING_IDENTITY, "alias needs previousId and userId")
         if previous_id == user_id:
             return Skipped(kind, reasons.NOTHING_TO_SEND)
-        return Mapped(kind, (ContactAlias(previous_id, user_id, *self._stamp(message)),))
+        alias = ContactAlias(previous_id, user_id, *self._stamp(message), self._priority[kind])
+        return Mapped(kind, (alias,))
 
     def _delete(self, message: dict[str, Any], kind: str) -> MapResult:
         user_id, email = self._identity(message)
         if user_id is None and email is None:
             raise self._no_identity(message, "delete needs a userId or an email")
-        return Mapped(kind, (ContactDelete(user_id, email, *self._stamp(message)),))
+        delete = ContactDelete(user_id, email, *self._stamp(message), self._priority[kind])
+        return Mapped(kind, (delete,))
 
 
 _PREVIOUS_ID: Final = (_source(("previousId",)),)

@@ -105,6 +105,15 @@ def _source(value: Any) -> Any:
     return tuple(parts)
 
 
+def _not_critical(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "critical":
+        raise ValueError(
+            "expected 'high', 'normal' or 'low' (critical is kept for batch-status polls "
+            "and the start-up key check)"
+        )
+    return value
+
+
 def _condition_values(value: Any) -> Any:
     values = value if isinstance(value, list) else [value]
     for item in values:
@@ -144,6 +153,9 @@ Expected = Annotated[
     tuple[Scalar, ...],
     BeforeValidator(_condition_values, json_schema_input_type=Scalar | list[Scalar]),
 ]
+EventPattern = Annotated[str, AfterValidator(_check_pattern)]
+PriorityName = Annotated[Literal["high", "normal", "low"], BeforeValidator(_not_critical)]
+"""A lane at Gist's rate limit, as rules name it (``Priority`` in lower case)."""
 
 
 class _Section(BaseModel):
@@ -295,6 +307,31 @@ class Switch(_Section):
     enabled: bool = True
 
 
+class TypePriorities(_Section):
+    """The priority of each message type's requests."""
+
+    identify: PriorityName = "high"
+    track: PriorityName = "normal"
+    page: PriorityName = "low"
+    screen: PriorityName = "low"
+    group: PriorityName = "normal"
+    alias: PriorityName = "normal"
+    delete: PriorityName = "high"
+
+
+class Priorities(_Section):
+    """Which requests go first when requests wait at Gist's rate limit; never whether
+    they go. A track's priority is that of the first ``events`` pattern (in file order)
+    matching its event name as sent, compared the way ``track.events`` compares names,
+    else ``types.track``; every other message takes its type's. ``audiences`` is the
+    priority of Engage audience updates (an audience identify, Audience Entered /
+    Exited), whatever their type or event says."""
+
+    types: TypePriorities = TypePriorities()
+    events: dict[EventPattern, PriorityName] = {}
+    audiences: PriorityName = "high"
+
+
 class Rules(_Section):
     """A whole mapping-rules file. ``Rules()`` is the shipped default."""
 
@@ -314,6 +351,7 @@ class Rules(_Section):
     group: Group = Group()
     alias: Switch = Switch()
     delete: Switch = Switch()
+    priorities: Priorities = Priorities()
 
     def summary(self) -> str:
         """One line: what is on, what is off, how many custom rules."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -19,7 +19,9 @@ from destination.gist import (
     CredentialsError,
     GistClient,
     GistError,
+    Grant,
     PermanentError,
+    Priority,
     RateLimitedError,
     RateLimiter,
     RetryableError,
@@ -366,3 +368,75 @@ async def test_batch_errors_in_any_shape_are_read() -> None:
     assert (first.index, first.email, first.message) == (0, "x", "email is not valid")
     assert (second.index, second.user_id, second.message) == (None, "42", "conflict")
     assert third.message == "plain text"
+
+
+# --- priorities: every call asks the limiter in its lane ------------------------------
+class RecordingLimiter(RateLimiter):
+    """The real limiter, keeping the priority of every slot asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.priorities: list[Priority] = []
+
+    async def acquire(self, priority: Priority = Priority.NORMAL) -> Grant:
+        self.priorities.append(priority)
+        return await super().acquire(priority)
+
+
+ANSWER = ok({"workspace_id": "w-1", "batch_id": "b1", "status": "COMPLETED", "contact": {}})
+
+CALLS: list[tuple[str, Callable[..., Awaitable[object]], Priority]] = [
+    # (name, call(gist, **priority), its default priority)
+    ("token_info", lambda g, **p: g.token_info(**p), Priority.CRITICAL),
+    ("batch_status", lambda g, **p: g.batch_status("b1", **p), Priority.CRITICAL),
+    (
+        "import_contacts",
+        lambda g, **p: g.import_contacts([{"email": "a@x.io"}], **p),
+        Priority.HIGH,
+    ),
+    (
+        "import_encoded",
+        lambda g, **p: g.import_encoded([b'{"email":"a@x.io"}'], **p),
+        Priority.HIGH,
+    ),
+    ("upsert_contact", lambda g, **p: g.upsert_contact({"user_id": "u1"}, **p), Priority.NORMAL),
+    ("get_contact", lambda g, **p: g.get_contact(user_id="u1", **p), Priority.NORMAL),
+    ("delete_contact", lambda g, **p: g.delete_contact(email="a@x.io", **p), Priority.NORMAL),
+    (
+        "track_event",
+        lambda g, **p: g.track_event({"event_name": "X", "user_id": "u1"}, **p),
+        Priority.NORMAL,
+    ),
+    (
+        "tag_contacts",
+        lambda g, **p: g.tag_contacts("vip", [{"user_id": "u1"}], **p),
+        Priority.NORMAL,
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "default"), [c[1:] for c in CALLS], ids=[c[0] for c in CALLS])
+async def test_every_call_asks_the_limiter_in_its_lane(
+    call: Callable[..., Awaitable[object]], default: Priority
+) -> None:
+    limiter = RecordingLimiter()
+    async with client(Recorder(ANSWER), limiter=limiter) as gist:
+        await call(gist)
+        await call(gist, priority=Priority.LOW)
+        await call(gist, priority=Priority.CRITICAL)
+    assert limiter.priorities == [default, Priority.LOW, Priority.CRITICAL]
+
+
+async def test_every_retry_of_a_call_keeps_its_priority() -> None:
+    limiter = RecordingLimiter()
+    rec = Recorder(httpx.Response(503), httpx.Response(429), ok({"event": {"id": 1}}))
+    async with client(rec, limiter=limiter) as gist:
+        await gist.track_event({"event_name": "X", "user_id": "u1"}, priority=Priority.HIGH)
+    assert len(rec.requests) == 3
+    assert limiter.priorities == [Priority.HIGH] * 3
+
+
+async def test_priority_is_keyword_only() -> None:
+    async with client(Recorder(ANSWER)) as gist:
+        with pytest.raises(TypeError):
+            await gist.track_event({"event_name": "X"}, Priority.HIGH)  # type: ignore[call-arg]

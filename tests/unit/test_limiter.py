@@ -19,7 +19,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from destination.gist import RESERVE, RateLimit, RateLimiter, SlidingWindow
+from destination.gist import (
+    LANE_SHARES,
+    RESERVE,
+    Grant,
+    Lanes,
+    Priority,
+    RateLimit,
+    RateLimiter,
+    SlidingWindow,
+)
+from destination.gist._limiter import SHARE_BESIDE_CRITICAL
+from destination.gist._redis import RedisBudget
 
 EPS = 1e-9
 
@@ -89,6 +100,8 @@ class Simulation:
     """One run of the limiter: who was granted, in what order and when."""
 
     rate: RateLimit
+    priorities: Sequence[Priority] = ()
+    """Each request's lane (all NORMAL when empty)."""
     time: VirtualTime = field(default_factory=VirtualTime)
     order: list[int] = field(default_factory=list)
     granted_at: list[float] = field(default_factory=list)
@@ -99,7 +112,8 @@ class Simulation:
         self.time.progress = lambda: (len(self.order), self.limiter.waiting)
 
     async def _request(self, index: int) -> None:
-        grant = await self.limiter.acquire()
+        priority = self.priorities[index] if self.priorities else Priority.NORMAL
+        grant = await self.limiter.acquire(priority)
         # Same task step as the grant: the append order is the grant order. Gist answers
         # at once (the time a request holds its slot in flight has tests of its own).
         self.order.append(index)
@@ -145,8 +159,9 @@ def _simulate(
     *,
     until: float | None = None,
     rate_limited: Sequence[tuple[float, float | None]] = (),
+    priorities: Sequence[Priority] = (),
 ) -> Simulation:
-    sim = Simulation(rate)
+    sim = Simulation(rate, priorities)
     asyncio.run(sim.run(arrivals, until=until, rate_limited=rate_limited))
     return sim
 
@@ -673,3 +688,410 @@ def test_replicas_that_rebalance_never_add_up_to_more_than_the_budget() -> None:
     for end, _ in history:
         inside = [limits for t, limits in history if end - 10.1 < t <= end]
         assert sum(max(limits[i] for limits in inside) for i in range(3)) <= 100
+
+
+# --- priorities: the lanes ------------------------------------------------------------
+SHARED = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+
+
+async def _queue(
+    limiter: RateLimiter, vt: VirtualTime, *priorities: Priority
+) -> list[asyncio.Task[Grant]]:
+    """One waiter per priority, queued in this order (the slot is taken meanwhile)."""
+    tasks: list[asyncio.Task[Grant]] = []
+    for priority in priorities:
+        tasks.append(asyncio.create_task(limiter.acquire(priority)))
+        await vt.settle()
+    return tasks
+
+
+def _busy(vt: VirtualTime) -> RateLimiter:
+    """One request per second, unpaced; the slot of t=0 taken: the next is at t=1."""
+    limiter = _limiter_at(vt, RateLimit(limit=1, window=1.0, margin=0.0, pace=False))
+    vt.progress = lambda: (limiter.granted, limiter.waiting)
+    return limiter
+
+
+async def test_a_higher_lane_goes_first_whatever_the_order_of_arrival() -> None:
+    vt = VirtualTime()
+    limiter = _busy(vt)
+    limiter.release(await limiter.acquire())
+    tasks = await _queue(
+        limiter, vt, Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.CRITICAL
+    )
+    assert limiter.waiting == 4
+    granted: list[int] = []
+    for t in (1.0, 2.0, 3.0, 4.0):
+        await vt.advance_to(t)
+        done = [i for i, task in enumerate(tasks) if task.done() and i not in granted]
+        assert len(done) == 1, f"one grant per second, at t={t}"
+        granted.append(done[0])
+        limiter.release(tasks[done[0]].result())
+    assert granted == [3, 2, 1, 0]  # CRITICAL, HIGH, NORMAL, LOW
+    assert limiter.waiting == 0
+
+
+async def test_within_a_lane_first_come_first_served() -> None:
+    vt = VirtualTime()
+    limiter = _busy(vt)
+    limiter.release(await limiter.acquire())
+    lanes = [Priority.NORMAL, Priority.HIGH, Priority.NORMAL, Priority.HIGH, Priority.NORMAL]
+    tasks = await _queue(limiter, vt, *lanes)
+    order: list[int] = []
+    for t in range(1, 6):
+        await vt.advance_to(float(t))
+        for index, task in enumerate(tasks):
+            if task.done() and index not in order:
+                order.append(index)
+                limiter.release(task.result())
+    # HIGH first (1, 3), each lane in arrival order; NORMAL 0, 2, 4 in order.
+    assert [i for i in order if lanes[i] is Priority.HIGH] == [1, 3]
+    assert [i for i in order if lanes[i] is Priority.NORMAL] == [0, 2, 4]
+    assert order[0] == 1
+
+
+async def test_a_cancelled_waiter_leaves_its_turn_to_the_next_of_its_lane() -> None:
+    vt = VirtualTime()
+    limiter = _busy(vt)
+    limiter.release(await limiter.acquire())
+    first, second, low = await _queue(limiter, vt, Priority.HIGH, Priority.HIGH, Priority.LOW)
+    assert limiter.waiting == 3
+    first.cancel()
+    await vt.settle()
+    assert limiter.waiting == 2
+    await vt.advance_to(1.0)
+    assert second.done()
+    assert not low.done()
+    limiter.release(second.result())
+    await vt.advance_to(2.0)
+    assert low.done()
+    assert first.cancelled()
+    assert limiter.granted == 3  # the first grant, then second and low
+
+
+async def test_a_waiter_cancelled_as_it_is_granted_hands_the_unused_slot_on() -> None:
+    """The dispatcher grants a waiter whose task is cancelled before it runs again: the
+    request never went out, so its slot goes to the next waiter at once."""
+    vt = VirtualTime()
+    limiter = _busy(vt)
+    victim: list[asyncio.Task[Grant]] = []
+
+    class CancelAtGrant(Lanes[float]):
+        def pop(self) -> asyncio.Future[float] | None:
+            turn = super().pop()
+            if victim and not victim[0].done():  # runs before the victim's task resumes
+                asyncio.get_running_loop().call_soon(victim[0].cancel)
+            return turn
+
+    limiter._lanes = CancelAtGrant()
+    limiter.release(await limiter.acquire())
+    first, second = await _queue(limiter, vt, Priority.NORMAL, Priority.NORMAL)
+    victim.append(first)
+    await vt.advance_to(1.0)
+    assert first.cancelled()
+    assert second.done()
+    assert second.result().at == 1.0
+    assert limiter.in_flight == 1  # the second's, not the cancelled one's
+    assert limiter.granted == 2
+
+
+async def test_critical_goes_first_and_a_flood_of_it_leaves_every_other_grant() -> None:
+    vt = VirtualTime()
+    limiter = _limiter_at(vt, RateLimit(limit=10, window=1.0, margin=0.0))
+    grants: list[tuple[float, Priority]] = []
+    vt.progress = lambda: (len(grants), limiter.waiting)
+
+    async def keep_asking(priority: Priority) -> None:
+        while True:
+            grant = await limiter.acquire(priority)
+            grants.append((vt.now, priority))
+            limiter.release(grant)
+
+    workers = [asyncio.create_task(keep_asking(Priority.LOW)) for _ in range(3)]
+    await vt.advance_to(5.0)
+    # A single poll arriving behind a LOW backlog gets the very next grant.
+    poll = asyncio.create_task(limiter.acquire(Priority.CRITICAL))
+    await vt.settle()
+    before, last = len(grants), grants[-1][0]
+    await vt.advance_to(5.2)
+    assert poll.done()
+    assert last < poll.result().at < grants[before][0]  # the next slot was the poll's
+    limiter.release(poll.result())
+    # A flood of CRITICAL requests: they take every other grant, never all of them.
+    flood = [asyncio.create_task(keep_asking(Priority.CRITICAL)) for _ in range(3)]
+    await vt.advance_to(6.0)
+    start = len(grants)
+    await vt.advance_to(36.0)
+    lanes = [priority for _, priority in grants[start:]]
+    for task in workers + flood:
+        task.cancel()
+    await asyncio.gather(*workers, *flood, return_exceptions=True)
+    critical = lanes.count(Priority.CRITICAL)
+    assert abs(critical - len(lanes) * SHARE_BESIDE_CRITICAL / 100) <= 1
+    assert len(lanes) >= 290  # the budget is used all the same
+
+
+async def _backlog_shares(
+    rate: RateLimit, lanes: Sequence[Priority], until: float
+) -> tuple[dict[Priority, int], int, list[float]]:
+    """Two waiters in each of ``lanes`` at all times (each asks again once answered):
+    grants per lane, their total, and their times."""
+    vt = VirtualTime()
+    limiter = _limiter_at(vt, rate)
+    counts = dict.fromkeys(Priority, 0)
+    times: list[float] = []
+    vt.progress = lambda: (len(times), limiter.waiting)
+
+    async def keep_asking(priority: Priority) -> None:
+        while True:
+            grant = await limiter.acquire(priority)
+            counts[priority] += 1
+            times.append(vt.now)
+            limiter.release(grant)
+
+    workers = [asyncio.create_task(keep_asking(p)) for p in lanes for _ in range(2)]
+    await vt.advance_to(until)
+    for task in workers:
+        task.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    return counts, len(times), times
+
+
+@pytest.mark.parametrize(
+    ("lanes", "expected"),
+    [
+        ((Priority.HIGH, Priority.NORMAL, Priority.LOW), {"HIGH": 60, "NORMAL": 30, "LOW": 10}),
+        ((Priority.HIGH, Priority.LOW), {"HIGH": 90, "LOW": 10}),
+        ((Priority.NORMAL, Priority.LOW), {"NORMAL": 90, "LOW": 10}),
+        ((Priority.HIGH, Priority.NORMAL), {"HIGH": 70, "NORMAL": 30}),
+    ],
+    ids=["all three", "high and low", "normal and low", "high and normal"],
+)
+async def test_under_a_sustained_backlog_each_lane_gets_its_reserved_share(
+    lanes: Sequence[Priority], expected: dict[str, int]
+) -> None:
+    rate = RateLimit()  # 100 per 10 s: ten virtual minutes
+    counts, total, times = await _backlog_shares(rate, lanes, until=600.0)
+    assert total >= 0.97 * 100 * 60  # nobody starves and no budget is lost
+    for name, percent in expected.items():
+        measured = 100 * counts[Priority[name]] / total
+        assert abs(measured - percent) <= 0.5, (name, measured)
+    assert _max_in_any_span(times, rate.window + rate.margin) <= rate.limit
+
+
+def test_the_reserved_shares_add_up_to_the_whole() -> None:
+    assert sum(LANE_SHARES.values()) == 100
+    assert list(LANE_SHARES) == [Priority.HIGH, Priority.NORMAL, Priority.LOW]
+    assert max(Priority) is Priority.CRITICAL  # ``max`` of priorities is the most urgent
+    assert Priority.HIGH.label == "high"
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=st.lists(st.frozensets(st.sampled_from(list(Priority))), min_size=1, max_size=400))
+def test_lanes_keep_every_reserved_share_whoever_waits(steps: list[frozenset[Priority]]) -> None:
+    """Lanes alone: before each pop exactly the lanes of the step have waiters. Over every
+    run of pops during which a lane keeps waiting, it gets its share (less a few grants):
+    HIGH/NORMAL/LOW of the pops not to CRITICAL, CRITICAL and the rest half each while
+    both wait; and every lane is first come first served."""
+
+    async def run() -> None:
+        lanes: Lanes[int] = Lanes()
+        queued: dict[Priority, list[tuple[int, asyncio.Future[int]]]] = {p: [] for p in Priority}
+        served: dict[Priority, list[int]] = {p: [] for p in Priority}
+        runs = dict.fromkeys(Priority, (0, 0))  # lane: (pops while it waited, pops it got)
+        beside = (0, 0, 0)  # while CRITICAL and others wait: (pops, to critical, to others)
+        seq = itertools.count()
+        for step in steps:
+            for priority in Priority:
+                if priority in step and not queued[priority]:
+                    n = next(seq)
+                    queued[priority].append((n, lanes.push(priority)))
+                elif priority not in step:
+                    for _, future in queued[priority]:
+                        future.cancel()
+                    queued[priority].clear()
+            future = lanes.pop()
+            if not step:
+                assert future is None
+                runs = dict.fromkeys(Priority, (0, 0))
+                beside = (0, 0, 0)
+                continue
+            assert future is not None
+            lane = next(p for p in Priority if queued[p] and queued[p][0][1] is future)
+            n, _ = queued[lane].pop(0)
+            future.set_result(n)
+            served[lane].append(n)
+            others = step - {Priority.CRITICAL}
+            if Priority.CRITICAL in step and others:
+                pops, crit, rest = beside
+                beside = (pops + 1, crit + (lane is Priority.CRITICAL), rest + (lane in others))
+                assert 100 * beside[1] >= SHARE_BESIDE_CRITICAL * beside[0] - 100
+                assert 100 * beside[2] >= (100 - SHARE_BESIDE_CRITICAL) * beside[0] - 100
+            else:
+                beside = (0, 0, 0)
+            if lane is Priority.CRITICAL:
+                continue
+            for priority in SHARED:
+                if priority in step:
+                    pops, got = runs[priority]
+                    runs[priority] = (pops + 1, got + (priority is lane))
+                    pops, got = runs[priority]
+                    assert 100 * got >= LANE_SHARES[priority] * pops - 400, (priority, runs)
+                else:
+                    runs[priority] = (0, 0)
+        for priority in Priority:
+            assert served[priority] == sorted(served[priority])  # FIFO within the lane
+
+    asyncio.run(run())
+
+
+@PROPERTY
+@given(data=st.data(), limit=limits, window=windows, margin_fraction=margin_fractions)
+def test_with_mixed_priorities_no_span_ever_holds_more_than_the_limit(
+    data: st.DataObject, limit: int, window: float, margin_fraction: float
+) -> None:
+    rate = RateLimit(limit=limit, window=window, margin=window * margin_fraction)
+    span = rate.window + rate.margin
+    arrivals = data.draw(arrival_patterns(limit, window))
+    priorities = data.draw(
+        st.lists(st.sampled_from(list(Priority)), min_size=len(arrivals), max_size=len(arrivals))
+    )
+
+    sim = _simulate(rate, arrivals, priorities=priorities)
+
+    assert sorted(sim.order) == list(range(len(arrivals)))  # every request granted, once
+    for i, g in zip(sim.order, sim.granted_at, strict=True):
+        assert _close_or_after(g, arrivals[i])
+    for lane in Priority:  # first come first served within each lane
+        mine = [i for i in sim.order if priorities[i] is lane]
+        assert mine == sorted(mine)
+    # The window and the pacing, whoever goes: any `limit + 1` grants spread over a span.
+    for i in range(len(sim.granted_at) - limit):
+        assert _close_or_after(sim.granted_at[i + limit] - sim.granted_at[i], span)
+    assert _max_in_any_span(sim.granted_at, span) <= limit
+    # Work-conserving still: each grant as early as the window, the pacing and the
+    # earliest arrival still waiting allow.
+    gap = span / limit
+    paced_at = -math.inf
+    ungranted = set(range(len(arrivals)))
+    for k, (i, g) in enumerate(zip(sim.order, sim.granted_at, strict=True)):
+        earliest = max(
+            min(arrivals[j] for j in ungranted),
+            sim.granted_at[k - 1] if k else -math.inf,
+            sim.granted_at[k - limit] + span if k >= limit else -math.inf,
+            paced_at - gap / 2,
+        )
+        assert g == pytest.approx(earliest, rel=1e-9, abs=1e-9)
+        paced_at = max(paced_at, g) + gap
+        ungranted.discard(i)
+    assert sim.limiter.waiting == 0
+
+
+# --- priorities in the shared budget (RedisBudget's own queue) ------------------------
+class FakeRedis:
+    """Just enough of redis.asyncio for ``RedisBudget``: the acquire script grants only
+    the slots a test opens; ``down`` makes every call fail."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.down = False
+        self.released: list[str] = []
+
+    def register_script(self, source: str) -> object:
+        if "ZREMRANGEBYSCORE" in source:
+            return self._acquire
+        if "'XX'" in source:
+            return self._release
+        return self._rate_limited
+
+    async def _acquire(self, keys: list[str], args: list[object]) -> list[object]:
+        if self.down:
+            raise ConnectionError("Redis is down")
+        if self.open > 0:
+            self.open -= 1
+            return [1, 0, b"epoch-1", args[0]]
+        return [0, 1, b"epoch-1", args[0]]
+
+    async def _release(self, keys: list[str], args: list[object]) -> int:
+        if self.down:
+            raise ConnectionError("Redis is down")
+        self.released.append(str(args[0]))
+        return 0
+
+    async def _rate_limited(self, keys: list[str], args: list[object]) -> object:
+        return args[0]
+
+    async def ping(self) -> bool:
+        if self.down:
+            raise ConnectionError("Redis is down")
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def _shared_budget() -> tuple[RedisBudget, FakeRedis]:
+    fake = FakeRedis()
+    local = RateLimiter(RateLimit(limit=1000, window=1.0, margin=0.0, pace=False))
+    budget = RedisBudget(fake, RateLimit(limit=1000, window=1.0, margin=0.0), local)
+    await budget.start("w-1")
+    assert budget.backend == "redis"
+    return budget, fake
+
+
+async def _until(condition: Callable[[], bool], within: float = 2.0) -> None:
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 (the budget has no event to wait on)
+            await asyncio.sleep(0.001)
+
+
+async def test_a_replica_orders_its_own_waiters_for_the_shared_log_by_lane() -> None:
+    budget, fake = await _shared_budget()
+    order: list[Priority] = []
+
+    async def ask(priority: Priority) -> None:
+        grant = await budget.acquire(priority)
+        order.append(priority)
+        budget.release(grant)
+
+    lanes = [Priority.LOW, Priority.NORMAL, Priority.LOW, Priority.HIGH, Priority.CRITICAL]
+    tasks = [asyncio.create_task(ask(p)) for p in lanes]
+    await asyncio.sleep(0.02)  # all queued, the shared log full
+    assert order == []
+    for n in range(1, len(lanes) + 1):
+        fake.open = 1  # one slot at a time: each goes to the next by the lane rule
+        await _until(lambda n=n: len(order) == n)  # type: ignore[misc]
+    await asyncio.gather(*tasks)
+    assert order == [Priority.CRITICAL, Priority.HIGH, Priority.NORMAL, Priority.LOW, Priority.LOW]
+    await _until(lambda: len(fake.released) == len(lanes))
+    assert budget.local.in_flight == 0
+    await budget.close()
+
+
+async def test_a_cancelled_shared_waiter_frees_its_place_and_its_local_count() -> None:
+    budget, fake = await _shared_budget()
+    first = asyncio.create_task(budget.acquire(Priority.HIGH))
+    second = asyncio.create_task(budget.acquire(Priority.LOW))
+    await asyncio.sleep(0.02)
+    assert budget.local.in_flight == 2  # tracked locally while they wait for Redis
+    first.cancel()
+    await asyncio.sleep(0.01)
+    fake.open = 1
+    grant = await asyncio.wait_for(second, 2.0)
+    budget.release(grant)
+    assert first.cancelled()
+    assert budget.local.in_flight == 0
+    await budget.close()
+
+
+async def test_when_redis_fails_every_shared_waiter_falls_back_in_its_lane() -> None:
+    budget, fake = await _shared_budget()
+    tasks = [asyncio.create_task(budget.acquire(p)) for p in SHARED]
+    await asyncio.sleep(0.02)
+    fake.down = True
+    grants = await asyncio.wait_for(asyncio.gather(*tasks), 2.0)
+    assert budget.backend == "fallback"
+    for grant in grants:
+        budget.release(grant)
+    assert budget.local.in_flight == 0
+    await budget.close()

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from destination.gist import Priority
 from destination.mapping import REJECT_REASONS, SKIP_REASONS, Mapper, load_rules, parse_rules
 from destination.operations import (
     ContactAlias,
@@ -474,7 +475,7 @@ def test_a_trait_untag_rule_adds_a_tag_change_after_the_upsert() -> None:
     rules = "tags: {traits: [{untag: trial, when: {traits.plan: pro}}]}"
     upsert, untag = operations(identify({"plan": "pro"}, messageId="m-9", timestamp=TS), rules)
     assert isinstance(upsert, ContactUpsert)
-    assert untag == TagChange("trial", "u-1", None, True, "m-9", TS_EPOCH)
+    assert untag == TagChange("trial", "u-1", None, True, "m-9", TS_EPOCH, Priority.HIGH)
 
 
 # Engage --------------------------------------------------------------------------------
@@ -852,6 +853,7 @@ OTHER_TYPE_CASES: list[tuple[str, str, dict[str, Any], MapResult]] = [
                     },
                     "m-3",
                     TS_EPOCH,
+                    Priority.LOW,
                 ),
             ),
         ),
@@ -860,13 +862,23 @@ OTHER_TYPE_CASES: list[tuple[str, str, dict[str, Any], MapResult]] = [
         "a page without a name takes the next template",
         PAGE_RULES,
         {"type": "page", "userId": "u-1"},
-        Mapped("page", (EventTrack({"event_name": "Viewed a Page", "user_id": "u-1"}),)),
+        Mapped(
+            "page",
+            (EventTrack({"event_name": "Viewed a Page", "user_id": "u-1"}, priority=Priority.LOW),),
+        ),
     ),
     (
         "a screen becomes an event",
         PAGE_RULES,
         {"type": "screen", "userId": "u-1", "name": "Home"},
-        Mapped("screen", (EventTrack({"event_name": "Viewed Home Screen", "user_id": "u-1"}),)),
+        Mapped(
+            "screen",
+            (
+                EventTrack(
+                    {"event_name": "Viewed Home Screen", "user_id": "u-1"}, priority=Priority.LOW
+                ),
+            ),
+        ),
     ),
     (
         "a page template with category",
@@ -895,7 +907,8 @@ OTHER_TYPE_CASES: list[tuple[str, str, dict[str, Any], MapResult]] = [
                             "company_address_city": "Paris",
                         },
                         "user_id": "u-1",
-                    }
+                    },
+                    priority=Priority.NORMAL,
                 ),
             ),
         ),
@@ -913,7 +926,8 @@ OTHER_TYPE_CASES: list[tuple[str, str, dict[str, Any], MapResult]] = [
             "group",
             (
                 ContactUpsert(
-                    {"custom_properties": {"org": "Acme", "org_id": "own-id"}, "email": "a@x.io"}
+                    {"custom_properties": {"org": "Acme", "org_id": "own-id"}, "email": "a@x.io"},
+                    priority=Priority.NORMAL,
                 ),
             ),
         ),
@@ -970,13 +984,13 @@ OTHER_TYPE_CASES: list[tuple[str, str, dict[str, Any], MapResult]] = [
         "delete by userId and email",
         "",
         {"type": "delete", "userId": "u-1", "context": {"traits": {"email": "a@x.io"}}},
-        Mapped("delete", (ContactDelete("u-1", "a@x.io"),)),
+        Mapped("delete", (ContactDelete("u-1", "a@x.io", priority=Priority.HIGH),)),
     ),
     (
         "delete by email",
         "",
         {"type": "delete", "context": {"traits": {"email": "a@x.io"}}},
-        Mapped("delete", (ContactDelete(None, "a@x.io"),)),
+        Mapped("delete", (ContactDelete(None, "a@x.io", priority=Priority.HIGH),)),
     ),
     (
         "delete can be turned off",
@@ -988,7 +1002,7 @@ OTHER_TYPE_CASES: list[tuple[str, str, dict[str, Any], MapResult]] = [
         "the type is read case-insensitively",
         "",
         {"type": "Delete", "userId": "u-1"},
-        Mapped("delete", (ContactDelete("u-1"),)),
+        Mapped("delete", (ContactDelete("u-1", priority=Priority.HIGH),)),
     ),
 ]
 

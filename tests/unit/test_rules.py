@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from destination.cli import main
+from destination.gist import Priority
 from destination.mapping import (
     Mapper,
     Rules,
@@ -81,7 +82,8 @@ def test_the_page_example_sends_only_the_listed_properties() -> None:
                     "event_name": "Viewed Pricing Page",
                     "user_id": "u-1",
                     "properties": {"path": "/p"},
-                }
+                },
+                priority=Priority.LOW,
             ),
         ),
     )
@@ -99,6 +101,15 @@ def test_a_short_file_changes_only_what_it_names() -> None:
     assert rules.values.nulls == "drop"
     assert rules.values.lists == "keep"
     assert rules.identify == Rules().identify
+
+
+def test_a_short_priorities_section_changes_only_what_it_names() -> None:
+    rules = parse_rules('priorities: {types: {page: normal}, events: {"Order *": high}}\n')
+    assert rules.priorities.types.page == "normal"
+    assert rules.priorities.types.identify == "high"
+    assert rules.priorities.events == {"Order *": "high"}
+    assert rules.priorities.audiences == "high"
+    assert rules.page == Rules().page
 
 
 def test_one_item_where_a_list_is_expected() -> None:
@@ -262,6 +273,30 @@ ERROR_CASES: list[tuple[str, str, list[tuple[int, str, str]]]] = [
             (3, "page", "duplicate key (first at line 2)"),
         ],
     ),
+    (
+        "priorities",
+        """
+        priorities:
+          types:
+            identify: critical
+            page: urgent
+            trak: low
+          events:
+            "re:(": high
+            Heartbeat: Low
+            "": low
+          audiences: [high]
+        """,
+        [
+            (3, "priorities.types.identify", "expected 'high', 'normal' or 'low' (critical"),
+            (4, "priorities.types.page", "expected 'high', 'normal' or 'low'"),
+            (5, "priorities.types.trak", "unknown key; expected one of: identify, track,"),
+            (7, "priorities.events.re:(", "bad regular expression '('"),
+            (8, "priorities.events.Heartbeat", "expected 'high', 'normal' or 'low'"),
+            (9, "priorities.events.", "expected a non-empty pattern"),  # the key ""
+            (10, "priorities.audiences", "expected 'high', 'normal' or 'low'"),
+        ],
+    ),
     ("not a mapping", "- identify\n- track\n", [(1, "", "expected a mapping of sections")]),
     ("not YAML", "identify: {enabled: true\ntrack: {}\n", [(2, "", "not valid YAML")]),
     (
@@ -355,6 +390,7 @@ def test_check_config_on_an_unreadable_file(
 _SECTION_KEYS = sorted(
     set(Rules.model_fields)
     | {"enabled", "fields", "traits", "events", "include", "exclude", "rename", "tag", "event"}
+    | {"types", "audiences", "high", "low"}
 )
 _yaml_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=12),
