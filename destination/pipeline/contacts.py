@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
-from destination.gist import ContactPayload
+from destination.gist import ContactPayload, Priority
 from destination.pipeline.ordering import Step, StepKind
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ class ContactStep(Step):
         "merged",
         "partition",
         "payload",
+        "priority",
         "sent",
         "sent_fields",
         "tickets",
@@ -41,10 +42,12 @@ class ContactStep(Step):
         payload: ContactPayload,
         identities: tuple[str, ...],
         partition: PartitionWork | None = None,
+        priority: Priority = Priority.HIGH,
     ) -> None:
         super().__init__(StepKind.CONTACT, identities)
         self.payload = payload  # the mapper's; copied before the first merge changes it
         self.partition = partition
+        self.priority = priority  # the most urgent of the updates merged into it
         self.tickets: list[MessageWork] = []
         self.sent = False  # taken into a batch: no more merging
         self.accepted = False  # in a batch Gist queued: only its import is awaited

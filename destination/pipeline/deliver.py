@@ -239,10 +239,11 @@ class Delivery:
             and previous.partition is partition
         ):
             previous.merge(upsert.contact)
+            previous.priority = max(previous.priority, upsert.priority)
             previous.tickets.append(message)
             metrics.CONTACT_UPDATES_MERGED.inc()
             return
-        step = ContactStep(upsert.contact, identities, partition)
+        step = ContactStep(upsert.contact, identities, partition, upsert.priority)
         step.tickets.append(message)
         self._admit(step)
 
@@ -425,7 +426,8 @@ class Delivery:
                         ref["untag"] = True
                     refs.append(ref)
                 _charge(steps)
-                await self.client.tag_contacts(tag, refs)
+                priority = max(step.operation.priority for step in steps)
+                await self.client.tag_contacts(tag, refs, priority=priority)
         except asyncio.CancelledError:
             if self._closing:
                 raise
@@ -472,20 +474,23 @@ class Delivery:
 
     async def _execute(self, operation: Operation) -> None:
         client = self.client
+        priority = operation.priority
         if isinstance(operation, EventTrack):
-            await client.track_event(operation.event)
+            await client.track_event(operation.event, priority=priority)
         elif isinstance(operation, ContactDelete):
             # Already gone (404) is what a delete wants: not an error.
             if operation.user_id is not None:
-                await client.delete_contact(user_id=operation.user_id)
+                await client.delete_contact(user_id=operation.user_id, priority=priority)
             else:
-                await client.delete_contact(email=operation.email)
+                await client.delete_contact(email=operation.email, priority=priority)
         elif isinstance(operation, ContactAlias):
-            contact = await client.get_contact(user_id=operation.previous_id)
+            contact = await client.get_contact(user_id=operation.previous_id, priority=priority)
             if contact is None or contact.get("id") is None:
                 log.info(log_events.ALIAS_NOTHING_TO_MOVE)
                 return
-            await client.upsert_contact({"id": str(contact["id"]), "user_id": operation.user_id})
+            await client.upsert_contact(
+                {"id": str(contact["id"]), "user_id": operation.user_id}, priority=priority
+            )
         else:  # pragma: no cover - upserts and tag changes are batched
             raise TypeError(f"not a direct operation: {type(operation).__name__}")
 
@@ -562,7 +567,9 @@ class Delivery:
                     return
                 steps = live
                 _charge(steps)
-                accepted = await self.client.import_encoded([s.encode() for s in steps])
+                accepted = await self.client.import_encoded(
+                    [s.encode() for s in steps], priority=max(s.priority for s in steps)
+                )
         except asyncio.CancelledError:
             if self._closing:
                 raise

@@ -557,3 +557,28 @@ async def test_a_tag_change_keeps_its_place_among_the_contacts_operations() -> N
     await _run(h, 2)
     paths = [path for path, _ in gist.log]
     assert paths.index("POST /tags") < paths.index("POST /events")
+
+
+async def test_each_request_carries_its_operations_priority() -> None:
+    from destination.gist import Priority, RateLimiter
+
+    asked: list[Priority] = []
+
+    class Recording(RateLimiter):
+        async def acquire(self, priority: Priority = Priority.NORMAL) -> Any:
+            asked.append(priority)
+            return await super().acquire(priority)
+
+    h = Harness(TagGist())
+    h.delivery.client.limiter = Recording()
+    h.delivery.start()
+    try:
+        h.send(EventTrack({"event_name": "Heartbeat", "user_id": "u9"}, priority=Priority.LOW))
+        h.send(upsert("u1", "u1@x.io"))  # contact imports default to high
+        h.send(TagChange("vip", user_id="u2", priority=Priority.HIGH))
+        await h.until_settled(3)
+    finally:
+        await h.delivery.close()
+    assert asked.count(Priority.LOW) == 1  # the event
+    assert asked.count(Priority.HIGH) == 2  # the import and the tag change
+    assert set(asked) - {Priority.LOW, Priority.HIGH} == {Priority.CRITICAL}  # status polls
