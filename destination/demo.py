@@ -163,7 +163,7 @@ async def _watch(
             dead = int(t.get(p + "messages_dead_lettered_total", 0))
             skipped = int(t.get(p + "messages_skipped_total", 0))
             in_flight = int(t.get(p + "messages_in_flight", 0))
-            budget = t.get(p + "rate_limit_utilisation", 0.0)
+            budget = t.get(p + "rate_limit_utilisation_ratio", 0.0)
             line = (
                 f"[{time.monotonic() - started:5.1f}s] consumed {consumed}/{expected}  "
                 f"delivered {delivered}  dead-lettered {dead}  skipped {skipped}  "

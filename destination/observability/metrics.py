@@ -59,7 +59,7 @@ READ_AHEAD = Gauge(
     "MAX_INFLIGHT_MESSAGES / MAX_AWAITING_IMPORT).",
     ["held"],
 )
-BYTES_IN_FLIGHT = Gauge(_P + "bytes_in_flight", "Record bytes held for in-flight messages.")
+BYTES_IN_FLIGHT = Gauge(_P + "in_flight_bytes", "Record bytes held for in-flight messages.")
 MESSAGES_AWAITING_IMPORT = Gauge(
     _P + "messages_awaiting_import",
     "Messages whose contacts are in batches Gist accepted but has not finished importing.",
@@ -176,7 +176,7 @@ RATE_LIMIT_WAIT = Histogram(
     buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
 )
 RATE_LIMIT_UTILISATION = Gauge(
-    _P + "rate_limit_utilisation",
+    _P + "rate_limit_utilisation_ratio",
     "Share (0..1) of the workspace's request budget used over the last window.",
 )
 RATE_LIMIT_CURRENT = Gauge(

@@ -562,7 +562,7 @@ def test_dashboard_shows_what_on_call_needs() -> None:
         "messages_skipped_total",
         "gist_requests_total",
         "gist_request_duration_seconds_bucket",
-        "rate_limit_utilisation",
+        "rate_limit_utilisation_ratio",
         "rate_limit_wait_seconds_bucket",
         "rate_limit_current",
         "rate_limited_total",
@@ -570,7 +570,7 @@ def test_dashboard_shows_what_on_call_needs() -> None:
         "partition_paused",
         "delivery_delay_seconds_bucket",
         "messages_in_flight",
-        "bytes_in_flight",
+        "in_flight_bytes",
         "batches_pending",
         "contacts_per_batch_bucket",
         # Capacity
