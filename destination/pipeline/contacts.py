@@ -34,6 +34,7 @@ class ContactStep(Step):
         "priority",
         "sent",
         "sent_fields",
+        "stripped",
         "tickets",
     )
 
@@ -56,6 +57,7 @@ class ContactStep(Step):
         # What Gist will hold once the batch completes (``fingerprints``).
         self.memory_key: str | None = None
         self.sent_fields: Any = None
+        self.stripped = -1  # ``merged`` when Gist's holdings were last left out
 
     def merge(self, later: ContactPayload) -> None:
         """Fold a later update of the same contact in; its values win."""
