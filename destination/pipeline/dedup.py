@@ -207,15 +207,13 @@ class Dedup:
         self._skip = skip
         self._dead_letter = dead_letter
         self._in_flight: dict[str, _Copies] = {}
-        self._seen_shared: set[str] = set()  # found in Redis for records not opened yet
 
     def offer(self, message: MessageWork, operations: Sequence[Operation]) -> None:
         message_id = message.message_id
         if message_id is None:
             self._submit(message, operations)
             return
-        if message_id in self._seen_shared or message_id in self.local:
-            self._seen_shared.discard(message_id)
+        if message_id in self.local:
             metrics.DUPLICATES.labels(message.message_type).inc()
             self._skip(message, reasons.DUPLICATE)
             return
@@ -231,9 +229,10 @@ class Dedup:
         if self.shared is None:
             return
         unknown = [m for m in set(message_ids) if m not in self.local]
-        if len(self._seen_shared) > 100_000:  # ids of records dropped unopened (revoked)
-            self._seen_shared.clear()
-        self._seen_shared |= await self.shared.delivered(unknown)
+        # Delivered within the window, by some replica: known here from now on, for
+        # every copy of it (a replayed message and its producer's retries alike).
+        for message_id in await self.shared.delivered(unknown):
+            self.local.add(message_id)
 
     def ended(self, message: MessageWork, how: str, reason: str | None) -> None:
         """An ``Outcomes`` observer: the message ended; its held copies end alike."""
