@@ -47,6 +47,8 @@ from destination.gist import (
     ContactPayload,
     GistClient,
     GistError,
+    Grant,
+    Priority,
     RateLimit,
     RateLimiter,
     RetryPolicy,
@@ -72,22 +74,15 @@ class RecordingLimiter(RateLimiter):
     what reaches the sandbox)."""
 
     def __init__(self, rate: RateLimit) -> None:
-        self._last_read = 0.0
-        super().__init__(rate, clock=self._read_clock)
+        super().__init__(rate)
         self.grants: list[float] = []
         self.wait_sum = 0.0
 
-    def _read_clock(self) -> float:
-        self._last_read = time.monotonic()
-        return self._last_read
-
-    async def acquire(self) -> float:
-        start = time.monotonic()
-        await super().acquire()
-        # The limiter's last clock reading is the time it recorded for this grant.
-        self.grants.append(self._last_read)
-        self.wait_sum += self._last_read - start
-        return self._last_read - start
+    async def acquire(self, priority: Priority = Priority.NORMAL) -> Grant:
+        grant = await super().acquire(priority)
+        self.grants.append(grant.at)  # the limiter's clock reading for this grant
+        self.wait_sum += grant.waited
+        return grant
 
 
 @contextlib.asynccontextmanager
