@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     gist_api_url: str = "https://api.getgist.com"
     gist_rate_limit: int = Field(100, ge=1, description="requests per window per workspace")
     gist_rate_window: float = Field(10.0, gt=0, description="seconds")
-    gist_rate_margin: float = Field(0.1, ge=0, description="seconds added to the window")
+    gist_rate_margin: float = Field(0.05, ge=0, description="seconds added to the window")
     gist_batch_size: int = Field(500, ge=1, le=10_000, description="contacts per batch import")
     gist_batch_wait: float = Field(1.0, ge=0, description="longest wait to fill a batch, s")
     gist_max_concurrent_requests: int = Field(32, ge=1)

@@ -182,7 +182,7 @@ class RateLimit:
 
     limit: int = 100
     window: float = 10.0
-    margin: float = 0.1
+    margin: float = 0.05
     pace: bool = True
 
     def __post_init__(self) -> None:
