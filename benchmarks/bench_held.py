@@ -18,23 +18,18 @@ import random
 import sys
 import tracemalloc
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
+from bench_mapping import identify
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_mapping import identify  # noqa: E402
-
-from destination.gist import GistClient, RateLimit, RateLimiter  # noqa: E402
-from destination.mapping import Mapper, load_rules  # noqa: E402
-from destination.operations import Mapped  # noqa: E402
-from destination.pipeline.deliver import Delivery, DeliverySettings  # noqa: E402
-from destination.pipeline.fingerprints import Fingerprints  # noqa: E402
-from destination.pipeline.inflight import Failure, Ledger, MessageWork, TopicPartition  # noqa: E402
-from destination.pipeline.outcome import Outcomes  # noqa: E402
+from destination.gist import GistClient, RateLimit, RateLimiter
+from destination.mapping import Mapper, load_rules
+from destination.operations import Mapped
+from destination.pipeline.deliver import Delivery, DeliverySettings
+from destination.pipeline.fingerprints import Fingerprints
+from destination.pipeline.inflight import Failure, Ledger, MessageWork, TopicPartition
+from destination.pipeline.outcome import Outcomes
 
 
 class NeverCompletes:
