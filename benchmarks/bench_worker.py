@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_worker.py drain  [--records N] [--stream contacts|mix]
     .venv/bin/python benchmarks/bench_worker.py budget [--seconds 60] [--stream contacts|mix]
+    .venv/bin/python benchmarks/bench_worker.py lean   [--records N] [--stream contacts|mix]
 
 Every run starts its own embedded broker (Tansu, memory storage) and a
 ``gist-destination sandbox`` subprocess, produces a backlog of ``--records`` Segment
@@ -29,6 +30,10 @@ The sandbox imports batches one at a time, like Gist, each QUEUED then IN_PROGRE
 ``--batch-delay`` seconds: at 0.5 s (the budget default) it completes at most two
 batches a second, so Gist's import speed, not the budget, can be what binds;
 ``--batch-delay 0`` leaves only the budget.
+
+``lean``: the whole backlog drained at the REAL limit with the worker's defaults, its RSS
+sampled about every 5 s from start to end (does it stay flat, and how high), budget
+utilisation over the steady part, 429s.
 
 ``--set NAME=VALUE`` passes any worker setting (e.g. ``--set GIST_BATCH_SIZE=2000``).
 """
@@ -412,6 +417,61 @@ async def budget(args: argparse.Namespace, workdir: Path) -> int:
     return 0 if ok else 1
 
 
+# -- lean: the whole drain at the real limit, memory along it ----------------------------
+
+
+async def lean(args: argparse.Namespace, workdir: Path) -> int:
+    print(
+        f"worker draining a backlog at the real limit ({LIMIT} requests in any {WINDOW:g} s) "
+        f"with its defaults: {args.records:,} records, stream {args.stream!r}, sandbox "
+        f"batch delay {args.batch_delay:g} s",
+        flush=True,
+    )
+    with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
+        bootstrap = broker.bootstrap_servers
+        await create_topics(bootstrap, [TOPIC, DLQ], args.partitions)
+        count, *_ = await produce_backlog(bootstrap, args)
+        async with sandbox(workdir, LIMIT, args.batch_delay) as (url, _):
+            port = free_port()
+            worker = start_worker(workdir, bootstrap, url, port, parse_sets(args.set))
+            try:
+                seen = await watch(
+                    worker, port, lambda w: bool(w.samples) and w.samples[-1].finished >= count,
+                    within=args.timeout, interval=1.0,
+                )  # fmt: skip
+                peak = memory_kib(worker.pid)["VmHWM"]
+                async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                    log: list[dict[str, Any]] = (await http.get("/_sandbox/requests")).json()
+            finally:
+                code = await stop_worker(worker)
+    assert seen.first is not None
+    start, end = seen.samples[0], seen.samples[-1]
+    every = [s for s in seen.samples if (s.t - start.t) % 5.0 < 1.0]  # ~ every 5 s
+    series = [(round(s.t - start.t), s.rss_kib // 1024) for s in every]
+    after_20 = [rss for t, rss in series if t >= 20]
+    rise = (max(after_20) - after_20[0]) if after_20 else 0
+    api = sorted(r["t"] for r in log if not r["path"].startswith("/token/") and r["status"] != 429)
+    limited = sum(1 for r in log if r["status"] == 429)
+    busy = [t for t in api if api[0] + WINDOW <= t <= api[-1] - WINDOW]  # the steady part
+    steady = (api[-1] - api[0] - 2 * WINDOW) if len(api) > 1 else 0.0
+    utilisation = len(busy) / (LIMIT * steady / WINDOW) if steady > 0 else 0.0
+    wall = end.t - seen.first.t
+    print(f"  RSS every ~5 s (s, MiB) {series}")
+    print(f"  peak RSS (VmHWM)        {peak / 1024:.0f} MiB; rise after the first 20 s: {rise} MiB")
+    print(f"  drained                 {count:,} records in {wall:.0f} s ({count / wall:,.0f}/s)")
+    print(
+        f"  budget utilisation      {utilisation:.1%} over the steady part "
+        f"({len(busy)} requests in {steady:.0f} s); most in any 10 s "
+        f"{max_in_any_window(api, WINDOW)}; 429 answers {limited}"
+    )
+    t = seen.last
+    dead = int(t.get(P + "messages_dead_lettered_total", 0))
+    print(f"  dead-lettered           {dead}; worker exit code {code}")
+    ok = limited == 0 and code == 0 and dead == 0
+    print("  check:", "ok" if ok else "FAILED")
+    return 0 if ok else 1
+
+
 def kind(request: dict[str, Any]) -> str:
     path = request["path"]
     if path.startswith("/contacts/batch/"):
@@ -421,7 +481,7 @@ def kind(request: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["drain", "budget"])
+    parser.add_argument("scenario", choices=["drain", "budget", "lean"])
     parser.add_argument("--records", type=int, default=None,
                         help="backlog size (drain: 200,000; budget: 300,000)")  # fmt: skip
     parser.add_argument("--stream", choices=["contacts", "mix"], default="contacts")
@@ -446,7 +506,7 @@ def main() -> int:
         args.batch_delay = 0.0 if args.scenario == "drain" else 0.5
     if args.users is None:
         args.users = max(1, args.records // 2)
-    scenario = drain if args.scenario == "drain" else budget
+    scenario = {"drain": drain, "budget": budget, "lean": lean}[args.scenario]
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         return asyncio.run(scenario(args, args.workdir))
