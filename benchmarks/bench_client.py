@@ -95,7 +95,7 @@ async def sandbox_out_of_process(batch_delay: float) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def sandbox_in_process(batch_delay: float) -> AsyncIterator[str]:
-    from destination.sandbox import SandboxConfig, running_sandbox
+    from destination.devtools.sandbox import SandboxConfig, running_sandbox
 
     config = SandboxConfig(rate_limit=LIMIT, rate_window=WINDOW, batch_delay=batch_delay)
     async with running_sandbox(config) as sandbox:

@@ -57,7 +57,7 @@ from bench_mapping import track
 from processes import redis_subprocess, sandbox_subprocess
 from prometheus_client.parser import text_string_to_metric_families
 
-from destination.broker import EmbeddedBroker, create_topics, free_port
+from destination.devtools.broker import EmbeddedBroker, create_topics, free_port
 
 KEY = "bench-key"
 TOPIC = "segment-events"

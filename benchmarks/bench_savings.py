@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from processes import sandbox_subprocess
 
-from destination.mapping import Mapper, load_rules
-from destination.settings import load_settings
-from destination.testing.local_kafka import (
+from destination.devtools.local_kafka import (
     LocalBroker,
     LocalKafkaClients,
     LocalProducer,
 )
+from destination.mapping import Mapper, load_rules
+from destination.settings import load_settings
 from destination.worker import Worker
 
 KEY = "sandbox-key"

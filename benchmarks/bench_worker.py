@@ -63,8 +63,8 @@ from bench_client import max_in_any_window
 from bench_mapping import MIX, identify
 from processes import sandbox_subprocess
 
-from destination.broker import EmbeddedBroker, create_topics, free_port
-from destination.demo import metric_totals, stop_worker
+from destination.devtools.broker import EmbeddedBroker, create_topics, free_port
+from destination.devtools.demo import metric_totals, stop_worker
 
 KEY = "bench-key"
 TOPIC = "segment-events"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from destination.broker import free_port
+from destination.devtools.broker import free_port
 
 
 @dataclass(frozen=True)

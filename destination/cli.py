@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -11,71 +12,39 @@ from destination import __version__
 Runner = Callable[[argparse.Namespace], int]
 
 
-def _sandbox(parser: argparse.ArgumentParser) -> Runner:
-    from destination.sandbox import command
-
-    command.add_arguments(parser)
-    return command.run
-
-
-def _check_config(parser: argparse.ArgumentParser) -> Runner:
-    from destination.mapping import command
-
-    command.add_arguments(parser)
-    return command.run
-
-
-def _map(parser: argparse.ArgumentParser) -> Runner:
-    from destination.commands import map as command
-
-    command.add_arguments(parser)
-    return command.run
-
-
-def _replay(parser: argparse.ArgumentParser) -> Runner:
-    from destination.commands import replay as command
-
-    command.add_arguments(parser)
-    return command.run
-
-
-def _plan(parser: argparse.ArgumentParser) -> Runner:
-    from destination.commands import plan as command
-
-    command.add_arguments(parser)
-    return command.run
-
-
-def _run(parser: argparse.ArgumentParser) -> Runner:
-    from destination import run_command
-
-    run_command.add_arguments(parser)
-    return run_command.run
-
-
-def _produce(parser: argparse.ArgumentParser) -> Runner:
-    from destination import produce_command
-
-    produce_command.add_arguments(parser)
-    return produce_command.run
-
-
-def _demo(parser: argparse.ArgumentParser) -> Runner:
-    from destination import demo
-
-    demo.add_arguments(parser)
-    return demo.run
-
-
-_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {
-    "run": ("consume Kafka and deliver to Gist (settings from the environment)", _run),
-    "sandbox": ("serve a local stand-in for the Gist API", _sandbox),
-    "produce": ("send a file of messages, or sample traffic, to a Kafka topic", _produce),
-    "demo": ("run broker, sandbox, sample stream and worker end to end on this machine", _demo),
-    "check-config": ("validate a mapping-rules file and report every error", _check_config),
-    "map": ("show what messages become in Gist under the mapping rules (offline)", _map),
-    "replay": ("copy dead letters back to an input topic, filtered by reason and time", _replay),
-    "plan": ("the Gist requests a sample of messages costs, against the budget", _plan),
+# name: (what it does, its module). Each module has ``add_arguments(parser)`` and
+# ``run(args) -> exit code``, and is imported only when the command line is built.
+# Operator commands live in destination.commands; the local tools in destination.devtools.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "run": (
+        "consume Kafka and deliver to Gist (settings from the environment)",
+        "destination.commands.run",
+    ),
+    "check-config": (
+        "validate a mapping-rules file and report every error",
+        "destination.commands.check_config",
+    ),
+    "map": (
+        "show what messages become in Gist under the mapping rules (offline)",
+        "destination.commands.map",
+    ),
+    "replay": (
+        "copy dead letters back to an input topic, filtered by reason and time",
+        "destination.commands.replay",
+    ),
+    "plan": (
+        "the Gist requests a sample of messages costs, against the budget",
+        "destination.commands.plan",
+    ),
+    "sandbox": ("serve a local stand-in for the Gist API", "destination.devtools.sandbox.command"),
+    "produce": (
+        "send a file of messages, or sample traffic, to a Kafka topic",
+        "destination.devtools.produce",
+    ),
+    "demo": (
+        "run broker, sandbox, sample stream and worker end to end on this machine",
+        "destination.devtools.demo",
+    ),
 }
 
 
@@ -84,8 +53,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Runner]]:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runners: dict[str, Runner] = {}
-    for name, (help_text, install) in _COMMANDS.items():
-        runners[name] = install(subparsers.add_parser(name, help=help_text, description=help_text))
+    for name, (help_text, module) in _COMMANDS.items():
+        command = importlib.import_module(module)
+        command.add_arguments(subparsers.add_parser(name, help=help_text, description=help_text))
+        runners[name] = command.run
     return parser, runners
 
 

@@ -59,7 +59,7 @@ log = structlog.get_logger(__name__)
 
 class KafkaClients:
     """Makes the worker's Kafka clients: aiokafka's here, the in-memory twin's in tests
-    (``destination.testing.local_kafka.LocalKafkaClients``)."""
+    (``destination.devtools.local_kafka.LocalKafkaClients``)."""
 
     def consumer(self, **options: Any) -> Any:
         from aiokafka import AIOKafkaConsumer

@@ -40,7 +40,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with KafkaContainer() as kafka:
             yield kafka.get_bootstrap_server()
         return
-    from destination.broker import BrokerUnavailable, EmbeddedBroker
+    from destination.devtools.broker import BrokerUnavailable, EmbeddedBroker
 
     broker = EmbeddedBroker(log_file=tmp_path_factory.mktemp("broker") / "tansu.log")
     try:

@@ -57,7 +57,7 @@ log = structlog.get_logger(__name__)
 
 class KafkaConsumer(Protocol):
     """What the pipeline uses of ``aiokafka.AIOKafkaConsumer`` (the seam for the
-    in-memory twin in ``destination.testing.local_kafka``)."""
+    in-memory twin in ``destination.devtools.local_kafka``)."""
 
     def subscribe(self, topics: list[str], listener: Any = ...) -> None: ...
     async def getmany(

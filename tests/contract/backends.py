@@ -18,8 +18,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from destination.broker import create_topics
-from destination.testing.local_kafka import LocalBroker, LocalConsumer, LocalProducer
+from destination.devtools.broker import create_topics
+from destination.devtools.local_kafka import LocalBroker, LocalConsumer, LocalProducer
 
 
 def unique(prefix: str) -> str:

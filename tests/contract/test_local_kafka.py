@@ -19,7 +19,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from destination.testing.local_kafka import LocalBroker, LocalConsumer, LocalProducer
+from destination.devtools.local_kafka import LocalBroker, LocalConsumer, LocalProducer
 from tests.contract.backends import Member
 
 TOPIC = "events"

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from destination.sandbox import Sandbox, SandboxConfig, running_sandbox
+from destination.devtools.sandbox import Sandbox, SandboxConfig, running_sandbox
 from tests.integration import harness
 
 

@@ -19,7 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from destination.broker import create_topics, free_port
+from destination.devtools.broker import create_topics, free_port
 
 API_KEY = "sandbox-key"
 

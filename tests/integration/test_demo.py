@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from destination.sample import sample_stream
+from destination.devtools.sample import sample_stream
 from tests.integration.harness import make_topics, read_topic, unique
 
 pytestmark = pytest.mark.integration

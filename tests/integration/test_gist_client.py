@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from destination import __version__
+from destination.devtools.sandbox import Sandbox, SandboxConfig
 from destination.gist import (
     USER_AGENT,
     CredentialsError,
@@ -25,7 +26,6 @@ from destination.gist import (
     RetryableError,
     RetryPolicy,
 )
-from destination.sandbox import Sandbox, SandboxConfig
 
 KEY = "sk-live-do-not-leak-7f3a9c"
 WRONG_KEY = "sk-wrong-do-not-leak-b41e"

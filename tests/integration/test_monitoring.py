@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from destination.broker import free_port
+from destination.devtools.broker import free_port
 from tests.integration.harness import (
     SandboxProcess,
     WorkerProcess,

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from destination.sandbox import Sandbox, SandboxConfig, command, running_sandbox
-from destination.sandbox._ratelimit import SlidingWindow
+from destination.devtools.sandbox import Sandbox, SandboxConfig, command, running_sandbox
+from destination.devtools.sandbox._ratelimit import SlidingWindow
 
 AUTH = {"Authorization": "Bearer sandbox-key"}
 
@@ -985,7 +985,7 @@ def test_command_fault_flags_build_the_config() -> None:
 async def test_command_serves_until_sigterm_and_exits_0() -> None:
     script = (
         "import argparse, sys\n"
-        "from destination.sandbox import command\n"
+        "from destination.devtools.sandbox import command\n"
         "p = argparse.ArgumentParser(); command.add_arguments(p)\n"
         "sys.exit(command.run(p.parse_args(sys.argv[1:])))\n"
     )

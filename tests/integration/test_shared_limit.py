@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
+from destination.devtools.sandbox import Sandbox, SandboxConfig, running_sandbox
 from destination.gist import GistClient, RateLimit, RetryPolicy
 from destination.observability import metrics
-from destination.sandbox import Sandbox, SandboxConfig, running_sandbox
 from tests.support.budget_client import KEY, budget, send_events
 from tests.support.redis_server import RedisServer
 

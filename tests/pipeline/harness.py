@@ -1,5 +1,5 @@
 """The whole worker in-process, fast: the in-memory Kafka twin
-(``destination.testing.local_kafka``) for Kafka, ``ModelGist`` at the HTTP edge for
+(``destination.devtools.local_kafka``) for Kafka, ``ModelGist`` at the HTTP edge for
 Gist, and the real ``Worker`` (intake, mapping, delivery, outcomes, commits) between.
 
 ``Group`` starts and stops workers of one consumer group and watches every message end
@@ -24,10 +24,10 @@ import httpx
 import orjson
 from aiokafka.structs import TopicPartition
 
+from destination.devtools.local_kafka import LocalBroker, LocalKafkaClients, LocalProducer
 from destination.mapping import Mapper, load_rules
 from destination.pipeline.inflight import MessageWork
 from destination.settings import load_settings
-from destination.testing.local_kafka import LocalBroker, LocalKafkaClients, LocalProducer
 from destination.worker import Worker
 
 MessageKey = tuple[int, int, int]

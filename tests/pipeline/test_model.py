@@ -39,7 +39,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from destination.testing.local_kafka import LocalProducer
+from destination.devtools.local_kafka import LocalProducer
 from tests.pipeline.harness import Group, ModelGist, dead_letters, header, make_broker
 
 SEEDS = int(os.environ.get("MODEL_SEEDS", "30"))

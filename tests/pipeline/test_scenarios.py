@@ -12,9 +12,9 @@ import httpx
 import orjson
 import pytest
 
+from destination.devtools.local_kafka import LocalKafkaClients
 from destination.pipeline.inflight import Ledger
 from destination.settings import load_settings
-from destination.testing.local_kafka import LocalKafkaClients
 from destination.worker import EXIT_CONFIG, Worker
 from tests.pipeline.harness import (
     Group,

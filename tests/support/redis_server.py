@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from destination.broker import free_port
+from destination.devtools.broker import free_port
 
 
 class RedisUnavailable(Exception):

@@ -1736,7 +1736,7 @@ def test_a_computed_trait_named_like_a_contact_field_is_rejected() -> None:
 
 
 def test_the_sample_stream_maps_as_before() -> None:
-    from destination.sample import sample_stream
+    from destination.devtools.sample import sample_stream
 
     outcomes: dict[str, int] = {}
     for record in sample_stream(users=200):

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from destination.cli import main
+from destination.commands.check_config import schema_text
 from destination.mapping import RulesError, parse_rules
 from destination.mapping._schema import rules_json_schema
-from destination.mapping.command import schema_text
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = REPO / "config" / "mapping-rules.schema.json"

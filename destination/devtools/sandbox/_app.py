@@ -23,9 +23,9 @@ from typing import Final
 import orjson
 from aiohttp import web
 
-from destination.sandbox._config import SandboxConfig
-from destination.sandbox._ratelimit import SlidingWindow, retry_after_header
-from destination.sandbox._store import JSON, ApiError, Batch, Contact, Store, bad_request
+from destination.devtools.sandbox._config import SandboxConfig
+from destination.devtools.sandbox._ratelimit import SlidingWindow, retry_after_header
+from destination.devtools.sandbox._store import JSON, ApiError, Batch, Contact, Store, bad_request
 
 log = logging.getLogger(__name__)
 

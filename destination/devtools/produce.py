@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from destination.sample import SampleRecord, sample_stream
+from destination.devtools.sample import SampleRecord, sample_stream
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +94,7 @@ async def produce(
 ) -> int:
     from aiokafka import AIOKafkaProducer
 
-    from destination.broker import create_topics
+    from destination.devtools.broker import create_topics
 
     if create:
         await create_topics(bootstrap_servers, [topic], partitions)

@@ -7,7 +7,7 @@ import asyncio
 import signal
 import sys
 
-from destination.sandbox._config import BATCH_ERROR_FORMATS, DEFAULT_API_KEY, SandboxConfig
+from destination.devtools.sandbox._config import BATCH_ERROR_FORMATS, DEFAULT_API_KEY, SandboxConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
 
 
 async def serve(config: SandboxConfig, host: str, port: int) -> None:
-    from destination.sandbox._app import running_sandbox
+    from destination.devtools.sandbox._app import running_sandbox
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

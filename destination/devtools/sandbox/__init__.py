@@ -17,9 +17,9 @@ Control endpoints (no auth, never rate limited or faulted): ``GET /_sandbox/stat
 ``POST /_sandbox/reset``.
 """
 
-from destination.sandbox._app import Sandbox, create_app, running_sandbox
-from destination.sandbox._config import DEFAULT_API_KEY, SandboxConfig
-from destination.sandbox._store import ApiError, Batch, Contact, Event, Store, Tag
+from destination.devtools.sandbox._app import Sandbox, create_app, running_sandbox
+from destination.devtools.sandbox._config import DEFAULT_API_KEY, SandboxConfig
+from destination.devtools.sandbox._store import ApiError, Batch, Contact, Event, Store, Tag
 
 __all__ = [
     "DEFAULT_API_KEY",

@@ -25,10 +25,10 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from destination.broker import BrokerUnavailable, EmbeddedBroker, create_topics, free_port
-from destination.produce_command import produce
-from destination.sample import sample_stream
-from destination.sandbox import DEFAULT_API_KEY, SandboxConfig, running_sandbox
+from destination.devtools.broker import BrokerUnavailable, EmbeddedBroker, create_topics, free_port
+from destination.devtools.produce import produce
+from destination.devtools.sample import sample_stream
+from destination.devtools.sandbox import DEFAULT_API_KEY, SandboxConfig, running_sandbox
 
 TOPIC = "segment-events"
 DLQ = "segment-events-dlq"

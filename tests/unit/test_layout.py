@@ -1,0 +1,47 @@
+"""The package shows which code is the worker's and which is a local tool: nothing the
+worker or an operator command runs imports ``destination.devtools``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import destination
+
+PACKAGE = Path(destination.__file__).parent
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_production_code_never_imports_the_devtools() -> None:
+    production = [
+        path
+        for path in PACKAGE.rglob("*.py")
+        if "devtools" not in path.relative_to(PACKAGE).parts and path.name != "cli.py"
+    ]
+    assert len(production) > 30, "the walk found the package"
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(
+            name for name in _imports(path) if name.startswith("destination.devtools")
+        )
+        for path in production
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_the_cli_names_each_command_module_by_its_folder() -> None:
+    from destination.cli import _COMMANDS
+
+    tools = {"sandbox", "produce", "demo"}
+    for name, (_, module) in _COMMANDS.items():
+        folder = "destination.devtools." if name in tools else "destination.commands."
+        assert module.startswith(folder), (name, module)
