@@ -58,6 +58,7 @@ from processes import redis_subprocess, sandbox_subprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from destination.devtools.broker import EmbeddedBroker, create_topics, free_port
+from destination.devtools.children import die_with_parent
 
 KEY = "bench-key"
 TOPIC = "segment-events"
@@ -178,8 +179,9 @@ def start_replica(
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "destination", "run"], env=env, stdout=out, stderr=out
-        )
+            [sys.executable, "-m", "destination", "run"],
+            env=env, stdout=out, stderr=out, preexec_fn=die_with_parent,
+        )  # fmt: skip
     return Replica(name, process, port, log)
 
 

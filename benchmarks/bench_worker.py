@@ -64,6 +64,7 @@ from bench_mapping import MIX, identify
 from processes import sandbox_subprocess
 
 from destination.devtools.broker import EmbeddedBroker, create_topics, free_port
+from destination.devtools.children import die_with_parent
 from destination.devtools.demo import metric_totals, stop_worker
 
 KEY = "bench-key"
@@ -158,8 +159,9 @@ def start_worker(
     }
     with (workdir / "worker.log").open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "destination", "run"], env=env, stdout=log, stderr=log
-        )
+            [sys.executable, "-m", "destination", "run"],
+            env=env, stdout=log, stderr=log, preexec_fn=die_with_parent,
+        )  # fmt: skip
 
 
 def cpu_seconds(pid: int) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from destination.devtools.broker import free_port
+from destination.devtools.children import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ async def sandbox_subprocess(
         sys.executable, "-m", "destination", "sandbox", "--port", "0",
         "--rate-limit", str(rate_limit), "--rate-window", str(rate_window),
         "--batch-delay", str(batch_delay), "--api-key", api_key, *more,
-        stdout=asyncio.subprocess.PIPE, stderr=stderr,
+        stdout=asyncio.subprocess.PIPE, stderr=stderr, preexec_fn=die_with_parent,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -76,7 +77,7 @@ async def redis_subprocess(workdir: Path) -> AsyncIterator[RedisProcess]:
         proc = await asyncio.create_subprocess_exec(
             binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(workdir),
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 10
@@ -107,7 +108,9 @@ def cpu_hogs(count: int, cpus: set[int] | None = None) -> Iterator[list[int]]:
     hogs: list[subprocess.Popen[bytes]] = []
     try:
         for _ in range(count):
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            hog = subprocess.Popen(
+                [sys.executable, "-c", "while True: pass"], preexec_fn=die_with_parent
+            )
             hogs.append(hog)
             if cpus is not None:
                 os.sched_setaffinity(hog.pid, cpus)

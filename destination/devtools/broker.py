@@ -18,6 +18,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from destination.devtools.children import die_with_parent
+
 
 class BrokerUnavailable(RuntimeError):
     """The embedded broker is not installed or did not start."""
@@ -96,6 +98,7 @@ class EmbeddedBroker:
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            preexec_fn=die_with_parent,
         )
 
     def stop(self) -> None:

@@ -26,6 +26,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from destination.devtools.broker import BrokerUnavailable, EmbeddedBroker, create_topics, free_port
+from destination.devtools.children import die_with_parent
 from destination.devtools.produce import produce
 from destination.devtools.sample import sample_stream
 from destination.devtools.sandbox import DEFAULT_API_KEY, SandboxConfig, running_sandbox
@@ -129,6 +130,7 @@ def _start_worker(
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
 
 

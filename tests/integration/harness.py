@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from destination.devtools.broker import create_topics, free_port
+from destination.devtools.children import die_with_parent
 
 API_KEY = "sandbox-key"
 
@@ -70,6 +71,7 @@ class SandboxProcess:
                 [sys.executable, "-m", "destination", "sandbox", "--port", str(self.port), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
         LIVE.add(self.process)
         self.http = httpx.AsyncClient(base_url=self.url, timeout=10)
@@ -118,6 +120,7 @@ class WorkerProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self.env,
+                preexec_fn=die_with_parent,
             )
         LIVE.add(self.process)
 

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from destination.devtools.broker import free_port
+from destination.devtools.children import die_with_parent
 from tests.integration.harness import (
     SandboxProcess,
     WorkerProcess,
@@ -319,6 +320,7 @@ class PrometheusProcess:
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
         self.http = httpx.AsyncClient(base_url=self.url, timeout=5)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from destination.devtools.broker import free_port
+from destination.devtools.children import die_with_parent
 
 
 class RedisUnavailable(Exception):
@@ -46,6 +47,7 @@ class RedisServer:
              "--appendonly", "no", "--dir", str(self.workdir)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )  # fmt: skip
 
     def _answers(self) -> bool:
