@@ -393,7 +393,8 @@ class Worker:
                     self.delivery.imported,
                 )
                 rate = self.client.limiter.current_limit / settings.gist_rate_window
-                limits.messages, limits.awaiting_import = read_ahead.update(counts, rate)
+                working = self.delivery.batches_working
+                limits.messages, limits.awaiting_import = read_ahead.update(counts, rate, working)
                 metrics.READ_AHEAD.labels("in_flight").set(limits.messages)
                 metrics.READ_AHEAD.labels("awaiting_import").set(limits.awaiting_import)
             except Exception:  # keep committing on the next turn; never stop silently

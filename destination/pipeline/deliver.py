@@ -119,6 +119,7 @@ class PendingBatch:
         "resent",
         "steps",
         "submitted",
+        "working",
     )
 
     def __init__(
@@ -138,6 +139,7 @@ class PendingBatch:
         self.next_poll = now + interval
         self.polling = False
         self.resent = resent  # sent again once already: the next expiry dead-letters
+        self.working = False  # the last poll answered IN_PROGRESS
 
     def live(self) -> list[ContactStep]:
         return [step for step in self.steps if not step.finished]
@@ -209,6 +211,11 @@ class Delivery:
     @property
     def batches_pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def batches_working(self) -> int:
+        """Pending batches Gist last said it is importing (``IN_PROGRESS``), not queueing."""
+        return sum(1 for batch in self._pending if batch.working)
 
     def oldest_pending_batch_age(self) -> float:
         if not self._pending:
@@ -718,6 +725,7 @@ class Delivery:
             self._poller_wake.set()
         if batch not in self._pending:
             return  # abandoned meanwhile
+        batch.working = status is not None and status.status == "IN_PROGRESS"
         if lost:
             self._expire(batch, "lost")
         elif status is not None and status.completed:

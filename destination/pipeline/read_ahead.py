@@ -12,7 +12,13 @@ last half minute:
   (``current_limit / window``) times the messages a request carried lately times
   ``seconds``: 30 s of events is 300 of them, 30 s of contacts the whole ceiling;
 - messages waiting on Gist's import (*parked*): the rate Gist completed them lately
-  times ``seconds``: holding more than Gist imports meanwhile only holds memory.
+  times ``seconds``: holding more than Gist imports meanwhile only holds memory. Unless
+  Gist says it is importing two or more of our batches at once (``IN_PROGRESS``, not
+  ``QUEUED``): then it works side by side and the rate it completes may be bound by how
+  much it was given, not by its speed (a Gist taking a minute per batch, in parallel,
+  would otherwise be held to ``seconds`` / 60 of what it can do); the bound grows by half
+  each turn while that lasts, up to the ceiling. A Gist that queues our batches and
+  imports them in turn gets no more than it completes.
 
 The fixed settings stay as hard ceilings; small floors keep a batch fillable and a few
 imports in flight before anything is measured (at start, or after a quiet spell).
@@ -56,8 +62,11 @@ class ReadAhead:
         self.in_flight = self.min_in_flight
         self.parked = self.min_parked
 
-    def update(self, counts: Counts, requests_per_second: float) -> tuple[int, int]:
-        """New bounds (in flight, parked) from the latest counts and the budget's rate."""
+    def update(
+        self, counts: Counts, requests_per_second: float, working: int = 0
+    ) -> tuple[int, int]:
+        """New bounds (in flight, parked) from the latest counts, the budget's rate and
+        the number of our batches Gist says it is importing now (``working``)."""
         samples = self._samples
         samples.append(counts)
         while len(samples) > 2 and samples[1].at <= counts.at - self.horizon:
@@ -72,5 +81,7 @@ class ReadAhead:
         self.in_flight = int(min(self.max_in_flight, max(self.min_in_flight, wanted)))
         imported_per_second = (counts.imported - first.imported) / span
         wanted = imported_per_second * self.seconds
+        if working >= 2:  # Gist imports side by side: give it more while it does
+            wanted = max(wanted, self.parked * 1.5)
         self.parked = int(min(self.max_parked, max(self.min_parked, wanted)))
         return self.in_flight, self.parked

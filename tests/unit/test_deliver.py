@@ -582,3 +582,20 @@ async def test_each_request_carries_its_operations_priority() -> None:
     assert asked.count(Priority.LOW) == 1  # the event
     assert asked.count(Priority.HIGH) == 2  # the import and the tag change
     assert set(asked) - {Priority.LOW, Priority.HIGH} == {Priority.CRITICAL}  # status polls
+
+
+async def test_batches_gist_says_it_is_importing_are_counted_apart_from_queued_ones() -> None:
+    """The read-ahead gives Gist more only while it imports our batches side by side."""
+    gist = Misbehaving()
+    gist.stuck = {"b0", "b1", "b2"}  # answered IN_PROGRESS, never completed
+    h = Harness(gist, batch_max_contacts=1, batch_deadline=60)
+    h.delivery.start()
+    try:
+        for i in range(3):
+            h.send(upsert(f"w{i}", f"w{i}@x.io"))
+        await h.until(lambda: h.delivery.batches_working == 3)
+        gist.status = "QUEUED"  # Gist now says it queues them
+        await h.until(lambda: h.delivery.batches_working == 0)
+        assert h.delivery.batches_pending == 3
+    finally:
+        await h.delivery.close()

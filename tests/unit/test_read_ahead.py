@@ -39,3 +39,23 @@ def test_only_the_last_half_minute_counts() -> None:
     ra.update(Counts(40.0, 400, 100_000, 50_000), 10.0)
     # ...then Gist stopped completing: the parked bound falls back towards the floor.
     assert ra.update(Counts(70.0, 700, 175_000, 50_000), 10.0)[1] == 4_000
+
+
+def test_a_gist_importing_side_by_side_is_given_more() -> None:
+    """A minute per batch, in parallel: Gist completes what it was given a minute ago,
+    so the rate it completes says nothing about what it could do with more."""
+    ra = read_ahead()
+    ra.update(Counts(0.0, 0, 0, 0), 10.0)
+    parked = [ra.update(Counts(float(t), 10 * t, 2_000 * t, 0), 10.0, working=4)[1]
+              for t in range(1, 12)]  # fmt: skip
+    assert parked[:3] == [6_000, 9_000, 13_500]
+    assert parked[-1] == 100_000  # the ceiling stays the ceiling
+
+
+def test_a_gist_importing_in_turn_gets_what_it_completes() -> None:
+    """One batch IN_PROGRESS, the rest QUEUED: holding more only holds memory."""
+    ra = read_ahead()
+    ra.update(Counts(0.0, 0, 0, 0), 10.0)
+    for t in range(1, 12):
+        bounds = ra.update(Counts(float(t), 10 * t, 2_000 * t, 500 * t), 10.0, working=1)
+    assert bounds[1] == 15_000  # 500 a second, 30 s of it
