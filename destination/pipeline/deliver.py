@@ -117,9 +117,9 @@ class PendingBatch:
         "next_poll",
         "polling",
         "resent",
+        "status",
         "steps",
         "submitted",
-        "working",
     )
 
     def __init__(
@@ -139,7 +139,7 @@ class PendingBatch:
         self.next_poll = now + interval
         self.polling = False
         self.resent = resent  # sent again once already: the next expiry dead-letters
-        self.working = False  # the last poll answered IN_PROGRESS
+        self.status: str | None = None  # what the last poll answered, if any
 
     def live(self) -> list[ContactStep]:
         return [step for step in self.steps if not step.finished]
@@ -214,8 +214,13 @@ class Delivery:
 
     @property
     def batches_working(self) -> int:
-        """Pending batches Gist last said it is importing (``IN_PROGRESS``), not queueing."""
-        return sum(1 for batch in self._pending if batch.working)
+        """Pending batches Gist last said it is importing (``IN_PROGRESS``), or 0 while
+        it says it queues any of ours (``QUEUED``): a Gist that takes our batches as they
+        come and works on them side by side could use more; one that queues them, not."""
+        statuses = [batch.status for batch in self._pending]
+        if "QUEUED" in statuses:
+            return 0
+        return statuses.count("IN_PROGRESS")
 
     def oldest_pending_batch_age(self) -> float:
         if not self._pending:
@@ -725,7 +730,8 @@ class Delivery:
             self._poller_wake.set()
         if batch not in self._pending:
             return  # abandoned meanwhile
-        batch.working = status is not None and status.status == "IN_PROGRESS"
+        if status is not None:
+            batch.status = status.status
         if lost:
             self._expire(batch, "lost")
         elif status is not None and status.completed:

@@ -13,9 +13,9 @@ last half minute:
   ``seconds``: 30 s of events is 300 of them, 30 s of contacts the whole ceiling;
 - messages waiting on Gist's import (*parked*): the rate Gist completed them lately
   times ``seconds``: holding more than Gist imports meanwhile only holds memory. Unless
-  Gist says it is importing two or more of our batches at once (``IN_PROGRESS``, not
-  ``QUEUED``): then it works side by side and the rate it completes may be bound by how
-  much it was given, not by its speed (a Gist taking a minute per batch, in parallel,
+  Gist says it is importing two or more of our batches and queues none (``IN_PROGRESS``,
+  no ``QUEUED``): then it works side by side and the rate it completes may be bound by
+  how much it was given, not by its speed (a Gist taking a minute per batch, in parallel,
   would otherwise be held to ``seconds`` / 60 of what it can do); the bound grows by half
   each turn while that lasts, up to the ceiling. A Gist that queues our batches and
   imports them in turn gets no more than it completes.

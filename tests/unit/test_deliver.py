@@ -584,7 +584,7 @@ async def test_each_request_carries_its_operations_priority() -> None:
     assert set(asked) - {Priority.LOW, Priority.HIGH} == {Priority.CRITICAL}  # status polls
 
 
-async def test_batches_gist_says_it_is_importing_are_counted_apart_from_queued_ones() -> None:
+async def test_batches_gist_says_it_is_importing_count_only_while_it_queues_none() -> None:
     """The read-ahead gives Gist more only while it imports our batches side by side."""
     gist = Misbehaving()
     gist.stuck = {"b0", "b1", "b2"}  # answered IN_PROGRESS, never completed
@@ -594,7 +594,7 @@ async def test_batches_gist_says_it_is_importing_are_counted_apart_from_queued_o
         for i in range(3):
             h.send(upsert(f"w{i}", f"w{i}@x.io"))
         await h.until(lambda: h.delivery.batches_working == 3)
-        gist.status = "QUEUED"  # Gist now says it queues them
+        gist.status = "QUEUED"  # Gist now says it queues them: one queued is enough
         await h.until(lambda: h.delivery.batches_working == 0)
         assert h.delivery.batches_pending == 3
     finally:
