@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
 import httpx
@@ -79,6 +80,11 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_CREDENTIALS = 3
 
+
+_LOOP_TURN_BOUND = 2.0
+"""Seconds a stop waits for the consume loop's turn to end before cancelling it."""
+_CLOSE_STEP_BOUND = 10.0
+"""Seconds each Kafka step of the shutdown (the last commit, each client's stop) may take."""
 
 class Worker:
     def __init__(
@@ -235,9 +241,11 @@ class Worker:
                 max_request_size=settings.kafka_dlq_max_bytes,
                 **security,
             )
-            await producer.start()
+            if not await self._unless_stopped(producer.start()):
+                return EXIT_OK
             try:
-                await check_topic(producer, settings.kafka_dlq_topic)
+                if not await self._unless_stopped(check_topic(producer, settings.kafka_dlq_topic)):
+                    return EXIT_OK
             except DeadLetterTopicError as error:
                 log.error(log_events.DLQ_TOPIC_INVALID, error=str(error))
                 print(f"gist-destination: {error}", file=sys.stderr)
@@ -284,11 +292,31 @@ class Worker:
                 dedup=self.dedup,
             )
             self.stream.subscribe()
-            await consumer.start()
+            # aiokafka's start waits for the group's first assignment, without end if the
+            # broker went away meanwhile: a stop request must still end the worker.
+            if not await self._unless_stopped(consumer.start()):
+                return EXIT_OK
             self.delivery.start()
             return await self._consume(self.stream)
         finally:
             await self._close(consumer, producer)
+
+    async def _unless_stopped(self, step: Coroutine[Any, Any, Any]) -> bool:
+        """Run a start-up step unless a stop is requested first (the step is then
+        cancelled): True when the step finished."""
+        task = asyncio.ensure_future(step)
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            task.result()  # its error, if any, is the start-up's
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return False
 
     async def _check_key(self) -> bool:
         """Ask Gist who the key belongs to. The client retries while Gist is unreachable
@@ -343,6 +371,13 @@ class Worker:
             metrics.READY.set(0)
             stream.stop()
             stopping.cancel()
+            # The loop ends after its turn, but aiokafka's getmany waits without a bound
+            # while a group join is under way (found: a broker gone mid-join left a
+            # worker deaf to SIGTERM for hours): a turn that outlasts the bound is
+            # cancelled. Nothing is lost: records fetched but not opened are not ours
+            # to commit.
+            await asyncio.wait({consuming}, timeout=_LOOP_TURN_BOUND)
+            consuming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consuming
         log.info(log_events.WORKER_STOPPING, in_flight=self.ledger.messages)
@@ -358,7 +393,12 @@ class Worker:
         housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await housekeeping
-        await stream.commit()
+        try:
+            # aiokafka retries finding the group coordinator for as long as it is asked
+            # to: a broker gone must not keep the worker from ending.
+            await asyncio.wait_for(stream.commit(), _CLOSE_STEP_BOUND)
+        except TimeoutError:
+            log.warning(log_events.COMMIT_FAILED, error="timeout at shutdown")
         return EXIT_CREDENTIALS if self._fatal is not None else EXIT_OK
 
     async def _housekeeping(self, stream: StreamConsumer) -> None:
@@ -436,15 +476,16 @@ class Worker:
     ) -> None:
         await self.delivery.close()
         await self.outcomes.close()
-        if consumer is not None:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-        if producer is not None:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-        if self._record_reader is not None:
-            with contextlib.suppress(Exception):
-                await self._record_reader.close()
+        # Each Kafka client's stop is bounded: with the broker gone, aiokafka would wait
+        # for a coordinator (consumer) or for pending sends (producer) without end.
+        for client, stop in (
+            (consumer, "stop"),
+            (producer, "stop"),
+            (self._record_reader, "close"),
+        ):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(getattr(client, stop)(), _CLOSE_STEP_BOUND)
         await self.client.aclose()
         if self.shared is not None:
             with contextlib.suppress(Exception):

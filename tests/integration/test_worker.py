@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,7 +13,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.abc import ConsumerRebalanceListener
 
+from destination.devtools.broker import EmbeddedBroker
 from tests.integration.harness import (
     SandboxProcess,
     WorkerProcess,
@@ -496,9 +501,7 @@ async def test_an_envelope_is_held_while_gist_fails_and_delivered_after(
     await wait_for(worker.ready, 60, what="the worker to be ready")
     await sandbox_process.faults(error_rate=1.0)  # after the key check
     await produce(kafka_bootstrap, stream.topic, [envelope])
-    await wait_for(
-        lambda: _requests_seen(sandbox_process), 30, what="the worker to try Gist"
-    )
+    await wait_for(lambda: _requests_seen(sandbox_process), 30, what="the worker to try Gist")
     worker.signal(signal.SIGTERM)
     assert await worker.exited(60) == 0, worker.output()[-3000:]
     assert (await stream.committed()) == {0: None}  # nothing given up as done
@@ -536,9 +539,7 @@ async def test_a_batch_gist_never_completes_is_sent_again_once_then_dead_lettere
     try:
         (letter,) = await read_topic(kafka_bootstrap, stream.dlq, expect=1, within=60)
         assert dict(letter.headers)["gist-dlq-reason"] == b"batch_timeout"
-        posts = [
-            r for r in await sandbox_process.requests() if r["path"] == "/contacts/batch"
-        ]
+        posts = [r for r in await sandbox_process.requests() if r["path"] == "/contacts/batch"]
         assert len(posts) == 2  # the import, and the one re-send past the deadline
         await wait_for(lambda: _committed_is(stream, {0: 1}), 30, what="the commit")
         await sandbox_process.faults(batch_status=None)
@@ -557,3 +558,52 @@ async def _requests_seen(sandbox: SandboxProcess) -> bool:
 
 async def _committed_is(stream: Stream, expected: dict[int, int]) -> bool:
     return await stream.committed() == expected
+
+
+class _SlowToLetGo(ConsumerRebalanceListener):  # type: ignore[misc]
+    """A member that holds its partitions for a minute when asked to give them up, so
+    the group's next join stays under way that long (Kafka and Tansu both wait)."""
+
+    def __init__(self) -> None:
+        self.assigned = asyncio.Event()
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        if self.assigned.is_set():
+            await asyncio.sleep(60)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned:
+            self.assigned.set()
+
+
+async def test_a_stop_ends_the_worker_while_its_group_join_waits_and_the_broker_is_gone(
+    sandbox_process: SandboxProcess, tmp_path: Path
+) -> None:
+    """Regression: aiokafka's start waits for the first assignment without end; a
+    broker gone during the join left a worker deaf to SIGTERM for hours."""
+    with EmbeddedBroker(log_file=tmp_path / "broker.log") as broker:
+        stream = await Stream(broker.bootstrap_servers).create()
+        holder = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=stream.group)
+        listener = _SlowToLetGo()
+        holder.subscribe([stream.topic], listener=listener)
+        poller: asyncio.Task[Any] | None = None
+        try:
+            await holder.start()
+            poller = asyncio.create_task(holder.getmany(timeout_ms=120_000))
+            await asyncio.wait_for(listener.assigned.wait(), 60)
+            worker = WorkerProcess(tmp_path, stream.env(sandbox_process), name="joining")
+
+            async def joining() -> bool:
+                return "kafka.partitions_revoked" in worker.output()
+
+            await wait_for(joining, 60, what="the worker to start joining the group")
+            broker.stop()  # mid-join: the holder still has the group waiting
+            worker.signal(signal.SIGTERM)
+            code = await worker.exited(30)  # its own Kafka steps are bounded at 10 s
+        finally:
+            if poller is not None:
+                poller.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(holder.stop(), 5)
+    assert code == 0, worker.output()[-2000:]
+    assert "worker.stopped" in worker.output()
