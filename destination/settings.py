@@ -104,7 +104,7 @@ class Settings(BaseSettings):
 
     # --- flow control ---
     read_ahead_seconds: float = Field(
-        30.0, gt=0, description="hold what the budget can send (and Gist import) in this long"
+        10.0, gt=0, description="hold what the budget can send (and Gist import) in this long"
     )
     max_inflight_messages: int = Field(20_000, ge=1)
     max_inflight_bytes: int = Field(64 * MiB, ge=1024)

@@ -411,11 +411,11 @@ class Worker:
         read_ahead = ReadAhead(
             settings.read_ahead_seconds,
             limits.max_messages,
-            limits.max_awaiting_import,
+            limits.max_messages + limits.max_awaiting_import,
             min_in_flight=max(200, 2 * settings.gist_batch_size),
-            min_parked=2 * settings.gist_batch_size * imports,
+            min_held=2 * settings.gist_batch_size * imports,
         )
-        limits.messages, limits.awaiting_import = read_ahead.in_flight, read_ahead.parked
+        limits.messages, limits.held = read_ahead.in_flight, read_ahead.held
         while True:
             await asyncio.sleep(self.settings.commit_interval)
             try:
@@ -430,13 +430,13 @@ class Worker:
                     now,
                     self.limiter.granted,
                     self.outcomes.delivered_count + self.ledger.parked_total,
-                    self.delivery.imported,
+                    self.outcomes.ended_count,
                 )
                 rate = self.client.limiter.current_limit / settings.gist_rate_window
                 working = self.delivery.batches_working
-                limits.messages, limits.awaiting_import = read_ahead.update(counts, rate, working)
+                limits.messages, limits.held = read_ahead.update(counts, rate, working)
                 metrics.READ_AHEAD.labels("in_flight").set(limits.messages)
-                metrics.READ_AHEAD.labels("awaiting_import").set(limits.awaiting_import)
+                metrics.READ_AHEAD.labels("held").set(limits.held)
             except Exception:  # keep committing on the next turn; never stop silently
                 metrics.INTERNAL_ERRORS.labels("housekeeping").inc()
                 log.exception(log_events.HOUSEKEEPING_FAILED)

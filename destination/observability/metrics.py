@@ -54,9 +54,9 @@ MESSAGES_IN_FLIGHT = Gauge(
 )
 READ_AHEAD = Gauge(
     _P + "read_ahead_messages",
-    "The bound in force on messages held: 'in_flight' (not yet sent) and 'awaiting_import', "
-    "sized by what the budget sends and Gist imports in READ_AHEAD_SECONDS (at most "
-    "MAX_INFLIGHT_MESSAGES / MAX_AWAITING_IMPORT).",
+    "The bounds in force on messages held: 'in_flight' (not yet sent), sized by what the "
+    "budget sends in READ_AHEAD_SECONDS (at most MAX_INFLIGHT_MESSAGES), and 'held' (not "
+    "yet sent or waiting on Gist's import), by how many ended in READ_AHEAD_SECONDS.",
     ["held"],
 )
 BYTES_IN_FLIGHT = Gauge(_P + "in_flight_bytes", "Record bytes held for in-flight messages.")

@@ -80,7 +80,10 @@ class FlowLimits:
     A message is opened only while every bound is below its limit, so no total exceeds
     its limit by more than one message (bytes: one record). Fetching pauses at the
     bounds and resumes below ``resume_at`` of them. ``awaiting_import`` bounds the
-    parked messages (see ``inflight``); ``uncommitted_per_partition`` and
+    parked messages (see ``inflight``); ``held`` all of them, parked or not yet sent
+    (``read_ahead`` sets it to what Gist imports in a while: bounding the parked ones
+    alone, messages read meanwhile would all be sent and parked on top);
+    ``uncommitted_per_partition`` and
     ``uncommitted_total`` the records read past the committable offsets, finished ones
     included: one message retried for hours must not let the finished records after it
     pile up in the offset trackers."""
@@ -95,11 +98,12 @@ class FlowLimits:
         uncommitted_total: int = 1_000_000,
         resume_at: float = 0.8,
     ) -> None:
-        """``messages`` and ``awaiting_import`` are the ceilings; the bounds in force may
-        be lower (``read_ahead``)."""
+        """``messages`` and ``awaiting_import`` are the ceilings; the bounds in force on
+        ``messages`` and ``held`` may be lower (``read_ahead``)."""
         self.max_messages = messages
         self.max_awaiting_import = awaiting_import
         self.messages = messages
+        self.held = messages + awaiting_import
         self.bytes = bytes_
         self.per_partition = per_partition
         self.awaiting_import = awaiting_import
@@ -113,6 +117,7 @@ class FlowLimits:
             ledger.messages < self.messages
             and ledger.bytes < self.bytes
             and ledger.parked < self.awaiting_import
+            and ledger.parked + ledger.messages < self.held
             and ledger.uncommitted < self.uncommitted_total
             and work.messages < self.per_partition
             and work.offsets.uncommitted < self.uncommitted_per_partition
@@ -126,6 +131,7 @@ class FlowLimits:
             ledger.messages >= self.messages * share
             or ledger.bytes >= self.bytes * share
             or ledger.parked >= self.awaiting_import * share
+            or ledger.parked + ledger.messages >= self.held * share
             or ledger.uncommitted >= self.uncommitted_total * share
         )
 

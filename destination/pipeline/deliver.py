@@ -180,7 +180,6 @@ class Delivery:
         self._flush_all = False
         self._polls_halted = False
         self._closing = False
-        self.imported = 0  # messages whose contacts completed imports confirmed
         self.broken: str | None = None
         """Set when a part of delivery stopped on a bug: the worker reports unhealthy."""
 
@@ -802,7 +801,6 @@ class Delivery:
         if not unmatched and not short:
             for step in rest:
                 self._confirmed(step)
-                self.imported += len(step.tickets)
                 self._finish(step, None)
             return
         # Some of ``rest`` failed, and Gist did not say which: find out.

@@ -63,6 +63,7 @@ class Outcomes:
         self._wall_clock = wall_clock
         self._writing: dict[MessageWork, asyncio.Task[None]] = {}
         self.delivered_count = 0
+        self.ended_count = 0  # delivered, skipped or dead-lettered
         self.observers: list[Callable[[MessageWork, str, str | None], None]] = []
         """Called with (message, "delivered" | "skipped" | "dead_lettered", reason) as
         each message ends (tests watch the invariants through this)."""
@@ -188,6 +189,7 @@ class Outcomes:
 
     def _end(self, message: MessageWork, how: str, reason: str | None) -> None:
         message.state = ENDED
+        self.ended_count += 1
         self.ledger.ended(message)
         for observe in self.observers:
             observe(message, how, reason)

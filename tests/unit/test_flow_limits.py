@@ -84,3 +84,24 @@ def test_records_held_across_partitions_are_bounded_in_total() -> None:
     assert ledger.uncommitted == 4
     assert not bounds.room(ledger, a)
     assert bounds.full(ledger, resuming=False)
+
+
+def test_messages_held_for_gist_count_parked_and_unsent_together() -> None:
+    """Regression: with the parked messages alone bounded, what was read before they
+    reached the bound was sent and parked on top (44,000 parked, bound 30,000)."""
+    from destination.pipeline.inflight import Ledger
+
+    ledger = Ledger()
+    work = ledger.assign(TopicPartition("events", 0))
+    bounds = FlowLimits(messages=100, bytes_=1 << 20, per_partition=100, awaiting_import=100)
+    bounds.held = 5  # what read_ahead sets: Gist imports about this many in a while
+    record = ledger.open_record(work, 0, None, b"{}", [])
+    opened = []
+    while bounds.room(ledger, work):
+        opened.append(ledger.open_message(record, len(opened), "identify", None))
+    assert len(opened) == 5
+    for message in opened[:3]:
+        ledger.park(message)  # sent: waiting on Gist's import
+    assert (ledger.parked, ledger.messages) == (3, 2)
+    assert not bounds.room(ledger, work)  # parking frees no room for more
+    assert bounds.full(ledger, resuming=False)
