@@ -130,6 +130,7 @@ class PendingBatch:
         interval: float,
         deadline: float,
         resent: bool,
+        status: str = "QUEUED",
     ) -> None:
         self.batch_id = batch_id
         self.steps = steps  # in the order sent (batch errors name contacts by index)
@@ -139,7 +140,7 @@ class PendingBatch:
         self.next_poll = now + interval
         self.polling = False
         self.resent = resent  # sent again once already: the next expiry dead-letters
-        self.status: str | None = None  # what the last poll answered, if any
+        self.status = status  # what Gist last said of it (the import's answer, a poll)
 
     def live(self) -> list[ContactStep]:
         return [step for step in self.steps if not step.finished]
@@ -213,13 +214,18 @@ class Delivery:
 
     @property
     def batches_working(self) -> int:
-        """Pending batches Gist last said it is importing (``IN_PROGRESS``), or 0 while
-        it says it queues any of ours (``QUEUED``): a Gist that takes our batches as they
-        come and works on them side by side could use more; one that queues them, not."""
+        """Pending batches Gist is importing side by side: all of them when the last
+        answer for each says ``IN_PROGRESS``, else 0. A Gist that takes our batches as
+        they come and works on them side by side could use more; one that queues them,
+        not. Every pending batch must say so, not two of them: answers are stale (polls
+        are few at the real limit), and a Gist importing in turn has been seen with one
+        batch last polled IN_PROGRESS before it completed and the next polled
+        IN_PROGRESS after, the rest not polled since their import was accepted
+        (``QUEUED``)."""
         statuses = [batch.status for batch in self._pending]
-        if "QUEUED" in statuses:
+        if any(status != "IN_PROGRESS" for status in statuses):
             return 0
-        return statuses.count("IN_PROGRESS")
+        return len(statuses)
 
     def oldest_pending_batch_age(self) -> float:
         if not self._pending:
@@ -632,6 +638,7 @@ class Delivery:
                 self.settings.poll_interval,
                 self.settings.batch_deadline,
                 resent,
+                accepted.status,
             )
         )
         metrics.BATCHES_PENDING.set(len(self._pending))

@@ -17,7 +17,8 @@ last half minute:
   only holds memory. (Bounding the parked ones alone would not do: what is
   read before they reach the bound is sent and parked on top; measured: 44,000 parked
   against a bound of 30,000.) Unless Gist says it is importing two or more of our
-  batches and queues none (``IN_PROGRESS``, no ``QUEUED``): then it works side by side
+  batches and queues none (each pending batch last answered ``IN_PROGRESS``; one only
+  accepted, not polled since, counts as ``QUEUED``): then it works side by side
   and the rate it completes may be bound by how much it was given, not by its speed (a
   Gist taking a minute per batch, in parallel, would otherwise be held to ``seconds`` /
   60 of what it can do); the bound grows by half each turn while that lasts, up to the

@@ -296,6 +296,7 @@ class Misbehaving(FakeGist):
         self.poll_http: int | None = None
         self.no_batch_id = False
         self.stuck: set[str] = set()  # batch ids that never complete
+        self.unpolled: set[str] = set()  # batch ids whose polls fail (503)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -304,6 +305,8 @@ class Misbehaving(FakeGist):
             self.log.append((f"GET {path}", None))
             if self.poll_http is not None:
                 return httpx.Response(self.poll_http, json={"errors": []})
+            if batch_id in self.unpolled:
+                return httpx.Response(503, json={"errors": []})
             if self.status is not None or batch_id in self.stuck:
                 return httpx.Response(200, json={"status": self.status or "IN_PROGRESS"})
             contacts = self.batches[batch_id]
@@ -597,5 +600,31 @@ async def test_batches_gist_says_it_is_importing_count_only_while_it_queues_none
         gist.status = "QUEUED"  # Gist now says it queues them: one queued is enough
         await h.until(lambda: h.delivery.batches_working == 0)
         assert h.delivery.batches_pending == 3
+    finally:
+        await h.delivery.close()
+
+
+async def test_a_batch_not_polled_since_gist_queued_it_counts_as_queued() -> None:
+    """Polls are few at the real limit, so answers are stale: two batches last polled
+    IN_PROGRESS beside one Gist has only accepted (QUEUED, its poll failing here) are not
+    a Gist importing side by side (a Gist importing in turn looked so: the read-ahead grew
+    to 46,000 held messages against 9,000 measured)."""
+    gist = Misbehaving()
+    gist.stuck = {"b0", "b1", "b2"}
+    gist.unpolled = {"b2"}
+    h = Harness(gist, batch_max_contacts=1, batch_deadline=60)
+    h.delivery.start()
+    try:
+        for i in range(3):
+            h.send(upsert(f"w{i}", f"w{i}@x.io"))
+        await h.until(lambda: h.delivery.batches_pending == 3)
+        polled = sum(1 for path, _ in gist.log if path == "GET /contacts/batch/b1")
+        await h.until(
+            lambda: sum(1 for path, _ in gist.log if path == "GET /contacts/batch/b1")
+            >= polled + 2
+        )
+        assert h.delivery.batches_working == 0
+        gist.unpolled = set()  # now Gist says the third is in progress too
+        await h.until(lambda: h.delivery.batches_working == 3)
     finally:
         await h.delivery.close()
