@@ -392,23 +392,39 @@ class GistClient:
             raise RetryableError(
                 f"could not reach Gist ({type(exc).__name__})", method=method, endpoint=endpoint
             ) from None
-        status = response.status_code
-        metrics.GIST_REQUESTS.labels(endpoint, str(status)).inc()
-        metrics.GIST_REQUEST_DURATION.labels(endpoint).observe(time.monotonic() - sent)
-        if 200 <= status < 300:
-            return response.content
-        if status == 404 and missing_ok:
-            return None
-        raise error_for_status(
-            status,
-            method=method,
-            endpoint=endpoint,
-            body=response.text,
-            retry_after=_retry_after(response.headers.get("Retry-After")),
-        )
+        try:
+            status = response.status_code
+            metrics.GIST_REQUESTS.labels(endpoint, str(status)).inc()
+            metrics.GIST_REQUEST_DURATION.labels(endpoint).observe(time.monotonic() - sent)
+            if 200 <= status < 300:
+                return response.content
+            if status == 404 and missing_ok:
+                return None
+            raise error_for_status(
+                status,
+                method=method,
+                endpoint=endpoint,
+                body=response.text,
+                retry_after=_retry_after(response.headers.get("Retry-After")),
+            )
+        finally:
+            _release(response)
 
 
 _T = TypeVar("_T")
+
+
+def _release(response: httpx.Response) -> None:
+    """Let a read response go now, not at the next full garbage collection.
+
+    httpx 0.28 ties each response to its body stream both ways (``BoundAsyncStream``
+    keeps the response; encode/httpx#3733), so a response, its request and the request's
+    body are freed only by the cyclic collector. A request in flight a while outlives
+    the young generations, and the worker's thresholds (``commands/run.py``) make full
+    collections minutes apart: measured at the real limit, 70 batch imports of ~170 kB
+    each alive at once and RSS growing 1.5 MB/s for three minutes. The body has been
+    read (``request`` reads it whole), so the stream is done with."""
+    response.stream = httpx.ByteStream(b"")
 
 
 def _encode(payload: Any) -> bytes:
