@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 import time
@@ -401,8 +402,18 @@ class Worker:
             log.warning(log_events.COMMIT_FAILED, error="timeout at shutdown")
         return EXIT_CREDENTIALS if self._fatal is not None else EXIT_OK
 
+    full_collection_every = 10.0
+    """Seconds between full garbage collections, run by housekeeping. ``commands/run.py``
+    makes the collector's young generations large, so on its own a full collection comes
+    minutes apart, while libraries leave cycles that hold large buffers until one does:
+    aiokafka drops the fetched records of a partition that backpressure paused in a
+    cycle (the partition's records and their generator) that keeps the whole fetch
+    response (measured at the real limit with Tansu: 15 of them alive, 66 MB freed by one
+    collection, RSS growing 1.5 MB/s between). One over the bounded work in flight
+    takes milliseconds to tens of milliseconds."""
+
     async def _housekeeping(self, stream: StreamConsumer) -> None:
-        """Periodic commits and gauges."""
+        """Periodic commits, gauges, read-ahead bounds and full garbage collections."""
         limiter = self.client.limiter
         samples: deque[tuple[float, int, int]] = deque()  # (time, delivered, granted)
         settings = self.settings
@@ -416,12 +427,16 @@ class Worker:
             min_held=2 * settings.gist_batch_size * imports,
         )
         limits.messages, limits.held = read_ahead.in_flight, read_ahead.held
+        collect_at = time.monotonic() + self.full_collection_every
         while True:
             await asyncio.sleep(self.settings.commit_interval)
             try:
                 await stream.commit()
                 lag = stream.update_gauges()
                 now = time.monotonic()
+                if now >= collect_at:
+                    gc.collect()
+                    collect_at = now + self.full_collection_every
                 samples.append((now, self.outcomes.delivered_count, self.limiter.granted))
                 while samples[0][0] < now - 60:
                     samples.popleft()

@@ -54,7 +54,9 @@ def tune_garbage_collector() -> None:
     growth of it sets off a full collection that walks every live object: 27% of the
     worker's CPU in the drain benchmark. A larger young generation lets them die young
     (a full collection becomes rare; memory stays bounded by the in-flight limits), and
-    the start-up objects (modules, rules) are frozen out of every scan.
+    the start-up objects (modules, rules) are frozen out of every scan. Cycles that reach
+    the oldest generation are freed by the full collection the worker's housekeeping
+    runs every ``Worker.full_collection_every`` seconds.
     """
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
