@@ -14,6 +14,7 @@ import pytest
 
 from destination.devtools.sandbox import Sandbox, SandboxConfig, running_sandbox
 from destination.gist import GistClient, RateLimit, RetryPolicy
+from destination.gist._redis import RETRY_REDIS_EVERY
 from destination.observability import metrics
 from tests.support.budget_client import KEY, budget, send_events
 from tests.support.redis_server import RedisServer
@@ -145,6 +146,16 @@ async def test_redis_down_falls_back_on_the_share_and_comes_back(
         outage(),
         watch(until),
     )
+    # A client tries Redis again on an ask at least RETRY_REDIS_EVERY (5 s) after it fell
+    # back; on a busy machine that can fall after the 12 s (seen once in CI beside a
+    # benchmark: one client still on its share at the end, no failed try logged). It must
+    # come back all the same, so the clients go on asking, two more retry periods at most.
+    back_by = time.monotonic() + 2 * RETRY_REDIS_EVERY + 2.0
+    while time.monotonic() < back_by and any(
+        shared is not None and shared.backend != "redis" for _, shared in pairs
+    ):
+        step = time.monotonic() + 0.5
+        await asyncio.gather(*(send_events(c, step, name=f"r{i}") for i, c in enumerate(clients)))
     for c in clients:
         await c.aclose()
     backends = [shared.backend for _, shared in pairs if shared is not None]
