@@ -409,8 +409,9 @@ class Worker:
     aiokafka drops the fetched records of a partition that backpressure paused in a
     cycle (the partition's records and their generator) that keeps the whole fetch
     response (measured at the real limit with Tansu: 15 of them alive, 66 MB freed by one
-    collection, RSS growing 1.5 MB/s between). One over the bounded work in flight
-    takes milliseconds to tens of milliseconds."""
+    collection, RSS growing 1.5 MB/s between). One costs about 25 ms over 250,000
+    tracked objects (the most seen in a 300k drain; measured on a slow day): 0.25% of a
+    core at this period."""
 
     async def _housekeeping(self, stream: StreamConsumer) -> None:
         """Periodic commits, gauges, read-ahead bounds and full garbage collections."""
