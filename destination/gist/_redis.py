@@ -16,9 +16,12 @@ logs it once and counts it (``limiter_fallbacks_total``), and tries Redis again 
 few seconds. Whenever the shared view is incomplete (falling back; coming back, since
 Redis never heard of the requests made meanwhile; Redis having lost its data, told by a
 changed *epoch* key), the replica keeps, for one window, to at most what it sent itself
-in the last window, and on its way back it also keeps to its partition share for that
-window. So a Redis restart costs no extra requests: each replica knows its own recent
-ones, and their sum was within the budget.
+in the last window, and on its way back it also keeps to its partition share, for a
+window plus ``RETRY_REDIS_EVERY``: the other replicas come back up to one retry later,
+and until then their requests on their shares are not in Redis' log (a replica back on
+Redis alone after one window could take slots they had used). So a Redis restart costs
+no extra requests: each replica knows its own recent ones, and their sum was within the
+budget.
 
 **Priorities are per replica.** The shared log is one log: Redis knows nothing of lanes.
 Each replica's waiters queue in its own ``Lanes``, and one asker task per replica asks
@@ -403,10 +406,11 @@ class RedisBudget:
         task.add_done_callback(self._pending.discard)
 
     def _come_back(self) -> None:
-        """Redis may answer again: for one window, keep to the share too (Redis did not
-        see the requests made while falling back)."""
+        """Redis may answer again: keep to the share too (Redis did not see the requests
+        made while falling back, ours nor those of replicas that come back up to a retry
+        later) until a window after the last of them."""
         self.local.hold(self._own_recent())
-        self._dual_until = self._clock() + self._span
+        self._dual_until = self._clock() + self._span + RETRY_REDIS_EVERY
         self._set_backend("dual")
         log.info(log_events.LIMITER_SHARED_AGAIN)
 

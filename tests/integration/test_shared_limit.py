@@ -167,3 +167,37 @@ async def test_redis_down_falls_back_on_the_share_and_comes_back(
     assert metrics.LIMITER_FALLBACKS._value.get() == fallbacks + 2
     assert 429 not in statuses(sandbox)
     assert most_in_any_window(arrivals(sandbox), WINDOW) <= LIMIT
+
+
+async def test_redis_losing_its_log_costs_no_429(
+    redis_server: RedisServer, sandbox: Sandbox
+) -> None:
+    """Redis loses its data while the clients use it (a restart without persistence,
+    played by FLUSHALL): the log is empty but the last window's requests still count at
+    Gist. Each client sees the changed epoch and keeps to what it sent itself for a
+    window: the workspace gets no more than its budget."""
+    import redis.asyncio as aioredis
+
+    rate = RateLimit(limit=LIMIT, window=WINDOW, margin=0.05)
+    pairs = [budget(redis_server.url, rate, 1, 2) for _ in range(2)]
+    clients = [client(sandbox.url, shared) for _, shared in pairs]
+    for _, shared in pairs:
+        assert shared is not None
+        await shared.start("sandbox-workspace")
+
+    async def flush() -> None:
+        await asyncio.sleep(2.0)
+        admin = aioredis.from_url(redis_server.url)
+        await admin.flushall()
+        await admin.aclose()
+
+    until = time.monotonic() + 5.0
+    await asyncio.gather(*(send_events(c, until, name=f"c{i}") for i, c in enumerate(clients)),
+                         flush())  # fmt: skip
+    for c in clients:
+        await c.aclose()
+    for _, shared in pairs:
+        assert shared is not None
+        await shared.close()
+    assert 429 not in statuses(sandbox)
+    assert most_in_any_window(arrivals(sandbox), WINDOW) <= LIMIT
