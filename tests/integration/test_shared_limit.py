@@ -14,7 +14,7 @@ import pytest
 
 from destination.devtools.sandbox import Sandbox, SandboxConfig, running_sandbox
 from destination.gist import GistClient, RateLimit, RetryPolicy
-from destination.gist._redis import RETRY_REDIS_EVERY
+from destination.gist._redis import RETRY_REDIS_EVERY, RedisBudget
 from destination.observability import metrics
 from tests.support.budget_client import KEY, budget, send_events
 from tests.support.redis_server import RedisServer
@@ -54,6 +54,27 @@ def client(url: str, shared: Any) -> GistClient:
 async def sandbox() -> Any:
     async with running_sandbox(SandboxConfig(rate_limit=LIMIT, rate_window=WINDOW)) as sb:
         yield sb
+
+
+async def two_replicas(
+    redis_url: str, sandbox_url: str
+) -> tuple[list[RedisBudget], list[GistClient]]:
+    """Two clients on Redis, each owning half of the partitions (its share without it)."""
+    rate = RateLimit(limit=LIMIT, window=WINDOW, margin=0.05)
+    budgets = []
+    for _ in range(2):
+        _, shared = budget(redis_url, rate, 1, 2)
+        assert shared is not None
+        await shared.start("sandbox-workspace")
+        budgets.append(shared)
+    return budgets, [client(sandbox_url, shared) for shared in budgets]
+
+
+async def close_all(budgets: list[RedisBudget], clients: list[GistClient]) -> None:
+    for c in clients:
+        await c.aclose()
+    for shared in budgets:
+        await shared.close()
 
 
 async def test_three_clients_in_one_process_share_one_budget(
@@ -118,20 +139,13 @@ async def test_redis_down_falls_back_on_the_share_and_comes_back(
     """Redis is stopped mid-run and started again (empty): the clients fall back on
     their partition share (never a full budget each), count and log it, and return to
     Redis; the workspace never gets more than its budget."""
-    rate = RateLimit(limit=LIMIT, window=WINDOW, margin=0.05)
-    pairs = [budget(redis_server.url, rate, 1, 2) for _ in range(2)]
-    clients = [client(sandbox.url, shared) for _, shared in pairs]
-    for _, shared in pairs:
-        assert shared is not None
-        await shared.start("sandbox-workspace")
+    budgets, clients = await two_replicas(redis_server.url, sandbox.url)
     fallbacks = metrics.LIMITER_FALLBACKS._value.get()
     seen: set[str] = set()
 
     async def watch(until: float) -> None:
         while time.monotonic() < until:
-            for _, shared in pairs:
-                assert shared is not None
-                seen.add(shared.backend)
+            seen.update(shared.backend for shared in budgets)
             await asyncio.sleep(0.05)
 
     async def outage() -> None:
@@ -151,17 +165,11 @@ async def test_redis_down_falls_back_on_the_share_and_comes_back(
     # benchmark: one client still on its share at the end, no failed try logged). It must
     # come back all the same, so the clients go on asking, two more retry periods at most.
     back_by = time.monotonic() + 2 * RETRY_REDIS_EVERY + 2.0
-    while time.monotonic() < back_by and any(
-        shared is not None and shared.backend != "redis" for _, shared in pairs
-    ):
+    while time.monotonic() < back_by and any(shared.backend != "redis" for shared in budgets):
         step = time.monotonic() + 0.5
         await asyncio.gather(*(send_events(c, step, name=f"r{i}") for i, c in enumerate(clients)))
-    for c in clients:
-        await c.aclose()
-    backends = [shared.backend for _, shared in pairs if shared is not None]
-    for _, shared in pairs:
-        assert shared is not None
-        await shared.close()
+    backends = [shared.backend for shared in budgets]
+    await close_all(budgets, clients)
     assert {"redis", "fallback"} <= seen
     assert backends == ["redis", "redis"]
     assert metrics.LIMITER_FALLBACKS._value.get() == fallbacks + 2
@@ -178,12 +186,7 @@ async def test_redis_losing_its_log_costs_no_429(
     window: the workspace gets no more than its budget."""
     import redis.asyncio as aioredis
 
-    rate = RateLimit(limit=LIMIT, window=WINDOW, margin=0.05)
-    pairs = [budget(redis_server.url, rate, 1, 2) for _ in range(2)]
-    clients = [client(sandbox.url, shared) for _, shared in pairs]
-    for _, shared in pairs:
-        assert shared is not None
-        await shared.start("sandbox-workspace")
+    budgets, clients = await two_replicas(redis_server.url, sandbox.url)
 
     async def flush() -> None:
         await asyncio.sleep(2.0)
@@ -194,10 +197,6 @@ async def test_redis_losing_its_log_costs_no_429(
     until = time.monotonic() + 5.0
     await asyncio.gather(*(send_events(c, until, name=f"c{i}") for i, c in enumerate(clients)),
                          flush())  # fmt: skip
-    for c in clients:
-        await c.aclose()
-    for _, shared in pairs:
-        assert shared is not None
-        await shared.close()
+    await close_all(budgets, clients)
     assert 429 not in statuses(sandbox)
     assert most_in_any_window(arrivals(sandbox), WINDOW) <= LIMIT
