@@ -343,6 +343,37 @@ async def sandbox_totals(url: str) -> dict[str, int]:
     return {"contacts": len(state["contacts"]), "events": len(state["events"])}
 
 
+# -- at the real limit: budget and lean --------------------------------------------------
+
+
+async def at_real_limit(
+    args: argparse.Namespace,
+    workdir: Path,
+    until: Any,
+    within: float,
+    interval: float = 0.25,
+) -> tuple[int, Watch, list[dict[str, Any]], int, int]:
+    """The backlog produced, the sandbox at the real limit, the worker run with its
+    defaults (and ``--set``) until ``until(watch, backlog size)``: the backlog size, what
+    was watched, the sandbox's request log, the worker's exit code and its peak RSS in
+    KiB."""
+    with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
+        bootstrap = broker.bootstrap_servers
+        await create_topics(bootstrap, [TOPIC, DLQ], args.partitions)
+        count, *_ = await produce_backlog(bootstrap, args)
+        async with sandbox(workdir, LIMIT, args.batch_delay) as (url, _):
+            port = free_port()
+            worker = start_worker(workdir, bootstrap, url, port, parse_sets(args.set))
+            try:
+                seen = await watch(worker, port, lambda w: until(w, count), within, interval)
+                peak = memory_kib(worker.pid)["VmHWM"]
+                async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                    log: list[dict[str, Any]] = (await http.get("/_sandbox/requests")).json()
+            finally:
+                code = await stop_worker(worker)
+    return count, seen, log, code, peak
+
+
 # -- budget -----------------------------------------------------------------------------
 
 
@@ -352,24 +383,11 @@ async def budget(args: argparse.Namespace, workdir: Path) -> int:
         f"{args.records:,} records, stream {args.stream!r}, {args.seconds:g} s measured",
         flush=True,
     )
-    with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
-        bootstrap = broker.bootstrap_servers
-        await create_topics(bootstrap, [TOPIC, DLQ], args.partitions)
-        count, *_ = await produce_backlog(bootstrap, args)
-        async with sandbox(workdir, LIMIT, args.batch_delay) as (url, _):
-            port = free_port()
-            worker = start_worker(workdir, bootstrap, url, port, parse_sets(args.set))
-            try:
-                seen = await watch(
-                    worker, port,
-                    lambda w: w.first is not None and w.samples[-1].t - w.first.t
-                    >= args.seconds + WINDOW,
-                    within=args.seconds + 120,
-                )  # fmt: skip
-                async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-                    log: list[dict[str, Any]] = (await http.get("/_sandbox/requests")).json()
-            finally:
-                code = await stop_worker(worker)
+    count, seen, log, code, _ = await at_real_limit(
+        args, workdir,
+        lambda w, _: w.first is not None and w.samples[-1].t - w.first.t >= args.seconds + WINDOW,
+        within=args.seconds + 120,
+    )  # fmt: skip
     log.sort(key=lambda r: r["t"])
     # Measure from the first request after start-up (the key check is one request).
     api = [r for r in log if not r["path"].startswith("/token/")]
@@ -429,23 +447,11 @@ async def lean(args: argparse.Namespace, workdir: Path) -> int:
         f"batch delay {args.batch_delay:g} s",
         flush=True,
     )
-    with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
-        bootstrap = broker.bootstrap_servers
-        await create_topics(bootstrap, [TOPIC, DLQ], args.partitions)
-        count, *_ = await produce_backlog(bootstrap, args)
-        async with sandbox(workdir, LIMIT, args.batch_delay) as (url, _):
-            port = free_port()
-            worker = start_worker(workdir, bootstrap, url, port, parse_sets(args.set))
-            try:
-                seen = await watch(
-                    worker, port, lambda w: bool(w.samples) and w.samples[-1].finished >= count,
-                    within=args.timeout, interval=1.0,
-                )  # fmt: skip
-                peak = memory_kib(worker.pid)["VmHWM"]
-                async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-                    log: list[dict[str, Any]] = (await http.get("/_sandbox/requests")).json()
-            finally:
-                code = await stop_worker(worker)
+    count, seen, log, code, peak = await at_real_limit(
+        args, workdir,
+        lambda w, count: bool(w.samples) and w.samples[-1].finished >= count,
+        within=args.timeout, interval=1.0,
+    )  # fmt: skip
     assert seen.first is not None
     start, end = seen.samples[0], seen.samples[-1]
     every = [s for s in seen.samples if (s.t - start.t) % 5.0 < 1.0]  # ~ every 5 s
