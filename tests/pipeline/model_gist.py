@@ -56,7 +56,7 @@ FATES = {
     "odd": {"ok": 0.7, "failed": 0.15, "stuck": 0.05, "late": 0.1},
     "imports": {"ok": 0.35, "failed": 0.2, "stuck": 0.15, "late": 0.3},
 }
-SLOW_IMPORTS = {"healthy": 0.1, "flaky": 0.1, "odd": 0.1, "imports": 0.35}
+SLOW_IMPORTS = {"healthy": 0.2, "flaky": 0.1, "odd": 0.1, "imports": 0.35}
 
 
 @dataclass
@@ -100,6 +100,9 @@ class SandboxGist:
         self.order: list[ModelBatch] = []
         self.arrivals: dict[str, list[Arrival]] = defaultdict(list)
         self.late_by = late_by
+        self.slow_imports: float | None = None
+        self.slow_events: float | None = None
+        """When set, every import's (event's) answer takes this long (scripted programs)."""
         self.dead: set[int] = set()
         self.requests = 0
         self.journal: list[tuple[float, str]] = []
@@ -129,6 +132,7 @@ class SandboxGist:
             return httpx.Response(503, json={"errors": [{"code": "unavailable"}]})
         if self.mode == "flaky" and self.rng.random() < 0.33:
             fault = self.rng.choice(["500", "503", "429", "timeout", "lost", "html"])
+            self._note(f"{fault} for {request.method} {path} from worker {worker}")
             if fault == "timeout":
                 raise httpx.ReadTimeout("model time-out", request=request)
             if fault == "429":
@@ -165,10 +169,16 @@ class SandboxGist:
             if path.startswith("/contacts/batch/"):
                 return self._poll(path.rsplit("/", 1)[1])
             if path == "/events":
+                if self.slow_events is not None:
+                    await asyncio.sleep(self.slow_events)
                 mid = ((body or {}).get("properties") or {}).get("mid")
                 event = self.store.track_event(body)
                 if isinstance(mid, str):
                     self.arrivals[mid].append(Arrival(mid, worker, time.monotonic(), lost))
+                self._note(
+                    f"event {body.get('event_name')} from worker {worker}: mid {mid}"
+                    + (" (its answer lost)" if lost else "")
+                )
                 return httpx.Response(200, json={"event": event.to_json()})
             if path == "/tags":
                 tag = self.store.tag_request(body)
@@ -212,7 +222,9 @@ class SandboxGist:
             request
         ):
             answer["batch_id"] = batch.batch_id
-        if self.rng.random() < SLOW_IMPORTS.get(self.mode, 0.0):
+        if self.slow_imports is not None:
+            await asyncio.sleep(self.slow_imports)
+        elif self.rng.random() < SLOW_IMPORTS.get(self.mode, 0.0):
             await asyncio.sleep(self.rng.uniform(0.3, 1.6))  # queued; the answer is slow
         return httpx.Response(200, json=answer)
 
