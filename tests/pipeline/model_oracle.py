@@ -193,8 +193,12 @@ class Oracle:
                     store.tag_request({"name": op.tag, "contacts": [ref]})
                     if found is not None:
                         self.allowed.pop((found.email, ("t", op.tag.strip().lower())), None)
-                elif isinstance(op, ContactDelete):
-                    found = store.find_contact(user_id=op.user_id, email=op.email)
+                elif isinstance(op, ContactDelete):  # by user_id when it has one, as sent
+                    found = (
+                        store.find_contact(user_id=op.user_id)
+                        if op.user_id is not None
+                        else store.find_contact(email=op.email)
+                    )
                     if found is not None:
                         store.delete_contact(found)
                         for key in [k for k in self.allowed if k[0] == found.email]:

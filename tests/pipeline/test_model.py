@@ -271,8 +271,10 @@ class Traffic:
                 "context": {"traits": {"email": email}},
             }
             return body, DELIVERED
-        if kind == "delete":
-            return {"type": "delete", "userId": person, "messageId": mid}, DELIVERED
+        if kind == "delete":  # with the e-mail too, or it is not ordered with e-mail-only ones
+            body = {"type": "delete", "userId": person, "messageId": mid,
+                    "context": {"traits": {"email": email}}}  # fmt: skip
+            return body, DELIVERED
         if kind == "page":
             return {"type": "page", "userId": person, "name": "Home"}, {("skipped", "type_off")}
         if kind == "anonymous":
