@@ -17,8 +17,8 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx

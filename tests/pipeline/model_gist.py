@@ -143,7 +143,7 @@ class SandboxGist:
                 return await self._answer(worker, request, path, lost=False)
             answer = await self._answer(worker, request, path, lost=fault == "lost")
             if fault == "lost":
-                raise httpx.ReadTimeout("model time-out after the request took effect", request=request)
+                raise httpx.ReadTimeout("model time-out after it took effect", request=request)
             if answer.status_code == 200:
                 return httpx.Response(200, text="<html>oops</html>")
             return answer

@@ -132,6 +132,7 @@ SETTINGS: dict[str, Any] = {
     "rebalance_timeout": 0.5,  # a revocation's drain often times out: work is dropped
     "redis_timeout": 0.1,
 }
+ROOT = Path(__file__).resolve().parents[2]
 REDIS_RATE_WINDOW = 2.0
 """Gist's rate window (s) in the seeds with Redis (0.2 s without): the budget is far
 above the model's traffic either way, but a longer window makes each request's share
@@ -630,7 +631,9 @@ class Run:
         deadline = SETTINGS["gist_batch_deadline"]
         if reason == "batch_failed":
             failed = [b for b in batches if b.failed_answered]
-            return None if len(failed) >= 2 else f"Gist answered FAILED for {len(failed)} of its imports"
+            if len(failed) >= 2:
+                return None
+            return f"Gist answered FAILED for {len(failed)} of its imports"
         slow = [
             b
             for b in batches
@@ -819,7 +822,8 @@ class Run:
         return self.faults.faulty_between(earlier.at - RECORD_GRACE, later.at)
 
     def _times(self, times: dict[int, float]) -> str:
-        return ", ".join(f"worker {w} at {t - self.started:.2f} s" for w, t in times.items()) or "none"
+        shown = (f"worker {w} at {t - self.started:.2f} s" for w, t in times.items())
+        return ", ".join(shown) or "none"
 
     async def check_ids_across_processes(self) -> None:
         must_know = sorted(
@@ -830,7 +834,7 @@ class Run:
         if not must_know:
             return
         other_seed = "4242" if os.environ.get("PYTHONHASHSEED") != "4242" else "2424"
-        root = Path(__file__).resolve().parents[2]
+        root = ROOT
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.support.dedup_probe", self.redis_url or "",
             f"{self.prefix}:w-model", str(SETTINGS["dedup_window"]),
