@@ -341,6 +341,7 @@ class Waits:
         self.bound = bound
         self.open: dict[int, list[Any]] = {}
         self.long: list[list[Any]] = []
+        self.reported: dict[int, list[Any]] = {}  # by id(span): each is reported once
         self._ids = 0
 
     def watch(self, worker_id: int, worker: Any) -> None:
@@ -427,7 +428,7 @@ class Run:
         self.redis_clients: list[FaultyRedis] = []
         self.stops: dict[int, float] = {}
         self.delivered_ids: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        self.found: dict[str, list[str]] = defaultdict(list)  # invariant -> problems
+        self.found: dict[str, dict[str, None]] = defaultdict(dict)  # invariant -> problems
         self._burst: list[tuple[Seen, End]] = []
         self._operations: dict[tuple[int, int, int], list[Operation]] = {}
 
@@ -518,9 +519,10 @@ class Run:
         for entry, end in burst:
             for problem in unheld(entry, entries):
                 code = "N1" if end.how == "delivered" else "N2"
-                self.found[code].append(
+                self.note(
+                    code,
                     f"message {end.key} {self._kind(end.key)} ended {end.how} in worker "
-                    f"{end.worker}: {problem}"
+                    f"{end.worker}: {problem}",
                 )
 
     def _kind(self, key: tuple[int, int, int]) -> str:
@@ -647,19 +649,22 @@ class Run:
         for key, seen_ends in ends.items():
             allowed = expected.get(key)
             if allowed is None:
-                self.found["I2"].append(f"an end for a message never produced: {key}")
+                self.note("I2", f"an end for a message never produced: {key}")
                 continue
             for worker_id, how, reason in seen_ends:
                 if (how, reason) not in allowed:
-                    self.found["I2"].append(
+                    self.note(
+                        "I2",
                         f"message {key} {self._kind(key)} ended {how}/{reason} in worker "
-                        f"{worker_id}; it may only end {sorted(map(str, allowed))}"
+                        f"{worker_id}; it may only end {sorted(map(str, allowed))}",
                     )
                 elif reason in ("batch_timeout", "batch_failed"):
                     why_not = self.evidence(key, reason)
                     if why_not is not None:
-                        self.found["I2"].append(
-                            f"message {key} {self._kind(key)} dead-lettered {reason}, but {why_not}"
+                        self.note(
+                            "I2",
+                            f"message {key} {self._kind(key)} dead-lettered {reason}, "
+                            f"but {why_not}",
                         )
         committed = self.group.committed()
         for (partition, offset), count in self.produced.messages_in.items():
@@ -668,9 +673,10 @@ class Run:
             indices = [-1] if (partition, offset, -1) in expected else range(count)
             for index in indices:
                 if (partition, offset, index) not in ends:
-                    self.found["I1"].append(
+                    self.note(
+                        "I1",
                         f"offset {offset} of partition {partition} is committed "
-                        f"({committed[partition]}) but message {index} never ended"
+                        f"({committed[partition]}) but message {index} never ended",
                     )
         for worker, _, _ in self.group.workers.values():
             ledger = worker.ledger
@@ -686,32 +692,41 @@ class Run:
                 ),
             ]
             if any(problems):
-                self.found["I3"].append(f"limits exceeded: {problems}")
+                self.note("I3", f"limits exceeded: {problems}")
             if worker._broken() is not None:
-                self.found["I4"].append(str(worker._broken()))
+                self.note("I4", str(worker._broken()))
         self.check_waits()
-        self.raise_found()
 
     def check_waits(self) -> None:
         now = time.monotonic()
-        for worker_id, start, end in self.waits.spans():
+        for span in self.waits.spans():
+            worker_id, start, end = span
+            if id(span) in self.waits.reported:
+                continue
             end = now if end is None else end
             crashed = self.crashes.get(worker_id)
             if crashed is not None:
                 end = min(end, crashed)
             healthy = _longest_outside(start, end, self.faults.bad_intervals(worker_id, now))
             if healthy > self.waits.bound:
-                self.found["N3"].append(
-                    f"worker {worker_id} waited {end - start:.1f} s for a request slot, "
-                    f"{healthy:.1f} s of it with Redis answering well (bound "
-                    f"{self.waits.bound:.1f} s; Redis faults: {self._faults_seen(worker_id)})"
+                self.waits.reported[id(span)] = span
+                self.note(
+                    "N3",
+                    f"worker {worker_id} waited {end - start:.1f} s for a request slot from "
+                    f"{start - self.started:.1f} s, {healthy:.1f} s of it with Redis answering "
+                    f"well (bound {self.waits.bound:.1f} s; Redis faults: "
+                    f"{self._faults_seen(worker_id)})",
                 )
-                self.waits.long = [s for s in self.waits.long if s[1] != start]
 
     def _faults_seen(self, worker_id: int) -> str:
         t0 = self.started
         spans = self.faults.bad_intervals(worker_id, time.monotonic())
         return ", ".join(f"{s - t0:.1f}-{e - t0:.1f} s" for s, e in spans) or "none"
+
+    def note(self, code: str, problem: str) -> None:
+        """A violation of invariant ``code``; the run goes on (every violation is
+        reported at its end, so that one failure shows all the seed finds)."""
+        self.found[code][problem] = None
 
     def raise_found(self) -> None:
         if not any(self.found.values()):
@@ -721,7 +736,7 @@ class Run:
             if not problems:
                 continue
             lines.append(f"{code} violated ({INVARIANTS[code]}): {len(problems)} time(s)")
-            lines.extend(f"    {p}" for p in problems[:4])
+            lines.extend(f"    {p}" for p in list(problems)[:4])
         raise Violations("\n".join(lines))
 
     # --- the end --------------------------------------------------------------------------
@@ -737,7 +752,7 @@ class Run:
         deadline = time.monotonic() + QUIESCENCE
         while self.group.committed() != self.group.end_offsets():
             if time.monotonic() > deadline:
-                self.found["I5"].append(self._unended())
+                self.note("I5", self._unended())
                 break
             self.check()
             await asyncio.sleep(0.05)
@@ -748,8 +763,8 @@ class Run:
         self.gist.settle()
         ends = self.group.ends.log
         unended = [key for key in self.produced.expected if key not in ends]
-        if unended:
-            self.found["I5"].append(self._unended())
+        if unended and not self.found["I5"]:
+            self.note("I5", self._unended())
         letters = {
             (
                 int(header(r, "gist-dlq-source-partition") or b"-1"),
@@ -761,8 +776,9 @@ class Run:
         for key, seen_ends in ends.items():
             _, how, reason = seen_ends[-1]
             if how == "dead_lettered" and letters.get(key) != reason:
-                self.found["I6"].append(f"{key}: {reason} not in the DLQ")
-        self.check_final_state()
+                self.note("I6", f"{key}: {reason} not in the DLQ")
+        if not self.found["I5"]:  # else the effects of messages that did not end differ
+            self.check_final_state()
         self.check_duplicates()
         if self.redis_url is not None:
             await self.check_ids_across_processes()
@@ -786,7 +802,7 @@ class Run:
             elif end.how == "dead_lettered" and end.reason in UNCERTAIN:
                 oracle.uncertain(operations)
         for problem in oracle.differences(self.gist.store):
-            self.found["N4"].append(problem)
+            self.note("N4", problem)
 
     def check_duplicates(self) -> None:
         shared = self.redis_url is not None
@@ -796,12 +812,13 @@ class Run:
                 if any(self._excused(mid, arrivals[j], later, shared) for j in range(k)):
                     continue
                 first = arrivals[0]
-                self.found["N5"].append(
+                self.note(
+                    "N5",
                     f"event messageId {mid[:8]} reached Gist {len(arrivals)} times: from "
                     f"worker {first.sender} at {first.at - self.started:.2f} s, then from "
                     f"worker {later.sender} at {later.at - self.started:.2f} s "
                     f"(crashes: {self._times(self.crashes)}; store faults: "
-                    f"{self._faults_seen(later.sender) if shared else 'no store'})"
+                    f"{self._faults_seen(later.sender) if shared else 'no store'})",
                 )
                 break
 
@@ -844,15 +861,16 @@ class Run:
         )  # fmt: skip
         out, err = await asyncio.wait_for(process.communicate(json.dumps(must_know).encode()), 60)
         if process.returncode != 0:
-            self.found["N6"].append(f"the probe failed: {err.decode()[-500:]}")
+            self.note("N6", f"the probe failed: {err.decode()[-500:]}")
             return
         known = set(json.loads(out))
         missing = [m for m in must_know if m not in known]
         if missing:
-            self.found["N6"].append(
+            self.note(
+                "N6",
                 f"a process with PYTHONHASHSEED={other_seed} finds {len(known)} of the "
                 f"{len(must_know)} messageIds delivered while Redis was healthy "
-                f"(e.g. {missing[0][:8]} is unknown to it)"
+                f"(e.g. {missing[0][:8]} is unknown to it)",
             )
 
     def _recorded_for_sure(self, worker: int, at: float) -> bool:
