@@ -259,9 +259,6 @@ class SandboxGist:
             if batch.fate == "late" and not batch.applied and batch.ready_at <= now:
                 self._import_in_turn(batch)
 
-    def last_ready_at(self) -> float:
-        return max((b.ready_at for b in self.order if b.fate == "late"), default=0.0)
-
     def _import_in_turn(self, batch: ModelBatch) -> None:
         for earlier in self.order:
             if earlier is batch:
