@@ -678,23 +678,28 @@ class Run:
                         f"offset {offset} of partition {partition} is committed "
                         f"({committed[partition]}) but message {index} never ended",
                     )
-        for worker, _, _ in self.group.workers.values():
+        for worker_id, (worker, _, _) in self.group.workers.items():
             ledger = worker.ledger
-            problems = [
-                ledger.messages > LIMITS["max_inflight_messages"],
-                ledger.bytes > LIMITS["max_inflight_bytes"] + self.produced.largest,
-                ledger.parked > LIMITS["max_awaiting_import"],
-                ledger.uncommitted > LIMITS["max_uncommitted_total"],
-                any(
-                    w.messages > LIMITS["max_inflight_per_partition"]
-                    or w.offsets.uncommitted > LIMITS["max_uncommitted_per_partition"]
-                    for w in ledger.partitions.values()
-                ),
-            ]
-            if any(problems):
-                self.note("I3", f"limits exceeded: {problems}")
+            over = {
+                "messages": (ledger.messages, LIMITS["max_inflight_messages"]),
+                "bytes": (ledger.bytes, LIMITS["max_inflight_bytes"] + self.produced.largest),
+                "parked": (ledger.parked, LIMITS["max_awaiting_import"]),
+                "uncommitted": (ledger.uncommitted, LIMITS["max_uncommitted_total"]),
+            }
+            for work in ledger.partitions.values():
+                over[f"partition {work.tp.partition} messages"] = (
+                    work.messages,
+                    LIMITS["max_inflight_per_partition"],
+                )
+                over[f"partition {work.tp.partition} uncommitted"] = (
+                    work.offsets.uncommitted,
+                    LIMITS["max_uncommitted_per_partition"],
+                )
+            for name, (value, limit) in over.items():
+                if value > limit:
+                    self.note("I3", f"worker {worker_id}: {name} {value} over {limit}")
             if worker._broken() is not None:
-                self.note("I4", str(worker._broken()))
+                self.note("I4", f"worker {worker_id}: {worker._broken()}")
         self.check_waits()
 
     def check_waits(self) -> None:
