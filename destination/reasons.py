@@ -12,7 +12,8 @@ table of reasons is checked against ``DEAD_LETTER`` and ``SKIP`` by a test.
      ├── the mapping           not_an_object, batch_envelope, unknown_type, missing_identity,
      │                         missing_event_name, invalid_field, mapping_error, ...
      └── delivery to Gist      gist_rejected, batch_contact_error, retries_exhausted,
-                               batch_timeout, gist_unexpected_answer, internal_error
+                               batch_timeout, batch_failed, gist_unexpected_answer,
+                               internal_error
     skipped                    integration_off, type_off, event_excluded, no_event_name,
                                nothing_to_send, duplicate, unchanged
 """
@@ -39,6 +40,7 @@ GIST_REJECTED: Final = "gist_rejected"
 BATCH_CONTACT_ERROR: Final = "batch_contact_error"
 RETRIES_EXHAUSTED: Final = "retries_exhausted"
 BATCH_TIMEOUT: Final = "batch_timeout"
+BATCH_FAILED: Final = "batch_failed"
 GIST_UNEXPECTED_ANSWER: Final = "gist_unexpected_answer"
 INTERNAL_ERROR: Final = "internal_error"
 
@@ -77,6 +79,8 @@ DELIVERY: Final[dict[str, str]] = {
     "GIST_RETRY_MAX_DURATION",
     BATCH_TIMEOUT: "the contact's batch import did not complete within "
     "GIST_BATCH_DEADLINE (or Gist no longer knew it), and again when sent a second time",
+    BATCH_FAILED: "Gist reported the contact's batch import as failed (FAILED, ERROR, "
+    "CANCELLED, in any case), and again when sent a second time",
     GIST_UNEXPECTED_ANSWER: "Gist kept answering with something the reference does not "
     "describe (e.g. a batch import accepted without a batch_id)",
     INTERNAL_ERROR: "an unexpected error in the worker while delivering the message "

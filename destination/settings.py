@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     contact_memory: bool = Field(True, description="leave out fields Gist already holds")
     contact_memory_ttl: float = Field(86_400.0, gt=0, description="seconds a value is trusted")
     contact_memory_max: int = Field(200_000, ge=1, description="contacts remembered here")
+    contact_memory_max_bytes: int = Field(
+        64 * MiB, ge=1024, description="bytes of contact memory in this process at most"
+    )
 
     # --- flow control ---
     read_ahead_seconds: float = Field(

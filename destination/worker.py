@@ -50,8 +50,8 @@ from destination.pipeline.dead_letter import (
 )
 from destination.pipeline.dedup import Dedup, DeliveredIds, SharedIds
 from destination.pipeline.deliver import Delivery, DeliverySettings
-from destination.pipeline.fingerprints import Fingerprints, SharedFingerprints
 from destination.pipeline.inflight import Failure, Ledger, MessageWork
+from destination.pipeline.memory import ContactMemory, SharedContactMemory
 from destination.pipeline.outcome import Outcomes
 from destination.pipeline.read_ahead import Counts, ReadAhead
 from destination.settings import Settings, redis_password
@@ -139,10 +139,11 @@ class Worker:
         )
         self.ledger = Ledger()
         self.outcomes = Outcomes(self.ledger, _NotStarted())
-        self.fingerprints = (
-            Fingerprints(
+        self.memory = (
+            ContactMemory(
                 settings.contact_memory_ttl,
                 settings.contact_memory_max,
+                settings.contact_memory_max_bytes,
                 stable=self.shared is not None,
             )
             if settings.contact_memory
@@ -161,7 +162,7 @@ class Worker:
             ),
             self.outcomes,
             on_fatal=self._credentials_rejected,
-            fingerprints=self.fingerprints,
+            memory=self.memory,
         )
         self.dedup: Dedup | None = None
         if settings.dedup_window > 0:
@@ -172,6 +173,7 @@ class Worker:
                 self.outcomes.dead_letter,
             )
             self.outcomes.observers.append(self.dedup.ended)
+            self.delivery.ids = self.dedup
         self.health = HealthServer(
             settings.metrics_host, settings.metrics_port, self._not_ready, self._broken
         )
@@ -351,8 +353,8 @@ class Worker:
                 self.dedup.shared = SharedIds(
                     self.shared.redis, prefix, self.settings.dedup_window, timeout
                 )
-            if prefix is not None and self.fingerprints is not None:
-                self.fingerprints.shared = SharedFingerprints(self.shared.redis, prefix, timeout)
+            if prefix is not None and self.memory is not None:
+                self.memory.shared = SharedContactMemory(self.shared.redis, prefix, timeout)
         return True
 
     async def _consume(self, stream: StreamConsumer) -> int:
@@ -400,6 +402,12 @@ class Worker:
             await asyncio.wait_for(stream.commit(), _CLOSE_STEP_BOUND)
         except TimeoutError:
             log.warning(log_events.COMMIT_FAILED, error="timeout at shutdown")
+        try:
+            # What Gist confirmed is in Redis, and the partitions handed over, before
+            # the next owner starts.
+            await asyncio.wait_for(stream.hand_over(), _CLOSE_STEP_BOUND)
+        except TimeoutError:
+            log.warning(log_events.HAND_OVER_FAILED, error="timeout at shutdown")
         return EXIT_CREDENTIALS if self._fatal is not None else EXIT_OK
 
     full_collection_every = 10.0

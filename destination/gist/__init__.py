@@ -1,6 +1,12 @@
 """Talking to Gist: the API client, its rate limiter and its errors."""
 
-from destination.gist._client import DEFAULT_BASE_URL, USER_AGENT, GistClient
+from destination.gist._client import (
+    DEFAULT_BASE_URL,
+    USER_AGENT,
+    Dispatch,
+    GistClient,
+    Withdrawn,
+)
 from destination.gist._errors import (
     CredentialsError,
     GistError,
@@ -44,6 +50,7 @@ __all__ = [
     "ContactPayload",
     "ContactRef",
     "CredentialsError",
+    "Dispatch",
     "EventPayload",
     "GistClient",
     "GistError",
@@ -59,4 +66,5 @@ __all__ = [
     "SlidingWindow",
     "TokenInfo",
     "UnexpectedAnswerError",
+    "Withdrawn",
 ]

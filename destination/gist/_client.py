@@ -5,6 +5,11 @@ batch-status polls included) in the lane of its ``priority`` (each call takes on
 keyword-only: ``NORMAL``, except ``batch_status`` and ``token_info``, ``CRITICAL``, and
 the batch imports, ``HIGH``), is retried by ``RetryPolicy`` when the failure is
 transient, and ends in a typed result or one of the errors in ``_errors``.
+
+A caller that may change its mind (the pipeline, when a partition is revoked) passes a
+``Dispatch``: it says whether a request of the call is on the wire, and withdrawing it
+stops every request not yet sent (``Withdrawn``), retries included; one on the wire is
+left to finish, so that what Gist did is known.
 """
 
 from __future__ import annotations
@@ -121,7 +126,8 @@ class GistClient:
         )
 
     async def upsert_contact(
-        self, contact: ContactPayload, *, priority: Priority = Priority.NORMAL
+        self, contact: ContactPayload, *, priority: Priority = Priority.NORMAL,
+        dispatch: Dispatch | None = None,
     ) -> dict[str, JSONValue]:
         """``POST /contacts``: create or update one contact; returns the stored contact."""
         body = await self._request(
@@ -131,6 +137,7 @@ class GistClient:
             content=_encode(contact),
             parse=_json_object,
             priority=priority,
+            dispatch=dispatch,
         )
         return _object(body.get("contact"))
 
@@ -141,17 +148,31 @@ class GistClient:
         return await self.import_encoded([_encode(c) for c in contacts], priority=priority)
 
     async def import_encoded(
-        self, contacts: Sequence[bytes], *, priority: Priority = Priority.HIGH
+        self,
+        contacts: Sequence[bytes] | Callable[[], Sequence[bytes]],
+        *,
+        priority: Priority = Priority.HIGH,
+        dispatch: Dispatch | None = None,
     ) -> BatchAccepted:
         """``import_contacts`` for contacts already encoded as JSON objects (the pipeline
         encodes each one on its own, so that one that cannot be encoded fails alone).
+        ``contacts`` may be a callable, asked once the request has its slot (and again
+        for each retry): the contacts still wanted then; none left is ``Withdrawn``.
 
         A 2xx answer without a ``batch_id`` (or not JSON) may mean Gist queued the
         contacts or not: ``UnexpectedAnswerError`` after a few tries (upserts are
         idempotent, so sending them again is safe)."""
-        if not contacts:
+        if not callable(contacts) and not contacts:
             raise ValueError("a batch import needs at least one contact")
-        content = b'{"contacts":[' + b",".join(contacts) + b"]}"
+        sent = 0
+
+        def content() -> bytes | None:
+            nonlocal sent
+            wanted = contacts() if callable(contacts) else contacts
+            sent = len(wanted)
+            if not wanted:
+                return None
+            return b'{"contacts":[' + b",".join(wanted) + b"]}"
 
         def accepted(raw: bytes) -> BatchAccepted:
             body = _json_object(raw)
@@ -167,7 +188,7 @@ class GistClient:
             queued = body.get("queued_contacts")
             return BatchAccepted(
                 batch_id=batch_id,
-                queued_contacts=queued if isinstance(queued, int) else len(contacts),
+                queued_contacts=queued if isinstance(queued, int) else sent,
                 status=str(body.get("status", "QUEUED")),
             )
 
@@ -178,6 +199,7 @@ class GistClient:
             content=content,
             parse=accepted,
             priority=priority,
+            dispatch=dispatch,
         )
 
     async def batch_status(
@@ -226,6 +248,7 @@ class GistClient:
         user_id: str | None = None,
         email: str | None = None,
         priority: Priority = Priority.NORMAL,
+        dispatch: Dispatch | None = None,
     ) -> dict[str, JSONValue] | None:
         """Look one contact up by ``id``, ``user_id`` or ``email``; None when there is none."""
         path, params = _contact_address(id=id, user_id=user_id, email=email)
@@ -237,6 +260,7 @@ class GistClient:
             missing_ok=True,
             parse=_json_object,
             priority=priority,
+            dispatch=dispatch,
         )
         return None if body is None else _object(body.get("contact"))
 
@@ -247,6 +271,7 @@ class GistClient:
         user_id: str | None = None,
         email: str | None = None,
         priority: Priority = Priority.NORMAL,
+        dispatch: Dispatch | None = None,
     ) -> bool:
         """Delete one contact; False when Gist had no such contact (already gone)."""
         path, params = _contact_address(id=id, user_id=user_id, email=email)
@@ -258,11 +283,13 @@ class GistClient:
             missing_ok=True,
             parse=_done,
             priority=priority,
+            dispatch=dispatch,
         )
         return found is not None
 
     async def track_event(
-        self, event: EventPayload, *, priority: Priority = Priority.NORMAL
+        self, event: EventPayload, *, priority: Priority = Priority.NORMAL,
+        dispatch: Dispatch | None = None,
     ) -> dict[str, JSONValue]:
         """``POST /events``: record one event on a contact; returns the stored event ({}
         when the answer does not say). A 2xx is success whatever its body (sending the
@@ -274,22 +301,36 @@ class GistClient:
             content=_encode(event),
             parse=_maybe_object,
             priority=priority,
+            dispatch=dispatch,
         )
         return _object(body.get("event"))
 
     async def tag_contacts(
-        self, tag: str, contacts: Sequence[ContactRef], *, priority: Priority = Priority.NORMAL
+        self,
+        tag: str,
+        contacts: Sequence[ContactRef] | Callable[[], Sequence[ContactRef]],
+        *,
+        priority: Priority = Priority.NORMAL,
+        dispatch: Dispatch | None = None,
     ) -> dict[str, JSONValue]:
         """``POST /tags``: tag (or, per ``untag`` in each ref, untag) up to ~50 contacts;
-        returns the tag ({} when the answer does not say)."""
-        payload: dict[str, Any] = {"name": tag, "contacts": list(contacts)}
+        returns the tag ({} when the answer does not say). ``contacts`` may be a
+        callable, asked once the request has its slot: none left is ``Withdrawn``."""
+
+        def content() -> bytes | None:
+            wanted = contacts() if callable(contacts) else contacts
+            if not wanted:
+                return None
+            return _encode({"name": tag, "contacts": list(wanted)})
+
         body = await self._request(
             "POST",
             "/tags",
             "POST /tags",
-            content=_encode(payload),
+            content=content,
             parse=_maybe_object,
             priority=priority,
+            dispatch=dispatch,
         )
         return _object(body.get("tag"))
 
@@ -301,26 +342,40 @@ class GistClient:
         endpoint: str,
         *,
         parse: Callable[[bytes], _T],
-        content: bytes | None = None,
+        content: bytes | Callable[[], bytes | None] | None = None,
         params: dict[str, str] | None = None,
         missing_ok: bool = False,
         retry: bool = True,
         priority: Priority = Priority.NORMAL,
+        dispatch: Dispatch | None = None,
     ) -> _T:
         """One logical call: limiter slot (in the lane of ``priority``, retries too), send,
         classify, ``parse`` a 2xx body; retried while transient (unless ``retry`` is
-        False). A 404 with ``missing_ok`` gives None."""
+        False). A 404 with ``missing_ok`` gives None. ``content`` may be a callable, made
+        once the slot is granted (each attempt: the body is what is wanted at the time it
+        goes); it returns None when nothing is left to send (``Withdrawn``)."""
         started = time.monotonic()
         attempt = 0
         unexpected = 0  # answers that could not be used, of the attempts
         while True:
             attempt += 1
+            if dispatch is not None and dispatch.withdrawn:
+                raise Withdrawn()
             grant = await self.limiter.acquire(priority)
             metrics.RATE_LIMIT_WAIT.observe(grant.waited)
             try:
                 try:
-                    raw = await self._send(method, path, endpoint, content, params, missing_ok)
+                    body = content() if callable(content) else content
+                    if (dispatch is not None and dispatch.withdrawn) or (
+                        body is None and callable(content)
+                    ):
+                        raise Withdrawn()
+                    if dispatch is not None:
+                        dispatch.on_wire = dispatch.sent = True
+                    raw = await self._send(method, path, endpoint, body, params, missing_ok)
                 finally:
+                    if dispatch is not None:
+                        dispatch.on_wire = False
                     self.limiter.release(grant)  # answered (or failed): Gist counted it
                 if raw is None:
                     return None  # type: ignore[return-value]
@@ -412,6 +467,36 @@ class GistClient:
 
 
 _T = TypeVar("_T")
+
+
+class Withdrawn(Exception):
+    """The caller withdrew the call (``Dispatch.withdraw``) before its request went out:
+    Gist was not asked (a request already answered stays answered)."""
+
+
+class Dispatch:
+    """One call's requests, as the caller sees them::
+
+        dispatch = Dispatch()
+        task = asyncio.create_task(gist.track_event(event, dispatch=dispatch))
+        ...
+        dispatch.withdraw()          # nothing more goes out for it
+        if dispatch.on_wire:         # a request is out: its answer tells what Gist did
+            await task
+        else:
+            task.cancel()            # waiting for a slot or a retry: nothing was sent
+
+    ``sent``: some request of the call went out (Gist may have acted on it)."""
+
+    __slots__ = ("on_wire", "sent", "withdrawn")
+
+    def __init__(self) -> None:
+        self.on_wire = False
+        self.sent = False
+        self.withdrawn = False
+
+    def withdraw(self) -> None:
+        self.withdrawn = True
 
 
 def _release(response: httpx.Response) -> None:

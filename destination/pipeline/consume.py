@@ -16,7 +16,7 @@ only once it is sealed (all its messages opened) and each of them has ended.
 
 On a revocation the partitions' intake is dropped, their open work gets up to
 ``rebalance_timeout`` to end, what ended is committed, and what did not is abandoned:
-nothing more is sent for it (``Delivery.abandon``) before the new owner may start.
+nothing more is sent for it (``Delivery.revoke``) before the new owner may start.
 """
 
 from __future__ import annotations
@@ -470,6 +470,16 @@ class StreamConsumer:
         finally:
             self.delivery.flush_now(False)
 
+    async def hand_over(self) -> None:
+        """Shutting down, after the last commit: whatever did not end is abandoned, and
+        the partitions are handed over (``Delivery.revoke``) for the next owner."""
+        works = list(self.ledger.partitions.values())
+        self.stop_opening(works)
+        self.outcomes.abandon(works)
+        await self.delivery.revoke(works)
+        for work in works:
+            self.ledger.revoke(work.tp)
+
     # --- rebalance --------------------------------------------------------------------
     async def on_revoked(self, revoked: set[Any]) -> None:
         works = [
@@ -485,11 +495,11 @@ class StreamConsumer:
         await self.commit(works)
         # Rebalance means stop: whatever did not end is dropped before the new owner
         # may start; it reads those records again from the commit.
-        abandoned = self.delivery.abandon(works)
+        left = self.ledger.open_in(works)
         self.outcomes.abandon(works)
+        abandoned = await self.delivery.revoke(works)
         if self.dedup is not None:
             self.dedup.abandon(works)
-        left = self.ledger.open_in(works)
         for work in works:
             self.ledger.revoke(work.tp)
             self._intakes.pop(work.tp, None)
@@ -523,6 +533,7 @@ class StreamConsumer:
                 self._intakes[key] = _Intake()
                 self._draining.discard(key)
         await self._load_committed(fresh)
+        await self.delivery.take_over([work for _, work in fresh])
         self._tell_share()
         self._apply_backpressure()
         self.assigned_once.set()

@@ -45,6 +45,7 @@ from aiokafka.errors import (
 
 from destination.gist import RetryPolicy
 from destination.observability import log_events, metrics
+from destination.pipeline.decode import DecodeError, decode_record
 from destination.pipeline.inflight import Failure, MessageWork
 
 log = structlog.get_logger(__name__)
@@ -192,9 +193,14 @@ class DeadLetterWriter:
         if message.index is None or raw is None:
             return raw
         try:
-            message.body = orjson.loads(raw)["batch"][message.index]
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-            return raw  # not the envelope it was: keep the whole record
+            # Decoded as it was when it was processed: with the envelope's own context
+            # and integrations applied, so that a replay maps it the same way.
+            messages, enveloped = decode_record(raw)
+            if not enveloped:
+                return raw  # not the envelope it was: keep the whole record
+            message.body = messages[message.index]
+        except (DecodeError, IndexError):
+            return raw
         return dead_letter_value(message)
 
     async def write(self, message: MessageWork, failure: Failure) -> None:

@@ -57,7 +57,16 @@ class PartitionWork:
     """One assigned partition; replaced by a fresh one on every assignment, so work
     finishing after a revocation cannot move a newer owner's commits."""
 
-    __slots__ = ("committed", "messages", "offsets", "open", "revoked", "tp", "unfinished")
+    __slots__ = (
+        "committed",
+        "held_bytes",
+        "messages",
+        "offsets",
+        "open",
+        "revoked",
+        "tp",
+        "unfinished",
+    )
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
@@ -66,6 +75,7 @@ class PartitionWork:
         self.messages = 0  # in flight, not parked (the per-partition bound)
         self.open = 0  # opened and not ended, parked ones included
         self.unfinished: dict[int, RecordWork] = {}  # by offset, oldest first
+        self.held_bytes = 0  # bytes delivery holds for it beyond its records (``hold``)
         self.revoked = False
 
     def oldest_unfinished_age(self, now: float) -> float:
@@ -212,10 +222,23 @@ class Ledger:
                 record.value = None
                 self.bytes -= record.size
         self.uncommitted -= work.offsets.uncommitted
+        self.bytes -= work.held_bytes
+        work.held_bytes = 0
         work.unfinished.clear()
         work.messages = work.open = 0
         self.changed.set()
         return work
+
+    def hold(self, partition: PartitionWork, n: int) -> None:
+        """Delivery holds ``n`` more bytes for the partition (fewer when negative): a
+        contact's encoded body, kept until its import ends, after its record's value may
+        have been released. They count in ``bytes`` like record values."""
+        if partition.revoked:
+            return
+        partition.held_bytes += n
+        self.bytes += n
+        if n < 0:
+            self.changed.set()
 
     # --- opening ----------------------------------------------------------------------
     def open_record(

@@ -42,7 +42,7 @@ class ModelGist:
     - ``down``: every API request gets a 503;
     - ``flaky``: a third of the answers are 5xx, 429, time-outs, or a 2xx whose body is
       not JSON (after the request took effect);
-    - ``odd``: batch polls answer statuses the reference does not know (``FAILED``,
+    - ``odd``: batch polls answer statuses the reference does not know (``???``,
       ``completed``), completed batches report errors as plain strings or not at all,
       batch imports come back without a ``batch_id`` now and then (queued all the same).
 
@@ -116,7 +116,7 @@ class ModelGist:
                 batch["polls"] = max(0, batch["polls"] - 1)
                 choices = ["QUEUED", "IN_PROGRESS"]
                 if self.mode == "odd":
-                    choices += ["FAILED", "completed", "???"]
+                    choices += ["completed", "???"]  # unknown: not completed yet
                 return httpx.Response(200, json={"status": self.rng.choice(choices)})
             return httpx.Response(200, json=self._complete(batch))
         if path == "/events":
