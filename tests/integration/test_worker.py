@@ -527,20 +527,32 @@ async def test_an_envelope_is_held_while_gist_fails_and_delivered_after(
         assert await worker.exited(60) == 0, worker.output()[-3000:]
 
 
+@pytest.mark.parametrize(
+    ("status", "deadline", "reason"),
+    [
+        ("completed?", "1.5", b"batch_timeout"),  # unknown: waited for until the deadline
+        ("FAILED", "3600", b"batch_failed"),  # an explicit failure: not waited for
+    ],
+)
 async def test_a_batch_gist_never_completes_is_sent_again_once_then_dead_lettered(
-    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
+    kafka_bootstrap: str,
+    sandbox_process: SandboxProcess,
+    tmp_path: Path,
+    status: str,
+    deadline: str,
+    reason: bytes,
 ) -> None:
     """Regression: a status the client does not know was polled forever, and a few such
-    batches stopped every later one."""
+    batches stopped every later one; an explicit FAILED waited for the deadline (an hour)."""
     stream = await Stream(kafka_bootstrap).create()
-    await sandbox_process.faults(batch_status="FAILED")
+    await sandbox_process.faults(batch_status=status)
     await produce(kafka_bootstrap, stream.topic, [identify("u1", "u1@example.com")])
-    worker = WorkerProcess(tmp_path, stream.env(sandbox_process, GIST_BATCH_DEADLINE="1.5"))
+    worker = WorkerProcess(tmp_path, stream.env(sandbox_process, GIST_BATCH_DEADLINE=deadline))
     try:
         (letter,) = await read_topic(kafka_bootstrap, stream.dlq, expect=1, within=60)
-        assert dict(letter.headers)["gist-dlq-reason"] == b"batch_timeout"
+        assert dict(letter.headers)["gist-dlq-reason"] == reason
         posts = [r for r in await sandbox_process.requests() if r["path"] == "/contacts/batch"]
-        assert len(posts) == 2  # the import, and the one re-send past the deadline
+        assert len(posts) == 2  # the import, and the one re-send
         await wait_for(lambda: _committed_is(stream, {0: 1}), 30, what="the commit")
         await sandbox_process.faults(batch_status=None)
         await produce(kafka_bootstrap, stream.topic, [identify("u2", "u2@example.com")])
