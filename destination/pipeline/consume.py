@@ -37,7 +37,7 @@ from aiokafka.structs import TopicPartition as KafkaTopicPartition
 from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.operations import Mapped, Rejected, Skipped
-from destination.pipeline.decode import DecodeError, decode_record
+from destination.pipeline.decode import DecodeError, decode_record, decoded_size
 from destination.pipeline.dedup import Dedup
 from destination.pipeline.deliver import Delivery
 from destination.pipeline.inflight import (
@@ -112,16 +112,22 @@ class FlowLimits:
         self.resume_at = resume_at
 
     def room(self, ledger: Ledger, work: PartitionWork) -> bool:
-        """Whether one more message of ``work``'s partition may be opened."""
+        """Whether one more message of ``work``'s partition may be opened (bytes are
+        counted, and bounded, per record: ``fits``)."""
         return (
             ledger.messages < self.messages
-            and ledger.bytes < self.bytes
             and ledger.parked < self.awaiting_import
             and ledger.parked + ledger.messages < self.held
             and ledger.uncommitted < self.uncommitted_total
             and work.messages < self.per_partition
             and work.offsets.uncommitted < self.uncommitted_per_partition
         )
+
+    def fits(self, ledger: Ledger, size: int) -> bool:
+        """Whether a record whose decoded form takes ``size`` bytes may be opened: within
+        the bound, or alone (a record larger than the bound waits until nothing else is
+        held, so the bound is exceeded by one record at most)."""
+        return ledger.bytes == 0 or ledger.bytes + size <= self.bytes
 
     def full(self, ledger: Ledger, resuming: bool) -> bool:
         """Whether the totals are at the bound (or, when ``resuming``, not yet below
@@ -158,23 +164,41 @@ class _Opening:
 
 
 class _Fetched:
-    """A fetched record, decoded (its messages, or why it has none)."""
+    """A fetched record, decoded only when its messages are opened (or, for a Redis
+    look-up of its ids, when fetched: then kept decoded only if that is small), so that
+    what a producer sends is bounded by the limits before it is decoded."""
 
-    __slots__ = ("decoded", "record")
+    __slots__ = ("_decoded", "estimate", "record")
+
+    KEEP_DECODED = 16 * 1024
+    """Records decoded at fetch time are kept decoded up to this estimated size."""
 
     def __init__(self, record: Any) -> None:
         self.record = record
-        self.decoded: tuple[list[Any], bool] | Exception
+        self.estimate = decoded_size(record.value)
+        self._decoded: tuple[list[Any], bool] | Exception | None = None
+
+    def take(self) -> tuple[list[Any], bool] | Exception:
+        """The record's messages (and whether they came in an envelope), or why it has
+        none; the decoded form is the caller's from now on."""
+        decoded = self._decoded if self._decoded is not None else self._decode()
+        self._decoded = None
+        return decoded
+
+    def _decode(self) -> tuple[list[Any], bool] | Exception:
         try:
-            self.decoded = decode_record(record.value)
+            return decode_record(self.record.value)
         except Exception as error:  # DecodeError, or a bug: the record is dead-lettered
-            self.decoded = error
+            return error
 
     def message_ids(self) -> list[str]:
-        if isinstance(self.decoded, Exception):
+        decoded = self._decoded if self._decoded is not None else self._decode()
+        if self.estimate <= self.KEEP_DECODED:
+            self._decoded = decoded
+        if isinstance(decoded, Exception):
             return []
         ids = []
-        for message in self.decoded[0]:
+        for message in decoded[0]:
             if isinstance(message, dict):
                 value = message.get("messageId")
                 if isinstance(value, str):
@@ -286,7 +310,9 @@ class StreamConsumer:
             if work is None or tp in self._draining:
                 continue
             while intake.holding():
-                if not limits.room(ledger, work):
+                if not limits.room(ledger, work) or (
+                    intake.opening is None and not limits.fits(ledger, intake.records[0].estimate)
+                ):
                     self._blocked = True
                     break
                 if intake.opening is None:
@@ -297,13 +323,23 @@ class StreamConsumer:
         return opened
 
     def _begin(self, work: PartitionWork, intake: _Intake, fetched: _Fetched) -> None:
-        """Take a decoded record, and open its first message."""
+        """Take a fetched record, decode it, and open its first message."""
         record = fetched.record
         if work.offsets.seen(record.offset):
             return
         headers = [(k, v) for k, v in (record.headers or ())]
-        taken = self.ledger.open_record(work, record.offset, record.key, record.value, headers)
-        decoded = fetched.decoded
+        decoded = fetched.take()
+        # An envelope's messages stay decoded while in flight (their bodies are kept for
+        # dead letters): the record counts for its decoded size, not its bytes.
+        enveloped = not isinstance(decoded, Exception) and decoded[1]
+        taken = self.ledger.open_record(
+            work,
+            record.offset,
+            record.key,
+            record.value,
+            headers,
+            size=fetched.estimate if enveloped else None,
+        )
         if isinstance(decoded, DecodeError):
             message = self._open_unknown(taken, None, None)
             self.outcomes.dead_letter(message, Failure(decoded.reason, decoded.detail))

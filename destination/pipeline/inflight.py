@@ -108,13 +108,15 @@ class RecordWork:
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
         opened_at: float,
+        size: int | None = None,
     ) -> None:
         self.partition = partition
         self.offset = offset
         self.key = key
         self.value = value
         self.headers = tuple(headers)
-        self.size = len(value or b"") + len(key or b"")
+        # What it holds: its bytes, or (an envelope) its decoded messages' estimated size.
+        self.size = (len(value or b"") if size is None else size) + len(key or b"")
         self.opened_at = opened_at
         self.pending = 0  # messages opened and not ended
         self.parked = 0  # of those, parked
@@ -248,8 +250,10 @@ class Ledger:
         key: bytes | None,
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
+        size: int | None = None,
     ) -> RecordWork:
-        record = RecordWork(partition, offset, key, value, headers, self._clock())
+        """``size``: what the record holds, when not its bytes (see ``RecordWork``)."""
+        record = RecordWork(partition, offset, key, value, headers, self._clock(), size)
         partition.offsets.add(offset)
         partition.unfinished[offset] = record
         self.uncommitted += 1

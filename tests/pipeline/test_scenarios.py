@@ -175,6 +175,74 @@ async def test_huge_envelopes_never_put_more_in_flight_than_the_limit() -> None:
     assert len(group.gist.contacts) == 9000
 
 
+async def test_envelopes_count_for_their_decoded_size_and_open_one_at_a_time() -> None:
+    """Regression (repro f7): every fetched record was decoded at once, before any bound
+    applied, and an envelope counted for its bytes while its messages were held decoded
+    (a 1 MB envelope of small messages decodes to some 25 MB). Now a record is decoded
+    only when opened, counts for its decoded size, and opens only within the bound (or
+    alone)."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    bound = 1024 * 1024
+    group = Group(
+        broker,
+        topic,
+        dlq,
+        ModelGist(__import__("random").Random(5)),
+        max_inflight_bytes=bound,
+        max_inflight_messages=100_000,
+        max_inflight_per_partition=100_000,
+    )
+    envelopes = [
+        (b"k", {"batch": [track(f"u{e}") for _ in range(4000)]}) for e in range(3)
+    ]
+    sizes = [len(orjson.dumps(v)) for _, v in envelopes]
+    assert all(size < bound for size in sizes)  # each fits in bytes, not decoded
+    await produce(broker, topic, envelopes)
+    decoded = 0
+    most_decoded = 0
+    largest_open = 0
+    real_decode = __import__("destination.pipeline.consume", fromlist=["x"]).decode_record
+
+    class Tracked(list):  # type: ignore[type-arg]
+        def __del__(self) -> None:
+            nonlocal decoded
+            decoded -= 1
+
+    def tracked_decode(value: bytes | None) -> tuple[list[Any], bool]:
+        nonlocal decoded, most_decoded
+        messages, enveloped = real_decode(value)
+        decoded += 1
+        most_decoded = max(most_decoded, decoded)
+        return Tracked(messages), enveloped
+
+    opened = Ledger.open_record
+
+    def watched(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        nonlocal largest_open
+        record = opened(self, *args, **kwargs)
+        largest_open = max(largest_open, self.bytes)
+        return record
+
+    consume = __import__("destination.pipeline.consume", fromlist=["x"])
+    consume.decode_record = tracked_decode
+    Ledger.open_record = watched  # type: ignore[method-assign]
+    try:
+        await group.start_worker()
+        await group.until_committed(within=120)
+        await group.stop_all()
+    finally:
+        consume.decode_record = real_decode
+        Ledger.open_record = opened  # type: ignore[method-assign]
+    estimate = __import__("destination.pipeline.decode", fromlist=["x"]).decoded_size(
+        orjson.dumps(envelopes[0][1])
+    )
+    assert estimate > bound  # so each opened alone: the bound is passed by one record
+    assert largest_open <= estimate + 1024, (largest_open, estimate)
+    assert most_decoded == 1  # never two envelopes decoded at once
+    assert len(group.gist.events) == 12_000
+
+
 async def test_a_revoked_partition_sends_nothing_more_from_its_old_owner() -> None:
     """Regression (duplicates, stale writes): revoking a partition only flagged its work;
     the old owner kept sending (retries for hours) while the new owner sent the same."""

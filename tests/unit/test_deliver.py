@@ -835,3 +835,22 @@ async def test_batches_answering_unknown_statuses_do_not_hold_up_later_batches()
         await h.delivery.close()
     assert later.failure is None
     assert all(m.state != ENDED for m in stuck)
+
+
+async def test_a_contacts_body_counts_in_the_bytes_in_flight_until_its_import_ends() -> None:
+    """Regression (repro f7): parked messages kept their encoded bodies although their
+    records' bytes were released (9.4 MB for 300 parked, counted as 0 against
+    MAX_INFLIGHT_BYTES)."""
+    gist = Misbehaving()
+    gist.stuck = {"b0"}
+    h = Harness(gist, batch_max_contacts=10, batch_deadline=60)
+    h.delivery.start()
+    try:
+        messages = [h.send(upsert(f"u{i}", f"u{i}@x.io", blob="y" * 3000)) for i in range(5)]
+        await h.until(lambda: h.ledger.parked == 5)
+        assert h.ledger.bytes >= 5 * 3000  # the bodies, though every record is released
+        gist.stuck = set()
+        await h.until(lambda: all(m.state == ENDED for m in messages))
+    finally:
+        await h.delivery.close()
+    assert h.ledger.bytes == 0
