@@ -384,3 +384,78 @@ def test_a_resync_of_unchanged_contacts_sends_nothing() -> None:
     assert sum(m.skipped == "unchanged" for m in messages) == 9
     without, _ = asyncio.run(deliver([first, resync], 1, memory=False))
     assert len(without.sent) == 19
+
+
+async def test_a_write_that_timed_out_is_forgotten_so_the_next_one_is_sent() -> None:
+    """Regression (repro f2 b): a batch dead-lettered batch_timeout that Gist imported
+    after all left memory with the value before it, so a later message carrying that
+    value was skipped as unchanged while Gist held the timed-out one."""
+    store: dict[str, Any] = {}
+    stuck = False
+    batches: dict[str, int] = {}
+
+    def gist(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/contacts/batch":  # Gist imports it sooner or later: here, at once
+            contacts = orjson.loads(request.content)["contacts"]
+            for contact in contacts:
+                store.setdefault(contact["user_id"], {}).update(contact["custom_properties"])
+            batch_id = f"b{len(batches)}"
+            batches[batch_id] = len(contacts)
+            return httpx.Response(200, json={"status": "QUEUED", "batch_id": batch_id})
+        if stuck:
+            return httpx.Response(200, json={"status": "IN_PROGRESS"})
+        count = batches[path.rsplit("/", 1)[1]]
+        return httpx.Response(
+            200, json={"status": "COMPLETED", "imported_contacts": count, "errors": []}
+        )
+
+    ledger = Ledger()
+    written: list[Failure] = []
+
+    class Sink:
+        async def write(self, message: MessageWork, failure: Failure) -> None:
+            written.append(failure)
+
+    outcomes = Outcomes(ledger, Sink())
+    partition = ledger.assign(TopicPartition("t", 0))
+    client = GistClient(
+        "k", base_url="http://gist.test", transport=httpx.MockTransport(gist),
+        retry=RetryPolicy(base=0.001, cap=0.002),
+    )  # fmt: skip
+    delivery = Delivery(
+        client,
+        DeliverySettings(batch_max_contacts=1, batch_max_wait=0.001, poll_interval=0.01,
+                         poll_max_interval=0.02, batch_deadline=0.1),
+        outcomes,
+        on_fatal=lambda error: None,
+        memory=ContactMemory(3600.0, 100),
+    )  # fmt: skip
+    offset = 0
+
+    async def send(plan: str) -> MessageWork:
+        nonlocal offset
+        record = ledger.open_record(partition, offset, None, b"{}", [])
+        offset += 1
+        message = ledger.open_message(record, None, "identify", None)
+        ledger.seal(record)
+        update = ContactUpsert({"user_id": "alice", "custom_properties": {"plan": plan}})
+        delivery.submit(message, (update,))
+        async with asyncio.timeout(5):
+            while message.state != ENDED:  # noqa: ASYNC110 - polling
+                await asyncio.sleep(0.005)
+        return message
+
+    delivery.start()
+    try:
+        assert (await send("free")).failure is None
+        stuck = True
+        timed_out = await send("pro")
+        assert timed_out.failure is not None
+        assert timed_out.failure.reason == "batch_timeout"
+        stuck = False
+        later = await send("free")
+    finally:
+        await delivery.close()
+    assert later.skipped is None  # sent, not taken as held
+    assert store["alice"]["plan"] == "free"
