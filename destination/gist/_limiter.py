@@ -387,7 +387,7 @@ class RateLimiter:
 
     def hold(self, limit: int) -> None:
         """Keep to at most ``limit`` requests per window for one window (a shared view of
-        the budget was lost or has just come back: see ``_redis``)."""
+        the budget was lost: see ``_redis``)."""
         now = self._clock()
         self._hold(now, max(0, limit))
         self._apply(now)

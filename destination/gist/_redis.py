@@ -556,9 +556,11 @@ class RedisBudget:
         writes = [*self._pending, *([self._repairer] if self._repairer is not None else [])]
         if writes:
             await asyncio.wait(writes, timeout=self._timeout)
-        for task in writes:
-            task.cancel()
-        await asyncio.gather(*writes, return_exceptions=True)
+        while writes:  # a check cancelled falls back, which starts one more task
+            for task in writes:
+                task.cancel()
+            await asyncio.gather(*writes, return_exceptions=True)
+            writes = [*self._pending, *([self._repairer] if self._repairer is not None else [])]
         await self._redis.aclose()
 
     # --- the budget -------------------------------------------------------------------
@@ -815,10 +817,13 @@ class RedisBudget:
             self._report(event)
         return self._modes.mode
 
-    async def _check(self) -> None:
+    async def _check(self, fresh: bool) -> None:
         """CHECKING: one more call decides whether Redis answers (writing what the log
-        owes, a late answer's slot among them, else a ping)."""
+        owes, a late answer's slot among them, else a ping), on ``fresh`` connections
+        after a connection error."""
         try:
+            if fresh:
+                await self._drop_connections()
             if not await self._repair():
                 await asyncio.wait_for(self._redis.ping(), self._timeout)
         except BaseException as error:  # cancelled too: nobody may wait on the check
@@ -842,9 +847,9 @@ class RedisBudget:
         if change.before is Mode.CHECKING:
             self._checked.set()
         if change.after is Mode.CHECKING:
-            self._doubt = operation
+            self._doubt = operation or "acquire"
             self._checked.clear()
-            self._spawn(self._check())
+            self._spawn(self._check(fresh=not isinstance(error, TimeoutError)))
         elif change.after is Mode.FALLBACK:
             metrics.LIMITER_FALLBACKS.inc()
             log.warning(
