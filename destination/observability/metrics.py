@@ -201,8 +201,9 @@ LIMITER_FALLBACKS = Counter(
 )
 LIMITER_REDIS_ERRORS = Counter(
     _P + "limiter_redis_errors",
-    "Redis calls of the limiter that failed without a fallback (a release: its slot ages "
-    "out by itself).",
+    "Redis calls of the limiter that failed without a fallback: a release or a write of "
+    "what the log owes (written again once Redis answers), an ask or a cooldown whose "
+    "check found Redis answering.",
     ["operation"],
 )
 WORKSPACE_BUDGET_USED = Gauge(
