@@ -1,12 +1,18 @@
 """structlog set-up: JSON lines in production, readable console output on a terminal.
 
-Our own events go through structlog; the standard library's logging (aiokafka, httpx,
-asyncio, and ``warnings``) goes through structlog's ``ProcessorFormatter`` with the same
+Our own events go through structlog; the standard library's logging (aiokafka, asyncio,
+and ``warnings``) goes through structlog's ``ProcessorFormatter`` with the same
 processors, so every line is one JSON object in production, whoever logged it.
 
-E-mail addresses in logged values are masked unless ``log_emails`` is on, exception text
-and tracebacks included, so that a field added later (or an exception message that
-quotes an input) cannot leak them by accident.
+No log line names a contact. E-mail addresses in logged values are masked unless
+``log_emails`` is on, in nested values, exception text and tracebacks too, and whether
+the address is written plainly or encoded (``%40`` in a URL, ``\\u0040`` in JSON, an
+HTML entity), so that a field added later (or an exception message that quotes an
+input) cannot leak one by accident. Other trait values cannot be told from other text,
+so the lines that would carry them are not written: httpx and httpcore log each
+request's URL (its query holds the contact's e-mail or user id) and are kept to
+warnings; the Gist client logs its own ``gist.request`` line at DEBUG instead, with the
+endpoint and never the path's values or the query.
 """
 
 from __future__ import annotations
@@ -20,17 +26,39 @@ from typing import Any
 import orjson
 import structlog
 
-_EMAIL = re.compile(r"[^\s@\"'<>,;:]+@[^\s@\"'<>,;:]+\.[A-Za-z]{2,}")
+QUIET_LOGGERS = ("httpx", "httpcore")
+"""Third-party loggers kept to warnings whatever ``LOG_LEVEL`` says: their INFO and DEBUG
+lines carry request URLs, and so the contact a request names."""
+
+_AT = r"(?:@|%40|%2540|\\{1,2}u0040|\\{1,2}x40|&#0*64;|&#x0*40;)"
+"""The at sign, plain or as URL encoding (once or twice), JSON / Python escapes and
+HTML entities write it."""
+
+_EMAIL = re.compile(
+    rf"(?P<local>[^\s@\"'<>,;:]+?){_AT}(?P<domain>[^\s@\"'<>,;:%\\&]+\.[A-Za-z]{{2,}})",
+    re.IGNORECASE,
+)
 
 
 def mask_email(text: str) -> str:
-    return _EMAIL.sub(lambda m: m.group(0)[0] + "***@" + m.group(0).rsplit("@", 1)[1], text)
+    """``text`` with each e-mail address in it, in any of the encodings above, as its first
+    character, ``***@`` and its domain."""
+    return _EMAIL.sub(lambda m: m.group("local")[0] + "***@" + m.group("domain"), text)
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_email(value)
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_masked(item) for item in value]
+    return value
 
 
 def _redact_emails(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in event.items():
-        if isinstance(value, str) and "@" in value:
-            event[key] = mask_email(value)
+        event[key] = _masked(value)
     return event
 
 
@@ -68,4 +96,6 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", log_emails: bool =
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     logging.captureWarnings(True)

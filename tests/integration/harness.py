@@ -4,6 +4,7 @@ as ``python -m destination ...`` subprocesses, talked to over sockets only."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 import orjson
@@ -34,6 +36,18 @@ def reap() -> None:
             process.kill()
             process.wait(10)
         LIVE.discard(process)
+
+
+def forms_of_the_address(email: str) -> set[str]:
+    """The address as it may appear in a log: plain, case-folded, URL-encoded (once and
+    twice, ``quote`` and ``quote_plus``), JSON-escaped."""
+    forms = {email, email.lower(), email.upper(), email.casefold()}
+    for text in list(forms):
+        forms |= {quote(text, safe=""), quote_plus(text), quote(quote(text, safe=""), safe="")}
+        forms.add(json.dumps(text, ensure_ascii=True)[1:-1])
+        forms.add(text.replace("@", "\\u0040"))
+        forms.add(text.replace("@", "\\\\u0040"))
+    return forms
 
 
 def unique(prefix: str) -> str:

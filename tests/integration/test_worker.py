@@ -21,6 +21,7 @@ from tests.integration.harness import (
     SandboxProcess,
     WorkerProcess,
     committed_offsets,
+    forms_of_the_address,
     make_topics,
     produce,
     read_topic,
@@ -139,6 +140,11 @@ async def test_mixed_stream_arrives_as_expected(
         {"type": "identify", "messageId": "bad-1", "traits": {"plan": "x"}},  # no identity
         {"type": "mystery", "messageId": "bad-2", "userId": "u1"},  # unknown type
         track("ghost", "Nobody Home"),  # user_id of no contact: Gist answers 404
+        {  # a contact never imported: Gist answers 404, the delete is done all the same
+            "type": "delete",
+            "messageId": "del-1",
+            "context": {"traits": {"email": "Secret.Person@example.com"}},
+        },
     ]
     await produce(kafka_bootstrap, stream.topic, messages)
     worker = WorkerProcess(tmp_path, stream.env(sandbox_process))
@@ -179,6 +185,11 @@ async def test_mixed_stream_arrives_as_expected(
         assert not any(e["name"] == "Hidden" for e in state["events"])
         metrics = await worker.metrics()
         assert "gist_destination_messages_skipped_total{reason=" in metrics
+        log = worker.output().lower()
+        assert '"event":"gist.' in log
+        for address in ("Secret.Person@example.com", "grace@example.com", "Ada@Example.com"):
+            leaked = [form for form in forms_of_the_address(address) if form.lower() in log]
+            assert leaked == [], f"the worker's log names {address}"
         assert "gist_destination_messages_dead_lettered_total" in metrics
     finally:
         worker.signal(signal.SIGTERM)
