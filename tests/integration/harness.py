@@ -199,6 +199,18 @@ async def make_topics(bootstrap: str, *names: str, partitions: int = 1) -> None:
     await create_topics(bootstrap, names, partitions)
 
 
+async def list_topics(bootstrap: str) -> set[str]:
+    """The broker's topics, asked in a way that creates none."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
 async def produce(
     bootstrap: str,
     topic: str,

@@ -22,6 +22,7 @@ from tests.integration.harness import (
     WorkerProcess,
     committed_offsets,
     forms_of_the_address,
+    list_topics,
     make_topics,
     produce,
     read_topic,
@@ -210,6 +211,18 @@ async def test_wrong_key_halts_without_dead_letters(
     assert await read_topic(kafka_bootstrap, stream.dlq, expect=0, within=3) == []
     assert (await stream.committed()) == {0: None}
     assert (await sandbox_process.state())["contacts"] == []
+
+
+async def test_a_mistyped_dead_letter_topic_stops_start_up_and_is_not_created(
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
+) -> None:
+    stream = await Stream(kafka_bootstrap).create()
+    typo = stream.dlq + "-typo"  # Tansu creates any topic a metadata request names
+    worker = WorkerProcess(tmp_path, {**stream.env(sandbox_process), "KAFKA_DLQ_TOPIC": typo})
+    assert await worker.exited(60) == 2, worker.output()[-3000:]
+    assert f"KAFKA_DLQ_TOPIC: no topic '{typo}'" in worker.output()
+    assert typo not in await list_topics(kafka_bootstrap)
+    assert (await stream.committed()) == {0: None}
 
 
 async def test_key_revoked_mid_stream_keeps_the_stream(
