@@ -15,15 +15,23 @@ whose ``messageId`` it has delivered (``DEDUP_WINDOW``), so a second run sends n
 twice. A dead letter written without its value (too large, or gone from Kafka) cannot
 be replayed: it is counted and left.
 
+Everything typed is checked before anything is read or written: both topics must exist
+(asked without creating them, ``destination.kafka_topics``), ``--reason`` must be a
+dead-letter reason of the catalogue (``destination.reasons``), ``--partition`` and the
+offsets at least 0, ``--since`` / ``--until`` real times, ``--since`` before ``--until``.
+
 Kafka connection settings are the worker's (``KAFKA_BOOTSTRAP_SERVERS``, the
 ``KAFKA_SECURITY_*`` / ``KAFKA_SASL_*`` / ``KAFKA_SSL_*`` variables); ``--bootstrap-servers``
-overrides the first. Exit 0 when done, 2 for bad arguments or settings, 1 when Kafka fails.
+overrides the first. Exit 0 when done, 2 for bad arguments, settings or a topic that is
+not there, 1 when Kafka fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
+import math
 import sys
 import time
 from collections import Counter
@@ -31,6 +39,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from destination import reasons
+from destination.kafka_topics import MissingTopicError, topic_partitions
 from destination.pipeline.dead_letter import HEADER_PREFIX
 
 REPLAY_HEADER = "gist-replay"
@@ -42,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", dest="target", required=True, metavar="TOPIC")
     parser.add_argument(
         "--reason", action="append", default=[], metavar="R",
-        help="only dead letters with this gist-dlq-reason (repeatable)",
+        help="only dead letters with this gist-dlq-reason (repeatable; one of "
+        + ", ".join(reasons.DEAD_LETTER) + ")",
     )  # fmt: skip
     parser.add_argument("--since", metavar="T", help="dead-lettered at or after T")
     parser.add_argument("--until", metavar="T", help="dead-lettered before T")
@@ -102,32 +113,52 @@ class Summary:
 
 
 def parse_time(text: str) -> float:
-    """ISO 8601 (no zone: UTC) or epoch seconds."""
+    """ISO 8601 (no zone: UTC) or epoch seconds; ``ValueError`` for anything else, ``nan``
+    and ``inf`` included (they compare false with every time, so a filter on them would
+    keep everything or nothing)."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a time: {text!r}")
+    return seconds
 
 
 def parse_filter(args: argparse.Namespace) -> Filter:
     """The filter the arguments ask for; ``ValueError`` naming a bad one."""
+    for reason in args.reason:
+        if reason not in reasons.DEAD_LETTER:
+            close = difflib.get_close_matches(reason, reasons.DEAD_LETTER, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"--reason: {reason!r} is not a dead-letter reason{hint}; one of: "
+                f"{', '.join(reasons.DEAD_LETTER)}"
+            )
+    if args.partition is not None and args.partition < 0:
+        raise ValueError(f"--partition must be 0 or more, got {args.partition}")
     offsets = None
     if args.offsets is not None:
         if args.partition is None:
             raise ValueError("--offsets needs --partition")
         first, sep, last = args.offsets.partition("-")
         if not sep or not first.isdigit() or not last.isdigit() or int(first) > int(last):
-            raise ValueError(f"--offsets must be A-B with A <= B, got {args.offsets!r}")
+            raise ValueError(f"--offsets must be A-B with 0 <= A <= B, got {args.offsets!r}")
         offsets = (int(first), int(last))
-    try:
-        since = None if args.since is None else parse_time(args.since)
-        until = None if args.until is None else parse_time(args.until)
-    except ValueError:
-        raise ValueError("--since / --until must be ISO 8601 or epoch seconds") from None
+    times: dict[str, float | None] = {}
+    for option, text in (("--since", args.since), ("--until", args.until)):
+        try:
+            times[option] = None if text is None else parse_time(text)
+        except ValueError:
+            raise ValueError(
+                f"{option} must be ISO 8601 or epoch seconds, got {text!r}"
+            ) from None
+    since, until = times["--since"], times["--until"]
+    if since is not None and until is not None and since >= until:
+        raise ValueError(f"--since ({args.since}) must be before --until ({args.until})")
     return Filter(frozenset(args.reason), since, until, args.partition, offsets)
 
 
@@ -136,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         wanted = parse_filter(args)
+        if args.source == args.target:
+            raise ValueError("--from and --to name the same topic")
         overrides: dict[str, Any] = {
             "kafka_topics": args.target,
             "kafka_dlq_topic": args.source,
@@ -160,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
                 args.dry_run,
             )
         )
+    except MissingTopicError as error:
+        print(f"gist-destination replay: {error}", file=sys.stderr)
+        return 2
     except Exception as error:  # Kafka's errors: say which, no traceback
         print(f"gist-destination replay: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
@@ -195,6 +231,8 @@ async def replay(
     await producer.start()
     await consumer.start()
     try:
+        # Before anything names a topic to Kafka: naming a missing one may create it.
+        await topic_partitions(producer.client, {source: "--from", target: "--to"})
         partitions = await producer.partitions_for(source)
         tps = [TopicPartition(source, p) for p in sorted(partitions)]
         consumer.assign(tps)

@@ -19,6 +19,7 @@ from tests.integration.harness import (
     SandboxProcess,
     WorkerProcess,
     committed_offsets,
+    list_topics,
     make_topics,
     produce,
     read_topic,
@@ -170,6 +171,22 @@ async def test_replay_sends_fixed_dead_letters_once(
         worker.signal(signal.SIGTERM)
         assert await worker.exited(60) == 0
         await sandbox.close()
+
+
+async def test_replay_names_a_missing_topic_and_creates_none(kafka_bootstrap: str) -> None:
+    topic, dlq = unique("segment"), unique("dlq")
+    await make_topics(kafka_bootstrap, topic, dlq)
+    base = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    for source, target, option in ((dlq + "-typo", topic, "--from"), (dlq, topic + "-x", "--to")):
+        done = await asyncio.to_thread(
+            command, "replay", "--from", source, "--to", target, "--dry-run", **base
+        )
+        missing = source if option == "--from" else target
+        assert done.returncode == 2, done.stderr
+        assert f"{option}: no topic '{missing}'".encode() in done.stderr
+        assert b"Traceback" not in done.stderr
+        assert done.stdout == b""  # not "read 0 dead letters"
+        assert missing not in await list_topics(kafka_bootstrap)
 
 
 async def _committed(bootstrap: str, group: str, topic: str, offset: int) -> bool:
