@@ -216,7 +216,10 @@ async def produce(
     topic: str,
     messages: Iterable[Any],
     key: Callable[[Any], bytes | None] | None = None,
+    timestamp_ms: int | None = None,
 ) -> int:
+    """Send ``messages``; with ``timestamp_ms``, every record gets that time (as records
+    produced at that moment would)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     count = 0
@@ -224,7 +227,7 @@ async def produce(
         for message in messages:
             value = message if isinstance(message, bytes) else orjson.dumps(message)
             k = key(message) if key else _default_key(message)
-            await producer.send(topic, value, key=k)
+            await producer.send(topic, value, key=k, timestamp_ms=timestamp_ms)
             count += 1
         await producer.flush()
     finally:

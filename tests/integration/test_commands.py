@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,39 @@ async def test_plan_reads_a_topic_and_says_whether_it_fits(kafka_bootstrap: str)
     # 50 records/s at ~0.8 requests each is ~3.5M requests a day: more than 864,000.
     assert plan["fits"] is False
     assert plan["lag"] == 250  # the group never committed
+    assert plan["group"].startswith("group-")
+    assert plan["group_committed"] is False
+
+
+async def test_plan_warns_of_a_burst_and_names_the_group(kafka_bootstrap: str) -> None:
+    """A one-off produce two hours ago, all within a second: the rate its timestamps give
+    is the burst's; the lag is the named group's, drained in minutes."""
+    topic, group = unique("segment"), unique("group")
+    await make_topics(kafka_bootstrap, topic, partitions=2)
+    two_hours_ago = int((time.time() - 7200) * 1000)
+    messages = [track(f"u{i % 40}", i) for i in range(300)]
+    await produce(kafka_bootstrap, topic, messages[:150], timestamp_ms=two_hours_ago)
+    await produce(kafka_bootstrap, topic, messages[150:], timestamp_ms=two_hours_ago + 500)
+    done = await asyncio.to_thread(
+        command, "plan", "--topic", topic, "--group", group,
+        KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode()
+    assert "WARNING: the sample is a burst (written in 0.5 s, then nothing for 2.0 h)" in out
+    assert "the rate below is the burst's, not the topic's: give --rate R" in out
+    assert "at 600.0 records/s (measured)" in out
+    assert f"consumer group '{group}': lag 300 records (it has committed nothing" in out
+    assert "min to drain at the budget's rate" in out  # 300 events: 30 s at 10 a second
+    assert done.stderr == b""
+
+    missing = unique("typo")
+    done = await asyncio.to_thread(
+        command, "plan", "--topic", missing, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap
+    )
+    assert done.returncode == 2
+    assert f"--topic: no topic '{missing}'".encode() in done.stderr
+    assert missing not in await list_topics(kafka_bootstrap)
 
 
 async def test_replay_sends_fixed_dead_letters_once(
