@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from destination import reasons
+from destination.commands._kafka import kafka_failure, quiet_kafka_logs, started
 from destination.kafka_topics import MissingTopicError, topic_partitions
 from destination.pipeline.dead_letter import HEADER_PREFIX
 
@@ -180,8 +181,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, SettingsError) as error:
         print(f"gist-destination replay: {error}", file=sys.stderr)
         return 2
-    from destination.worker import kafka_security
+    from destination.kafka_security import kafka_security
 
+    quiet_kafka_logs()
     try:
         summary = asyncio.run(
             replay(
@@ -197,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"gist-destination replay: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # Kafka's errors: say which, no traceback
-        print(f"gist-destination replay: {type(error).__name__}: {error}", file=sys.stderr)
+        print(kafka_failure("replay", settings.kafka_bootstrap_servers, error), file=sys.stderr)
         return 1
     for line in summary.lines(args.dry_run):
         print(line)
@@ -221,16 +223,12 @@ async def replay(
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=20, **security
     )
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        **security,
-    )
-    await producer.start()
-    await consumer.start()
-    try:
+    reader = {"group_id": None, "enable_auto_commit": False, "auto_offset_reset": "earliest"}
+    # The consumer is made once the producer is up: one made and never started warns.
+    async with (
+        started(producer),
+        started(AIOKafkaConsumer(bootstrap_servers=bootstrap, **reader, **security)) as consumer,
+    ):
         # Before anything names a topic to Kafka: naming a missing one may create it.
         await topic_partitions(producer.client, {source: "--from", target: "--to"})
         partitions = await producer.partitions_for(source)
@@ -239,7 +237,7 @@ async def replay(
         ends = await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
         pending = []
-        started = time.monotonic()
+        began = time.monotonic()
         idle = 0
         while True:
             done = [await consumer.position(tp) >= ends[tp] for tp in tps]
@@ -262,7 +260,7 @@ async def replay(
                 await asyncio.gather(*pending)
                 pending = []
             if progress:
-                rate = summary.read / max(0.001, time.monotonic() - started)
+                rate = summary.read / max(0.001, time.monotonic() - began)
                 print(
                     f"\rread {summary.read}, copying {sum(summary.copied.values())} "
                     f"({rate:,.0f}/s)",
@@ -273,9 +271,6 @@ async def replay(
             await asyncio.gather(*pending)
         if progress:
             print(file=sys.stderr)
-    finally:
-        await consumer.stop()
-        await producer.stop()
     return summary
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -68,3 +70,14 @@ def test_the_command_exits_2_before_reaching_kafka(capsys: pytest.CaptureFixture
     assert main([*argv, "--until", "nan"]) == 2
     assert main(["replay", "--from", "same", "--to", "same"]) == 2
     assert "--from and --to name the same topic" in capsys.readouterr().err
+
+
+def test_an_unreachable_kafka_is_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "destination", "replay", "--from", "dlq", "--to", "in",
+         "--bootstrap-servers", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("gist-destination replay: cannot reach Kafka at 127.0.0.1:1")
