@@ -223,5 +223,47 @@ async def test_replay_names_a_missing_topic_and_creates_none(kafka_bootstrap: st
         assert missing not in await list_topics(kafka_bootstrap)
 
 
+async def test_produce_uses_the_workers_kafka_settings_and_checks_the_topic(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    topic = unique("segment")
+    await make_topics(kafka_bootstrap, topic)
+    source = tmp_path / "messages.jsonl"
+    source.write_bytes(orjson.dumps(identify("u1")) + b"\n")
+    base = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    # The embedded broker speaks no SASL: a producer that uses the settings cannot connect.
+    sasl = {"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_USERNAME": "u",
+            "KAFKA_SASL_PASSWORD": "p"}  # fmt: skip
+    done = await asyncio.to_thread(command, "produce", str(source), "--topic", topic,
+                                   **base, **sasl)  # fmt: skip
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.decode().splitlines() == [
+        f"gist-destination produce: cannot reach Kafka at {kafka_bootstrap} (set "
+        "KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers, and KAFKA_SECURITY_PROTOCOL, "
+        "KAFKA_SASL_* and KAFKA_SSL_* as for run)"
+    ]
+    assert await read_topic(kafka_bootstrap, topic, expect=0, within=2) == []
+    incomplete = {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}  # no user name or password
+    done = await asyncio.to_thread(command, "produce", str(source), "--topic", topic,
+                                   **base, **incomplete)  # fmt: skip
+    assert done.returncode == 2
+    assert b"KAFKA_SASL_USERNAME: required" in done.stderr
+
+    done = await asyncio.to_thread(command, "produce", str(source), "--topic", topic, **base)
+    assert done.returncode == 0, done.stderr
+    assert len(await read_topic(kafka_bootstrap, topic, expect=1)) == 1
+
+    typo = topic + "-typo"
+    done = await asyncio.to_thread(command, "produce", str(source), "--topic", typo, **base)
+    assert done.returncode == 2
+    assert f"--topic: no topic '{typo}'".encode() in done.stderr
+    assert typo not in await list_topics(kafka_bootstrap)
+    done = await asyncio.to_thread(
+        command, "produce", str(source), "--topic", typo, "--create-topic", **base
+    )
+    assert done.returncode == 0, done.stderr
+    assert typo in await list_topics(kafka_bootstrap)
+
+
 async def _committed(bootstrap: str, group: str, topic: str, offset: int) -> bool:
     return (await committed_offsets(bootstrap, group, topic, 1)) == {0: offset}

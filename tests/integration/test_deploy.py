@@ -287,7 +287,8 @@ def test_alerts_cover_what_on_call_needs() -> None:
     assert "gist_destination_messages_consumed_total" in dead["expr"]
     assert re.search(r"\)\s*>\s*0\.0\d", dead["expr"])
     window = re.search(r"dead_lettered_total\[(\d+)m\]", dead["expr"])
-    assert window and int(dead["for"].rstrip("m")) > int(window[1])
+    assert window
+    assert int(dead["for"].rstrip("m")) > int(window[1])
     stopped = rules["GistDestinationConsumptionStopped"]["expr"]
     assert "gist_destination_consumer_lag" in stopped
     assert "gist_destination_messages_consumed_total" in stopped
