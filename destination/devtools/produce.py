@@ -51,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
             "gist-destination produce: give a FILE or --sample USERS (one of them)", file=sys.stderr
         )
         return 2
+    for option, value in (("--sample", args.sample), ("--partitions", args.partitions)):
+        if value is not None and value < 1:
+            print(f"gist-destination produce: {option} must be 1 or more, got {value}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     try:
         records = (
             sample_stream(args.sample, args.seed)

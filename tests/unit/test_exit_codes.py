@@ -67,3 +67,20 @@ def test_a_reader_that_stops_early_ends_it_quietly(tmp_path: Path, args: list[st
     code, stderr = pipe_closed_early(args[0], str(messages), *args[1:])
     assert stderr == ""
     assert code == 141
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["plan", "-", "--sample", "0"], "--sample must be 1 or more, got 0"),
+        (["plan", "-", "--rate", "nan"], "--rate must be a number above 0, got nan"),
+        (["plan", "-", "--rate", "-5"], "--rate must be a number above 0, got -5.0"),
+        (["produce", "--sample", "-3", "--topic", "t"], "--sample must be 1 or more, got -3"),
+        (["produce", "-", "--topic", "t", "--create-topic", "--partitions", "0"],
+         "--partitions must be 1 or more, got 0"),
+    ],
+)  # fmt: skip
+def test_numbers_out_of_range_are_refused_before_kafka(args: list[str], error: str) -> None:
+    done = command(*args, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    assert done.returncode == 2
+    assert error in done.stderr
