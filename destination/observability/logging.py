@@ -11,8 +11,10 @@ HTML entity), so that a field added later (or an exception message that quotes a
 input) cannot leak one by accident. Other trait values cannot be told from other text,
 so the lines that would carry them are not written: httpx and httpcore log each
 request's URL (its query holds the contact's e-mail or user id) and are kept to
-warnings; the Gist client logs its own ``gist.request`` line at DEBUG instead, with the
-endpoint and never the path's values or the query.
+warnings, the Gist client logging its own ``gist.request`` line at DEBUG instead, with
+the endpoint and never the path's values or the query; aiokafka's DEBUG lines hold every
+request and response, record values included (a dead letter's whole message), and are
+not written either (its INFO and above, rebalances and connection trouble, are).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import Any
 import orjson
 import structlog
 
-QUIET_LOGGERS = ("httpx", "httpcore")
-"""Third-party loggers kept to warnings whatever ``LOG_LEVEL`` says: their INFO and DEBUG
-lines carry request URLs, and so the contact a request names."""
+QUIET_LOGGERS = {"httpx": logging.WARNING, "httpcore": logging.WARNING, "aiokafka": logging.INFO}
+"""Third-party loggers and the least level they write whatever ``LOG_LEVEL`` says: below
+it their lines carry request URLs (the contact a request names) or record values."""
 
 _AT = r"(?:@|%40|%2540|\\{1,2}u0040|\\{1,2}x40|&#0*64;|&#x0*40;)"
 """The at sign, plain or as URL encoding (once or twice), JSON / Python escapes and
@@ -96,6 +98,6 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", log_emails: bool =
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    for name, least in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(least, logging.getLevelName(level)))
     logging.captureWarnings(True)

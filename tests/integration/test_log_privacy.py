@@ -37,7 +37,7 @@ def debug_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFix
     (standard error is the test's capture only then)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    quiet = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
+    quiet = {name: logging.getLogger(name).level for name in ("httpx", "httpcore", "aiokafka")}
     yield capsys
     root.handlers, root.level = handlers, level
     for name, was in quiet.items():
@@ -134,3 +134,18 @@ def test_addresses_in_every_encoding_are_masked_in_any_loggers_lines(
     assert output.count("s***@example.com") == 2 * len(texts)
     for secret in forms_of_the_address(EMAIL):
         assert secret.lower() not in output
+
+
+def test_kafka_clients_debug_lines_with_record_values_are_not_written(
+    debug_logs: pytest.CaptureFixture[str],
+) -> None:
+    """aiokafka's DEBUG lines carry requests, responses and record values (the producer's
+    "Sending (key=... value=...)" of a dead letter); its INFO lines are kept."""
+    start()
+    value = orjson.dumps({"type": "identify", "traits": {"name": TRAITS["name"]}})
+    logging.getLogger("aiokafka.producer.producer").debug("Sending (key=%s value=%s)", b"u", value)
+    logging.getLogger("aiokafka.conn").debug("Response from %s: %s", "broker", value)
+    logging.getLogger("aiokafka.consumer.group_coordinator").info("Joined group %s", "g-1")
+    output = debug_logs.readouterr().err
+    assert TRAITS["name"] not in output
+    assert "Joined group g-1" in output
