@@ -89,8 +89,7 @@ and was written in less than this."""
 @dataclass
 class TopicSample:
     """What ``sample_topic`` read: record values, their timestamps (s), and the group's
-    lag (``None`` for a group that has committed nothing on the topic: its lag counts
-    every record there)."""
+    lag (from the log start on partitions where ``group_committed`` is False: all of it)."""
 
     values: list[bytes]
     stamps: list[float]
@@ -246,6 +245,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             values = list(record_values(args.source))
     except OSError as error:
+        if args.topic is not None:
+            print(kafka_failure("plan", settings.kafka_bootstrap_servers, error), file=sys.stderr)
+            return 1
         print(f"gist-destination plan: cannot read {args.source}: {error}", file=sys.stderr)
         return 2
     except MissingTopicError as error:
