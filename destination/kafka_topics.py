@@ -5,8 +5,8 @@ A metadata request that names a topic creates it on a broker with
 ``partitions_for``, a consumer's ``assign`` or ``subscribe``, the admin client's
 ``describe_topics`` all name it. A request for *all* topics never creates one
 (KAFKA-5291), so that is the one asked here, and a topic is looked up in its answer.
-Kafka leaves out of that answer the topics this client may not ``Describe``: a missing
-topic and a forbidden one look alike, and the errors say so.
+Kafka leaves out of that answer the topics this client is not authorised to
+``Describe``: a missing topic and a forbidden one look alike, and the errors say so.
 
 Every command that takes a topic name checks it here before it reads or writes
 anything: ``run`` (``KAFKA_DLQ_TOPIC``), ``replay`` (``--from``, ``--to``), ``plan``
@@ -41,8 +41,9 @@ class MissingTopicError(Exception):
         self.missing = dict(missing)
         named = "; ".join(f"{where}: no topic {topic!r}" for topic, where in missing.items())
         super().__init__(
-            f"{named} (it does not exist, or this client may not Describe it; nothing "
-            "was created): create it (kafka-topics.sh --create --topic ...) or fix the name"
+            f"{named} (it does not exist, or this client is not authorised to Describe it; "
+            "nothing was created): create it (kafka-topics.sh --create --topic ...), fix "
+            "the name, or grant the ACLs the README lists under Prerequisites"
         )
 
 
