@@ -1,7 +1,8 @@
 """``gist-destination check-config [PATH]``: validate a mapping-rules file.
 
-Exit 0 with a one-line summary when the file is valid, 1 with every error (file, line,
-key path, what was expected) when it is not, 2 when the file cannot be read.
+Exit 0 with a one-line summary when the file is valid, 2 with every error (file, line,
+key path, what was expected) when it is not or cannot be read: as ``run`` exits for the
+same file.
 
 ``check-config --schema`` prints the JSON Schema of a rules file instead (for editors;
 committed as ``config/mapping-rules.schema.json``).
@@ -52,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except RulesError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return 2
     print(f"{path}: valid: {rules.summary()}")
     return 0

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             for row in results(record_values(args.source), mapper):
                 sys.stdout.write(orjson.dumps(row).decode() + "\n")
+    except BrokenPipeError:
+        raise  # the reader of the output went away: ``cli.main`` ends quietly
     except OSError as error:
         print(f"gist-destination map: cannot read {args.source}: {error.strerror}", file=sys.stderr)
         return 2

@@ -15,15 +15,23 @@ whose ``messageId`` it has delivered (``DEDUP_WINDOW``), so a second run sends n
 twice. A dead letter written without its value (too large, or gone from Kafka) cannot
 be replayed: it is counted and left.
 
+Everything typed is checked before anything is read or written: both topics must exist
+(asked without creating them, ``destination.kafka_topics``), ``--reason`` must be a
+dead-letter reason of the catalogue (``destination.reasons``), ``--partition`` and the
+offsets at least 0, ``--since`` / ``--until`` real times, ``--since`` before ``--until``.
+
 Kafka connection settings are the worker's (``KAFKA_BOOTSTRAP_SERVERS``, the
 ``KAFKA_SECURITY_*`` / ``KAFKA_SASL_*`` / ``KAFKA_SSL_*`` variables); ``--bootstrap-servers``
-overrides the first. Exit 0 when done, 2 for bad arguments or settings, 1 when Kafka fails.
+overrides the first. Exit 0 when done, 2 for bad arguments, settings or a topic that is
+not there, 1 when Kafka fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
+import math
 import sys
 import time
 from collections import Counter
@@ -31,6 +39,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from destination import reasons
+from destination.commands._kafka import kafka_failure, quiet_kafka_logs, started
+from destination.kafka_topics import MissingTopicError, topic_partitions
 from destination.pipeline.dead_letter import HEADER_PREFIX
 
 REPLAY_HEADER = "gist-replay"
@@ -42,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", dest="target", required=True, metavar="TOPIC")
     parser.add_argument(
         "--reason", action="append", default=[], metavar="R",
-        help="only dead letters with this gist-dlq-reason (repeatable)",
+        help="only dead letters with this gist-dlq-reason (repeatable; one of "
+        + ", ".join(reasons.DEAD_LETTER) + ")",
     )  # fmt: skip
     parser.add_argument("--since", metavar="T", help="dead-lettered at or after T")
     parser.add_argument("--until", metavar="T", help="dead-lettered before T")
@@ -102,32 +114,52 @@ class Summary:
 
 
 def parse_time(text: str) -> float:
-    """ISO 8601 (no zone: UTC) or epoch seconds."""
+    """ISO 8601 (no zone: UTC) or epoch seconds; ``ValueError`` for anything else, ``nan``
+    and ``inf`` included (they compare false with every time, so a filter on them would
+    keep everything or nothing)."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a time: {text!r}")
+    return seconds
 
 
 def parse_filter(args: argparse.Namespace) -> Filter:
     """The filter the arguments ask for; ``ValueError`` naming a bad one."""
+    for reason in args.reason:
+        if reason not in reasons.DEAD_LETTER:
+            close = difflib.get_close_matches(reason, reasons.DEAD_LETTER, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"--reason: {reason!r} is not a dead-letter reason{hint}; one of: "
+                f"{', '.join(reasons.DEAD_LETTER)}"
+            )
+    if args.partition is not None and args.partition < 0:
+        raise ValueError(f"--partition must be 0 or more, got {args.partition}")
     offsets = None
     if args.offsets is not None:
         if args.partition is None:
             raise ValueError("--offsets needs --partition")
         first, sep, last = args.offsets.partition("-")
         if not sep or not first.isdigit() or not last.isdigit() or int(first) > int(last):
-            raise ValueError(f"--offsets must be A-B with A <= B, got {args.offsets!r}")
+            raise ValueError(f"--offsets must be A-B with 0 <= A <= B, got {args.offsets!r}")
         offsets = (int(first), int(last))
-    try:
-        since = None if args.since is None else parse_time(args.since)
-        until = None if args.until is None else parse_time(args.until)
-    except ValueError:
-        raise ValueError("--since / --until must be ISO 8601 or epoch seconds") from None
+    times: dict[str, float | None] = {}
+    for option, text in (("--since", args.since), ("--until", args.until)):
+        try:
+            times[option] = None if text is None else parse_time(text)
+        except ValueError:
+            raise ValueError(
+                f"{option} must be ISO 8601 or epoch seconds, got {text!r}"
+            ) from None
+    since, until = times["--since"], times["--until"]
+    if since is not None and until is not None and since >= until:
+        raise ValueError(f"--since ({args.since}) must be before --until ({args.until})")
     return Filter(frozenset(args.reason), since, until, args.partition, offsets)
 
 
@@ -136,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         wanted = parse_filter(args)
+        if args.source == args.target:
+            raise ValueError("--from and --to name the same topic")
         overrides: dict[str, Any] = {
             "kafka_topics": args.target,
             "kafka_dlq_topic": args.source,
@@ -147,8 +181,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, SettingsError) as error:
         print(f"gist-destination replay: {error}", file=sys.stderr)
         return 2
-    from destination.worker import kafka_security
+    from destination.kafka_security import kafka_security
 
+    quiet_kafka_logs()
     try:
         summary = asyncio.run(
             replay(
@@ -160,8 +195,11 @@ def run(args: argparse.Namespace) -> int:
                 args.dry_run,
             )
         )
+    except MissingTopicError as error:
+        print(f"gist-destination replay: {error}", file=sys.stderr)
+        return 2
     except Exception as error:  # Kafka's errors: say which, no traceback
-        print(f"gist-destination replay: {type(error).__name__}: {error}", file=sys.stderr)
+        print(kafka_failure("replay", settings.kafka_bootstrap_servers, error), file=sys.stderr)
         return 1
     for line in summary.lines(args.dry_run):
         print(line)
@@ -185,23 +223,21 @@ async def replay(
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=20, **security
     )
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        **security,
-    )
-    await producer.start()
-    await consumer.start()
-    try:
+    reader = {"group_id": None, "enable_auto_commit": False, "auto_offset_reset": "earliest"}
+    # The consumer is made once the producer is up: one made and never started warns.
+    async with (
+        started(producer),
+        started(AIOKafkaConsumer(bootstrap_servers=bootstrap, **reader, **security)) as consumer,
+    ):
+        # Before anything names a topic to Kafka: naming a missing one may create it.
+        await topic_partitions(producer.client, {source: "--from", target: "--to"})
         partitions = await producer.partitions_for(source)
         tps = [TopicPartition(source, p) for p in sorted(partitions)]
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
         pending = []
-        started = time.monotonic()
+        began = time.monotonic()
         idle = 0
         while True:
             done = [await consumer.position(tp) >= ends[tp] for tp in tps]
@@ -224,7 +260,7 @@ async def replay(
                 await asyncio.gather(*pending)
                 pending = []
             if progress:
-                rate = summary.read / max(0.001, time.monotonic() - started)
+                rate = summary.read / max(0.001, time.monotonic() - began)
                 print(
                     f"\rread {summary.read}, copying {sum(summary.copied.values())} "
                     f"({rate:,.0f}/s)",
@@ -235,9 +271,6 @@ async def replay(
             await asyncio.gather(*pending)
         if progress:
             print(file=sys.stderr)
-    finally:
-        await consumer.stop()
-        await producer.stop()
     return summary
 
 

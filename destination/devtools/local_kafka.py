@@ -938,6 +938,40 @@ class LocalConsumer:
 # --- the producer ---------------------------------------------------------------------
 
 
+class LocalCluster:
+    """What a metadata request for all topics answers (the calls of aiokafka's
+    ``ClusterMetadata`` that ``kafka_topics`` makes): a snapshot, forbidden topics left
+    out as Kafka leaves out those a client may not Describe."""
+
+    def __init__(self, partitions: Mapping[str, int]) -> None:
+        self._partitions = dict(partitions)
+
+    def topics(self, exclude_internal_topics: bool = True) -> set[str]:
+        return set(self._partitions)
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        count = self._partitions.get(topic)
+        return None if count is None else set(range(count))
+
+
+class LocalClient:
+    """A producer's ``client``: ``fetch_all_metadata``, which creates no topic whatever
+    ``auto_create_topics`` says (as Kafka's all-topics request)."""
+
+    def __init__(self, broker: LocalBroker) -> None:
+        self._broker = broker
+
+    async def fetch_all_metadata(self) -> LocalCluster:
+        broker = self._broker
+        return LocalCluster(
+            {
+                name: len(broker._topics[name])
+                for name in broker.topics()
+                if name not in broker._forbidden
+            }
+        )
+
+
 class LocalProducer:
     """A drop-in for the ``aiokafka.AIOKafkaProducer`` calls the worker makes, on a
     ``LocalBroker``. Every send is acknowledged at once; ``flush`` has nothing to do."""
@@ -949,6 +983,7 @@ class LocalProducer:
         if unsupported:
             raise TypeError(f"LocalProducer does not support {', '.join(unsupported)}")
         self._broker = broker
+        self.client = LocalClient(broker)
         self.max_request_size = max_request_size
         self._started = False
         self._closed = False

@@ -437,6 +437,7 @@ class GistClient:
             response = await self._http.request(method, path, content=content, params=params)
         except httpx.TimeoutException as exc:
             metrics.GIST_REQUESTS.labels(endpoint, "error").inc()
+            _log_request(endpoint, type(exc).__name__, sent)
             raise RetryableError(
                 f"Gist did not answer in time ({type(exc).__name__})",
                 method=method,
@@ -444,6 +445,7 @@ class GistClient:
             ) from None
         except httpx.TransportError as exc:
             metrics.GIST_REQUESTS.labels(endpoint, "error").inc()
+            _log_request(endpoint, type(exc).__name__, sent)
             raise RetryableError(
                 f"could not reach Gist ({type(exc).__name__})", method=method, endpoint=endpoint
             ) from None
@@ -451,6 +453,7 @@ class GistClient:
             status = response.status_code
             metrics.GIST_REQUESTS.labels(endpoint, str(status)).inc()
             metrics.GIST_REQUEST_DURATION.labels(endpoint).observe(time.monotonic() - sent)
+            _log_request(endpoint, status, sent)
             if 200 <= status < 300:
                 return response.content
             if status == 404 and missing_ok:
@@ -497,6 +500,18 @@ class Dispatch:
 
     def withdraw(self) -> None:
         self.withdrawn = True
+
+
+def _log_request(endpoint: str, status: int | str, sent: float) -> None:
+    """The DEBUG line of one request, in place of httpx's (``observability.logging``):
+    the endpoint as a template (``GET /contacts``), never the path's ids or the query,
+    which name the contact."""
+    log.debug(
+        log_events.GIST_REQUEST,
+        endpoint=endpoint,
+        status=status,
+        seconds=round(time.monotonic() - sent, 3),
+    )
 
 
 def _release(response: httpx.Response) -> None:

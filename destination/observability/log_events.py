@@ -12,6 +12,7 @@ CONFIG_INVALID = "config.invalid"
 CREDENTIALS_REJECTED = "gist.credentials_rejected"
 GIST_UNREACHABLE = "gist.unreachable"
 GIST_RETRYING = "gist.retrying"
+GIST_REQUEST = "gist.request"  # DEBUG, one per request: endpoint and status, no values
 PARTITIONS_ASSIGNED = "kafka.partitions_assigned"
 PARTITIONS_REVOKED = "kafka.partitions_revoked"
 COMMIT_FAILED = "kafka.commit_failed"

@@ -20,6 +20,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
+from destination.kafka_topics import MissingTopicError, topic_partitions
 from tests.contract.backends import (
     KafkaBackend,
     Member,
@@ -466,6 +467,21 @@ async def test_producing_to_a_missing_topic_creates_it_where_topics_auto_create(
     consumer.assign([tp])
     got = await read_all(backend, consumer, 1)
     assert [r.value for r in got[tp]] == [b"hello"]
+
+
+async def test_asking_whether_a_topic_exists_never_creates_it(backend: KafkaBackend) -> None:
+    """``kafka_topics`` asks for all topics: where a metadata request that names a topic
+    would create it (Tansu always, Kafka by default), this one creates nothing."""
+    backend.allow_auto_create()
+    topic, missing = await backend.topic(partitions=3), unique("typo")
+    producer = await backend.started_producer()
+    assert await topic_partitions(producer.client, {topic: "T"}) == {topic: 3}
+    with pytest.raises(MissingTopicError) as raised:
+        await topic_partitions(producer.client, {topic: "T", missing: "--to"})
+    assert raised.value.missing == {missing: "--to"}
+    cluster = await producer.client.fetch_all_metadata()
+    assert topic in cluster.topics()
+    assert missing not in cluster.topics()
 
 
 async def test_a_forbidden_topic_fails_with_an_authorization_error(

@@ -4,6 +4,7 @@ as ``python -m destination ...`` subprocesses, talked to over sockets only."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 import orjson
@@ -34,6 +36,18 @@ def reap() -> None:
             process.kill()
             process.wait(10)
         LIVE.discard(process)
+
+
+def forms_of_the_address(email: str) -> set[str]:
+    """The address as it may appear in a log: plain, case-folded, URL-encoded (once and
+    twice, ``quote`` and ``quote_plus``), JSON-escaped."""
+    forms = {email, email.lower(), email.upper(), email.casefold()}
+    for text in list(forms):
+        forms |= {quote(text, safe=""), quote_plus(text), quote(quote(text, safe=""), safe="")}
+        forms.add(json.dumps(text, ensure_ascii=True)[1:-1])
+        forms.add(text.replace("@", "\\u0040"))
+        forms.add(text.replace("@", "\\\\u0040"))
+    return forms
 
 
 def unique(prefix: str) -> str:
@@ -185,12 +199,27 @@ async def make_topics(bootstrap: str, *names: str, partitions: int = 1) -> None:
     await create_topics(bootstrap, names, partitions)
 
 
+async def list_topics(bootstrap: str) -> set[str]:
+    """The broker's topics, asked in a way that creates none."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
 async def produce(
     bootstrap: str,
     topic: str,
     messages: Iterable[Any],
     key: Callable[[Any], bytes | None] | None = None,
+    timestamp_ms: int | None = None,
 ) -> int:
+    """Send ``messages``; with ``timestamp_ms``, every record gets that time (as records
+    produced at that moment would)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     count = 0
@@ -198,7 +227,7 @@ async def produce(
         for message in messages:
             value = message if isinstance(message, bytes) else orjson.dumps(message)
             k = key(message) if key else _default_key(message)
-            await producer.send(topic, value, key=k)
+            await producer.send(topic, value, key=k, timestamp_ms=timestamp_ms)
             count += 1
         await producer.flush()
     finally:

@@ -21,6 +21,8 @@ from tests.integration.harness import (
     SandboxProcess,
     WorkerProcess,
     committed_offsets,
+    forms_of_the_address,
+    list_topics,
     make_topics,
     produce,
     read_topic,
@@ -139,6 +141,11 @@ async def test_mixed_stream_arrives_as_expected(
         {"type": "identify", "messageId": "bad-1", "traits": {"plan": "x"}},  # no identity
         {"type": "mystery", "messageId": "bad-2", "userId": "u1"},  # unknown type
         track("ghost", "Nobody Home"),  # user_id of no contact: Gist answers 404
+        {  # a contact never imported: Gist answers 404, the delete is done all the same
+            "type": "delete",
+            "messageId": "del-1",
+            "context": {"traits": {"email": "Secret.Person@example.com"}},
+        },
     ]
     await produce(kafka_bootstrap, stream.topic, messages)
     worker = WorkerProcess(tmp_path, stream.env(sandbox_process))
@@ -179,6 +186,11 @@ async def test_mixed_stream_arrives_as_expected(
         assert not any(e["name"] == "Hidden" for e in state["events"])
         metrics = await worker.metrics()
         assert "gist_destination_messages_skipped_total{reason=" in metrics
+        log = worker.output().lower()
+        assert '"event":"gist.' in log
+        for address in ("Secret.Person@example.com", "grace@example.com", "Ada@Example.com"):
+            leaked = [form for form in forms_of_the_address(address) if form.lower() in log]
+            assert leaked == [], f"the worker's log names {address}"
         assert "gist_destination_messages_dead_lettered_total" in metrics
     finally:
         worker.signal(signal.SIGTERM)
@@ -199,6 +211,18 @@ async def test_wrong_key_halts_without_dead_letters(
     assert await read_topic(kafka_bootstrap, stream.dlq, expect=0, within=3) == []
     assert (await stream.committed()) == {0: None}
     assert (await sandbox_process.state())["contacts"] == []
+
+
+async def test_a_mistyped_dead_letter_topic_stops_start_up_and_is_not_created(
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
+) -> None:
+    stream = await Stream(kafka_bootstrap).create()
+    typo = stream.dlq + "-typo"  # Tansu creates any topic a metadata request names
+    worker = WorkerProcess(tmp_path, {**stream.env(sandbox_process), "KAFKA_DLQ_TOPIC": typo})
+    assert await worker.exited(60) == 2, worker.output()[-3000:]
+    assert f"KAFKA_DLQ_TOPIC: no topic '{typo}'" in worker.output()
+    assert typo not in await list_topics(kafka_bootstrap)
+    assert (await stream.committed()) == {0: None}
 
 
 async def test_key_revoked_mid_stream_keeps_the_stream(

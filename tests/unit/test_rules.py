@@ -370,7 +370,7 @@ def test_check_config_on_a_valid_file(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_check_config_on_a_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "rules.yaml"
     path.write_text("identify:\n  enabeld: true\ntrack:\n  events: {exclude: 're:('}\n")
-    assert main(["check-config", str(path)]) == 1
+    assert main(["check-config", str(path)]) == 2  # as run exits for it
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "2 errors in mapping rules:"
     assert err[1].startswith(f"  {path}:2: identify.enabeld: unknown key")
