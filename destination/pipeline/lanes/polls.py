@@ -368,5 +368,6 @@ def match_batch_errors(
             failed[index] = error.message
         else:
             unmatched.append(error.message)
-            log.warning(log_events.BATCH_ERROR_UNMATCHED, message=error.message[:200])
+            # Not its text: Gist's error may quote the contact's values.
+            log.warning(log_events.BATCH_ERROR_UNMATCHED, message_chars=len(error.message))
     return failed, unmatched
