@@ -10,10 +10,13 @@ what would be copied, by reason, and writes nothing.
 
 It reads the dead-letter topic from its start up to its end as it was when the command
 started (outside any consumer group: the topic is left as it is, nothing is committed),
-one fetch at a time (bounded memory). Safe to run twice: the worker skips a message
-whose ``messageId`` it has delivered (``DEDUP_WINDOW``), so a second run sends nothing
-twice. A dead letter written without its value (too large, or gone from Kafka) cannot
-be replayed: it is counted and left.
+one fetch at a time (bounded memory). Safe to run twice: the worker records what each
+message's operations did under its ``messageId`` (``DEDUP_WINDOW``) and sends only what
+was not done, so a second run sends nothing twice, and a message that partly succeeded
+sends the rest. A message without a ``messageId`` is given the one the worker gave it
+when it first read it, from where it was read (``gist-dlq-source-*`` headers and its
+place in an envelope: ``dedup.coordinates_id``). A dead letter written without its
+value (too large, or gone from Kafka) cannot be replayed: it is counted and left.
 
 Everything typed is checked before anything is read or written: both topics must exist
 (asked without creating them, ``destination.kafka_topics``), ``--reason`` must be a
@@ -39,10 +42,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from destination import reasons
 from destination.commands._kafka import kafka_failure, quiet_kafka_logs, started
 from destination.kafka_topics import MissingTopicError, topic_partitions
 from destination.pipeline.dead_letter import HEADER_PREFIX
+from destination.pipeline.dedup import coordinates_id
 
 REPLAY_HEADER = "gist-replay"
 REPLAY_OF_HEADER = "gist-replay-of"
@@ -304,11 +310,35 @@ def _copy(
     kept = [(k, v) for k, v in headers if not k.startswith(HEADER_PREFIX)]
     kept.append((REPLAY_HEADER, datetime.now(UTC).isoformat().encode()))
     kept.append((REPLAY_OF_HEADER, f"{source}:{record.partition}:{record.offset}".encode()))
+    value = with_message_id(record.value, why)
     return [
         asyncio.ensure_future(
-            producer.send_and_wait(target, value=record.value, key=record.key, headers=kept)
+            producer.send_and_wait(target, value=value, key=record.key, headers=kept)
         )
     ]
+
+
+def with_message_id(value: bytes | None, why: dict[str, str]) -> bytes | None:
+    """The dead letter's message with the ``messageId`` the worker gave it when it had
+    none (``coordinates_id``), so that replaying it twice sends it once; any other value
+    as it is."""
+    if not value:
+        return value
+    try:
+        body = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value
+    if not isinstance(body, dict) or "type" not in body or body.get("messageId") is not None:
+        return value  # not one message (an envelope, not JSON of one), or it has its id
+    try:
+        topic = why["source-topic"]
+        partition = int(why["source-partition"])
+        offset = int(why["source-offset"])
+        index = int(why["envelope-index"]) if "envelope-index" in why else None
+    except (KeyError, ValueError):
+        return value
+    body["messageId"] = coordinates_id(topic, partition, offset, index)
+    return orjson.dumps(body)
 
 
 def _number(text: str | None) -> int | None:

@@ -38,7 +38,7 @@ from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.operations import Mapped, Rejected, Skipped
 from destination.pipeline.decode import DecodeError, decode_record, decoded_size
-from destination.pipeline.dedup import Dedup
+from destination.pipeline.dedup import Dedup, coordinates_id
 from destination.pipeline.deliver import Delivery
 from destination.pipeline.inflight import (
     OPEN,
@@ -376,6 +376,9 @@ class StreamConsumer:
             if isinstance(result, Mapped) and result.operations:
                 timestamp = result.operations[0].timestamp
                 message_id = result.operations[0].message_id
+                if message_id is None:  # its place says which message it is
+                    tp = record.partition.tp
+                    message_id = coordinates_id(tp.topic, tp.partition, record.offset, at)
             message = ledger.open_message(record, at, kind, timestamp, kept, message_id)
             if last:
                 ledger.seal(record)

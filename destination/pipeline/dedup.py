@@ -66,6 +66,13 @@ def id_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
+def coordinates_id(topic: str, partition: int, offset: int, index: int | None) -> str:
+    """The messageId of a message that has none: where it was first read (its record and
+    its place in an envelope). A redelivery of the record, and ``replay`` of its dead
+    letter (which writes this id into the message), find what its operations did."""
+    return f"kafka:{topic}:{partition}:{offset}:{'-' if index is None else index}"
+
+
 def operation_key(message_id: str, index: int) -> str:
     """What a message's ``index``-th operation is recorded under."""
     return message_id if index == 0 else f"{message_id}\x00{index}"

@@ -359,3 +359,74 @@ async def test_cycles_are_freed_while_the_worker_runs_even_with_automatic_collec
     finally:
         gc.enable()
         await group.stop_all_quietly()
+
+
+class TagsRefused(ModelGist):
+    """ModelGist refusing every ``POST /tags`` (400) while ``refuse`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(__import__("random").Random(6))
+        self.refuse = True
+        self.tags: list[Any] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/tags":
+            if self.refuse:
+                return httpx.Response(400, json={"errors": [{"code": "invalid"}]})
+            self.tags.append(orjson.loads(request.content))
+            return httpx.Response(200, json={})
+        return super().__call__(request)
+
+
+async def replay_dead_letters(broker: Any, dlq: str, topic: str) -> int:
+    """What ``gist-destination replay`` does with each dead letter (its own ``_copy``)."""
+    from destination.commands.replay import Filter, Summary, _copy
+    from destination.devtools.local_kafka import LocalProducer
+
+    producer = LocalProducer(broker, max_request_size=8 * 1024 * 1024)
+    await producer.start()
+    summary = Summary()
+    sends = []
+    for record in dead_letters(broker, dlq):
+        sends += _copy(record, dlq, topic, Filter(), summary, False, producer)
+    await asyncio.gather(*sends)
+    await producer.stop()
+    return sum(summary.copied.values())
+
+
+@pytest.mark.parametrize("with_id", [True, False], ids=["messageId", "no_messageId"])
+async def test_a_replayed_message_that_partly_succeeded_sends_only_the_rest_once(
+    tmp_path: Any, with_id: bool
+) -> None:
+    """Regression: a message whose event was delivered but whose tag change failed was
+    dead-lettered whole, and a replay sent the event again; and "replay ... safe to run
+    twice" held only for messages with a messageId (one without, replayed twice, made two
+    events). Now each operation is recorded under the message's id (one given from where
+    it was read when it has none, which replay writes into it): replayed twice, the event
+    is not sent again and the tag change goes once."""
+    from destination.mapping import Mapper, load_rules
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text('tags:\n  events:\n    - event: "Order Completed"\n      tag: buyer\n')
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    gist = TagsRefused()
+    group = Group(broker, topic, dlq, gist)
+    group.mapper = Mapper(load_rules(rules))
+    message = track("u1", "Order Completed")
+    if not with_id:
+        del message["messageId"]
+    await produce(broker, topic, [(b"u1", message)])
+    await group.start_worker()
+    await group.until_committed()
+    assert [header(r, "gist-dlq-reason") for r in dead_letters(broker, dlq)] == [
+        b"gist_rejected"
+    ]
+    assert [e["event_name"] for e in gist.events] == ["Order Completed"]
+    gist.refuse = False  # the cause is fixed: replay, twice
+    for _ in range(2):
+        assert await replay_dead_letters(broker, dlq, topic) == 1
+        await group.until_committed()
+    await group.stop_all()
+    assert [e["event_name"] for e in gist.events] == ["Order Completed"]  # not again
+    assert gist.tags == [{"name": "buyer", "contacts": [{"user_id": "u1"}]}]
