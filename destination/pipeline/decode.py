@@ -34,10 +34,14 @@ class DecodeError(Exception):
 
 
 def decoded_size(value: bytes | None) -> int:
-    """About how many bytes ``value`` takes once decoded (an upper estimate, made without
-    decoding it: its bytes, plus ``DECODED_PER_TOKEN`` for each element and key)."""
+    """About how many bytes ``value`` takes once decoded and held (an upper estimate, made
+    without decoding it): an envelope, whose messages are held decoded while in flight,
+    its bytes plus ``DECODED_PER_TOKEN`` for each element and key; one message (decoded
+    only while it is mapped), its bytes."""
     if not value:
         return 0
+    if b'"batch"' not in value:
+        return len(value)
     return len(value) + DECODED_PER_TOKEN * (value.count(b",") + value.count(b":") + 1)
 
 

@@ -151,7 +151,7 @@ class Delivery:
         some were done before); each ends in ``outcomes.operation_done``."""
         self.outcomes.expect(message, len(operations))
         places = range(len(operations)) if indices is None else indices
-        for operation, index in zip(operations, places, strict=True):
+        for index, operation in zip(places, operations, strict=False):  # as many of each
             try:
                 if isinstance(operation, ContactUpsert):
                     self._submit_contact(message, operation, index)

@@ -53,6 +53,7 @@ import hashlib
 import struct
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -70,18 +71,16 @@ MAX_FIELDS = 256
 """Fields remembered per contact at most: a producer sending thousands of traits must
 not make one contact cost megabytes here (the fields beyond are simply sent)."""
 
-_IDENTITY = ("user_id", "email", "id")
+_IDENTITY = frozenset({"user_id", "email", "id"})
 _MASK = (1 << 64) - 1
 _HEADER = struct.Struct("<IHB")  # first recorded (s), partition slot, number of keys
-
-
-def _local_hash(item: Any) -> int:
-    return hash(item) & _MASK
+_NAMES_KEPT = 100_000
+"""Field names whose hashes are kept (custom property names repeat across contacts)."""
 
 
 def _stable_hash(item: Any) -> int:
     raw = orjson.dumps(item, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big")
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
 
 
 def _signed(value: int) -> int:
@@ -113,7 +112,7 @@ class Note:
     keys: tuple[int, ...]  # the write's identity keys, sorted
     partition: PartitionWork | None
     base: bytes | None  # the record it was stripped against (None: none it could trust)
-    sent: bytes  # (field, value) hash pairs of what is sent, packed
+    sent: bytes  # (field, value) hash pairs of what is sent: signed 64-bit, packed
 
 
 class ContactMemory:
@@ -136,7 +135,8 @@ class ContactMemory:
         self.max_bytes = max_bytes
         self.shared: SharedContactMemory | None = None
         self._clock = clock
-        self._hash = _stable_hash if stable else _local_hash
+        self._hash: Callable[[Any], int] = _stable_hash if stable else hash
+        self._names: dict[tuple[str, str], int] = {}  # (kind, name) -> its field hash
         # key hash -> record; a record is in here under each of its keys, or under none;
         # least recently used first.
         self._known: dict[int, bytes] = {}
@@ -156,27 +156,51 @@ class ContactMemory:
 
     # --- an upsert going out ----------------------------------------------------------
     def keys(self, identities: Iterable[str]) -> tuple[int, ...]:
-        return tuple(sorted({self._hash(identity) for identity in identities}))
-
-    def fields(self, payload: ContactPayload) -> dict[int, tuple[int, str, str | None]]:
-        """field hash -> (value hash, top-level key, custom property or tag name), for the
-        fields of ``payload`` that are not its identity."""
-        out: dict[int, tuple[int, str, str | None]] = {}
         h = self._hash
+        found = [h(identity) for identity in identities]
+        if len(found) == 1:
+            return (found[0],)
+        return tuple(sorted(set(found)))
+
+    def _name(self, kind: str, name: str) -> int:
+        names = self._names
+        found = names.get((kind, name))
+        if found is None:
+            if len(names) >= _NAMES_KEPT:
+                names.clear()
+            found = names[(kind, name)] = self._hash((kind, name))
+        return found
+
+    def pairs(self, payload: ContactPayload) -> array[int]:
+        """(field hash, value hash) of each field of ``payload`` but its identity, in
+        order: custom properties by name, tags by lower-cased name (present: the field's
+        own hash), the other fields by name (an e-mail lower-cased: Gist's own case)."""
+        h = self._hash
+        names = self._names
+        name_hash = self._name
+        out = array("q")
+        add = out.append
         key_email = payload.get("user_id") is not None  # with a user_id, email is a field
         for name, value in cast(dict[str, Any], payload).items():
-            if name == "custom_properties" and isinstance(value, dict):
+            if name == "custom_properties" and type(value) is dict:
                 for prop, prop_value in value.items():
-                    out[h(("p", prop))] = (h(("p", prop, _freeze(prop_value))), name, prop)
-            elif name == "tags" and isinstance(value, list):
+                    f = names.get(("p", prop)) or name_hash("p", prop)
+                    add(f)
+                    add(h((f, prop_value if type(prop_value) is str else _freeze(prop_value))))
+            elif name == "tags" and type(value) is list:
                 for tag in value:
-                    tag_name = str(tag).lower()
-                    out[h(("t", tag_name))] = (h(("t", tag_name)), name, str(tag))
+                    f = name_hash("t", str(tag).lower())
+                    add(f)
+                    add(f)
             elif name in _IDENTITY and not (name == "email" and key_email):
                 continue
             else:
-                text = value.lower() if name == "email" and isinstance(value, str) else value
-                out[h(("f", name))] = (h(("f", name, _freeze(text))), name, None)
+                f = names.get(("f", name)) or name_hash("f", name)
+                add(f)
+                if type(value) is str:
+                    add(h((f, value.lower() if name == "email" else value)))
+                else:
+                    add(h((f, _freeze(value))))
         return out
 
     def strip(
@@ -188,47 +212,51 @@ class ContactMemory:
         """``payload`` without the fields Gist holds (None: nothing left to send), the note
         to ``confirm`` once Gist imported it, and how many fields were left out."""
         keys = self.keys(identities)
+        pairs = self.pairs(payload)
         base = self._valid(keys, partition)
-        fields = self.fields(payload)
-        pairs: list[int] = []
         if base is None:  # the usual first sight of a contact: everything goes
-            for f, (v, _, _) in fields.items():
-                pairs.append(f)
-                pairs.append(v)
-            return payload, Note(keys, partition, None, _pack(pairs)), 0
-        known = _pairs(base)
-        held = {f for f, (v, _, _) in fields.items() if known.get(f) == v}
-        for f, (v, _, _) in fields.items():
-            if f not in held:
-                pairs.append(f)
-                pairs.append(v)
-        note = Note(keys, partition, base, _pack(pairs))
-        if len(held) == len(fields):
-            return None, note, len(held)  # Gist holds all of it (or it names a known contact)
-        if not held:
-            return payload, note, 0
-        out = cast(dict[str, Any], dict(payload))
-        props = dict(out.get("custom_properties") or {})
-        tags = list(out.get("tags") or [])
-        for f in held:
-            _, name, sub = fields[f]
-            if name == "custom_properties":
-                props.pop(cast(str, sub), None)
-            elif name == "tags":
-                tags = [t for t in tags if str(t) != sub]
+            return payload, Note(keys, partition, None, pairs.tobytes()), 0
+        # A value hash names its field too (it hashes the field's hash with the value):
+        # what Gist holds is the values both have.
+        record_values = array("q")
+        record_values.frombytes(base[_HEADER.size + 8 * len(keys) :])
+        held_values = set(pairs[1::2]).intersection(record_values[1::2])
+        if not held_values:
+            return payload, Note(keys, partition, base, pairs.tobytes()), 0
+        sent = array("q")
+        held: set[int] = set()
+        for i in range(0, len(pairs), 2):
+            if pairs[i + 1] in held_values:
+                held.add(pairs[i])
             else:
-                out.pop(name, None)
-        if "custom_properties" in out:
-            if props:
-                out["custom_properties"] = props
+                sent.append(pairs[i])
+                sent.append(pairs[i + 1])
+        note = Note(keys, partition, base, sent.tobytes())
+        if not sent:
+            return None, note, len(held)  # Gist holds all of it (or it names a known contact)
+        return self._without(payload, held), note, len(held)
+
+    def _without(self, payload: ContactPayload, held: set[int]) -> ContactPayload:
+        name_hash = self._name
+        out = cast(dict[str, Any], dict(payload))
+        props = out.get("custom_properties")
+        if type(props) is dict:
+            kept = {k: v for k, v in props.items() if name_hash("p", k) not in held}
+            if kept:
+                out["custom_properties"] = kept
             else:
                 del out["custom_properties"]
-        if "tags" in out:
-            if tags:
-                out["tags"] = tags
+        tags = out.get("tags")
+        if type(tags) is list:
+            left = [t for t in tags if name_hash("t", str(t).lower()) not in held]
+            if left:
+                out["tags"] = left
             else:
                 del out["tags"]
-        return cast(ContactPayload, out), note, len(held)
+        for name in list(out):
+            if name not in ("custom_properties", "tags") and name_hash("f", name) in held:
+                del out[name]
+        return cast(ContactPayload, out)
 
     # --- what Gist confirmed, and what invalidates it ---------------------------------
     def confirm(self, note: Note) -> None:
@@ -237,24 +265,25 @@ class ContactMemory:
         if partition is not None and partition.revoked:
             return  # another owner may have written the contact since
         base = note.base
-        now = self._clock()
         if base is not None and self._valid(note.keys, partition) is base:
             merged = _pairs(base)
             merged.update(_pairs(note.sent, skip=0))
             stamp = _HEADER.unpack_from(base)[0]
-        else:
-            merged = _pairs(note.sent, skip=0)
-            stamp = int(now) & 0xFFFFFFFF
-        if len(merged) > MAX_FIELDS:
-            merged = dict(list(merged.items())[:MAX_FIELDS])
-        flat: list[int] = []
-        for f, v in merged.items():
-            flat.append(f)
-            flat.append(v)
-        record = _record(stamp, self._slot(partition), note.keys, flat)
+            flat = array("q")
+            for f, v in merged.items():
+                flat.append(f)
+                flat.append(v)
+            body = flat.tobytes()
+        else:  # the usual first confirmation: what was sent is all that is known
+            stamp = int(self._clock()) & 0xFFFFFFFF
+            body = note.sent
+        body = body[: 16 * MAX_FIELDS]
+        record = _HEADER.pack(stamp, self._slot(partition), len(note.keys)) + (
+            struct.pack(f"<{len(note.keys)}q", *note.keys) + body
+        )
         self._store(note.keys, record)
         if self.shared is not None and partition is not None:
-            self.shared.record(partition.tp, note.keys, stamp, flat, self.ttl)
+            self.shared.record(partition.tp, note.keys, stamp, body, self.ttl)
 
     def invalidate(self, identities: Iterable[str], partition: PartitionWork | None) -> None:
         """A write of the contact that is not a confirmed success, or a delete, alias or
@@ -291,10 +320,13 @@ class ContactMemory:
         if not wanted:
             return
         found = await shared.fetch([(keys, p.tp) for keys, p in wanted.items()], self.ttl)
-        for keys, (stamp, flat) in found.items():
+        for keys, (stamp, body) in found.items():
             partition = wanted[keys]
             if not partition.revoked and self._valid(keys, partition) is None:
-                self._store(keys, _record(stamp, self._slot(partition), keys, flat))
+                record = _HEADER.pack(stamp, self._slot(partition), len(keys)) + (
+                    struct.pack(f"<{len(keys)}q", *keys) + body[: 16 * MAX_FIELDS]
+                )
+                self._store(keys, record)
 
     # --- the store --------------------------------------------------------------------
     def _slot(self, partition: PartitionWork | None) -> int:
@@ -322,10 +354,10 @@ class ContactMemory:
         want = 0xFFFF if partition is None else self._slots.get(partition)
         if count != len(keys) or slot != want:
             return None
-        for i, key in enumerate(keys):
-            if struct.unpack_from("<Q", record, _HEADER.size + 8 * i)[0] != key:
-                return None
-            if i and self._known.get(key) is not record:
+        if struct.unpack_from(f"<{count}q", record, _HEADER.size) != keys:
+            return None
+        for key in keys[1:]:
+            if self._known.get(key) is not record:
                 return None
         if (int(self._clock()) & 0xFFFFFFFF) - stamp > self.ttl:
             for key in keys:
@@ -354,33 +386,20 @@ class ContactMemory:
         if record is None:
             return
         count = _HEADER.unpack_from(record)[2]
-        for i in range(count):
-            other = struct.unpack_from("<Q", record, _HEADER.size + 8 * i)[0]
+        for other in struct.unpack_from(f"<{count}q", record, _HEADER.size):
             if other != key and self._known.get(other) is record:
                 del self._known[other]
         self._records -= 1
         self._bytes -= len(record)
 
 
-def _record(stamp: int, slot: int, keys: tuple[int, ...], flat: list[int]) -> bytes:
-    return (
-        _HEADER.pack(stamp, slot, len(keys))
-        + struct.pack(f"<{len(keys)}Q", *keys)
-        + _pack(flat)
-    )
-
-
-def _pack(flat: list[int]) -> bytes:
-    return struct.pack(f"<{len(flat)}q", *(_signed(v) for v in flat))
-
-
 def _pairs(blob: bytes, skip: int | None = None) -> dict[int, int]:
     """The (field, value) pairs of a record (or, with ``skip=0``, of packed pairs)."""
     if skip is None:
         skip = _HEADER.size + 8 * _HEADER.unpack_from(blob)[2]
-    count = (len(blob) - skip) // 8
-    values = struct.unpack_from(f"<{count}q", blob, skip)
-    return {values[i] & _MASK: values[i + 1] & _MASK for i in range(0, count, 2)}
+    values = array("q")
+    values.frombytes(blob[skip:])
+    return dict(zip(values[::2], values[1::2], strict=True))
 
 
 class SharedContactMemory:
@@ -404,7 +423,7 @@ class SharedContactMemory:
         self._closed = False
 
     def _key(self, key: int) -> str:
-        return f"{self._prefix}:memory:{key:016x}"
+        return f"{self._prefix}:memory:{key & _MASK:016x}"
 
     def _gen_key(self, tp: TopicPartition) -> str:
         return f"{self._prefix}:memory-gen:{tp.topic}:{tp.partition}"
@@ -421,8 +440,8 @@ class SharedContactMemory:
     # --- reading ----------------------------------------------------------------------
     async def fetch(
         self, wanted: list[tuple[tuple[int, ...], TopicPartition]], ttl: float
-    ) -> dict[tuple[int, ...], tuple[int, list[int]]]:
-        """The valid records of the wanted contacts: (first recorded, flat pairs)."""
+    ) -> dict[tuple[int, ...], tuple[int, bytes]]:
+        """The valid records of the wanted contacts: (first recorded, packed pairs)."""
         asked = [
             (keys, tp)
             for keys, tp in wanted
@@ -442,7 +461,7 @@ class SharedContactMemory:
             log.warning(log_events.MEMORY_REDIS_UNAVAILABLE, error=type(error).__name__)
             return {}
         now = time.time()
-        out: dict[tuple[int, ...], tuple[int, list[int]]] = {}
+        out: dict[tuple[int, ...], tuple[int, bytes]] = {}
         at = 0
         for keys, tp in asked:
             records = answers[at : at + len(keys)]
@@ -459,14 +478,14 @@ class SharedContactMemory:
         records: list[dict[bytes, bytes]],
         now: float,
         ttl: float,
-    ) -> tuple[int, list[int]] | None:
+    ) -> tuple[int, bytes] | None:
         if self.dirty(tp) or not all(records):
             return None
         first = records[0]
         version = first.get(b"_v")
         if any(r.get(b"_v") != version for r in records):
             return None  # not one record under every key
-        if first.get(b"_k") != ",".join(f"{k:016x}" for k in keys).encode():
+        if first.get(b"_k") != ",".join(f"{k & _MASK:016x}" for k in keys).encode():
             return None
         if first.get(b"_p") != self._meta(tp).encode():
             return None
@@ -476,27 +495,29 @@ class SharedContactMemory:
             return None
         if now - stamp > ttl:
             return None
-        flat: list[int] = []
+        flat = array("q")
         for name, value in first.items():
             if name.startswith(b"_"):
                 continue
-            flat.append(int(name, 16))
-            flat.append(int(value, 16))
-        return stamp, flat
+            flat.append(_signed(int(name, 16)))
+            flat.append(_signed(int(value, 16)))
+        return stamp, flat.tobytes()
 
     # --- writing ----------------------------------------------------------------------
     def record(
-        self, tp: TopicPartition, keys: tuple[int, ...], stamp: int, flat: list[int], ttl: float
+        self, tp: TopicPartition, keys: tuple[int, ...], stamp: int, body: bytes, ttl: float
     ) -> None:
         if self.dirty(tp):
             self._schedule()  # bumps its generation: nothing of it is read before
             return
         mapping = {
             b"_v": uuid.uuid4().hex[:16],
-            b"_k": ",".join(f"{k:016x}" for k in keys),
+            b"_k": ",".join(f"{k & _MASK:016x}" for k in keys),
             b"_p": self._meta(tp),
             b"_t": str(stamp),
         }
+        flat = array("q")
+        flat.frombytes(body)
         for i in range(0, len(flat), 2):
             mapping[f"{flat[i] & _MASK:x}".encode()] = f"{flat[i + 1] & _MASK:x}"
         expire = max(1, int(stamp + ttl - time.time()) + 1)

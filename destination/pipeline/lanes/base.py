@@ -178,19 +178,21 @@ class Lane:
             self.settler.broke("delivery-task", task.exception())
 
 
-def charge(steps: Sequence[Step]) -> None:
-    """One request made for ``steps``: its cost shared among their messages, by type
-    (``requests_for_messages_total``: requests per delivered message, by type)."""
+def shares(steps: Sequence[Step]) -> dict[str, float]:
+    """One request's cost shared among the messages of ``steps``, by message type."""
     from destination.pipeline.contacts import ContactStep
 
     if not steps:
-        return
+        return {}
     share = 1.0 / len(steps)
     by_type: dict[str, float] = {}
     for step in steps:
         if isinstance(step, ContactStep):
             tickets = step.tickets
-            if tickets:
+            if len(tickets) == 1:
+                kind = tickets[0][0].message_type
+                by_type[kind] = by_type.get(kind, 0.0) + share
+            elif tickets:
                 each = share / len(tickets)
                 for message, _ in tickets:
                     kind = message.message_type
@@ -198,6 +200,14 @@ def charge(steps: Sequence[Step]) -> None:
         elif isinstance(step, DirectStep):
             kind = step.message.message_type
             by_type[kind] = by_type.get(kind, 0.0) + share
+    return by_type
+
+
+def charge(steps: Sequence[Step] | dict[str, float]) -> None:
+    """One request made for ``steps`` (or for the messages of ``shares(steps)``): its cost
+    shared among their messages, by type (``requests_for_messages_total``: requests per
+    delivered message, by type)."""
+    by_type = steps if isinstance(steps, dict) else shares(steps)
     for kind, amount in by_type.items():
         metrics.child(metrics.REQUESTS_FOR_MESSAGES, kind).inc(amount)
 

@@ -35,7 +35,7 @@ from destination.gist import BatchStatus, CredentialsError, GistClient, GistErro
 from destination.observability import log_events, metrics
 from destination.pipeline.contacts import ContactStep
 from destination.pipeline.inflight import Failure, PartitionWork
-from destination.pipeline.lanes.base import ABANDONED, Lane, Settler, charge
+from destination.pipeline.lanes.base import ABANDONED, Lane, Settler, charge, shares
 from destination.pipeline.waiting import wait_event
 
 log = structlog.get_logger(__name__)
@@ -58,6 +58,7 @@ class PendingBatch:
         "next_poll",
         "polling",
         "resent",
+        "shares",
         "status",
         "steps",
         "submitted",
@@ -82,6 +83,7 @@ class PendingBatch:
         self.polling = False
         self.resent = resent  # sent again once already: the next expiry dead-letters
         self.status = status  # what Gist last said of it (the import's answer, a poll)
+        self.shares = shares(steps)  # a poll's cost among its messages (``charge``)
 
     def live(self) -> list[ContactStep]:
         return [step for step in self.steps if not step.finished]
@@ -216,7 +218,7 @@ class BatchPolls(Lane):
             if self._clock() >= batch.deadline:
                 self._expire(batch, "deadline")
                 return
-            charge(batch.live())
+            charge(batch.shares)
             status = await self.client.batch_status(batch.batch_id)
         except CredentialsError as error:
             self.halt()  # nothing will succeed until an operator acts
