@@ -375,7 +375,7 @@ class Values(_Section):
     keys: Literal["snake_case", "lower_case"] = "snake_case"
     dates: Literal["unix", "keep"] = "unix"
     lists: Literal["keep", "join", "drop"] = "keep"
-    list_objects: Literal["drop", "json"] = "drop"
+    list_objects: Literal["flatten", "json", "drop"] = "flatten"
     nulls: Literal["keep", "drop"] = "keep"
     event_names: Literal["as_sent", "lower_case"] = "as_sent"
 
