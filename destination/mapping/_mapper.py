@@ -555,18 +555,30 @@ class Mapper:
         traits = message.get("traits")
         if type(traits) is not dict:
             traits = self._object(message, "traits")
+        context = message.get("context")
+        if not isinstance(context, dict):
+            context = {}
+        known = context.get("traits")
+        if type(known) is dict and known:
+            # Traits known at the time (RudderStack's SDKs send identify traits only
+            # there): the message's own traits win. Every traits.* path of the rules
+            # reads the merged traits.
+            traits = {**known, **traits}
+            message = {**message, "traits": traits}
         user_id, email = self._identity(message)
         if user_id is None and email is None:
             raise self._no_identity(message, "identify needs a userId or an email")
         contact: dict[str, Any] = {}
         if user_id is not None:
             contact["user_id"] = user_id
+            for key in _USER_ID_TRAITS:
+                if key in traits and _is_id(traits[key], user_id):
+                    # the identity, already sent as user_id (RudderStack's mobile SDKs
+                    # repeat it in context.traits): not a custom property
+                    traits = {k: v for k, v in traits.items() if k != key}
         if email is not None:
             contact["email"] = email
 
-        context = message.get("context")
-        if not isinstance(context, dict):
-            context = {}
         fields = self._inactive_fields if context.get("active") is False else self._fields
         trait, traits_joined, in_context, missing = _TRAIT, _TRAITS_JOINED, _CONTEXT, MISSING
         for name, sources, convert, nullable in fields:
@@ -873,6 +885,17 @@ class Mapper:
             raise self._no_identity(message, "delete needs a userId or an email")
         delete = ContactDelete(user_id, email, *self._stamp(message), self._priority[kind])
         return Mapped(kind, (delete,))
+
+
+_USER_ID_TRAITS: Final = ("userId", "user_id")
+"""Traits that repeat the message's userId when a library copies it into the traits."""
+
+
+def _is_id(value: Any, user_id: str) -> bool:
+    """``value`` is ``user_id`` as written (an integer as its decimal)."""
+    if isinstance(value, str):
+        return value == user_id
+    return isinstance(value, int) and not isinstance(value, bool) and str(value) == user_id
 
 
 _PREVIOUS_ID: Final = (_source(("previousId",)),)
