@@ -11,14 +11,18 @@ messages before deploying it::
     kcat -C -b B -t segment -o -100 -e -f '%s\\n' | gist-destination map - --rules new.yaml
 
 Exit 0 when every record was read (rejections are results, not failures), 2 when the
-input or the rules cannot be read.
+input or the rules cannot be read. With ``--strict`` (for CI on a rules change), exit 1
+when any message was rejected (a record that is not a message counts), after printing
+every row and a line on standard error saying how many::
+
+    gist-destination map samples.jsonl --rules new.yaml --strict > /dev/null
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -52,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format", choices=("auto", "json", "table"), default="auto",
         help="JSON lines, a table, or a table on a terminal and JSON lines otherwise",
     )  # fmt: skip
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="exit 1 when any message is rejected (for CI on a rules change)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,18 +76,42 @@ def run(args: argparse.Namespace) -> int:
         print(f"gist-destination map: cannot read {args.rules}: {error.strerror}", file=sys.stderr)
         return 2
     table = args.format == "table" or (args.format == "auto" and sys.stdout.isatty())
+    tally = _Tally(results(record_values(args.source), mapper, dropped))
     try:
         if table:
-            print_table(results(record_values(args.source), mapper, dropped))
+            print_table(tally)
         else:
-            for row in results(record_values(args.source), mapper, dropped):
+            for row in tally:
                 sys.stdout.write(orjson.dumps(row).decode() + "\n")
     except BrokenPipeError:
         raise  # the reader of the output went away: ``cli.main`` ends quietly
     except OSError as error:
         print(f"gist-destination map: cannot read {args.source}: {error.strerror}", file=sys.stderr)
         return 2
+    if args.strict and tally.rejected:
+        print(
+            f"gist-destination map: {tally.rejected} of {tally.rows} message(s) rejected "
+            "(--strict)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+class _Tally:
+    """The rows of ``results``, counted as they go by."""
+
+    def __init__(self, rows: Iterator[dict[str, Any]]) -> None:
+        self._rows = rows
+        self.rows = 0
+        self.rejected = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for row in self._rows:
+            self.rows += 1
+            if row["outcome"] == "rejected":
+                self.rejected += 1
+            yield row
 
 
 def results(
@@ -146,7 +178,7 @@ def operation_json(operation: Operation) -> dict[str, Any]:
     return out
 
 
-def print_table(rows: Iterator[dict[str, Any]]) -> None:
+def print_table(rows: Iterable[dict[str, Any]]) -> None:
     counts: dict[str, int] = {}
     print(f"{'#':>6}  {'type':<9} {'outcome':<9} what")
     for r in rows:

@@ -67,9 +67,9 @@ MESSAGES: list[dict[str, Any]] = [
 def map_rows(rules: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> list[Any]:
     source = tmp_path / "messages.jsonl"
     source.write_bytes(b"\n".join(orjson.dumps(m) for m in MESSAGES))
-    code = main(["map", str(source), "--rules", str(rules), "--format", "json"])
+    code = main(["map", str(source), "--rules", str(rules), "--format", "json", "--strict"])
     captured = capsys.readouterr()
-    assert code == 0, captured.err
+    assert code == 0, captured.err  # --strict: no message rejected
     rows = [orjson.loads(line) for line in captured.out.splitlines()]
     assert len(rows) == len(MESSAGES)
     return rows
@@ -99,3 +99,20 @@ def test_each_example_file_maps_every_message(
 ) -> None:
     rows = map_rows(path, tmp_path, capsys)
     assert [r for r in rows if r["outcome"] == "rejected"] == []
+
+
+def test_strict_fails_when_a_message_is_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "messages.jsonl"
+    source.write_bytes(b"\n".join(orjson.dumps(m) for m in MESSAGES[:3]))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("identify: {traits: {rename: {replace: true}}}\n")  # id is invalid
+    assert main(["map", str(source), "--rules", str(rules)]) == 0  # results, not failures
+    capsys.readouterr()
+    for output in ("json", "table"):
+        code = main(["map", str(source), "--rules", str(rules), "--strict", "--format", output])
+        captured = capsys.readouterr()
+        assert code == 1
+        assert captured.err == "gist-destination map: 2 of 3 message(s) rejected (--strict)\n"
+        assert "invalid_field" in captured.out  # every row is still printed
