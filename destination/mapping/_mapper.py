@@ -845,9 +845,14 @@ class Mapper:
 
     def _group(self, message: dict[str, Any], kind: str) -> MapResult:
         traits = self._object(message, "traits")
-        user_id, email = self._identity(message)
+        # A group's traits are the company's (its email is the company's address): the
+        # identity's traits.* paths read the user's, context.traits.
+        context = message.get("context")
+        known = context.get("traits") if isinstance(context, dict) else None
+        user = {**message, "traits": known if type(known) is dict else {}}
+        user_id, email = self._identity(user)
         if user_id is None and email is None:
-            raise self._no_identity(message, "group needs a userId or an email")
+            raise self._no_identity(user, "group needs a userId or an email")
         group_id = message.get("groupId")
         if (
             "id" not in traits

@@ -141,3 +141,22 @@ def test_the_message_is_left_as_it_came() -> None:
     before = repr(message)
     contact(message)
     assert repr(message) == before
+
+
+def test_a_groups_email_trait_is_the_companys_not_the_users() -> None:
+    message = {
+        "type": "group",
+        "userId": "u-1",
+        "groupId": "g-1",
+        "traits": {"name": "Acme", "email": "billing@acme.io"},
+        "context": {"traits": {"email": "ada@example.com"}},
+    }
+    sent = contact(message, "group: {enabled: true}")
+    assert sent["email"] == "ada@example.com"
+    assert sent["custom_properties"]["company_email"] == "billing@acme.io"
+    del message["context"]
+    assert "email" not in contact(message, "group: {enabled: true}")
+    anonymous = {"type": "group", "groupId": "g-1", "traits": {"email": "billing@acme.io"}}
+    result = Mapper(parse_rules("group: {enabled: true}")).map(anonymous)
+    assert isinstance(result, Rejected)
+    assert result.reason == "missing_identity"
