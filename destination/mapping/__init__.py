@@ -4,6 +4,9 @@
     mapper = Mapper(rules)            # compiles the rules once
     result = mapper.map(message)      # Mapped | Skipped | Rejected; never raises
 
+Each field left out of a message that is sent (why: ``FIELD_DROPS``) is counted in
+``fields_dropped_total``, or told to ``Mapper(rules, on_dropped=...)``.
+
 ``load_rules`` raises ``RulesError`` listing every problem of an invalid file (file,
 line, key path, what was expected) and ``OSError`` when the file cannot be read.
 """
@@ -16,10 +19,11 @@ from destination.mapping._loading import (
     parse_rules,
 )
 from destination.mapping._mapper import Mapper
-from destination.mapping._reasons import REJECT_REASONS, SKIP_REASONS
+from destination.mapping._reasons import FIELD_DROPS, REJECT_REASONS, SKIP_REASONS
 from destination.mapping._schema import Rules
 
 __all__ = [
+    "FIELD_DROPS",
     "REJECT_REASONS",
     "SKIP_REASONS",
     "Mapper",

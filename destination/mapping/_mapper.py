@@ -1,8 +1,10 @@
 """One Segment message in, the Gist operations it causes out (or why none).
 
-``Mapper(rules)`` compiles the rules once; ``Mapper.map`` is pure, never raises and
-touches only plain dicts, compiled regexes and small caches per message. Every operation
-carries the priority the rules' ``priorities`` section gives it.
+``Mapper(rules)`` compiles the rules once; ``Mapper.map`` never raises and touches only
+plain dicts, compiled regexes and small caches per message. Every operation carries the
+priority the rules' ``priorities`` section gives it. A field left out of a message that
+is sent (``_reasons.FIELD_DROPS``) is reported to ``on_dropped``: by default counted in
+``fields_dropped_total``; ``gist-destination map`` shows them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from destination.mapping._values import (
     MAX_USER_ID,
     TIME_END,
     TIME_RULE,
+    Dropped,
     InvalidField,
     PropertyNames,
     PropertyShaper,
@@ -43,6 +46,7 @@ from destination.mapping._values import (
     message_time,
     time_seconds,
 )
+from destination.observability import metrics
 from destination.operations import (
     ContactAlias,
     ContactDelete,
@@ -242,11 +246,25 @@ def _priority(name: str) -> Priority:
     return Priority[name.upper()]
 
 
-class Mapper:
-    """Maps Segment-spec messages to Gist operations according to ``rules``."""
+DropReport = Callable[[str, str, str], None]
+"""Told of each field left out of a message that is sent: (message type, the field as
+a path, why: a code of ``_reasons.FIELD_DROPS``)."""
 
-    def __init__(self, rules: Rules) -> None:
+
+def count_dropped(message_type: str, field: str, reason: str) -> None:
+    """The default ``DropReport``: ``fields_dropped_total{type,reason}``."""
+    metrics.child(metrics.FIELDS_DROPPED, message_type, reason).inc()
+
+
+class Mapper:
+    """Maps Segment-spec messages to Gist operations according to ``rules``; each field
+    left out of a message that is sent is told to ``on_dropped``."""
+
+    def __init__(self, rules: Rules, on_dropped: DropReport = count_dropped) -> None:
         self.rules = rules
+        self._on_dropped = on_dropped
+        self._dropped: Dropped = []
+        """What mapping the current message left out (emptied per message)."""
         self._integration = rules.integration
         self._on_invalid_drop = rules.invalid_fields == "drop"
         self._user_ids = tuple(_source((p,)) for p in rules.identity.user_id)
@@ -289,6 +307,7 @@ class Mapper:
             skip=frozenset(used_traits),
             reserved=CONTACT_FIELDS,
             drop_invalid=drop,
+            dropped=self._dropped,
         )
         self._audiences = rules.engage.audiences
         self._computed_traits = rules.engage.computed_traits
@@ -300,7 +319,12 @@ class Mapper:
         self._event_rename = {event_key(k): v for k, v in track.events.rename.items()}
         self._event_cache: dict[str, tuple[str, str | None, tuple[_TagRule, ...], Priority]] = {}
         self._track_properties = PropertyShaper(
-            track.properties, names, convert, label="properties", drop_invalid=drop
+            track.properties,
+            names,
+            convert,
+            label="properties",
+            drop_invalid=drop,
+            dropped=self._dropped,
         )
 
         self._trait_tags = tuple(_TagRule(rule) for rule in rules.tags.traits)
@@ -308,11 +332,21 @@ class Mapper:
 
         self._page_names = tuple(Template(t) for t in rules.page.event)
         self._page_properties = PropertyShaper(
-            rules.page.properties, names, convert, label="properties", drop_invalid=drop
+            rules.page.properties,
+            names,
+            convert,
+            label="properties",
+            drop_invalid=drop,
+            dropped=self._dropped,
         )
         self._screen_names = tuple(Template(t) for t in rules.screen.event)
         self._screen_properties = PropertyShaper(
-            rules.screen.properties, names, convert, label="properties", drop_invalid=drop
+            rules.screen.properties,
+            names,
+            convert,
+            label="properties",
+            drop_invalid=drop,
+            dropped=self._dropped,
         )
         self._group_traits = PropertyShaper(
             rules.group.traits,
@@ -322,6 +356,7 @@ class Mapper:
             prefix=rules.group.prefix,
             reserved=CONTACT_FIELDS,
             drop_invalid=drop,
+            dropped=self._dropped,
         )
 
         handlers: dict[str, Callable[[dict[str, Any], str], MapResult]] = {
@@ -350,7 +385,20 @@ class Mapper:
 
     def map(self, message: object) -> MapResult:
         """The operations ``message`` causes, or why it is skipped or rejected. Never
-        raises."""
+        raises. When the message is sent, each field left out of it is told to
+        ``on_dropped``."""
+        dropped = self._dropped
+        if dropped:
+            dropped.clear()
+        result = self._map(message)
+        if dropped and type(result) is Mapped:
+            kind = result.message_type
+            report = self._on_dropped
+            for field, reason in dropped:
+                report(kind, field, reason)
+        return result
+
+    def _map(self, message: object) -> MapResult:
         kind = "unknown"
         try:
             if not isinstance(message, dict):
@@ -464,6 +512,7 @@ class Mapper:
         """A field Gist cannot take: reject, unless the rules say drop it (return)."""
         if not self._on_invalid_drop:
             raise _Reject(reasons.INVALID_FIELD, f"{path} must be {expected}")
+        self._dropped.append((path, reasons.INVALID_FIELD_DROPPED))
 
     def _custom_property(self, key: str, path: str) -> str | None:
         """The custom property an Engage key (an audience, a computed trait) sets, or
@@ -506,18 +555,30 @@ class Mapper:
         traits = message.get("traits")
         if type(traits) is not dict:
             traits = self._object(message, "traits")
+        context = message.get("context")
+        if not isinstance(context, dict):
+            context = {}
+        known = context.get("traits")
+        if type(known) is dict and known:
+            # Traits known at the time (RudderStack's SDKs send identify traits only
+            # there): the message's own traits win. Every traits.* path of the rules
+            # reads the merged traits.
+            traits = {**known, **traits}
+            message = {**message, "traits": traits}
         user_id, email = self._identity(message)
         if user_id is None and email is None:
             raise self._no_identity(message, "identify needs a userId or an email")
         contact: dict[str, Any] = {}
         if user_id is not None:
             contact["user_id"] = user_id
+            for key in _USER_ID_TRAITS:
+                if key in traits and _is_id(traits[key], user_id):
+                    # the identity, already sent as user_id (RudderStack's mobile SDKs
+                    # repeat it in context.traits): not a custom property
+                    traits = {k: v for k, v in traits.items() if k != key}
         if email is not None:
             contact["email"] = email
 
-        context = message.get("context")
-        if not isinstance(context, dict):
-            context = {}
         fields = self._inactive_fields if context.get("active") is False else self._fields
         trait, traits_joined, in_context, missing = _TRAIT, _TRAITS_JOINED, _CONTEXT, MISSING
         for name, sources, convert, nullable in fields:
@@ -622,7 +683,7 @@ class Mapper:
                 if isinstance(message_id, int) and not isinstance(message_id, bool)
                 else None
             )
-        return message_id, message_time(message, self._on_invalid_drop)
+        return message_id, message_time(message, self._on_invalid_drop, self._dropped)
 
     # track -----------------------------------------------------------------------------
 
@@ -784,9 +845,14 @@ class Mapper:
 
     def _group(self, message: dict[str, Any], kind: str) -> MapResult:
         traits = self._object(message, "traits")
-        user_id, email = self._identity(message)
+        # A group's traits are the company's (its email is the company's address): the
+        # identity's traits.* paths read the user's, context.traits.
+        context = message.get("context")
+        known = context.get("traits") if isinstance(context, dict) else None
+        user = {**message, "traits": known if type(known) is dict else {}}
+        user_id, email = self._identity(user)
         if user_id is None and email is None:
-            raise self._no_identity(message, "group needs a userId or an email")
+            raise self._no_identity(user, "group needs a userId or an email")
         group_id = message.get("groupId")
         if (
             "id" not in traits
@@ -824,6 +890,17 @@ class Mapper:
             raise self._no_identity(message, "delete needs a userId or an email")
         delete = ContactDelete(user_id, email, *self._stamp(message), self._priority[kind])
         return Mapped(kind, (delete,))
+
+
+_USER_ID_TRAITS: Final = ("userId", "user_id")
+"""Traits that repeat the message's userId when a library copies it into the traits."""
+
+
+def _is_id(value: Any, user_id: str) -> bool:
+    """``value`` is ``user_id`` as written (an integer as its decimal)."""
+    if isinstance(value, str):
+        return value == user_id
+    return isinstance(value, int) and not isinstance(value, bool) and str(value) == user_id
 
 
 _PREVIOUS_ID: Final = (_source(("previousId",)),)

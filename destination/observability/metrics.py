@@ -48,6 +48,14 @@ MESSAGES_SKIPPED = Counter(
     "Messages deliberately not sent (integrations switch off, type or event off by rule).",
     ["type", "reason"],
 )
+FIELDS_DROPPED = Counter(
+    _P + "fields_dropped",
+    "Fields left out of messages that are sent, counted as messages are mapped, by message "
+    "type and why: list_objects, lists (the rules drop them), too_deep (nested beyond 8 "
+    "levels), no_name (a name without letters or digits), invalid_field (invalid_fields: "
+    "drop). Each field once.",
+    ["type", "reason"],
+)
 MESSAGES_IN_FLIGHT = Gauge(
     _P + "messages_in_flight",
     "Messages consumed but not yet delivered or dead-lettered.",

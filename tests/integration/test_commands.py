@@ -82,6 +82,11 @@ def test_map_shows_what_each_message_becomes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert b"page      sent      event 'Viewed a Page' for u1" in done.stdout
     assert command("map", str(tmp_path / "missing.jsonl")).returncode == 2
+    # In CI on a rules change: any rejected message fails the run.
+    done = command("map", str(source), "--rules", str(rules), "--strict")
+    assert done.returncode == 1
+    assert done.stderr == b"gist-destination map: 1 of 4 message(s) rejected (--strict)\n"
+    assert len(done.stdout.splitlines()) == 4
 
 
 async def test_plan_reads_a_topic_and_says_whether_it_fits(kafka_bootstrap: str) -> None:
