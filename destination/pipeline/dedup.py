@@ -12,7 +12,8 @@ Ids only ever say "delivered", which stays true: nothing invalidates them but th
 window; a store that lost some (a Redis flush, a write that failed) can only cause a
 duplicate, never a loss.
 
-- ``DeliveredIds`` keeps the ids delivered within ``window`` in this process, bounded and
+- ``DeliveredIds`` keeps the ids delivered within ``window`` in this process (Python's
+  string hash: fast, cached in the string, the same within the process), bounded and
   compact: the current time slice in a set, older slices as sorted arrays of 64-bit
   hashes (8 bytes an id; ``benchmarks/RESULTS.md`` has the measured figure). Past
   ``capacity`` ids the oldest slice is forgotten early.
@@ -113,7 +114,7 @@ class DeliveredIds:
 
     def __contains__(self, message_id: str) -> bool:
         self._turn()
-        h = id_hash(message_id)
+        h = hash(message_id) & _MASK
         if h in self._current:
             return True
         for _, ids in self._sealed:
@@ -124,7 +125,7 @@ class DeliveredIds:
 
     def add(self, message_id: str) -> None:
         self._turn()
-        self._current.add(id_hash(message_id))
+        self._current.add(hash(message_id) & _MASK)
         if len(self) > self.capacity and self._sealed:
             self._sealed.popleft()
 
@@ -255,9 +256,12 @@ class Dedup:
             self._submit(message, operations, range(len(operations)))
             return
         local = self.local
-        todo = [
-            i for i in range(len(operations)) if operation_key(message_id, i) not in local
-        ]
+        if len(operations) == 1:  # the usual case: its one operation is keyed by its id
+            todo = [] if message_id in local else [0]
+        else:
+            todo = [
+                i for i in range(len(operations)) if operation_key(message_id, i) not in local
+            ]
         if not todo:
             metrics.DUPLICATES.labels(message.message_type).inc()
             self._skip(message, reasons.DUPLICATE)

@@ -74,6 +74,7 @@ not make one contact cost megabytes here (the fields beyond are simply sent)."""
 _IDENTITY = frozenset({"user_id", "email", "id"})
 _MASK = (1 << 64) - 1
 _HEADER = struct.Struct("<IHB")  # first recorded (s), partition slot, number of keys
+_KEYS = [struct.Struct(f"<{n}q") for n in range(256)]  # a record's keys, by count
 _NAMES_KEPT = 100_000
 """Field names whose hashes are kept (custom property names repeat across contacts)."""
 
@@ -278,8 +279,11 @@ class ContactMemory:
             stamp = int(self._clock()) & 0xFFFFFFFF
             body = note.sent
         body = body[: 16 * MAX_FIELDS]
-        record = _HEADER.pack(stamp, self._slot(partition), len(note.keys)) + (
-            struct.pack(f"<{len(note.keys)}q", *note.keys) + body
+        keys = note.keys
+        record = (
+            _HEADER.pack(stamp, self._slot(partition), len(keys))
+            + _KEYS[len(keys)].pack(*keys)
+            + body
         )
         self._store(note.keys, record)
         if self.shared is not None and partition is not None:
@@ -323,8 +327,10 @@ class ContactMemory:
         for keys, (stamp, body) in found.items():
             partition = wanted[keys]
             if not partition.revoked and self._valid(keys, partition) is None:
-                record = _HEADER.pack(stamp, self._slot(partition), len(keys)) + (
-                    struct.pack(f"<{len(keys)}q", *keys) + body[: 16 * MAX_FIELDS]
+                record = (
+                    _HEADER.pack(stamp, self._slot(partition), len(keys))
+                    + _KEYS[len(keys)].pack(*keys)
+                    + body[: 16 * MAX_FIELDS]
                 )
                 self._store(keys, record)
 
@@ -354,7 +360,7 @@ class ContactMemory:
         want = 0xFFFF if partition is None else self._slots.get(partition)
         if count != len(keys) or slot != want:
             return None
-        if struct.unpack_from(f"<{count}q", record, _HEADER.size) != keys:
+        if _KEYS[count].unpack_from(record, _HEADER.size) != keys:
             return None
         for key in keys[1:]:
             if self._known.get(key) is not record:
@@ -386,7 +392,7 @@ class ContactMemory:
         if record is None:
             return
         count = _HEADER.unpack_from(record)[2]
-        for other in struct.unpack_from(f"<{count}q", record, _HEADER.size):
+        for other in _KEYS[count].unpack_from(record, _HEADER.size):
             if other != key and self._known.get(other) is record:
                 del self._known[other]
         self._records -= 1
