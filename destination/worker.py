@@ -427,15 +427,12 @@ class Worker:
         samples: deque[tuple[float, int, int]] = deque()  # (time, delivered, granted)
         settings = self.settings
         limits = stream.limits
-        imports = max(2, self.delivery.settings.max_concurrent_imports)
         read_ahead = ReadAhead(
             settings.read_ahead_seconds,
             limits.max_messages,
-            limits.max_messages + limits.max_awaiting_import,
             min_in_flight=max(200, 2 * settings.gist_batch_size),
-            min_held=2 * settings.gist_batch_size * imports,
         )
-        limits.messages, limits.held = read_ahead.in_flight, read_ahead.held
+        limits.messages = read_ahead.in_flight
         collect_at = time.monotonic() + self.full_collection_every
         while True:
             await asyncio.sleep(self.settings.commit_interval)
@@ -454,13 +451,10 @@ class Worker:
                     now,
                     self.limiter.granted,
                     self.outcomes.delivered_count + self.ledger.parked_total,
-                    self.outcomes.ended_count,
                 )
                 rate = self.client.limiter.current_limit / settings.gist_rate_window
-                working = self.delivery.batches_working
-                limits.messages, limits.held = read_ahead.update(counts, rate, working)
+                limits.messages = read_ahead.update(counts, rate)
                 metrics.READ_AHEAD.labels("in_flight").set(limits.messages)
-                metrics.READ_AHEAD.labels("held").set(limits.held)
             except Exception:  # keep committing on the next turn; never stop silently
                 metrics.INTERNAL_ERRORS.labels("housekeeping").inc()
                 log.exception(log_events.HOUSEKEEPING_FAILED)

@@ -62,12 +62,16 @@ MESSAGES_IN_FLIGHT = Gauge(
 )
 READ_AHEAD = Gauge(
     _P + "read_ahead_messages",
-    "The bounds in force on messages held: 'in_flight' (not yet sent), sized by what the "
-    "budget sends in READ_AHEAD_SECONDS (at most MAX_INFLIGHT_MESSAGES), and 'held' (not "
-    "yet sent or waiting on Gist's import), by how many ended in READ_AHEAD_SECONDS.",
+    "The bound in force on messages not yet sent ('in_flight'): what the budget sends in "
+    "READ_AHEAD_SECONDS (at most MAX_INFLIGHT_MESSAGES). What is held once sent is bounded "
+    "by MAX_INFLIGHT_BYTES.",
     ["held"],
 )
-BYTES_IN_FLIGHT = Gauge(_P + "in_flight_bytes", "Record bytes held for in-flight messages.")
+BYTES_IN_FLIGHT = Gauge(
+    _P + "in_flight_bytes",
+    "What is held for messages not ended: record bytes, contacts' bodies and each "
+    "message's bookkeeping (the MAX_INFLIGHT_BYTES bound).",
+)
 MESSAGES_AWAITING_IMPORT = Gauge(
     _P + "messages_awaiting_import",
     "Messages whose contacts are in batches Gist accepted but has not finished importing.",

@@ -41,6 +41,7 @@ from destination.pipeline.decode import DecodeError, decode_record, decoded_size
 from destination.pipeline.dedup import Dedup, coordinates_id
 from destination.pipeline.deliver import Delivery
 from destination.pipeline.inflight import (
+    MESSAGE_OVERHEAD,
     OPEN,
     Failure,
     Ledger,
@@ -78,12 +79,13 @@ class FlowLimits:
     """Bounds on work in flight.
 
     A message is opened only while every bound is below its limit, so no total exceeds
-    its limit by more than one message (bytes: one record). Fetching pauses at the
-    bounds and resumes below ``resume_at`` of them. ``awaiting_import`` bounds the
-    parked messages (see ``inflight``); ``held`` all of them, parked or not yet sent
-    (``read_ahead`` sets it to what Gist imports in a while: bounding the parked ones
-    alone, messages read meanwhile would all be sent and parked on top);
-    ``uncommitted_per_partition`` and
+    its limit by more than one message; a record is begun only if what it holds fits
+    under ``bytes`` (or nothing else is held: one record at most past the bound).
+    Fetching pauses at the bounds and resumes below ``resume_at`` of them.
+    ``messages`` bounds the messages not yet sent (``read_ahead`` sets it from the
+    budget, ``max_messages`` the ceiling); ``awaiting_import`` the parked ones (see
+    ``inflight``); ``bytes`` everything held (records, contacts' bodies and each
+    message's bookkeeping, ``Ledger.bytes``); ``uncommitted_per_partition`` and
     ``uncommitted_total`` the records read past the committable offsets, finished ones
     included: one message retried for hours must not let the finished records after it
     pile up in the offset trackers."""
@@ -98,12 +100,11 @@ class FlowLimits:
         uncommitted_total: int = 1_000_000,
         resume_at: float = 0.8,
     ) -> None:
-        """``messages`` and ``awaiting_import`` are the ceilings; the bounds in force on
-        ``messages`` and ``held`` may be lower (``read_ahead``)."""
+        """``messages`` is the ceiling; the bound in force on it may be lower
+        (``read_ahead``)."""
         self.max_messages = messages
         self.max_awaiting_import = awaiting_import
         self.messages = messages
-        self.held = messages + awaiting_import
         self.bytes = bytes_
         self.per_partition = per_partition
         self.awaiting_import = awaiting_import
@@ -117,7 +118,6 @@ class FlowLimits:
         return (
             ledger.messages < self.messages
             and ledger.parked < self.awaiting_import
-            and ledger.parked + ledger.messages < self.held
             and ledger.uncommitted < self.uncommitted_total
             and work.messages < self.per_partition
             and work.offsets.uncommitted < self.uncommitted_per_partition
@@ -127,7 +127,7 @@ class FlowLimits:
         """Whether a record whose decoded form takes ``size`` bytes may be opened: within
         the bound, or alone (a record larger than the bound waits until nothing else is
         held, so the bound is exceeded by one record at most)."""
-        return ledger.bytes == 0 or ledger.bytes + size <= self.bytes
+        return ledger.bytes == 0 or ledger.bytes + size + MESSAGE_OVERHEAD <= self.bytes
 
     def full(self, ledger: Ledger, resuming: bool) -> bool:
         """Whether the totals are at the bound (or, when ``resuming``, not yet below
@@ -137,7 +137,6 @@ class FlowLimits:
             ledger.messages >= self.messages * share
             or ledger.bytes >= self.bytes * share
             or ledger.parked >= self.awaiting_import * share
-            or ledger.parked + ledger.messages >= self.held * share
             or ledger.uncommitted >= self.uncommitted_total * share
         )
 

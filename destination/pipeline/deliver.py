@@ -132,11 +132,6 @@ class Delivery:
     def batches_pending(self) -> int:
         return self.imports.polls.pending
 
-    @property
-    def batches_working(self) -> int:
-        """Pending batches Gist is importing side by side (``BatchPolls.working``)."""
-        return self.imports.polls.working
-
     def oldest_pending_batch_age(self) -> float:
         return self.imports.polls.oldest_age()
 

@@ -28,6 +28,14 @@ from typing import Any, NamedTuple
 from destination.pipeline.offsets import OffsetTracker
 
 
+MESSAGE_OVERHEAD = 1_800
+"""Bytes an open message holds besides its record's value and its contact's body: its
+bookkeeping (the message, its record's share, its step, its place in the per-contact
+chains, contact memory's note). Counted in ``Ledger.bytes``, so that the bytes bound is
+what the worker holds, not its records alone (``benchmarks/bench_held.py`` measures it;
+the figure is in ``benchmarks/RESULTS.md``)."""
+
+
 class TopicPartition(NamedTuple):
     topic: str
     partition: int
@@ -198,7 +206,7 @@ class Ledger:
         self._clock = clock
         self.partitions: dict[TopicPartition, PartitionWork] = {}
         self.messages = 0  # in flight, not parked
-        self.bytes = 0  # record bytes held
+        self.bytes = 0  # held: record bytes, contacts' bodies, MESSAGE_OVERHEAD a message
         self.parked = 0  # parked messages: waiting only for Gist to finish importing
         self.uncommitted = 0  # records read past the committable offsets, all partitions
         self.parked_total = 0  # messages ever parked (read-ahead measures with it)
@@ -224,7 +232,7 @@ class Ledger:
                 record.value = None
                 self.bytes -= record.size
         self.uncommitted -= work.offsets.uncommitted
-        self.bytes -= work.held_bytes
+        self.bytes -= work.held_bytes + MESSAGE_OVERHEAD * work.open
         work.held_bytes = 0
         work.unfinished.clear()
         work.messages = work.open = 0
@@ -277,6 +285,7 @@ class Ledger:
         partition.messages += 1
         partition.open += 1
         self.messages += 1
+        self.bytes += MESSAGE_OVERHEAD
         return message
 
     def seal(self, record: RecordWork) -> None:
@@ -328,6 +337,7 @@ class Ledger:
             self.messages -= 1
         partition.open -= 1
         record.pending -= 1
+        self.bytes -= MESSAGE_OVERHEAD
         if record.pending == 0 and record.sealed:
             self._finish_record(record)
         else:

@@ -667,49 +667,6 @@ async def test_each_request_carries_its_operations_priority() -> None:
     assert set(asked) - {Priority.LOW, Priority.HIGH} == {Priority.CRITICAL}  # status polls
 
 
-async def test_batches_gist_says_it_is_importing_count_only_while_it_queues_none() -> None:
-    """The read-ahead gives Gist more only while it imports our batches side by side."""
-    gist = Misbehaving()
-    gist.stuck = {"b0", "b1", "b2"}  # answered IN_PROGRESS, never completed
-    h = Harness(gist, batch_max_contacts=1, batch_deadline=60)
-    h.delivery.start()
-    try:
-        for i in range(3):
-            h.send(upsert(f"w{i}", f"w{i}@x.io"))
-        await h.until(lambda: h.delivery.batches_working == 3)
-        gist.status = "QUEUED"  # Gist now says it queues them: one queued is enough
-        await h.until(lambda: h.delivery.batches_working == 0)
-        assert h.delivery.batches_pending == 3
-    finally:
-        await h.delivery.close()
-
-
-async def test_a_batch_not_polled_since_gist_queued_it_counts_as_queued() -> None:
-    """Polls are few at the real limit, so answers are stale: two batches last polled
-    IN_PROGRESS beside one Gist has only accepted (QUEUED, its poll failing here) are not
-    a Gist importing side by side (a Gist importing in turn looked so: the read-ahead grew
-    to 46,000 held messages against 9,000 measured)."""
-    gist = Misbehaving()
-    gist.stuck = {"b0", "b1", "b2"}
-    gist.unpolled = {"b2"}
-    h = Harness(gist, batch_max_contacts=1, batch_deadline=60)
-    h.delivery.start()
-    try:
-        for i in range(3):
-            h.send(upsert(f"w{i}", f"w{i}@x.io"))
-        await h.until(lambda: h.delivery.batches_pending == 3)
-        polled = sum(1 for path, _ in gist.log if path == "GET /contacts/batch/b1")
-        await h.until(
-            lambda: sum(1 for path, _ in gist.log if path == "GET /contacts/batch/b1")
-            >= polled + 2
-        )
-        assert h.delivery.batches_working == 0
-        gist.unpolled = set()  # now Gist says the third is in progress too
-        await h.until(lambda: h.delivery.batches_working == 3)
-    finally:
-        await h.delivery.close()
-
-
 # --- state that stays true through revocations and failed imports ---------------------
 
 

@@ -125,19 +125,6 @@ class BatchPolls(Lane):
     def pending(self) -> int:
         return len(self._pending)
 
-    @property
-    def working(self) -> int:
-        """Pending batches Gist is importing side by side: all of them when the last
-        answer for each says ``IN_PROGRESS``, else 0. Every pending batch must say so,
-        not two of them: answers are stale (polls are few at the real limit), and a Gist
-        importing in turn has been seen with one batch last polled IN_PROGRESS before it
-        completed and the next polled IN_PROGRESS after, the rest not polled since their
-        import was accepted (``QUEUED``)."""
-        statuses = [batch.status for batch in self._pending]
-        if any(status != "IN_PROGRESS" for status in statuses):
-            return 0
-        return len(statuses)
-
     def oldest_age(self) -> float:
         if not self._pending:
             return 0.0
