@@ -132,7 +132,9 @@ class Settings(BaseSettings):
     )
     commit_interval: float = Field(1.0, gt=0, description="seconds between offset commits")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to drain on SIGTERM")
-    rebalance_timeout: float = Field(20.0, ge=0, description="seconds to drain on revoke")
+    rebalance_timeout: float = Field(
+        5.0, ge=0, description="seconds a revocation waits for requests on the wire to answer"
+    )
 
     # --- operation ---
     metrics_host: str = "0.0.0.0"

@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import structlog
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from destination.gist import (
     CredentialsError,
@@ -41,7 +42,7 @@ from destination.kafka_security import kafka_security as kafka_security  # re-ex
 from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.observability.health import HealthServer
-from destination.pipeline.consume import FlowLimits, StreamConsumer
+from destination.pipeline.consume import FlowLimits, StreamConsumer, sticky_assignor
 from destination.pipeline.dead_letter import (
     DeadLetterTopicError,
     DeadLetterWriter,
@@ -159,6 +160,7 @@ class Worker:
                 poll_interval=settings.gist_batch_poll_interval,
                 poll_max_interval=settings.gist_batch_poll_max_interval,
                 batch_deadline=settings.gist_batch_deadline,
+                revoke_wait=settings.rebalance_timeout,
             ),
             self.outcomes,
             on_fatal=self._credentials_rejected,
@@ -270,9 +272,13 @@ class Worker:
                 auto_offset_reset=settings.kafka_auto_offset_reset,
                 max_poll_records=settings.kafka_max_poll_records,
                 session_timeout_ms=settings.kafka_session_timeout_ms,
-                # Kafka must wait for the drain on revoke (REBALANCE_TIMEOUT) before it
-                # expels this member; the default is the session time-out.
+                # Kafka must wait for the revocation (REBALANCE_TIMEOUT for requests on
+                # the wire) before it expels this member.
                 rebalance_timeout_ms=int((settings.rebalance_timeout + 10) * 1000),
+                # A member keeps the partitions it had through a rebalance; the group
+                # falls back on aiokafka's default while an older worker (which names
+                # only that) is in it, as during a rolling upgrade.
+                partition_assignment_strategy=(sticky_assignor(), RoundRobinPartitionAssignor),
                 **security,
             )
             limiter = self.limiter
@@ -290,7 +296,6 @@ class Worker:
                     settings.max_uncommitted_per_partition,
                     settings.max_uncommitted_total,
                 ),
-                settings.rebalance_timeout,
                 on_share=limiter.set_share,
                 dedup=self.dedup,
             )

@@ -359,9 +359,19 @@ class GistClient:
         unexpected = 0  # answers that could not be used, of the attempts
         while True:
             attempt += 1
-            if dispatch is not None and dispatch.withdrawn:
-                raise Withdrawn()
-            grant = await self.limiter.acquire(priority)
+            if dispatch is not None:
+                while True:
+                    if dispatch.withdrawn:
+                        raise Withdrawn()
+                    await dispatch.until_open()
+                    if dispatch.withdrawn:
+                        raise Withdrawn()
+                    grant = await self.limiter.acquire(priority)
+                    if dispatch.open() or dispatch.withdrawn:
+                        break
+                    self.limiter.release(grant)  # paused while it waited: wait again
+            else:
+                grant = await self.limiter.acquire(priority)
             metrics.RATE_LIMIT_WAIT.observe(grant.waited)
             try:
                 try:
@@ -489,14 +499,25 @@ class Dispatch:
         else:
             task.cancel()            # waiting for a slot or a retry: nothing was sent
 
-    ``sent``: some request of the call went out (Gist may have acted on it)."""
+    ``sent``: some request of the call went out (Gist may have acted on it). ``gates``:
+    events that must all be set for a request to go (each attempt waits for them before
+    taking a slot of the budget, and gives an unused slot back if one was cleared
+    meanwhile): the caller pauses its requests by clearing one."""
 
-    __slots__ = ("on_wire", "sent", "withdrawn")
+    __slots__ = ("gates", "on_wire", "sent", "withdrawn")
 
-    def __init__(self) -> None:
+    def __init__(self, gates: tuple[asyncio.Event, ...] = ()) -> None:
         self.on_wire = False
         self.sent = False
         self.withdrawn = False
+        self.gates = gates
+
+    def open(self) -> bool:
+        return all(gate.is_set() for gate in self.gates)
+
+    async def until_open(self) -> None:
+        for gate in self.gates:
+            await gate.wait()
 
     def withdraw(self) -> None:
         self.withdrawn = True

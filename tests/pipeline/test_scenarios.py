@@ -430,3 +430,73 @@ async def test_a_replayed_message_that_partly_succeeded_sends_only_the_rest_once
     await group.stop_all()
     assert [e["event_name"] for e in gist.events] == ["Order Completed"]  # not again
     assert gist.tags == [{"name": "buyer", "contacts": [{"user_id": "u1"}]}]
+
+
+class HeldImports(ModelGist):
+    """ModelGist whose batch imports stay IN_PROGRESS while ``hold`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(__import__("random").Random(7))
+        self.hold = True
+        self.imports = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/contacts/batch":
+            self.imports += 1
+        if path.startswith("/contacts/batch/") and self.hold:
+            return httpx.Response(200, json={"status": "IN_PROGRESS"})
+        return super().__call__(request)
+
+
+async def test_a_rebalance_keeps_the_work_of_partitions_that_stay() -> None:
+    """Regression: every rebalance (aiokafka's eager protocol revokes every partition)
+    drained for REBALANCE_TIMEOUT, abandoned what had not ended and read it again:
+    contacts imported twice, 20 s at half the budget. Now a member keeps its partitions
+    (sticky assignor) and their work: a contact waiting for its import when the group
+    rebalances ends once its import completes, without being read or sent again."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = HeldImports()
+    group = Group(broker, topic, dlq, gist, rebalance_timeout=5.0)
+    await produce(broker, topic, [(b"u1", identify("u1", plan="pro")), (b"u2", track("u2"))])
+    await group.start_worker()
+    await until(lambda: gist.imports == 1 and len(gist.events) == 1)
+    opened = sum(1 for seen in group.ends.log.values() for _ in seen)
+    broker.rebalance(group.group_id)
+    async with asyncio.timeout(10):
+        await broker.wait_stable(group.group_id)
+    gist.hold = False
+    await group.until_committed(within=10)
+    await group.stop_all()
+    assert gist.imports == 1  # not sent again
+    assert len(gist.events) == 1
+    ends = [how for seen in group.ends.log.values() for _, how, _ in seen]
+    assert ends == ["delivered", "delivered"]  # each message ended once, not read again
+    assert opened == 1  # the track had ended before the rebalance, the contact had not
+    assert gist.contacts["u1"]["custom_properties"]["plan"] == "pro"
+
+
+async def test_a_partition_that_goes_is_handed_over_and_its_work_not_sent_twice() -> None:
+    """Two workers: the second's arrival moves a partition; the first sends nothing more
+    for it once the rebalance begins, and the new owner delivers what had not ended."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = HeldImports()
+    group = Group(broker, topic, dlq, gist, rebalance_timeout=1.0)
+    await produce(broker, topic, [(b"k", identify(f"u{i}")) for i in range(6)], partition=0)
+    await produce(broker, topic, [(b"k", identify(f"v{i}")) for i in range(6)], partition=1)
+    first = await group.start_worker()
+    await until(lambda: gist.imports >= 1)
+    await group.start_worker()
+    async with asyncio.timeout(20):
+        await broker.wait_stable(group.group_id)
+    assert len(first.ledger.partitions) == 1  # sticky: it kept one, gave one
+    gist.hold = False
+    await group.until_committed(within=20)
+    await group.stop_all()
+    # The first import (both partitions' contacts), and the new owner's of the
+    # partition that went: the kept partition's contacts were not sent again.
+    assert gist.imports == 2
+    for user in [f"u{i}" for i in range(6)] + [f"v{i}" for i in range(6)]:
+        assert user in gist.contacts

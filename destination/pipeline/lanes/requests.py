@@ -55,6 +55,13 @@ class RequestLane(Lane):
             self.settler.settle(step, ABANDONED)
         return on_wire
 
+    def on_wire(self, partitions: set[PartitionWork]) -> list[asyncio.Task[None]]:
+        return [
+            s.task
+            for s in self._open
+            if s.partition in partitions and s.dispatch.on_wire and s.task is not None
+        ]
+
     async def _run(self, step: DirectStep) -> None:
         try:
             async with self._slots:
