@@ -131,7 +131,9 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="records read past the committable offsets, all partitions"
     )
     commit_interval: float = Field(1.0, gt=0, description="seconds between offset commits")
-    shutdown_timeout: float = Field(30.0, ge=0, description="seconds to drain on SIGTERM")
+    shutdown_timeout: float = Field(
+        20.0, ge=0, description="seconds from SIGTERM to exit: drain, commit, hand over"
+    )
     rebalance_timeout: float = Field(
         5.0, ge=0, description="seconds a revocation waits for requests on the wire to answer"
     )

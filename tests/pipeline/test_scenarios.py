@@ -500,3 +500,31 @@ async def test_a_partition_that_goes_is_handed_over_and_its_work_not_sent_twice(
     assert gist.imports == 2
     for user in [f"u{i}" for i in range(6)] + [f"v{i}" for i in range(6)]:
         assert user in gist.contacts
+
+
+async def test_a_stop_with_a_backlog_ends_within_the_shutdown_timeout() -> None:
+    """Regression: with a backlog, SIGTERM did not exit within 20 s, and SHUTDOWN_TIMEOUT
+    (30 s, Kubernetes' default grace period) bounded the drain alone, so a pod was often
+    killed before it committed. SHUTDOWN_TIMEOUT now bounds the whole stop: drain,
+    commit, hand-over, clients; what did not end stays uncommitted."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = HeldImports()  # imports never complete: the drain cannot finish
+    group = Group(broker, topic, dlq, gist, shutdown_timeout=3.0)
+    await produce(broker, topic, [(f"u{i}".encode(), identify(f"u{i}")) for i in range(40)])
+    await produce(broker, topic, [(b"e", track("e1"))])
+    worker_id = max(group.workers) + 1 if group.workers else 1
+    await group.start_worker()
+    await until(lambda: gist.imports >= 1 and len(gist.events) == 1)
+    started = asyncio.get_running_loop().time()
+    assert await group.stop_worker(worker_id) == 0
+    took = asyncio.get_running_loop().time() - started
+    assert took <= 3.0 + 1.0, took
+    committed = group.committed()
+    ended_offsets = {
+        (p, o) for (p, o, _), seen in group.ends.log.items() if seen
+    }
+    # Only ended records are committed; the contacts still importing are not.
+    for partition, offset in committed.items():
+        assert all((partition, o) in ended_offsets for o in range(offset))
+    assert sum(committed.values()) < 41
