@@ -58,6 +58,7 @@ from destination.pipeline.inflight import Failure, Ledger, MessageWork
 from destination.pipeline.memory import ContactMemory, SharedContactMemory
 from destination.pipeline.outcome import Outcomes
 from destination.pipeline.read_ahead import Counts, ReadAhead
+from destination.pipeline.suppress import SuppressionLog, Suppressions
 from destination.settings import Settings, redis_password
 
 log = structlog.get_logger(__name__)
@@ -183,6 +184,8 @@ class Worker:
             )
             self.outcomes.observers.append(self.dedup.ended)
             self.delivery.ids = self.dedup
+        self.suppressions = Suppressions(settings.suppress_deleted_days)
+        self.suppression_log: SuppressionLog | None = None
         self.health = HealthServer(
             settings.metrics_host, settings.metrics_port, self._not_ready, self._broken
         )
@@ -270,6 +273,37 @@ class Worker:
                 log.error(log_events.DLQ_TOPIC_INVALID, error=str(error))
                 print(f"gist-destination: {error}", file=sys.stderr)
                 return EXIT_CONFIG
+            if settings.suppress_deleted_days > 0:
+                try:
+                    checked = check_topic(
+                        producer,
+                        settings.kafka_suppression_topic,
+                        setting="KAFKA_SUPPRESSION_TOPIC",
+                    )
+                    if not await self._unless_stopped(checked):
+                        return EXIT_OK
+                except DeadLetterTopicError as error:
+                    log.error(log_events.SUPPRESSION_TOPIC_INVALID, error=str(error))
+                    print(f"gist-destination: {error}", file=sys.stderr)
+                    return EXIT_CONFIG
+                self.suppression_log = SuppressionLog(
+                    self.suppressions,
+                    settings.kafka_suppression_topic,
+                    producer,
+                    lambda: self.kafka.consumer(
+                        bootstrap_servers=settings.kafka_bootstrap_servers,
+                        client_id=settings.kafka_client_id,
+                        group_id=None,
+                        enable_auto_commit=False,
+                        auto_offset_reset="earliest",
+                        **security,
+                    ),
+                )
+                self.delivery.suppression_log = self.suppression_log
+                if not await self._unless_stopped(self.suppression_log.load()):
+                    return EXIT_OK
+                log.info(log_events.SUPPRESSIONS_LOADED, identities=len(self.suppressions))
+                self.suppression_log.follow()
             self._record_reader = self.kafka.record_reader(
                 settings.kafka_bootstrap_servers, client_id=settings.kafka_client_id, **security
             )
@@ -313,6 +347,7 @@ class Worker:
                 ),
                 on_share=limiter.set_share,
                 dedup=self.dedup,
+                suppressions=self.suppressions if settings.suppress_deleted_days > 0 else None,
             )
             self.stream.subscribe()
             # aiokafka's start waits for the group's first assignment, without end if the
@@ -516,6 +551,8 @@ class Worker:
     ) -> None:
         await self.delivery.close()
         await self.outcomes.close()
+        if self.suppression_log is not None:
+            await self.suppression_log.close()
         # Each Kafka client's stop is bounded: with the broker gone, aiokafka would wait
         # for a coordinator (consumer) or for pending sends (producer) without end. They
         # stop side by side.

@@ -88,10 +88,14 @@ class Delivery:
         self.outcomes = outcomes
         self.memory = memory
         self.ids: Any = None
+        self.suppression_log: Any = None
+        """``SuppressionLog``: a delete's identities are recorded before it goes."""
         self._on_fatal = on_fatal
         self.gate = IdentityGate()
         self._open: dict[Step, None] = {}  # admitted and not over
-        self.requests = RequestLane(client, self, settings.max_concurrent_requests)
+        self.requests = RequestLane(
+            client, self, settings.max_concurrent_requests, before_delete=self._record_deletion
+        )
         self.tags = TagLane(
             client,
             self,
@@ -245,6 +249,10 @@ class Delivery:
             # Sent, and not confirmed: Gist may hold it, or not. Not sure means send.
             memory.invalidate(step.identities, step.partition)
         step.note = None
+
+    async def _record_deletion(self, identities: tuple[str, ...]) -> None:
+        if self.suppression_log is not None:
+            await self.suppression_log.record(identities)
 
     def parked(self, step: Step, accepted: bool) -> None:
         if not isinstance(step, ContactStep):
