@@ -9,7 +9,8 @@ and how the places the reference leaves open are read), and lets a test inject f
 (server errors, latency, forced 429s, a disabled workspace, and answers the reference
 does not describe: odd batch statuses, batches that never complete, other shapes of batch
 errors, a batch accepted without an id, failing batch polls, non-JSON bodies; see
-``SandboxConfig``) and inspect what it received through the unauthenticated ``/_sandbox/*`` endpoints::
+``SandboxConfig``) and inspect what it received through the unauthenticated
+``/_sandbox/*`` endpoints::
 
     async with running_sandbox(SandboxConfig(batch_delay=0.05)) as sandbox:
         ...  # point a client at sandbox.url with "Authorization: Bearer sandbox-key"

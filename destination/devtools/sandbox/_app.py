@@ -400,17 +400,23 @@ def _page_args(request: web.Request) -> tuple[int, int]:
 
 
 async def _list_subscription_types(request: web.Request) -> web.Response:
-    """A paginated list, as the reference says (``pages`` as in the contacts list)."""
+    """A paginated list, ``pages`` as the reference's lists have it: ``first``, ``last``,
+    and ``prev`` / ``next`` when there is such a page (no ``next``: the last page)."""
     rt = request.app[RUNTIME]
     page, per_page = _page_args(request)
     types = list(rt.store.subscription_types.values())
     chunk = types[(page - 1) * per_page : page * per_page]
-    return json_response(
-        {
-            "subscription_types": [t.to_json() for t in chunk],
-            "pages": {"page": page, "per_page": per_page, "total": len(types)},
-        }
-    )
+    last = max(1, -(-len(types) // per_page))
+
+    def url(n: int) -> str:
+        return f"{request.scheme}://{request.host}/subscription_types?page={n}&per_page={per_page}"
+
+    pages = {"first": url(1), "last": url(last)}
+    if page > 1:
+        pages["prev"] = url(min(page - 1, last))
+    if page < last:
+        pages["next"] = url(page + 1)
+    return json_response({"subscription_types": [t.to_json() for t in chunk], "pages": pages})
 
 
 async def _get_subscription_type(request: web.Request) -> web.Response:
