@@ -20,7 +20,8 @@ fails changes nothing):
   for JPY, 3 for KWD); a ``refund_amount`` above the ``order_total``.
 - 422 ``invalid_value``: a currency code that is not three capital letters, a status
   outside the reference's list, a time that is not ISO 8601, a quantity that is not a
-  positive integer, an ``abandon_cart_interval`` not above 0, a blank ``domain``.
+  positive integer, an ``abandon_cart_interval`` not above 0, a ``domain`` with a space
+  or with nothing but a scheme.
 - 422 ``<kind>_exists``: a create (POST) of an id the store already has, a store for a
   domain the workspace already has. Updates are PATCH, and only of what exists.
 
@@ -811,11 +812,12 @@ class Commerce:
         body.address("shipping_address")
         return body, email
 
-    def _tie_contact(self, email: str, sent: dict[str, JSON]) -> None:
-        """Add or update the contact of a customer's e-mail (its name, when sent)."""
+    def _tie_contact(self, email: str, fields: dict[str, JSON], sent: dict[str, JSON]) -> None:
+        """Add or update the contact of a customer's e-mail; its name is the customer's
+        first and last name when the request sent either."""
         contact: dict[str, JSON] = {"email": email}
         if "first_name" in sent or "last_name" in sent:
-            parts = [sent.get("first_name"), sent.get("last_name")]
+            parts = [fields.get("first_name"), fields.get("last_name")]
             contact["name"] = " ".join(p.strip() for p in parts if p and p.strip()) or None
         self._contacts.upsert_contact(contact)
 
@@ -825,7 +827,7 @@ class Commerce:
         if key in shop.customers:
             raise _exists("customer", f"store {shop.id} already has customer {key!r}")
         customer = Customer(id=key, email=email, fields=body.kept, ignored_fields=body.ignored())
-        self._tie_contact(email, body.kept)
+        self._tie_contact(email, body.kept, body.kept)
         shop.customers[key] = customer
         return customer
 
@@ -835,7 +837,7 @@ class Commerce:
         body, email = self._read_customer({**customer.fields, **patch})
         body.same_id("customer_id", customer.id)
         body.kept["customer_id"] = customer.fields["customer_id"]  # as first sent
-        self._tie_contact(email, patch)
+        self._tie_contact(email, body.kept, patch)
         customer.email = email
         customer.fields = body.kept
         customer.ignored_fields = _merge_ignored(customer.ignored_fields, _unknown(body, patch))
