@@ -161,7 +161,9 @@ async def seed(client: httpx.AsyncClient, *, cart: bool = False) -> str:
 def ltv(sandbox: Sandbox, email: str = "john.doe@example.com") -> dict[str, Any]:
     contact = sandbox.store.find_contact(email=email)
     assert contact is not None
-    return {currency: float(value) for currency, value in contact.lifetime_value.items()}
+    return {
+        currency: float(value) for currency, value in sandbox.store.lifetime_value(contact).items()
+    }
 
 
 # -- stores -------------------------------------------------------------------------------

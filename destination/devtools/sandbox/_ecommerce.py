@@ -217,6 +217,7 @@ class ContactBook(Protocol):
     """What e-commerce needs of the workspace's contacts (``Store`` provides it)."""
 
     contacts: dict[int, Contact]
+    lifetime_values: dict[int, dict[str, Decimal]]
 
     def find_contact(
         self, *, id: int | None = None, user_id: str | None = None, email: str | None = None
@@ -697,9 +698,10 @@ class Commerce:
         return {
             "stores": [self._store_state(s) for s in self.stores.values()],
             "lifetime_values": {
-                c.email: {cur: json_number(v) for cur, v in c.lifetime_value.items()}
-                for c in self._contacts.contacts.values()
-                if c.lifetime_value
+                self._contacts.contacts[contact_id].email: {
+                    currency: json_number(value) for currency, value in ltv.items()
+                }
+                for contact_id, ltv in self._contacts.lifetime_values.items()
             },
             "activity": [a.to_json() for a in self.activity],
         }
@@ -1055,14 +1057,14 @@ class Commerce:
 
     def _count(self, order: Order, customer: Customer) -> None:
         """Move the order's part of an LTV to what it is now, on the customer's contact."""
+        values = self._contacts.lifetime_values
         if order.counted_on is not None:
             contact_id, currency = order.counted_on
-            contact = self._contacts.contacts.get(contact_id)
-            if contact is not None:  # a deleted contact's LTV went with it
-                contact.lifetime_value[currency] -= order.counted
+            if contact_id in values:  # a deleted contact's LTV went with it
+                values[contact_id][currency] -= order.counted
         contact = self._contact_of(customer)
         order.counted = order.order_total - order.refund_amount
-        ltv = contact.lifetime_value
+        ltv = values.setdefault(contact.id, {})
         ltv[order.currency] = ltv.get(order.currency, _ZERO) + order.counted
         order.counted_on = (contact.id, order.currency)
 
