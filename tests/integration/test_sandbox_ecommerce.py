@@ -4,13 +4,14 @@ whole and deleted, and that these requests pass auth, the rate limit and the fau
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from destination.devtools.sandbox import Sandbox, SandboxConfig
+from destination.devtools.sandbox import Sandbox, SandboxConfig, command
 
 AUTH = {"Authorization": "Bearer sandbox-key"}
 STORES = "/ecommerce/stores"
@@ -1172,3 +1173,16 @@ async def test_a_failed_request_changes_nothing_anywhere(
     after = await state(control)
     for key in ("contacts", "ecommerce", "subscription_types"):
         assert after[key] == before[key], key
+
+
+def test_the_command_seeds_the_subscription_types() -> None:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert command.config_from_args(parser.parse_args([])).subscription_types == (
+        "Announcements",
+        "Newsletter",
+    )
+    args = parser.parse_args(["--subscription-type", "Offers", "--subscription-type", "Tips"])
+    assert command.config_from_args(args).subscription_types == ("Offers", "Tips")
+    with pytest.raises(ValueError, match="subscription_types"):
+        command.config_from_args(parser.parse_args(["--subscription-type", "A"] * 2))
