@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Any
 
 import httpx
@@ -59,6 +59,7 @@ from destination.pipeline.memory import ContactMemory, SharedContactMemory
 from destination.pipeline.outcome import Outcomes
 from destination.pipeline.read_ahead import Counts, ReadAhead
 from destination.pipeline.suppress import SuppressionLog, Suppressions
+from destination.pipeline.workspace import WorkspaceMismatch, prepare
 from destination.settings import Settings, redis_password
 
 log = structlog.get_logger(__name__)
@@ -256,6 +257,15 @@ class Worker:
         try:
             if not await self._check_key():
                 return EXIT_CREDENTIALS if self._fatal else EXIT_OK
+            try:
+                found = asyncio.ensure_future(prepare(self.client, self.mapper.rules))
+                if not await self._unless_stopped(found):
+                    return EXIT_OK
+            except WorkspaceMismatch as error:
+                log.error(log_events.WORKSPACE_MISMATCH, error=str(error))
+                print(f"gist-destination: {error}", file=sys.stderr)
+                return EXIT_CONFIG
+            self.delivery.use(found.result())
             security = kafka_security(settings)
             producer = self.kafka.producer(
                 bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -359,7 +369,7 @@ class Worker:
         finally:
             await self._close(consumer, producer)
 
-    async def _unless_stopped(self, step: Coroutine[Any, Any, Any]) -> bool:
+    async def _unless_stopped(self, step: Awaitable[Any]) -> bool:
         """Run a start-up step unless a stop is requested first (the step is then
         cancelled): True when the step finished."""
         task = asyncio.ensure_future(step)
