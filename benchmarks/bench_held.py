@@ -27,8 +27,8 @@ from destination.gist import GistClient, RateLimit, RateLimiter
 from destination.mapping import Mapper, load_rules
 from destination.operations import Mapped
 from destination.pipeline.deliver import Delivery, DeliverySettings
-from destination.pipeline.fingerprints import Fingerprints
 from destination.pipeline.inflight import Failure, Ledger, MessageWork, TopicPartition
+from destination.pipeline.memory import ContactMemory
 from destination.pipeline.outcome import Outcomes
 
 
@@ -67,7 +67,7 @@ async def measure(count: int, memory: bool) -> dict[str, float]:
         DeliverySettings(batch_max_contacts=500, batch_max_wait=3600.0, poll_interval=3600.0),
         outcomes,
         on_fatal=lambda error: None,
-        fingerprints=Fingerprints(86_400.0, 200_000) if memory else None,
+        memory=ContactMemory(86_400.0, 200_000) if memory else None,
     )
     gc.collect()
     tracemalloc.start()

@@ -1,6 +1,7 @@
 """The whole worker, as an operator runs it: Kafka backlog in, Gist sandbox out.
 
     .venv/bin/python benchmarks/bench_worker.py drain  [--records N] [--stream contacts|mix]
+                                              [--baseline COMMIT --rounds R]
     .venv/bin/python benchmarks/bench_worker.py budget [--seconds 60] [--stream contacts|mix]
     .venv/bin/python benchmarks/bench_worker.py lean   [--records N] [--stream contacts|mix]
 
@@ -10,6 +11,11 @@ messages (the realistic shapes of bench_mapping.py, keyed by userId) to a topic 
 ``--partitions`` partitions, and only then starts ``gist-destination run`` as its own
 process with the default settings. The worker's figures come from its ``/metrics`` and
 ``/proc/<pid>`` (CPU time, resident memory); the sandbox's from its request log.
+
+``drain --baseline COMMIT``: the same backlog drained in turns by COMMIT's worker and
+this checkout's (``--rounds`` each), in one run; prints each one's messages per CPU
+second and the ratio of the medians (this machine's speed varies 2-3x from day to day:
+only figures measured side by side compare).
 
 ``drain``: the sandbox has NO rate limit and the worker's limiter is set far above what
 the sandbox can serve (20,000 requests per second), so the figure is the worker's own
@@ -70,6 +76,7 @@ from destination.devtools.demo import metric_totals, stop_worker
 KEY = "bench-key"
 TOPIC = "segment-events"
 DLQ = "segment-dlq"
+SUPPRESSIONS = "segment-suppressions"
 P = "gist_destination_"
 LIMIT, WINDOW = 100, 10.0
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -143,8 +150,15 @@ async def sandbox(
 
 
 def start_worker(
-    workdir: Path, bootstrap: str, gist_url: str, port: int, extra: dict[str, str]
+    workdir: Path,
+    bootstrap: str,
+    gist_url: str,
+    port: int,
+    extra: dict[str, str],
+    code: Path | None = None,
 ) -> subprocess.Popen[bytes]:
+    """``gist-destination run`` (``python -m destination run``): this checkout's, or with
+    ``code`` another checkout's package (run from its directory, found first on the path)."""
     env = {
         **os.environ,
         "GIST_API_KEY": KEY,
@@ -153,14 +167,18 @@ def start_worker(
         "KAFKA_TOPICS": TOPIC,
         "KAFKA_GROUP_ID": "gist-destination-bench",
         "KAFKA_DLQ_TOPIC": DLQ,
+        "KAFKA_SUPPRESSION_TOPIC": SUPPRESSIONS,
         "METRICS_PORT": str(port),
         "LOG_FORMAT": "json",
         **extra,
     }
-    with (workdir / "worker.log").open("wb") as log:
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    with (workdir / "worker.log").open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "destination", "run"],
             env=env, stdout=log, stderr=log, preexec_fn=die_with_parent,
+            cwd=code,
         )  # fmt: skip
 
 
@@ -263,6 +281,20 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 # -- drain ------------------------------------------------------------------------------
 
 
+@dataclass
+class Drained:
+    """One drain of the backlog by one worker."""
+
+    label: str
+    wall: float
+    cpu: float
+    peak_kib: int
+    ok: bool
+
+    def per_cpu_second(self, count: int) -> float:
+        return count / self.cpu
+
+
 async def drain(args: argparse.Namespace, workdir: Path) -> int:
     print(
         f"worker drain, unlimited sandbox: {args.records:,} records, stream {args.stream!r}, "
@@ -275,24 +307,81 @@ async def drain(args: argparse.Namespace, workdir: Path) -> int:
         "GIST_RATE_MARGIN": "0",
         **parse_sets(args.set),
     }
+    code_dirs: list[tuple[str, Path | None]] = [("HEAD", None)]
+    if args.baseline:
+        code_dirs.insert(0, (args.baseline, baseline_tree(args.baseline, workdir)))
+    runs: list[Drained] = []
     with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
         bootstrap = broker.bootstrap_servers
-        await create_topics(bootstrap, [TOPIC, DLQ], args.partitions)
+        await create_topics(bootstrap, [TOPIC, DLQ, SUPPRESSIONS], args.partitions)
         count, size, contacts, events = await produce_backlog(bootstrap, args)
-        async with sandbox(workdir, 0, args.batch_delay) as (url, sandbox_pid):
-            port = free_port()
-            sandbox_cpu0 = cpu_seconds(sandbox_pid)
-            worker = start_worker(workdir, bootstrap, url, port, extra)
-            try:
-                seen = await watch(
-                    worker, port, lambda w: bool(w.samples) and w.samples[-1].finished >= count,
-                    within=args.timeout,
+        # The variants take turns (baseline, HEAD, baseline, ...): this machine's speed
+        # drifts over minutes, so only figures measured side by side compare.
+        for round_ in range(args.rounds):
+            for label, code in code_dirs:
+                print(f"-- {label} (round {round_ + 1} of {args.rounds})", flush=True)
+                group = f"gist-destination-bench-{len(runs)}"
+                runs.append(
+                    await drain_once(
+                        args, workdir, bootstrap, extra, label, code, group,
+                        count, size, contacts, events,
+                    )
                 )  # fmt: skip
-                peak = memory_kib(worker.pid)["VmHWM"]
-                sandbox_cpu = cpu_seconds(sandbox_pid) - sandbox_cpu0
-            finally:
-                code = await stop_worker(worker)
-            state = await sandbox_totals(url) if args.verify else None
+    if len(code_dirs) > 1:
+        print("summary (messages per CPU second, median of the rounds):")
+        medians = {}
+        for label, _ in code_dirs:
+            mine = [r.per_cpu_second(count) for r in runs if r.label == label]
+            medians[label] = statistics.median(mine)
+            each = ", ".join(f"{x:,.0f}" for x in mine)
+            print(f"  {label:<12} {medians[label]:>10,.0f}  ({each})")
+        base = medians[code_dirs[0][0]]
+        print(f"  ratio HEAD / {code_dirs[0][0]}: {medians['HEAD'] / base:.2f}")
+    return 0 if all(r.ok for r in runs) else 1
+
+
+def baseline_tree(commit: str, workdir: Path) -> Path:
+    """A checkout of ``commit`` (a git worktree, detached) to run the worker from: the same
+    Python and dependencies, that commit's ``destination`` package."""
+    root = Path(__file__).resolve().parents[1]
+    tree = workdir / f"baseline-{commit}"
+    if not tree.exists():
+        subprocess.run(
+            ["git", "-C", str(root), "worktree", "add", "--detach", str(tree), commit],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    return tree
+
+
+async def drain_once(
+    args: argparse.Namespace,
+    workdir: Path,
+    bootstrap: str,
+    extra: dict[str, str],
+    label: str,
+    code: Path | None,
+    group: str,
+    count: int,
+    size: int,
+    contacts: int,
+    events: int,
+) -> Drained:
+    async with sandbox(workdir, 0, args.batch_delay) as (url, sandbox_pid):
+        port = free_port()
+        sandbox_cpu0 = cpu_seconds(sandbox_pid)
+        worker = start_worker(
+            workdir, bootstrap, url, port, {**extra, "KAFKA_GROUP_ID": group}, code=code
+        )
+        try:
+            seen = await watch(
+                worker, port, lambda w: bool(w.samples) and w.samples[-1].finished >= count,
+                within=args.timeout,
+            )  # fmt: skip
+            peak = memory_kib(worker.pid)["VmHWM"]
+            sandbox_cpu = cpu_seconds(sandbox_pid) - sandbox_cpu0
+        finally:
+            code_ = await stop_worker(worker)
+        state = await sandbox_totals(url) if args.verify else None
     assert seen.first is not None
     first, end = seen.first, seen.samples[-1]
     wall = end.t - first.t
@@ -319,14 +408,14 @@ async def drain(args: argparse.Namespace, workdir: Path) -> int:
         f"  batch imports     {batches:,.0f}, {batch_contacts / max(batches, 1):.0f} contacts "
         f"each; merged updates {t.get(P + 'contact_updates_merged_total', 0):,.0f}"
     )
-    print(f"  dead-lettered     {dead}, skipped {skipped}; worker exit code {code}")
-    ok = dead == 0 and code == 0
+    print(f"  dead-lettered     {dead}, skipped {skipped}; worker exit code {code_}")
+    ok = dead == 0 and code_ == 0
     if state is not None:
         print(f"  sandbox holds     {state['contacts']:,} contacts (expected {contacts:,}), "
               f"{state['events']:,} events (expected {events:,})")  # fmt: skip
         ok = ok and (state["contacts"], state["events"]) == (contacts, events)
-    print("  check:", "ok" if ok else "FAILED")
-    return 0 if ok else 1
+    print("  check:", "ok" if ok else "FAILED", flush=True)
+    return Drained(label, wall, cpu, peak, ok)
 
 
 def rss_at(seen: Watch, count: int, percent: int) -> int:
@@ -359,7 +448,7 @@ async def at_real_limit(
     KiB."""
     with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
         bootstrap = broker.bootstrap_servers
-        await create_topics(bootstrap, [TOPIC, DLQ], args.partitions)
+        await create_topics(bootstrap, [TOPIC, DLQ, SUPPRESSIONS], args.partitions)
         count, *_ = await produce_backlog(bootstrap, args)
         async with sandbox(workdir, LIMIT, args.batch_delay) as (url, _):
             port = free_port()
@@ -501,6 +590,11 @@ def main() -> int:
                         help="seconds the sandbox keeps each batch QUEUED, then IN_PROGRESS; "
                         "it imports batches one at a time (drain: 0, budget: 0.5)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=1800.0, help="drain: give up after")
+    parser.add_argument("--baseline", metavar="COMMIT", default=None,
+                        help="drain: also drain with this commit's worker, in turns, and "
+                        "print the ratio of messages per CPU second")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="drain: turns of each worker (the median is compared)")  # fmt: skip
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="drain: skip counting the sandbox's contacts at the end")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",

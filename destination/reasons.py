@@ -12,9 +12,11 @@ table of reasons is checked against ``DEAD_LETTER`` and ``SKIP`` by a test.
      ├── the mapping           not_an_object, batch_envelope, unknown_type, missing_identity,
      │                         missing_event_name, invalid_field, mapping_error, ...
      └── delivery to Gist      gist_rejected, batch_contact_error, retries_exhausted,
-                               batch_timeout, gist_unexpected_answer, internal_error
+                               batch_timeout, batch_failed, gist_unexpected_answer,
+                               internal_error
     skipped                    integration_off, type_off, event_excluded, no_event_name,
-                               nothing_to_send, duplicate, unchanged
+                               nothing_to_send, duplicate, unchanged, no_consent,
+                               suppressed
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ GIST_REJECTED: Final = "gist_rejected"
 BATCH_CONTACT_ERROR: Final = "batch_contact_error"
 RETRIES_EXHAUSTED: Final = "retries_exhausted"
 BATCH_TIMEOUT: Final = "batch_timeout"
+BATCH_FAILED: Final = "batch_failed"
 GIST_UNEXPECTED_ANSWER: Final = "gist_unexpected_answer"
 INTERNAL_ERROR: Final = "internal_error"
+NO_CUSTOMER_EMAIL: Final = "no_customer_email"
 
 # --- skipped (deliberately not sent; never an error) -----------------------------------
 INTEGRATION_OFF: Final = "integration_off"
@@ -50,6 +54,9 @@ NO_EVENT_NAME: Final = "no_event_name"
 NOTHING_TO_SEND: Final = "nothing_to_send"
 DUPLICATE: Final = "duplicate"
 UNCHANGED: Final = "unchanged"
+NO_CONSENT: Final = "no_consent"
+SUPPRESSED: Final = "suppressed"
+CART_UNKNOWN: Final = "cart_unknown"
 
 RECORD: Final[dict[str, str]] = {
     EMPTY_VALUE: "the record has no value (or only white space)",
@@ -77,10 +84,15 @@ DELIVERY: Final[dict[str, str]] = {
     "GIST_RETRY_MAX_DURATION",
     BATCH_TIMEOUT: "the contact's batch import did not complete within "
     "GIST_BATCH_DEADLINE (or Gist no longer knew it), and again when sent a second time",
+    BATCH_FAILED: "Gist reported the contact's batch import as failed (FAILED, ERROR, "
+    "CANCELLED, in any case), and again when sent a second time",
     GIST_UNEXPECTED_ANSWER: "Gist kept answering with something the reference does not "
     "describe (e.g. a batch import accepted without a batch_id)",
     INTERNAL_ERROR: "an unexpected error in the worker while delivering the message "
     "(a bug: the error log has the traceback)",
+    NO_CUSTOMER_EMAIL: "an e-commerce event for a user whose e-mail neither the message nor "
+    "the Gist contact gives (a Gist customer needs one): replay it once the user is "
+    "identified with an e-mail",
 }
 """Reasons delivery to Gist dead-letters a message."""
 
@@ -97,5 +109,14 @@ SKIP: Final[dict[str, str]] = {
     "replay); a copy of a message in flight ends as that message ends",
     UNCHANGED: "a contact update whose every field Gist already holds (as it last "
     "confirmed, within CONTACT_MEMORY_TTL)",
+    NO_CONSENT: "the message's consent preferences (context.consent.categoryPreferences) "
+    "deny a category the rules require (consent.required), or it has none and the rules "
+    "say to skip those",
+    SUPPRESSED: "the message is about a person deleted within SUPPRESS_DELETED_DAYS (a "
+    "delete suppresses every identity it carries)",
+    CART_UNKNOWN: "a Product Added / Removed for a customer whose Gist cart this worker does "
+    "not know for sure (after a start, a rebalance or a cart write that failed): the cart "
+    "is rebuilt from the next whole one (Cart Viewed, Checkout Started) or order, never "
+    "guessed; the plain event is still sent",
 }
 """Every reason a message is skipped, with what it means."""

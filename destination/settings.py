@@ -26,6 +26,15 @@ class SettingsError(Exception):
         self.problems = problems
 
 
+class SettingsProblems(ValueError):
+    """The problems across settings, all of them: raised inside validation, read back out
+    of pydantic's error by ``load_settings``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         case_sensitive=False, extra="ignore", env_file_encoding="utf-8", frozen=True
@@ -67,6 +76,10 @@ class Settings(BaseSettings):
     kafka_topics: Annotated[list[str], NoDecode] = Field(default_factory=list)
     kafka_group_id: str = "gist-destination"
     kafka_dlq_topic: str = "gist-destination-dlq"
+    kafka_suppression_topic: str = Field(
+        "gist-destination-suppressions",
+        description="compacted topic of deleted people's identities (SUPPRESS_DELETED_DAYS)",
+    )
     kafka_dlq_max_bytes: int = Field(
         1024 * 1024, ge=1024, description="largest dead letter the producer sends"
     )
@@ -98,9 +111,15 @@ class Settings(BaseSettings):
         86_400.0, ge=0, description="seconds a delivered messageId is remembered; 0: off"
     )
     dedup_max_ids: int = Field(1_000_000, ge=1, description="ids remembered in this process")
+    suppress_deleted_days: float = Field(
+        30.0, ge=0, description="days a deleted person's messages are skipped; 0: off"
+    )
     contact_memory: bool = Field(True, description="leave out fields Gist already holds")
     contact_memory_ttl: float = Field(86_400.0, gt=0, description="seconds a value is trusted")
     contact_memory_max: int = Field(200_000, ge=1, description="contacts remembered here")
+    contact_memory_max_bytes: int = Field(
+        64 * MiB, ge=1024, description="bytes of contact memory in this process at most"
+    )
 
     # --- flow control ---
     read_ahead_seconds: float = Field(
@@ -119,8 +138,12 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="records read past the committable offsets, all partitions"
     )
     commit_interval: float = Field(1.0, gt=0, description="seconds between offset commits")
-    shutdown_timeout: float = Field(30.0, ge=0, description="seconds to drain on SIGTERM")
-    rebalance_timeout: float = Field(20.0, ge=0, description="seconds to drain on revoke")
+    shutdown_timeout: float = Field(
+        20.0, ge=0, description="seconds from SIGTERM to exit: drain, commit, hand over"
+    )
+    rebalance_timeout: float = Field(
+        5.0, ge=0, description="seconds a revocation waits for requests on the wire to answer"
+    )
 
     # --- operation ---
     metrics_host: str = "0.0.0.0"
@@ -151,94 +174,127 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _complete(self) -> Settings:
-        if not self.kafka_topics:
-            raise ValueError("KAFKA_TOPICS: required: the comma-separated topics to consume")
-        if self.gist_api_key is None and self.gist_api_key_file is None:
-            raise ValueError("GIST_API_KEY: required (or GIST_API_KEY_FILE)")
-        if self.kafka_dlq_topic in self.kafka_topics:
-            raise ValueError("KAFKA_DLQ_TOPIC: must not be one of KAFKA_TOPICS")
-        self._check_kafka_sasl()
-        self._check_kafka_tls()
+        """Every problem across settings at once (``SettingsProblems``), not the first."""
+        problems = [*self._required(), *self._kafka_sasl_problems(), *self._kafka_tls_problems()]
         if self.redis_url is not None and not self.redis_url.startswith(
             ("redis://", "rediss://", "unix://")
         ):
-            raise ValueError("REDIS_URL: must start with redis://, rediss:// or unix://")
+            problems.append("REDIS_URL: must start with redis://, rediss:// or unix://")
         if self.redis_password_file is not None and not self.redis_password_file.is_file():
-            raise ValueError(f"REDIS_PASSWORD_FILE: no such file: {self.redis_password_file}")
+            problems.append(f"REDIS_PASSWORD_FILE: no such file: {self.redis_password_file}")
         if self.max_inflight_per_partition > self.max_inflight_messages:
-            raise ValueError("MAX_INFLIGHT_PER_PARTITION: must not exceed MAX_INFLIGHT_MESSAGES")
+            problems.append("MAX_INFLIGHT_PER_PARTITION: must not exceed MAX_INFLIGHT_MESSAGES")
+        if problems:
+            raise SettingsProblems(problems)
         return self
 
-    def _check_kafka_sasl(self) -> None:
+    def _required(self) -> list[str]:
+        problems = []
+        if not self.kafka_topics:
+            problems.append("KAFKA_TOPICS: required: the comma-separated topics to consume")
+        if self.gist_api_key is None and self.gist_api_key_file is None:
+            problems.append("GIST_API_KEY: required (or GIST_API_KEY_FILE)")
+        if self.kafka_dlq_topic in self.kafka_topics:
+            problems.append("KAFKA_DLQ_TOPIC: must not be one of KAFKA_TOPICS")
+        if self.suppress_deleted_days > 0 and self.kafka_suppression_topic in (
+            *self.kafka_topics,
+            self.kafka_dlq_topic,
+        ):
+            problems.append(
+                "KAFKA_SUPPRESSION_TOPIC: must be a topic of its own (not an input or the DLQ)"
+            )
+        return problems
+
+    def _kafka_sasl_problems(self) -> list[str]:
         protocol = self.kafka_security_protocol
+        problems = []
         if self.kafka_sasl_mechanism == "OAUTHBEARER":
             if not protocol.startswith("SASL"):
-                raise ValueError(
+                problems.append(
                     "KAFKA_SASL_MECHANISM: OAUTHBEARER needs KAFKA_SECURITY_PROTOCOL=SASL_SSL "
                     f"(or SASL_PLAINTEXT), not {protocol}"
                 )
             url = self.kafka_sasl_oauth_token_url
             if not url:
-                raise ValueError(
+                problems.append(
                     "KAFKA_SASL_OAUTH_TOKEN_URL: required with KAFKA_SASL_MECHANISM=OAUTHBEARER"
                 )
-            if not url.startswith(("https://", "http://")):
-                raise ValueError("KAFKA_SASL_OAUTH_TOKEN_URL: must start with https:// or http://")
+            elif not url.startswith(("https://", "http://")):
+                problems.append(
+                    "KAFKA_SASL_OAUTH_TOKEN_URL: must start with https:// or http://"
+                )
             if not self.kafka_sasl_oauth_client_id:
-                raise ValueError(
+                problems.append(
                     "KAFKA_SASL_OAUTH_CLIENT_ID: required with KAFKA_SASL_MECHANISM=OAUTHBEARER"
                 )
-            _oauth_client_secret(
-                self.kafka_sasl_oauth_client_secret, self.kafka_sasl_oauth_client_secret_file
-            )
-        elif protocol.startswith("SASL") and not (
-            self.kafka_sasl_username and self.kafka_sasl_password
-        ):
-            raise ValueError(
-                "KAFKA_SASL_USERNAME: required with KAFKA_SASL_PASSWORD when "
-                f"KAFKA_SECURITY_PROTOCOL={protocol}"
-            )
+            try:
+                _oauth_client_secret(
+                    self.kafka_sasl_oauth_client_secret, self.kafka_sasl_oauth_client_secret_file
+                )
+            except ValueError as error:
+                problems.append(str(error))
+        elif protocol.startswith("SASL"):
+            for name, value in (
+                ("KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                ("KAFKA_SASL_PASSWORD", self.kafka_sasl_password),
+            ):
+                if not value:
+                    problems.append(
+                        f"{name}: required with KAFKA_SECURITY_PROTOCOL={protocol} "
+                        f"(KAFKA_SASL_MECHANISM={self.kafka_sasl_mechanism})"
+                    )
+        return problems
 
-    def _check_kafka_tls(self) -> None:
+    def _kafka_tls_problems(self) -> list[str]:
+        problems = []
         if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
-            raise ValueError(f"KAFKA_SSL_CAFILE: no such file: {self.kafka_ssl_cafile}")
+            problems.append(f"KAFKA_SSL_CAFILE: no such file: {self.kafka_ssl_cafile}")
         cert, key = self.kafka_ssl_certfile, self.kafka_ssl_keyfile
         if cert is None and key is None:
             if self.kafka_ssl_key_password or self.kafka_ssl_key_password_file:
-                raise ValueError(
+                problems.append(
                     "KAFKA_SSL_KEY_PASSWORD: a password for no key: set KAFKA_SSL_CERTFILE and "
                     "KAFKA_SSL_KEYFILE too"
                 )
-            return
+            return problems
         if cert is None or key is None:
             given, missing = (
                 ("KAFKA_SSL_KEYFILE", "KAFKA_SSL_CERTFILE")
                 if cert is None
                 else ("KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE")
             )
-            raise ValueError(f"{missing}: required with {given} (a client certificate and its key)")
+            problems.append(f"{missing}: required with {given} (a client certificate and its key)")
+            return problems
         if self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
-            raise ValueError(
+            problems.append(
                 "KAFKA_SSL_CERTFILE: a client certificate needs KAFKA_SECURITY_PROTOCOL=SSL or "
                 f"SASL_SSL, not {self.kafka_security_protocol}"
             )
-        for name, path in (("KAFKA_SSL_CERTFILE", cert), ("KAFKA_SSL_KEYFILE", key)):
-            if not path.is_file():
-                raise ValueError(f"{name}: no such file: {path}")
+        unreadable = [
+            f"{name}: no such file: {path}"
+            for name, path in (("KAFKA_SSL_CERTFILE", cert), ("KAFKA_SSL_KEYFILE", key))
+            if not path.is_file()
+        ]
         password_file = self.kafka_ssl_key_password_file
         if (
             self.kafka_ssl_key_password is None
             and password_file is not None
             and not password_file.is_file()
         ):
-            raise ValueError(f"KAFKA_SSL_KEY_PASSWORD_FILE: no such file: {password_file}")
-        _check_client_certificate(
-            cert,
-            key,
-            _secret_or_file(
-                self.kafka_ssl_key_password, password_file, "KAFKA_SSL_KEY_PASSWORD_FILE"
-            ),
-        )
+            unreadable.append(f"KAFKA_SSL_KEY_PASSWORD_FILE: no such file: {password_file}")
+        if unreadable:
+            return problems + unreadable
+        try:
+            _check_client_certificate(
+                cert,
+                key,
+                _secret_or_file(
+                    self.kafka_ssl_key_password, password_file, "KAFKA_SSL_KEY_PASSWORD_FILE"
+                ),
+            )
+        except ValueError as error:
+            problems.append(str(error))
+        return problems
 
     def api_key(self) -> str:
         """The key itself, read from GIST_API_KEY or the file GIST_API_KEY_FILE names."""
@@ -368,16 +424,40 @@ def no_prompt_password(password: str | None) -> str | Callable[[], str]:
 
 
 def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
-    """Read and check the settings; raises ``SettingsError`` naming every bad variable."""
+    """Read and check the settings; raises ``SettingsError`` naming every bad variable,
+    and every missing one, at once."""
     if env_file is not None and not env_file.is_file():
         raise SettingsError([f"--settings: no such file: {env_file}"])
     try:
         return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:
-        raise SettingsError([_describe(e) for e in exc.errors()]) from None
+        problems = [p for e in exc.errors() for p in _describe(e)]
+        bad = {str(e["loc"][0]) for e in exc.errors() if e.get("loc")}
+    if bad:
+        # A bad value stops pydantic before the checks across settings (required ones
+        # included): run those again with the bad values at their defaults.
+        defaults = {
+            name: Settings.model_fields[name].get_default(call_default_factory=True)
+            for name in bad
+            if name in Settings.model_fields
+        }
+        try:
+            Settings(_env_file=env_file, **{**overrides, **defaults})  # type: ignore[call-arg]
+        except ValidationError as again:
+            problems += [
+                p for e in again.errors() for p in _describe(e) if p not in problems
+            ]
+    raise SettingsError(problems)
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any) -> list[str]:
+    found = error.get("ctx", {}).get("error")
+    if isinstance(found, SettingsProblems):
+        return found.problems
+    return [_describe_one(error)]
+
+
+def _describe_one(error: Any) -> str:
     loc = [str(part) for part in error.get("loc", ())]
     message = str(error.get("msg", "invalid"))
     message = message.removeprefix("Value error, ")

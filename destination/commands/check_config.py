@@ -1,7 +1,10 @@
 """``gist-destination check-config [PATH]``: validate a mapping-rules file.
 
-Exit 0 with a one-line summary when the file is valid, 1 with every error (file, line,
-key path, what was expected) when it is not, 2 when the file cannot be read.
+Exit 0 with a one-line summary when the file is valid, 2 with every error (file, line,
+key path, what was expected) when it is not or cannot be read: as ``run`` exits for the
+same file. Warnings (a valid file that changes a default rule map: an entry taking the
+place of a default one, default entries dropped) go to standard error and leave the
+exit code 0.
 
 ``check-config --schema`` prints the JSON Schema of a rules file instead (for editors;
 committed as ``config/mapping-rules.schema.json``).
@@ -13,7 +16,7 @@ import argparse
 import json
 import sys
 
-from destination.mapping._loading import RulesError, default_rules_path, load_rules
+from destination.mapping._loading import RulesError, RulesProblem, default_rules_path, load_rules
 from destination.mapping._schema import rules_json_schema
 
 
@@ -45,13 +48,17 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(schema_text())
         return 0
     path = args.path if args.path is not None else str(default_rules_path())
+    warnings: list[RulesProblem] = []
     try:
-        rules = load_rules(path)
+        rules = load_rules(path, warnings)
     except OSError as exc:
         print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except RulesError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return 2
     print(f"{path}: valid: {rules.summary()}")
+    for warning in warnings:
+        where = f"{warning.file}:{warning.line}" if warning.line is not None else warning.file
+        print(f"{where}: {warning.path}: warning: {warning.message}", file=sys.stderr)
     return 0

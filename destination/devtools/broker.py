@@ -125,11 +125,14 @@ class EmbeddedBroker:
         await create_topics(self.bootstrap_servers, names, partitions)
 
 
-async def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int = 1) -> None:
-    """Create topics that do not exist yet (any Kafka-protocol broker)."""
+async def create_topics(
+    bootstrap_servers: str, names: Iterable[str], partitions: int = 1, **client_options: Any
+) -> None:
+    """Create topics that do not exist yet (any Kafka-protocol broker); ``client_options``:
+    the security options of ``kafka_security``."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **client_options)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

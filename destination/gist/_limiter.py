@@ -20,7 +20,9 @@ Grants are also *paced*: spread ``span / limit`` apart rather than a window's bu
 one burst (a burst puts the requests on the wire one after another, with the jitter
 that causes). The pacing schedule does not drift: each grant advances a theoretical send
 time by one gap from the previous one, and a grant up to half a gap early or late keeps
-it.
+it. Only this limiter's own grants move the schedule: requests granted by a shared
+budget (``track``) are counted, never scheduled, and when this limiter grants again
+after one (``resume``) its schedule starts afresh from that moment.
 
 **Shares.** Several replicas of the worker on one workspace must not add up to more than
 its budget. With a shared limiter (``_redis``) they draw from one log; without one, each
@@ -166,6 +168,13 @@ class Lanes(Generic[_R]):
         credit[lane] = max(0, credit[lane] - _WHOLE)
         return self._queues[lane].popleft()
 
+    def pop_critical(self) -> asyncio.Future[_R] | None:
+        """The next CRITICAL waiter (taken off its lane), or None if none waits; the other
+        lanes' credit is left as it is."""
+        if self._live(Priority.CRITICAL):
+            return self._queues[Priority.CRITICAL].popleft()
+        return None
+
     def fail(self, error: BaseException) -> None:
         """Every waiter's turn ends in ``error``; the lanes are left empty."""
         for queue in self._queues.values():
@@ -213,7 +222,11 @@ class Budget(Protocol):
 
 
 class SlidingWindow:
-    """Requests in flight and the answer times of recent ones, and when the next may go."""
+    """Requests in flight and the answer times of recent ones, and when the next may go.
+
+    The pacing schedule (``_tat``) is this window's own: only ``grant`` moves it, and
+    ``restart_pacing`` drops it (a schedule kept while someone else granted would be
+    stale)."""
 
     __slots__ = ("_answered", "_capacity", "_tat", "in_flight", "limit", "pace", "span")
 
@@ -270,6 +283,15 @@ class SlidingWindow:
         if len(answered) > self._capacity * 2:
             for _ in range(len(answered) - self._capacity):
                 answered.popleft()
+
+    def track(self) -> None:
+        """A request granted elsewhere: it holds a slot here (in flight, then answered)
+        but does not move the pacing schedule."""
+        self.in_flight += 1
+
+    def restart_pacing(self, now: float) -> None:
+        """Forget the pacing schedule: the next grant may go at ``now``."""
+        self._tat = now
 
     def ungrant(self) -> None:
         """A grant never used (its waiter gave up before sending): Gist never saw it, so
@@ -330,6 +352,7 @@ class RateLimiter:
         # Shares: the share's limit, and the limits in force lately (for the hold rule).
         self._share: int | None = None  # None: the whole budget (no shares)
         self._held: tuple[float, int] | None = None  # (until, limit) while a share grows
+        self._starting_until = float("-inf")  # a start's hold: only CRITICAL calls go
         self._history: deque[tuple[float, int]] = deque()
         self._waiting = 0
         self.granted = 0
@@ -372,7 +395,7 @@ class RateLimiter:
 
     def hold(self, limit: int) -> None:
         """Keep to at most ``limit`` requests per window for one window (a shared view of
-        the budget was lost or has just come back: see ``_redis``)."""
+        the budget was lost: see ``_redis``)."""
         now = self._clock()
         self._hold(now, max(0, limit))
         self._apply(now)
@@ -393,7 +416,16 @@ class RateLimiter:
         self._share = target
         if target > recent:
             self._hold(now, recent)
+            if recent <= RESERVE:
+                # A start (or a first partition): the window it holds is the previous
+                # owners'. Only CRITICAL calls take the reserve meanwhile; the first data
+                # request waits for the share, rather than go and be followed by nothing
+                # for a window.
+                self._starting_until = now + self._span
         self._apply(now)
+
+    def _starting(self, now: float) -> bool:
+        return now < self._starting_until
 
     def _apply(self, now: float) -> None:
         limit = self._cut_limit
@@ -420,7 +452,11 @@ class RateLimiter:
         waited. Cancelled while waiting, it leaves its turn to the next waiter."""
         start = self._clock()
         self._update(start)
-        if not self._lanes and self._slot(start) <= start:  # nobody waits: no queue
+        if (
+            not self._lanes
+            and self._slot(start) <= start
+            and (priority >= Priority.CRITICAL or not self._starting(start))
+        ):  # nobody waits: no queue
             self._window.grant(start)
             return self._granted(start, start)
         turn = self._lanes.push(priority)
@@ -458,7 +494,13 @@ class RateLimiter:
                 if slot > now:
                     await self._wait(slot - now, now)
                     continue
-                turn = self._lanes.pop()
+                if self._starting(now):
+                    turn = self._lanes.pop_critical()
+                    if turn is None:  # only data waits: until the share applies
+                        await self._wait(self._starting_until - now, now)
+                        continue
+                else:
+                    turn = self._lanes.pop()
                 if turn is not None:
                     self._window.grant(now)
                     turn.set_result(now)
@@ -494,11 +536,32 @@ class RateLimiter:
     def track(self) -> Grant:
         """A request granted elsewhere (a shared budget): counted here too, without
         waiting, so that this replica knows its own recent requests if it must fall back
-        on its share."""
+        on its share. It holds a slot here like any grant but never moves the pacing
+        schedule: however many a shared budget grants, this limiter owes no pacing for
+        them when it grants again (``resume``)."""
         now = self._clock()
-        self._window.grant(now)
+        self._update(now)  # keeps the limit in force current while nothing else asks
+        self._window.track()
         self.granted += 1
         return Grant(at=now, waited=0.0)
+
+    def resume(self) -> None:
+        """Grant again after a shared budget did (it only counted here, ``track``): the
+        limits in force are applied afresh (the share, any hold, a cut after 429s) and
+        the pacing schedule restarts from now. So the next request goes within one
+        pacing gap, or when the window's count lets it, never on a schedule of grants
+        made elsewhere."""
+        now = self._clock()
+        self._update(now)
+        self._window.restart_pacing(now)
+        self._changed.set()
+
+    def next_slot(self) -> float:
+        """When a request asking now would be granted if nobody waited, under the limits
+        in force now (``inf``: not before an answer comes or the limit changes)."""
+        now = self._clock()
+        self._update(now)
+        return self._slot(now)
 
     def sent_in_last_window(self) -> int:
         """This replica's requests holding a slot: in flight, or answered within the

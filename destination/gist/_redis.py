@@ -10,18 +10,76 @@ theoretical send time kept in Redis), so the replicas together send no bursts. A
 seen by any replica sets a shared cooldown (``Retry-After``, else a backoff) and cuts
 the shared limit, which grows back by a tenth per quiet window.
 
-**Without Redis the budget is never a full local one.** Redis unreachable or slower than
-``timeout``: the replica falls back to its partition share (``RateLimiter.set_share``),
-logs it once and counts it (``limiter_fallbacks_total``), and tries Redis again every
-few seconds. Whenever the shared view is incomplete (falling back; coming back, since
-Redis never heard of the requests made meanwhile; Redis having lost its data, told by a
-changed *epoch* key), the replica keeps, for one window, to at most what it sent itself
-in the last window, and on its way back it also keeps to its partition share, for a
-window plus ``RETRY_REDIS_EVERY``: the other replicas come back up to one retry later,
-and until then their requests on their shares are not in Redis' log (a replica back on
-Redis alone after one window could take slots they had used). So a Redis restart costs
-no extra requests: each replica knows its own recent ones, and their sum was within the
-budget.
+**Modes.** Which budget a replica uses is one state machine (``Mode``, ``Event``,
+``TRANSITIONS``, kept by ``BudgetModes``); each mode gives the local limiter one role:
+
+=========  ===================================================================
+LOCAL      before ``start``: the local limiter grants (the start-up reserve)
+SHARED     Redis grants; the local limiter only counts this replica's requests
+           (``RateLimiter.track``), so it knows them if it must fall back, and
+           schedules nothing for them
+CHECKING   a call to Redis failed or took longer than ``timeout``: nothing is
+           granted until one more call (what the log owes, else a ping) says
+           whether Redis answers, one time-out at most
+FALLBACK   Redis does not answer: the local limiter grants, at the partition share
+           (``RateLimiter.set_share``)
+RETURNING  back on Redis: the local limiter grants first, at the share, then Redis,
+           for a window plus ``RETRY_REDIS_EVERY``
+=========  ===================================================================
+
+==========  ==============  =========  ==========================================
+from        event           to         the local limiter
+==========  ==============  =========  ==========================================
+LOCAL       STARTED         SHARED     counts only from now
+LOCAL       REDIS_FAILED    FALLBACK   goes on granting
+SHARED      REDIS_FAILED    CHECKING   resumes: limits re-applied, pacing from now
+SHARED      EPOCH_CHANGED   RETURNING  resumes, and holds (below)
+CHECKING    REDIS_ANSWERED  RETURNING  goes on
+CHECKING    REDIS_FAILED    FALLBACK   holds, if not yet since SHARED
+FALLBACK    REDIS_ANSWERED  RETURNING  goes on
+FALLBACK    RETRY_DUE       RETURNING  goes on
+RETURNING   REDIS_FAILED    CHECKING   goes on
+RETURNING   EPOCH_CHANGED   RETURNING  holds, if not yet since SHARED (the period
+                                       starts again)
+RETURNING   RETURNING_OVER  SHARED     counts only from now
+==========  ==============  =========  ==========================================
+
+Any other (mode, event) changes nothing. Why these rules:
+
+- *Leaving SHARED, the local limiter resumes*: its pacing restarts from that moment;
+  nothing was scheduled locally for the Redis grants, so it never waits on them, only
+  on the window's count and its share.
+- *Once Redis' view is lost after SHARED, the replica holds*, for one window, to what it
+  sent itself in the last window (as well as its share): falling back, or seeing a
+  changed *epoch* key (Redis lost its data). The other replicas' recent requests still
+  count at Gist, and the replicas' own recent requests added up to no more than the
+  budget. Once is enough: from then on its requests are bound by its share. A replica
+  whose view was only in doubt (a late answer) and is back on Redis needs no hold: every
+  grant it takes is Redis' too.
+- *A failed or late call is checked before falling back*: a request granted locally
+  while the other replicas still take slots from Redis is one they do not see, and they
+  may take the slot it reuses (a 429). One late answer so costs the waiting requests one
+  more call, and the replica returns (below) without a local grant.
+- *Back on Redis, a replica keeps to its share too, for a window plus
+  RETRY_REDIS_EVERY*: the other replicas come back up to one retry later (sooner when
+  busy), and until then their requests on their shares may miss from Redis' log (a
+  replica back alone after one window could take slots they had used). Every replica
+  not in SHARED keeps to its share, and the shares add up to no more than the budget.
+- *A replica returns as soon as Redis answers one of its calls*, not only on the retry:
+  a return only adds Redis' check to the share it keeps anyway.
+
+**What Redis' log owes this replica** (``LogRepairs``), written as soon as Redis answers
+(by a background write, and always before the next shared grant): each request granted
+while falling back, in flight or at its answer time, so that replicas still on Redis
+count it; the answer time of a request whose release Redis did not take; and the removal
+of a slot the log may hold for a request never sent (an acquire that timed out although
+its script ran, a slot granted after its waiter gave up), which would otherwise hold it
+``HOLD_IN_FLIGHT``. Requests in flight when Redis lost its data are owed again. What a
+window has made irrelevant is forgotten, and the ledger is bounded.
+
+One case stays uncovered: a replica cut off from Redis while the others still reach it
+sends on its share, unseen by them until Redis takes its writes; meanwhile the workspace
+may get up to that share too many (then Gist's 429s slow everyone).
 
 **Priorities are per replica.** The shared log is one log: Redis knows nothing of lanes.
 Each replica's waiters queue in its own ``Lanes``, and one asker task per replica asks
@@ -34,10 +92,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import math
 import time
 import uuid
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
 
 import structlog
 
@@ -51,7 +113,12 @@ HOLD_IN_FLIGHT = 120.0
 the slots of a replica that died with requests in flight come free then."""
 
 RETRY_REDIS_EVERY = 5.0
-"""Seconds between attempts to return to Redis while falling back."""
+"""Seconds between attempts to return to Redis while falling back (sooner when Redis
+takes one of the replica's writes meanwhile)."""
+
+REPAIR_PAUSE = 1.0
+"""Seconds background writes of what the log owes wait after one failed: Redis is likely
+down, and the next write (or the return) carries everything owed anyway."""
 
 MAX_NAP = 0.25
 """Longest sleep between two asks of Redis (a slot may free sooner: an answer came)."""
@@ -137,7 +204,277 @@ return limit
 """
 """KEYS: cooldown, cut. ARGV: limit, window ms, pause ms, floor. A 429 somewhere."""
 
+_REPAIR = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local hold = tonumber(ARGV[1])
+for i = 3, #ARGV, 2 do
+  local member = ARGV[i]
+  local owed = ARGV[i + 1]
+  if owed == 'unused' then
+    redis.call('ZREM', KEYS[1], member)
+  elseif owed == 'in-flight' then
+    redis.call('ZADD', KEYS[1], now + hold, member)
+  else
+    redis.call('ZADD', KEYS[1], now - tonumber(owed), member)
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return now
+"""
+"""KEYS: log. ARGV: hold ms, expiry ms, then pairs of a member and what is owed for it:
+'unused' (remove it), 'in-flight' (held as a grant now), or its answer's age in ms."""
 
+
+# --- the modes: one state machine -----------------------------------------------------
+class Mode(enum.Enum):
+    """The budget a replica uses."""
+
+    LOCAL = "local"
+    """Before ``start``: the local limiter grants (the start-up reserve)."""
+    SHARED = "shared"
+    """Redis grants; the local limiter only counts this replica's requests."""
+    CHECKING = "checking"
+    """A call to Redis failed or was late: nothing is granted until one more call (what
+    the log owes, else a ping) says whether Redis answers; one time-out at most."""
+    FALLBACK = "fallback"
+    """Redis failed: the local limiter grants, at the partition share."""
+    RETURNING = "returning"
+    """Back on Redis: the local limiter grants first, at the share, then Redis."""
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether requests take a slot of Redis' log in this mode."""
+        return self in (Mode.SHARED, Mode.RETURNING)
+
+    @property
+    def backend(self) -> str:
+        """Its ``backend`` label in the metrics (CHECKING, one time-out at most, counts
+        as "fallback": Redis' budget is not in use)."""
+        return _BACKENDS[self]
+
+
+_BACKENDS: Final[Mapping[Mode, str]] = MappingProxyType({
+    Mode.LOCAL: "local", Mode.SHARED: "redis", Mode.CHECKING: "fallback",
+    Mode.FALLBACK: "fallback", Mode.RETURNING: "dual",
+})  # fmt: skip
+
+
+class Event(enum.Enum):
+    """What ``BudgetModes`` is told (or its clock makes due)."""
+
+    STARTED = "started"
+    """``start``: Redis answered."""
+    REDIS_ANSWERED = "redis answered"
+    """A call was answered within the time-out (a check, or a write of what the log
+    owes)."""
+    REDIS_FAILED = "redis failed"
+    """A call failed or was not answered within the time-out (an ask, a check, a shared
+    cooldown, ``start``'s ping)."""
+    EPOCH_CHANGED = "epoch changed"
+    """Redis answered with another epoch: it lost its data, and its log with it."""
+    RETRY_DUE = "retry due"
+    """``RETRY_REDIS_EVERY`` after falling back: try Redis again."""
+    RETURNING_OVER = "returning over"
+    """A window plus ``RETRY_REDIS_EVERY`` after returning."""
+
+
+class LocalRule(enum.Enum):
+    """What a transition does to the local limiter."""
+
+    KEEP = "keep"
+    """It goes on as it is (granting, or counting)."""
+    COUNT = "count"
+    """From now on it only counts this replica's requests (Redis grants them)."""
+    RESUME = "resume"
+    """It grants again (``RateLimiter.resume``): limits re-applied, pacing from now."""
+    HOLD = "hold"
+    """Redis' view is lost: for a window it is held to this replica's own requests of
+    the last window (``RateLimiter.hold``), once per departure from SHARED (before it,
+    the replica's requests were not bound by its share; after one hold they are)."""
+    RESUME_AND_HOLD = "resume and hold"
+    """Both."""
+
+
+TRANSITIONS: Final[Mapping[tuple[Mode, Event], tuple[Mode, LocalRule]]] = MappingProxyType(
+    {
+        (Mode.LOCAL, Event.STARTED): (Mode.SHARED, LocalRule.COUNT),
+        (Mode.LOCAL, Event.REDIS_FAILED): (Mode.FALLBACK, LocalRule.KEEP),
+        (Mode.SHARED, Event.REDIS_FAILED): (Mode.CHECKING, LocalRule.RESUME),
+        (Mode.SHARED, Event.EPOCH_CHANGED): (Mode.RETURNING, LocalRule.RESUME_AND_HOLD),
+        (Mode.CHECKING, Event.REDIS_ANSWERED): (Mode.RETURNING, LocalRule.KEEP),
+        (Mode.CHECKING, Event.REDIS_FAILED): (Mode.FALLBACK, LocalRule.HOLD),
+        (Mode.FALLBACK, Event.REDIS_ANSWERED): (Mode.RETURNING, LocalRule.KEEP),
+        (Mode.FALLBACK, Event.RETRY_DUE): (Mode.RETURNING, LocalRule.KEEP),
+        (Mode.RETURNING, Event.REDIS_FAILED): (Mode.CHECKING, LocalRule.KEEP),
+        (Mode.RETURNING, Event.EPOCH_CHANGED): (Mode.RETURNING, LocalRule.HOLD),
+        (Mode.RETURNING, Event.RETURNING_OVER): (Mode.SHARED, LocalRule.COUNT),
+    }
+)
+"""Every transition (the table of the module docstring); entering FALLBACK sets the
+retry, entering RETURNING (from itself too) starts its period. Any other (mode, event)
+changes nothing."""
+
+
+def transition(mode: Mode, event: Event) -> tuple[Mode, LocalRule]:
+    """The mode after ``event`` in ``mode``, and what it does to the local limiter."""
+    return TRANSITIONS.get((mode, event), (mode, LocalRule.KEEP))
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A transition that happened."""
+
+    before: Mode
+    event: Event
+    after: Mode
+    rule: LocalRule
+
+
+class BudgetModes:
+    """One replica's mode, its two timers on an injected clock, and each transition's rule
+    applied to the local limiter. No I/O: ``RedisBudget`` tells it what happened and acts
+    on the changes (logs, metrics, waiters routed again)."""
+
+    __slots__ = ("_clock", "_retry_every", "_span", "hold_owed", "local", "mode",
+                 "retry_at", "returning_until")  # fmt: skip
+
+    def __init__(
+        self,
+        local: RateLimiter,
+        *,
+        span: float,
+        retry_every: float = RETRY_REDIS_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.local = local
+        self._span = span
+        self._retry_every = retry_every
+        self._clock = clock
+        self.mode = Mode.LOCAL
+        self.retry_at = math.inf  # FALLBACK: when to try Redis again
+        self.returning_until = -math.inf  # RETURNING: when it ends
+        self.hold_owed = False  # left SHARED, not held since
+
+    def due(self) -> Event | None:
+        """The event the clock has made due in this mode, if any."""
+        now = self._clock()
+        if self.mode is Mode.FALLBACK and now >= self.retry_at:
+            return Event.RETRY_DUE
+        if self.mode is Mode.RETURNING and now >= self.returning_until:
+            return Event.RETURNING_OVER
+        return None
+
+    def on(self, event: Event) -> Change | None:
+        """Take ``event``: the change it made, or None when it changes nothing."""
+        if (self.mode, event) not in TRANSITIONS:
+            return None
+        after, rule = transition(self.mode, event)
+        now = self._clock()
+        change = Change(self.mode, event, after, rule)
+        self.mode = after
+        if after is Mode.FALLBACK:
+            self.retry_at = now + self._retry_every
+        elif after is Mode.RETURNING:
+            self.returning_until = max(self.returning_until,
+                                       now + self._span + self._retry_every)  # fmt: skip
+        if change.before is Mode.SHARED:
+            self.hold_owed = True
+        elif after is Mode.SHARED:
+            self.hold_owed = False
+        if rule in (LocalRule.RESUME, LocalRule.RESUME_AND_HOLD):
+            self.local.resume()
+        if rule in (LocalRule.HOLD, LocalRule.RESUME_AND_HOLD) and self.hold_owed:
+            self.hold_owed = False
+            self.local.hold(self.local.sent_in_last_window())
+        return change
+
+
+# --- what the log owes this replica ------------------------------------------------------
+class _Kind(enum.Enum):
+    IN_FLIGHT = "in-flight"
+    ANSWERED = "answered"
+    UNUSED = "unused"
+
+
+@dataclass(frozen=True, slots=True)
+class Owed:
+    """One write the log owes: ``kind`` of the request, and since when (its answer time
+    when answered)."""
+
+    kind: _Kind
+    at: float
+
+    def argument(self, now: float) -> str:
+        """How ``_REPAIR`` takes it: 'unused', 'in-flight' or the answer's age in ms."""
+        if self.kind is not _Kind.ANSWERED:
+            return str(self.kind.value)
+        return str(max(0, round((now - self.at) * 1000)))
+
+
+class LogRepairs:
+    """Writes Redis' log owes this replica (see the module docstring), by member.
+
+    Invalidated by: a write Redis took (each entry it carried, unless the entry changed
+    meanwhile: then the newer one is owed still); age (an answer a window old no longer
+    counts, a slot owed for ``HOLD_IN_FLIGHT`` has aged out of the log by itself); the
+    bound (the oldest entry goes first: memory never grows with an outage's length)."""
+
+    __slots__ = ("_bound", "_clock", "_owed", "_span")
+
+    def __init__(self, span: float, *, bound: int, clock: Callable[[], float]) -> None:
+        self._span = span
+        self._bound = bound
+        self._clock = clock
+        self._owed: dict[str, Owed] = {}
+
+    def sent(self, member: str) -> None:
+        """A request in flight the log may lack (kept if already owed)."""
+        if member not in self._owed:
+            self._put(member, Owed(_Kind.IN_FLIGHT, self._clock()))
+
+    def answered(self, member: str, at: float) -> bool:
+        """The request of ``member`` was answered at ``at``: if owed, it is owed at that
+        time now. Whether it was owed."""
+        if member not in self._owed:
+            return False
+        self._owed[member] = Owed(_Kind.ANSWERED, at)
+        return True
+
+    def missed_answer(self, member: str, at: float) -> None:
+        """The log did not take the answer (at ``at``) of a request: owed at that time."""
+        self._put(member, Owed(_Kind.ANSWERED, at))
+
+    def unused(self, member: str) -> None:
+        """The log may hold a slot for ``member``, a request never sent: owed its removal."""
+        self._put(member, Owed(_Kind.UNUSED, self._clock()))
+
+    def _put(self, member: str, owed: Owed) -> None:
+        self._owed[member] = owed
+        while len(self._owed) > self._bound:
+            del self._owed[next(iter(self._owed))]
+
+    def entries(self) -> list[tuple[str, Owed]]:
+        """What is owed now (what age has made irrelevant forgotten first)."""
+        now = self._clock()
+        for member, owed in list(self._owed.items()):
+            if owed.at <= now - (self._span if owed.kind is _Kind.ANSWERED else HOLD_IN_FLIGHT):
+                del self._owed[member]
+        return list(self._owed.items())
+
+    def written(self, entries: list[tuple[str, Owed]]) -> None:
+        """Redis took ``entries``: each is paid unless it changed since."""
+        for member, owed in entries:
+            if self._owed.get(member) == owed:
+                del self._owed[member]
+
+    def __len__(self) -> int:
+        return len(self._owed)
+
+
+# --- the budget --------------------------------------------------------------------------
 class RedisBudget:
     """The ``Budget`` of every replica of a workspace, in Redis, with ``local`` (this
     replica's partition share) as the fallback. ``start(workspace_id)`` before use."""
@@ -162,15 +499,21 @@ class RedisBudget:
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
         self._rate_limited = redis.register_script(_RATE_LIMITED)
+        self._repair_log = redis.register_script(_REPAIR)
+        self._modes = BudgetModes(local, span=self._span, clock=clock)
         self._lanes: Lanes[str] = Lanes()  # waiters for the shared log; a turn's result
         self._asker: asyncio.Task[None] | None = None  # is the member of its grant
+        self._owed = LogRepairs(self._span, bound=max(64, 4 * rate.limit), clock=clock)
+        self._repairing = asyncio.Lock()  # one write of what is owed at a time, in order
+        self._repairer: asyncio.Task[None] | None = None
+        self._repairs_paused_until = -math.inf
+        self._checked = asyncio.Event()  # set but while CHECKING
+        self._checked.set()
+        self._doubt = ""  # the call whose failure is being checked, for the metric
         self._epoch: str | None = None
         self._limit = rate.limit - RESERVE
         self._members: dict[int, str] = {}  # id(grant) -> member, for release
         self._pending: set[asyncio.Task[Any]] = set()
-        self._backend = "local"  # until start(): "redis", "fallback", or "dual" on return
-        self._dual_until = 0.0
-        self._next_try = 0.0
         self._id = uuid.uuid4().hex[:12]
         self._seq = 0
         self.granted = 0
@@ -186,6 +529,12 @@ class RedisBudget:
         """``{prefix}:{workspace}`` once started."""
         return None if self._keys is None else self._keys[0].rsplit(":", 1)[0]
 
+    @property
+    def backend(self) -> str:
+        """The budget in use, by mode: "local" (before ``start``), "redis", "fallback" or
+        "dual" (returning: the share and Redis)."""
+        return self._mode().backend
+
     # --- life -------------------------------------------------------------------------
     async def start(self, workspace_id: str) -> None:
         """Use the workspace's shared log from now on (falling back if Redis fails)."""
@@ -195,20 +544,29 @@ class RedisBudget:
         try:
             await asyncio.wait_for(self._redis.ping(), self._timeout)
         except Exception as error:
-            self._fall_back(error)
+            self._report(Event.REDIS_FAILED, error, "ping")
             return
-        self._set_backend("redis")
+        self._report(Event.STARTED)
         log.info(log_events.LIMITER_SHARED, workspace=workspace_id)
 
     async def close(self) -> None:
-        for task in [*self._pending, *([self._asker] if self._asker is not None else [])]:
-            task.cancel()
+        # The writes under way (releases, what the log owes) may finish, in a time-out.
+        if self._asker is not None:
+            self._asker.cancel()
+        writes = [*self._pending, *([self._repairer] if self._repairer is not None else [])]
+        if writes:
+            await asyncio.wait(writes, timeout=self._timeout)
+        while writes:  # a check cancelled falls back, which starts one more task
+            for task in writes:
+                task.cancel()
+            await asyncio.gather(*writes, return_exceptions=True)
+            writes = [*self._pending, *([self._repairer] if self._repairer is not None else [])]
         await self._redis.aclose()
 
     # --- the budget -------------------------------------------------------------------
     @property
     def current_limit(self) -> int:
-        if self.backend in ("redis", "dual"):
+        if self._mode().uses_redis:
             return self._limit
         return self.local.current_limit
 
@@ -217,122 +575,156 @@ class RedisBudget:
 
     async def acquire(self, priority: Priority = Priority.NORMAL) -> Grant:
         """A slot of the workspace's budget, in the lane of ``priority`` among this
-        replica's waiters."""
-        if self.backend == "local":  # before start(): the start-up reserve
-            return await self.local.acquire(priority)
-        now = self._clock()
-        if self.backend == "fallback":
-            if now < self._next_try:
-                return await self.local.acquire(priority)
-            self._next_try = now + RETRY_REDIS_EVERY
-            self._come_back()  # try Redis again, holding to the share for a window
-        if self.backend == "dual":
-            grant = await self.local.acquire(priority)
-            try:
-                await self._shared_grant(grant, priority)
-            except _Unavailable:  # fell back: the local grant stands
-                pass
-            except BaseException:  # cancelled: the grant is handed back unused
-                self.release(grant)
-                raise
-            return grant
+        replica's waiters, taken as the mode says (a waiter whose mode changes while it
+        waits for Redis goes the new mode's way)."""
         start = self._clock()
-        grant = self.local.track()
-        try:
-            await self._shared_grant(grant, priority)
-        except _Unavailable:
-            self.local.release(grant)
-            return await self.local.acquire(priority)
-        except BaseException:
-            self.release(grant)
-            raise
+        while True:
+            mode = self._mode()
+            if mode is Mode.CHECKING:
+                await self._checked.wait()
+                continue
+            if mode is Mode.SHARED:
+                try:
+                    member = await self._shared_grant(priority)
+                except _Rerouted:
+                    continue
+                grant = self.local.track()
+                break
+            grant = await self.local.acquire(priority)
+            if mode is Mode.LOCAL:  # before start(): the start-up reserve, no Redis
+                return grant
+            member = await self._after_local_grant(grant, priority)
+            break
+        self._members[id(grant)] = member
         grant.waited = self._clock() - start
         return grant
 
-    async def _shared_grant(self, grant: Grant, priority: Priority) -> None:
-        """Wait for this replica's asker to get ``grant`` a slot in the shared log;
-        ``_Unavailable`` when Redis failed meanwhile."""
+    async def _after_local_grant(self, grant: Grant, priority: Priority) -> str:
+        """The member of a request the local limiter granted: a slot of the shared log
+        too while Redis is in use, else a member owed to the log (falling back)."""
+        try:
+            while True:
+                mode = self._mode()
+                if mode is Mode.CHECKING:
+                    await self._checked.wait()
+                    continue
+                if not mode.uses_redis:
+                    break
+                try:
+                    return await self._shared_grant(priority)
+                except _Rerouted:
+                    continue
+        except BaseException:  # cancelled: the local grant is handed back unused
+            self.local.release(grant)
+            raise
+        member = self._next_member()
+        self._owed.sent(member)
+        self._repair_soon()
+        return member
+
+    async def _shared_grant(self, priority: Priority) -> str:
+        """Wait for this replica's asker to get a slot in the shared log; its member.
+        ``_Rerouted`` when the mode changed meanwhile."""
         turn = self._lanes.push(priority)
         if self._asker is None:
             self._asker = asyncio.ensure_future(self._ask())
         try:
-            member = await turn
+            return await turn
         except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():  # granted as it was cancelled
-                self._members[id(grant)] = turn.result()
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self._owed.unused(turn.result())  # granted as it was cancelled: never sent
+                self._repair_soon()
             raise
-        self._members[id(grant)] = member
 
     async def _ask(self) -> None:
         """While this replica's waiters wait: take the next slot of the shared log (one
-        asker per replica), give it to the next waiter by the lane rule."""
-        assert self._keys is not None
+        asker per replica), give it to the next waiter by the lane rule. What the log
+        owes this replica is written first."""
+        keys = self._keys
+        assert keys is not None
         try:
             while self._lanes:
-                self._seq += 1
-                member = f"{self._id}:{self._seq}"
-                args = [
-                    self._limit,
-                    round(self._span * 1000),
-                    round(self.rate.window * 1000),
-                    round(HOLD_IN_FLIGHT * 1000),
-                    member,
-                    1 if self.rate.pace else 0,
-                    uuid.uuid4().hex,
-                ]
-                while True:
-                    try:
-                        answer = await asyncio.wait_for(
-                            self._acquire(keys=self._keys, args=args), self._timeout
-                        )
-                    except Exception as error:
-                        self._fall_back(error)
-                        self._lanes.fail(_Unavailable())
-                        return
-                    granted, wait_ms, epoch, limit = answer
-                    self._limit = int(limit)
-                    self._check_epoch(epoch.decode() if isinstance(epoch, bytes) else str(epoch))
-                    if int(granted):
-                        break
-                    await asyncio.sleep(min(MAX_NAP, int(wait_ms) / 1000))
-                turn = self._lanes.pop()
-                if turn is None:  # every waiter gave up meanwhile: the slot goes unused
-                    self._release_member(member)
+                member = self._next_member()
+                asked = False
+                try:
+                    await self._repair()
+                    asked = True
+                    answer = await asyncio.wait_for(
+                        self._acquire(keys=keys, args=self._ask_args(member)), self._timeout
+                    )
+                except Exception as error:
+                    if asked:  # the script may have run, its answer lost or late
+                        self._owed.unused(member)
+                    self._report(Event.REDIS_FAILED, error, "acquire" if asked else "repair")
+                    self._lanes.fail(_Rerouted())
                     return
+                granted, wait_ms, epoch, limit = answer
+                self._limit = int(limit)
+                self._report(Event.REDIS_ANSWERED)
+                self._check_epoch(epoch.decode() if isinstance(epoch, bytes) else str(epoch))
+                if not int(granted):
+                    await asyncio.sleep(min(MAX_NAP, int(wait_ms) / 1000))
+                    continue
+                turn = self._lanes.pop()
+                if turn is None:  # every waiter gave up, or went another way meanwhile
+                    self._owed.unused(member)
+                    self._repair_soon()
+                    continue
                 turn.set_result(member)
                 self.granted += 1
                 metrics.LIMITER_GRANTS.labels("redis").inc()
         except asyncio.CancelledError:  # closing
-            self._lanes.fail(_Unavailable())
+            self._lanes.fail(_Rerouted())
             raise
         except Exception as error:  # a bug: no waiter may wait for ever on it
             self._lanes.fail(error)
         finally:
             self._asker = None
 
+    def _ask_args(self, member: str) -> list[object]:
+        return [
+            self._limit,
+            round(self._span * 1000),
+            round(self.rate.window * 1000),
+            round(HOLD_IN_FLIGHT * 1000),
+            member,
+            1 if self.rate.pace else 0,
+            uuid.uuid4().hex,
+        ]
+
+    def _next_member(self) -> str:
+        self._seq += 1
+        return f"{self._id}:{self._seq}"
+
     def release(self, grant: Grant) -> None:
         self.local.release(grant)
         member = self._members.pop(id(grant), None)
-        if member is None or self._keys is None or self.backend == "fallback":
+        if member is None or self._keys is None:
             return
-        self._release_member(member)
+        now = self._clock()
+        if self._owed.answered(member, now):
+            self._repair_soon()
+        elif self._modes.mode is Mode.FALLBACK:  # Redis failed: its write waits with the rest
+            self._owed.missed_answer(member, now)
+            self._repair_soon()
+        else:
+            self._spawn(self._send_release(member, now))
 
-    def _release_member(self, member: str) -> None:
-        self._spawn(self._send_release(member))
-
-    async def _send_release(self, member: str) -> None:
+    async def _send_release(self, member: str, at: float) -> None:
         assert self._keys is not None
         try:
             await asyncio.wait_for(
                 self._release(keys=self._keys[:1], args=[member]), self._timeout
             )
-        except Exception:  # the slot ages out by itself (HOLD_IN_FLIGHT): no harm
+        except Exception:  # owed: written once Redis answers, not held HOLD_IN_FLIGHT
             metrics.LIMITER_REDIS_ERRORS.labels("release").inc()
+            self._owed.missed_answer(member, at)
+            self._repair_soon()
 
     def on_rate_limited(self, retry_after: float | None, backoff: float) -> None:
         self.rate_limited += 1
         self.local.on_rate_limited(retry_after, backoff)
-        if self._keys is None or self.backend == "fallback":
+        if self._keys is None or not self._mode().uses_redis:
             return
         pause = retry_after if retry_after is not None and retry_after >= 0 else backoff
         self._spawn(self._share_cooldown(pause))
@@ -351,12 +743,12 @@ class RedisBudget:
             )  # fmt: skip
             self._limit = int(limit)
         except Exception as error:
-            self._fall_back(error)
+            self._report(Event.REDIS_FAILED, error, "cooldown")
 
     async def shared_use(self) -> float | None:
         """The workspace's budget in use over the last window, as Redis sees it (all
         replicas); None when Redis is not in use."""
-        if self._keys is None or self.backend in ("local", "fallback"):
+        if self._keys is None or not self._mode().uses_redis:
             return None
         try:
             server = await asyncio.wait_for(self._redis.time(), self._timeout)
@@ -369,27 +761,120 @@ class RedisBudget:
             return None
         return float(used) / self.rate.limit
 
+    # --- what the log owes ------------------------------------------------------------
+    async def _repair(self) -> bool:
+        """Write what the log owes this replica (``LogRepairs``), one write at a time so
+        that a later one never lands first; whether there was anything to write. Raises
+        what Redis raised."""
+        assert self._keys is not None
+        async with self._repairing:
+            entries = self._owed.entries()
+            if not entries:
+                return False
+            now = self._clock()
+            args: list[object] = [round(HOLD_IN_FLIGHT * 1000),
+                                  round((self._span + HOLD_IN_FLIGHT) * 1000)]  # fmt: skip
+            for member, owed in entries:
+                args += [member, owed.argument(now)]
+            await asyncio.wait_for(
+                self._repair_log(keys=self._keys[:1], args=args), self._timeout
+            )
+            self._owed.written(entries)
+            return True
+
+    def _repair_soon(self) -> None:
+        """Write what is owed in the background (one writer; paused after a failure)."""
+        if (
+            self._repairer is None
+            and self._keys is not None
+            and len(self._owed) > 0
+            and self._clock() >= self._repairs_paused_until
+        ):
+            self._repairer = asyncio.ensure_future(self._repair_in_background())
+
+    async def _repair_in_background(self) -> None:
+        try:
+            while len(self._owed) > 0:
+                try:
+                    await self._repair()
+                except Exception:
+                    metrics.LIMITER_REDIS_ERRORS.labels("repair").inc()
+                    self._repairs_paused_until = self._clock() + REPAIR_PAUSE
+                    return
+                self._report(Event.REDIS_ANSWERED)  # falling back: Redis is back
+        finally:
+            self._repairer = None
+
     # --- modes ------------------------------------------------------------------------
     @property
     def _span(self) -> float:
         return self.rate.window + self.rate.margin
 
-    def _own_recent(self) -> int:
-        return self.local.sent_in_last_window()
+    def _mode(self) -> Mode:
+        """The mode now, once what the clock made due has happened."""
+        event = self._modes.due()
+        if event is not None:
+            self._report(event)
+        return self._modes.mode
 
-    def _fall_back(self, error: BaseException) -> None:
-        if self.backend == "fallback":
+    async def _check(self, fresh: bool) -> None:
+        """CHECKING: one more call decides whether Redis answers (writing what the log
+        owes, a late answer's slot among them, else a ping), on ``fresh`` connections
+        after a connection error."""
+        try:
+            if fresh:
+                await self._drop_connections()
+            if not await self._repair():
+                await asyncio.wait_for(self._redis.ping(), self._timeout)
+        except BaseException as error:  # cancelled too: nobody may wait on the check
+            self._report(Event.REDIS_FAILED, error)
+            if not isinstance(error, Exception):
+                raise
+        else:
+            metrics.LIMITER_REDIS_ERRORS.labels(self._doubt).inc()  # no fallback: counted
+            self._report(Event.REDIS_ANSWERED)
+
+    def _report(
+        self, event: Event, error: BaseException | None = None, operation: str = ""
+    ) -> None:
+        """Tell the state machine (of a failure: of which ``operation``); act on the
+        change it made, if any."""
+        change = self._modes.on(event)
+        if change is None:
             return
-        metrics.LIMITER_FALLBACKS.inc()
-        log.warning(
-            log_events.LIMITER_FALLBACK,
-            error=type(error).__name__,
-            action="using this replica's share of the partitions until Redis answers again",
-        )
-        self.local.hold(self._own_recent())
-        self._next_try = self._clock() + RETRY_REDIS_EVERY
-        self._set_backend("fallback")
-        self._spawn(self._drop_connections())
+        for backend in ("local", "redis", "fallback", "dual"):
+            metrics.LIMITER_BACKEND.labels(backend).set(int(backend == change.after.backend))
+        if change.before is Mode.CHECKING:
+            self._checked.set()
+        if change.after is Mode.CHECKING:
+            self._doubt = operation or "acquire"
+            self._checked.clear()
+            self._spawn(self._check(fresh=not isinstance(error, TimeoutError)))
+        elif change.after is Mode.FALLBACK:
+            metrics.LIMITER_FALLBACKS.inc()
+            log.warning(
+                log_events.LIMITER_FALLBACK,
+                error=type(error).__name__,
+                action="using this replica's share of the partitions until Redis answers again",
+            )
+            self._spawn(self._drop_connections())
+        elif event is Event.EPOCH_CHANGED:
+            # Redis lost its data (a restart without persistence): its log is empty but
+            # the replicas' requests of the last window still count at Gist.
+            log.warning(log_events.LIMITER_REDIS_RESET)
+            for member in self._members.values():  # in flight: owed to the new log
+                self._owed.sent(member)
+        elif change.before is Mode.FALLBACK:
+            log.info(log_events.LIMITER_SHARED_AGAIN)
+        if change.before is Mode.SHARED or change.after in (Mode.CHECKING, Mode.FALLBACK):
+            # The waiters for the shared log took no local grant (SHARED), or Redis is in
+            # doubt: each goes the new mode's way.
+            self._lanes.fail(_Rerouted())
+
+    def _check_epoch(self, epoch: str) -> None:
+        known, self._epoch = self._epoch, epoch
+        if known is not None and epoch != known:
+            self._report(Event.EPOCH_CHANGED)
 
     async def _drop_connections(self) -> None:
         """Close every pooled connection: after a Redis restart each one left open would
@@ -405,41 +890,10 @@ class RedisBudget:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    def _come_back(self) -> None:
-        """Redis may answer again: keep to the share too (Redis did not see the requests
-        made while falling back, ours nor those of replicas that come back up to a retry
-        later) until a window after the last of them."""
-        self.local.hold(self._own_recent())
-        self._dual_until = self._clock() + self._span + RETRY_REDIS_EVERY
-        self._set_backend("dual")
-        log.info(log_events.LIMITER_SHARED_AGAIN)
 
-    def _check_epoch(self, epoch: str) -> None:
-        if self._epoch is not None and epoch != self._epoch and self.backend == "redis":
-            # Redis lost its data (a restart without persistence): its log is empty but
-            # the replicas' requests of the last window still count at Gist.
-            log.warning(log_events.LIMITER_REDIS_RESET)
-            self.local.hold(self._own_recent())
-            self._dual_until = self._clock() + self._span
-            self._set_backend("dual")
-        self._epoch = epoch
-
-    @property
-    def backend(self) -> str:
-        """The budget in use: "local" (before ``start``), "redis", "dual" (back on Redis,
-        held to the local share for one window too) or "fallback"."""
-        if self._backend == "dual" and self._clock() >= self._dual_until:
-            self._set_backend("redis")
-        return self._backend
-
-    def _set_backend(self, backend: str) -> None:
-        self._backend = backend
-        for name in ("local", "redis", "fallback", "dual"):
-            metrics.LIMITER_BACKEND.labels(name).set(1 if name == backend else 0)
-
-
-class _Unavailable(Exception):
-    """Redis did not answer (in time): the replica fell back."""
+class _Rerouted(Exception):
+    """The mode changed while waiting for Redis (Redis failed, or lost its data): the
+    waiter goes the new mode's way."""
 
 
 def redis_client(url: str, password: str | None, timeout: float) -> Any:
@@ -454,4 +908,3 @@ def redis_client(url: str, password: str | None, timeout: float) -> Any:
     if password:
         options["password"] = password
     return Redis.from_url(url, **options)
-

@@ -18,7 +18,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel
 
-from destination.mapping._schema import Rules
+from destination.mapping._schema import Rules, rule_map_notes
 
 DEFAULT_RULES_NAME = "default_rules.yaml"
 
@@ -61,8 +61,10 @@ def default_rules_path() -> Path:
     return Path(str(resources.files("destination.mapping").joinpath(DEFAULT_RULES_NAME)))
 
 
-def load_rules(path: str | Path | None = None) -> Rules:
-    """Load and validate a rules file; ``None`` loads the shipped default.
+def load_rules(path: str | Path | None = None, warnings: list[RulesProblem] | None = None) -> Rules:
+    """Load and validate a rules file; ``None`` loads the shipped default. ``warnings``,
+    when given, receives what a valid file does that its author may not expect
+    (``parse_rules``).
 
     Raises ``OSError`` when the file cannot be read, ``RulesError`` when it is invalid."""
     file = default_rules_path() if path is None else Path(path)
@@ -72,14 +74,19 @@ def load_rules(path: str | Path | None = None) -> Rules:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise RulesError([RulesProblem(str(file), line, "", "expected UTF-8 text")]) from None
-    return parse_rules(text, str(file))
+    return parse_rules(text, str(file), warnings)
 
 
 KeyPath = tuple[str | int, ...]
 
 
-def parse_rules(text: str, file: str = "<rules>") -> Rules:
-    """Validate rules given as YAML text; ``file`` names it in errors."""
+def parse_rules(
+    text: str, file: str = "<rules>", warnings: list[RulesProblem] | None = None
+) -> Rules:
+    """Validate rules given as YAML text; ``file`` names it in errors. ``warnings``, when
+    given, receives (in file order) what the file does to a default rule map: an entry
+    taking the place of a default one, default entries dropped by ``{}`` or ``replace:
+    true``, an entry giving the name a default entry gives."""
     try:
         loader = yaml.SafeLoader(text)
         try:
@@ -109,6 +116,12 @@ def parse_rules(text: str, file: str = "<rules>") -> Rules:
     if errors:
         errors.sort(key=lambda e: e.line or 0)
         raise RulesError(errors)
+    if warnings is not None:
+        found = [
+            RulesProblem(file, _line(path, lines), _dotted(path), note)
+            for path, note in rule_map_notes(data, Rules)
+        ]
+        warnings.extend(sorted(found, key=lambda w: w.line or 0))
     return rules
 
 

@@ -1,8 +1,10 @@
 """One Segment message in, the Gist operations it causes out (or why none).
 
-``Mapper(rules)`` compiles the rules once; ``Mapper.map`` is pure, never raises and
-touches only plain dicts, compiled regexes and small caches per message. Every operation
-carries the priority the rules' ``priorities`` section gives it.
+``Mapper(rules)`` compiles the rules once; ``Mapper.map`` never raises and touches only
+plain dicts, compiled regexes and small caches per message. Every operation carries the
+priority the rules' ``priorities`` section gives it. A field left out of a message that
+is sent (``_reasons.FIELD_DROPS``) is reported to ``on_dropped``: by default counted in
+``fields_dropped_total``; ``gist-destination map`` shows them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Final, cast
 from destination.gist._limiter import Priority
 from destination.gist._models import ContactPayload, EventPayload
 from destination.mapping import _reasons as reasons
+from destination.mapping._commerce import CommerceMapper, is_commerce
 from destination.mapping._schema import CONTACT_FIELDS, EventTag, Rules, TraitTag
 from destination.mapping._syntax import (
     MISSING,
@@ -32,6 +35,7 @@ from destination.mapping._values import (
     MAX_USER_ID,
     TIME_END,
     TIME_RULE,
+    Dropped,
     InvalidField,
     PropertyNames,
     PropertyShaper,
@@ -43,6 +47,7 @@ from destination.mapping._values import (
     message_time,
     time_seconds,
 )
+from destination.observability import metrics
 from destination.operations import (
     ContactAlias,
     ContactDelete,
@@ -53,6 +58,7 @@ from destination.operations import (
     Operation,
     Rejected,
     Skipped,
+    SubscriptionChange,
     TagChange,
 )
 
@@ -242,13 +248,72 @@ def _priority(name: str) -> Priority:
     return Priority[name.upper()]
 
 
-class Mapper:
-    """Maps Segment-spec messages to Gist operations according to ``rules``."""
+DropReport = Callable[[str, str, str], None]
+"""Told of each field left out of a message that is sent: (message type, the field as
+a path, why: a code of ``_reasons.FIELD_DROPS``)."""
 
-    def __init__(self, rules: Rules) -> None:
+
+def count_dropped(message_type: str, field: str, reason: str) -> None:
+    """The default ``DropReport``: ``fields_dropped_total{type,reason}``."""
+    metrics.child(metrics.FIELDS_DROPPED, message_type, reason).inc()
+
+
+CONSENT_EVENT: Final = event_key("Segment Consent Preference Updated")
+"""The track Segment's consent management sends when a person changes their preferences."""
+
+
+class _Consent:
+    """``consent`` rules, compiled: category names compared case-insensitively."""
+
+    def __init__(self, rules: Any) -> None:
+        self.required = frozenset(c.lower() for c in rules.required)
+        self.skip_without = rules.without_consent_data == "skip"
+        self.email = rules.email.lower() if rules.email else None
+        self.subscriptions = tuple(
+            (name, category.lower()) for name, category in rules.subscription_types.items()
+        )
+        self.effects = self.email is not None or bool(self.subscriptions)
+
+    @staticmethod
+    def preferences(message: dict[str, Any]) -> dict[str, bool] | None:
+        """The message's consent preferences by lower-cased category (None: it has none)."""
+        context = message.get("context")
+        consent = context.get("consent") if isinstance(context, dict) else None
+        prefs = consent.get("categoryPreferences") if isinstance(consent, dict) else None
+        if not isinstance(prefs, dict):
+            return None
+        return {str(k).lower(): v for k, v in prefs.items() if isinstance(v, bool)}
+
+    def denied(self, prefs: dict[str, bool] | None) -> bool:
+        """Whether the message may not go to Gist."""
+        if prefs is None:
+            return bool(self.required) and self.skip_without
+        return any(prefs.get(category) is False for category in self.required)
+
+
+class Mapper:
+    """Maps Segment-spec messages to Gist operations according to ``rules``; each field
+    left out of a message that is sent is told to ``on_dropped``."""
+
+    def __init__(self, rules: Rules, on_dropped: DropReport = count_dropped) -> None:
         self.rules = rules
+        self._on_dropped = on_dropped
+        self._dropped: Dropped = []
+        """What mapping the current message left out (emptied per message)."""
         self._integration = rules.integration
         self._on_invalid_drop = rules.invalid_fields == "drop"
+        self._consent = _Consent(rules.consent)
+        self._consent_priority = _priority(rules.priorities.consent)
+        self._commerce = (
+            CommerceMapper(
+                _priority(rules.priorities.orders),
+                _priority(rules.priorities.carts),
+                self._invalid,
+            )
+            if rules.ecommerce.enabled
+            else None
+        )
+        self._commerce_events = rules.ecommerce.send_events
         self._user_ids = tuple(_source((p,)) for p in rules.identity.user_id)
         self._emails = tuple(_source((p,)) for p in rules.identity.email)
         self._good_emails: set[str] = set()
@@ -289,6 +354,7 @@ class Mapper:
             skip=frozenset(used_traits),
             reserved=CONTACT_FIELDS,
             drop_invalid=drop,
+            dropped=self._dropped,
         )
         self._audiences = rules.engage.audiences
         self._computed_traits = rules.engage.computed_traits
@@ -300,7 +366,12 @@ class Mapper:
         self._event_rename = {event_key(k): v for k, v in track.events.rename.items()}
         self._event_cache: dict[str, tuple[str, str | None, tuple[_TagRule, ...], Priority]] = {}
         self._track_properties = PropertyShaper(
-            track.properties, names, convert, label="properties", drop_invalid=drop
+            track.properties,
+            names,
+            convert,
+            label="properties",
+            drop_invalid=drop,
+            dropped=self._dropped,
         )
 
         self._trait_tags = tuple(_TagRule(rule) for rule in rules.tags.traits)
@@ -308,11 +379,21 @@ class Mapper:
 
         self._page_names = tuple(Template(t) for t in rules.page.event)
         self._page_properties = PropertyShaper(
-            rules.page.properties, names, convert, label="properties", drop_invalid=drop
+            rules.page.properties,
+            names,
+            convert,
+            label="properties",
+            drop_invalid=drop,
+            dropped=self._dropped,
         )
         self._screen_names = tuple(Template(t) for t in rules.screen.event)
         self._screen_properties = PropertyShaper(
-            rules.screen.properties, names, convert, label="properties", drop_invalid=drop
+            rules.screen.properties,
+            names,
+            convert,
+            label="properties",
+            drop_invalid=drop,
+            dropped=self._dropped,
         )
         self._group_traits = PropertyShaper(
             rules.group.traits,
@@ -322,6 +403,7 @@ class Mapper:
             prefix=rules.group.prefix,
             reserved=CONTACT_FIELDS,
             drop_invalid=drop,
+            dropped=self._dropped,
         )
 
         handlers: dict[str, Callable[[dict[str, Any], str], MapResult]] = {
@@ -350,7 +432,20 @@ class Mapper:
 
     def map(self, message: object) -> MapResult:
         """The operations ``message`` causes, or why it is skipped or rejected. Never
-        raises."""
+        raises. When the message is sent, each field left out of it is told to
+        ``on_dropped``."""
+        dropped = self._dropped
+        if dropped:
+            dropped.clear()
+        result = self._map(message)
+        if dropped and type(result) is Mapped:
+            kind = result.message_type
+            report = self._on_dropped
+            for field, reason in dropped:
+                report(kind, field, reason)
+        return result
+
+    def _map(self, message: object) -> MapResult:
         kind = "unknown"
         try:
             if not isinstance(message, dict):
@@ -379,13 +474,73 @@ class Mapper:
             switches = message.get("integrations")
             if isinstance(switches, dict) and self._switched_off(switches):
                 return Skipped(kind, reasons.INTEGRATION_OFF)
-            return handler(message, kind)
+            consent = self._consent
+            prefs = consent.preferences(message)
+            if kind != "delete" and consent.denied(prefs):  # a deletion always goes
+                return Skipped(kind, reasons.NO_CONSENT)
+            result = handler(message, kind)
+            if prefs and consent.effects and type(result) is Mapped:
+                result = self._consent_changes(message, kind, prefs, result)
+            return result
         except _Reject as rejection:
             return Rejected(kind, rejection.reason, rejection.detail)
         except InvalidField as invalid:
             return Rejected(kind, reasons.INVALID_FIELD, invalid.detail)
         except Exception as exc:  # the promise is "never raises": say so instead
             return Rejected(kind, reasons.MAPPING_ERROR, f"{type(exc).__name__} while mapping")
+
+    def _consent_changes(
+        self, message: dict[str, Any], kind: str, prefs: dict[str, bool], result: Mapped
+    ) -> Mapped:
+        """An identify, or the track Segment's consent management sends when preferences
+        change: the e-mail consent becomes ``unsubscribed_from_emails`` and the rules'
+        subscription types are set as their categories say."""
+        if kind == "track":
+            name = message.get("event")
+            if not isinstance(name, str) or event_key(name) != CONSENT_EVENT:
+                return result
+        elif kind != "identify":
+            return result
+        consent = self._consent
+        user_id, email = self._identity(message)
+        if user_id is None and email is None:
+            return result
+        message_id, timestamp = self._stamp(message)
+        operations = list(result.operations)
+        changes = [
+            SubscriptionChange(
+                name, subscribed, user_id, email, message_id, timestamp, self._consent_priority
+            )
+            for name, category in consent.subscriptions
+            if (subscribed := prefs.get(category)) is not None
+        ]
+        unsubscribed: bool | None = None
+        if consent.email is not None and consent.email in prefs:
+            unsubscribed = not prefs[consent.email]
+        if unsubscribed is None and not changes:
+            return result
+        upserts = [op for op in operations if isinstance(op, ContactUpsert)]
+        if upserts:
+            if unsubscribed is not None:
+                cast(dict[str, Any], upserts[0].contact)["unsubscribed_from_emails"] = unsubscribed
+        else:
+            # Gist (un)subscribes only a contact it has: the upsert makes sure of it (and
+            # costs nothing when contact memory knows the contact).
+            contact: dict[str, Any] = {}
+            if unsubscribed is not None:
+                contact["unsubscribed_from_emails"] = unsubscribed
+            if user_id is not None:
+                contact["user_id"] = user_id
+            if email is not None:
+                contact["email"] = email
+            operations.insert(
+                0,
+                ContactUpsert(
+                    cast(ContactPayload, contact), message_id, timestamp, self._consent_priority
+                ),
+            )
+        operations.extend(changes)
+        return Mapped(result.message_type, tuple(operations))
 
     def _switched_off(self, switches: dict[str, Any]) -> bool:
         # Segment's rule: the destination's own switch wins, else "All", else on.
@@ -464,6 +619,7 @@ class Mapper:
         """A field Gist cannot take: reject, unless the rules say drop it (return)."""
         if not self._on_invalid_drop:
             raise _Reject(reasons.INVALID_FIELD, f"{path} must be {expected}")
+        self._dropped.append((path, reasons.INVALID_FIELD_DROPPED))
 
     def _custom_property(self, key: str, path: str) -> str | None:
         """The custom property an Engage key (an audience, a computed trait) sets, or
@@ -506,18 +662,30 @@ class Mapper:
         traits = message.get("traits")
         if type(traits) is not dict:
             traits = self._object(message, "traits")
+        context = message.get("context")
+        if not isinstance(context, dict):
+            context = {}
+        known = context.get("traits")
+        if type(known) is dict and known:
+            # Traits known at the time (RudderStack's SDKs send identify traits only
+            # there): the message's own traits win. Every traits.* path of the rules
+            # reads the merged traits.
+            traits = {**known, **traits}
+            message = {**message, "traits": traits}
         user_id, email = self._identity(message)
         if user_id is None and email is None:
             raise self._no_identity(message, "identify needs a userId or an email")
         contact: dict[str, Any] = {}
         if user_id is not None:
             contact["user_id"] = user_id
+            for key in _USER_ID_TRAITS:
+                if key in traits and _is_id(traits[key], user_id):
+                    # the identity, already sent as user_id (RudderStack's mobile SDKs
+                    # repeat it in context.traits): not a custom property
+                    traits = {k: v for k, v in traits.items() if k != key}
         if email is not None:
             contact["email"] = email
 
-        context = message.get("context")
-        if not isinstance(context, dict):
-            context = {}
         fields = self._inactive_fields if context.get("active") is False else self._fields
         trait, traits_joined, in_context, missing = _TRAIT, _TRAITS_JOINED, _CONTEXT, MISSING
         for name, sources, convert, nullable in fields:
@@ -622,7 +790,7 @@ class Mapper:
                 if isinstance(message_id, int) and not isinstance(message_id, bool)
                 else None
             )
-        return message_id, message_time(message, self._on_invalid_drop)
+        return message_id, message_time(message, self._on_invalid_drop, self._dropped)
 
     # track -----------------------------------------------------------------------------
 
@@ -658,6 +826,12 @@ class Mapper:
                 if not self._engage_events:
                     event_name = None  # the property is what Gist needs, not the event
 
+        commerce = None
+        if self._commerce is not None and is_commerce(key):
+            commerce = self._commerce.write(key, message, properties, user_id, email, stamp)
+            if commerce is not None and not self._commerce_events:
+                event_name = None  # the e-commerce record is what Gist needs
+
         if event_name is not None:
             event: dict[str, Any] = {"event_name": event_name}
             if user_id is not None:
@@ -670,6 +844,8 @@ class Mapper:
             if stamp[1] is not None:
                 event["occurred_at"] = int(stamp[1])
             ops.append(EventTrack(cast(EventPayload, event), *stamp, priority))
+        if commerce is not None:
+            ops.append(commerce)
         if tag_rules:
             ops.extend(
                 TagChange(tag, user_id, email, untag, *stamp, priority)
@@ -784,9 +960,14 @@ class Mapper:
 
     def _group(self, message: dict[str, Any], kind: str) -> MapResult:
         traits = self._object(message, "traits")
-        user_id, email = self._identity(message)
+        # A group's traits are the company's (its email is the company's address): the
+        # identity's traits.* paths read the user's, context.traits.
+        context = message.get("context")
+        known = context.get("traits") if isinstance(context, dict) else None
+        user = {**message, "traits": known if type(known) is dict else {}}
+        user_id, email = self._identity(user)
         if user_id is None and email is None:
-            raise self._no_identity(message, "group needs a userId or an email")
+            raise self._no_identity(user, "group needs a userId or an email")
         group_id = message.get("groupId")
         if (
             "id" not in traits
@@ -824,6 +1005,17 @@ class Mapper:
             raise self._no_identity(message, "delete needs a userId or an email")
         delete = ContactDelete(user_id, email, *self._stamp(message), self._priority[kind])
         return Mapped(kind, (delete,))
+
+
+_USER_ID_TRAITS: Final = ("userId", "user_id")
+"""Traits that repeat the message's userId when a library copies it into the traits."""
+
+
+def _is_id(value: Any, user_id: str) -> bool:
+    """``value`` is ``user_id`` as written (an integer as its decimal)."""
+    if isinstance(value, str):
+        return value == user_id
+    return isinstance(value, int) and not isinstance(value, bool) and str(value) == user_id
 
 
 _PREVIOUS_ID: Final = (_source(("previousId",)),)

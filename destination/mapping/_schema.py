@@ -11,13 +11,28 @@ the mapper compiles them once into plain callables and never touches them per me
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 from annotated_types import MinLen
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 from pydantic.json_schema import WithJsonSchema
 
-from destination.mapping._syntax import Scalar, parse_path, parse_template, pattern_regex
+from destination.mapping._syntax import (
+    Scalar,
+    event_key,
+    parse_path,
+    parse_template,
+    pattern_regex,
+)
 
 
 def _one_or_many(what: str, item: Any = str) -> BeforeValidator:
@@ -124,6 +139,137 @@ def _condition_values(value: Any) -> Any:
     return tuple(values)
 
 
+# Rule maps (renames, priorities by event) ----------------------------------------------
+
+REPLACE: Final = "replace"
+"""The key of a rule map that says whether the file's entries replace the default's."""
+
+
+@dataclass(frozen=True, slots=True)
+class RuleMap:
+    """Marks a field as a rule map: a map a file *adds to* its default (the file's entry
+    wins for a key both have, keys compared by ``key``), unless the map as written is
+    ``{}`` (no entries at all) or says ``replace: true`` (only the file's entries)."""
+
+    key: Callable[[str], str] = str.lower
+
+
+def _no_stray_replace(value: Any) -> Any:
+    # What the merge leaves of a ``replace`` key is one that is not true or false.
+    if isinstance(value, dict) and REPLACE in value:
+        raise ValueError(
+            f"{REPLACE}: expected true or false ({REPLACE}: true keeps only this file's "
+            f"entries; a field named {REPLACE!r} is written {REPLACE.title()!r}, names "
+            "match case-insensitively)"
+        )
+    return value
+
+
+_RULE_MAP_SCHEMA: Final[dict[str, Any]] = {
+    "properties": {
+        REPLACE: {
+            "type": "boolean",
+            "description": (
+                "true: only this map's entries; false or absent: they are added to the "
+                "default's (an entry here wins). {} clears the default's."
+            ),
+        }
+    }
+}
+
+
+_REPLACE_CHECK: Final = BeforeValidator(_no_stray_replace)
+_REPLACE_SCHEMA: Final[Any] = Field(json_schema_extra=_RULE_MAP_SCHEMA)
+
+
+def merge_rule_map(
+    default: dict[str, Any], given: dict[Any, Any], key: Callable[[str], str]
+) -> dict[Any, Any]:
+    """The map a file's ``given`` entries make of ``default`` (see ``RuleMap``). A
+    ``replace`` that is not true or false is left in for validation to report."""
+    if not given:
+        return {}
+    replace = given.get(REPLACE)
+    if not isinstance(replace, bool):
+        replace = False
+        entries = dict(given)
+    else:
+        entries = {k: v for k, v in given.items() if k != REPLACE}
+    if replace or not default:
+        return entries
+    named = {_map_key(k, key) for k in entries}
+    return {**entries, **{k: v for k, v in default.items() if _map_key(k, key) not in named}}
+
+
+def _map_key(name: Any, key: Callable[[str], str]) -> Any:
+    return key(name) if isinstance(name, str) else name
+
+
+def _rule_maps(model: type[BaseModel]) -> Iterator[tuple[str, RuleMap, Any]]:
+    """(field name, its ``RuleMap``, its default) for each rule map of ``model``."""
+    for name, field in model.model_fields.items():
+        for meta in field.metadata:
+            if isinstance(meta, RuleMap):
+                yield name, meta, field.default
+
+
+def rule_map_notes(data: Any, model: type[BaseModel]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Warnings for the rule maps of a file's ``data`` read as ``model`` (key path, what
+    to know): an entry that takes the place of a default entry, default entries that
+    ``{}`` or ``replace: true`` drop, and an entry that gives the name a kept default
+    entry gives (two fields one property). Nothing here makes a file invalid."""
+    if not isinstance(data, dict):
+        return
+    maps = {name: (meta, default) for name, meta, default in _rule_maps(model)}
+    for name, value in data.items():
+        field = model.model_fields.get(name) if isinstance(name, str) else None
+        if field is None or not isinstance(value, dict):
+            continue
+        if name in maps:
+            meta, default = maps[name]
+            yield from _map_notes((name,), value, default, meta.key)
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, _Section):
+            for path, note in rule_map_notes(value, field.annotation):
+                yield (name, *path), note
+
+
+def _map_notes(
+    path: tuple[str, ...], given: dict[Any, Any], default: dict[str, Any], key: Callable[[str], str]
+) -> Iterator[tuple[tuple[str, ...], str]]:
+    if not default:
+        return
+    merged = merge_rule_map(default, given, key)
+    named = {_map_key(k, key) for k in merged}
+    by_key = {key(k): k for k in default}
+    dropped = [k for k in default if key(k) not in named]
+    if dropped:
+        how = "{}" if not given else f"{REPLACE}: true"
+        listed = ", ".join(f"{k}: {default[k]}" for k in dropped)
+        note = f"{how} drops the default entries {listed}"
+        reserved = [k for k in dropped if k in CONTACT_FIELDS]
+        if len(reserved) == 1:
+            note += f" (a field named {reserved[0]} is then an invalid field unless excluded)"
+        elif reserved:
+            names = ", ".join(reserved)
+            note += f" (fields named {names} are then invalid fields unless excluded)"
+        yield path, note
+    kept_targets = {v: k for k, v in default.items() if merged.get(k) == v}
+    for name, value in given.items():
+        if not isinstance(name, str) or name == REPLACE:
+            continue
+        shadowed = by_key.get(key(name))
+        if shadowed is not None and value != default[shadowed]:
+            note = f"takes the place of the default entry {shadowed}: {default[shadowed]}"
+            yield (*path, name), note
+        elif shadowed is None and isinstance(value, str) and value in kept_targets:
+            other = kept_targets[value]
+            note = (
+                f"gives {value!r} as the default entry {other}: {value} does: a message "
+                f"with both {name} and {other} (different values) has an invalid field"
+            )
+            yield (*path, name), note
+
+
 # ``json_schema_input_type`` and ``WithJsonSchema`` below shape only the JSON Schema of
 # the file (``rules_json_schema``): the shorthands a user may write, and what an editor
 # can check of the validators.
@@ -157,9 +303,36 @@ EventPattern = Annotated[str, AfterValidator(_check_pattern)]
 PriorityName = Annotated[Literal["high", "normal", "low"], BeforeValidator(_not_critical)]
 """A lane at Gist's rate limit, as rules name it (``Priority`` in lower case)."""
 
+_BY_NAME: Final = RuleMap()
+Renames = Annotated[dict[str, PropertyName], _BY_NAME, _REPLACE_CHECK, _REPLACE_SCHEMA]
+CustomRenames = Annotated[dict[str, CustomPropertyName], _BY_NAME, _REPLACE_CHECK, _REPLACE_SCHEMA]
+EventRenames = Annotated[
+    dict[EventName, EventName], RuleMap(event_key), _REPLACE_CHECK, _REPLACE_SCHEMA
+]
+EventPriorities = Annotated[
+    dict[EventPattern, PriorityName], _BY_NAME, _REPLACE_CHECK, _REPLACE_SCHEMA
+]
+
+
+_MAPS_OF: dict[type[BaseModel], tuple[tuple[str, RuleMap, Any], ...]] = {}
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _add_rule_maps_to_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        maps = _MAPS_OF.get(cls)
+        if maps is None:
+            maps = _MAPS_OF[cls] = tuple(_rule_maps(cls))
+        for name, meta, default in maps:
+            given = data.get(name)
+            if isinstance(given, dict):
+                data = {**data, name: merge_rule_map(default, given, meta.key)}
+        return data
 
 
 class PropertySelection(_Section):
@@ -170,14 +343,14 @@ class PropertySelection(_Section):
 
     include: Patterns = ("*",)
     exclude: Patterns = ()
-    rename: dict[str, PropertyName] = {}
+    rename: Renames = {}
 
 
 class ContactPropertySelection(PropertySelection):
     """A ``PropertySelection`` whose properties are the contact's custom properties: no
     rename gives one the name of a contact field (``CONTACT_FIELDS``)."""
 
-    rename: dict[str, CustomPropertyName] = {}
+    rename: CustomRenames = {}
 
 
 class EventSelection(_Section):
@@ -186,7 +359,7 @@ class EventSelection(_Section):
 
     include: Patterns = ("*",)
     exclude: Patterns = ()
-    rename: dict[EventName, EventName] = {}
+    rename: EventRenames = {}
 
 
 class Identity(_Section):
@@ -202,7 +375,7 @@ class Values(_Section):
     keys: Literal["snake_case", "lower_case"] = "snake_case"
     dates: Literal["unix", "keep"] = "unix"
     lists: Literal["keep", "join", "drop"] = "keep"
-    list_objects: Literal["drop", "json"] = "drop"
+    list_objects: Literal["flatten", "json", "drop"] = "flatten"
     nulls: Literal["keep", "drop"] = "keep"
     event_names: Literal["as_sent", "lower_case"] = "as_sent"
 
@@ -228,10 +401,17 @@ SEGMENT_TRAIT_RENAMES: dict[str, str] = {"id": "segment_id", "avatar": "avatar_u
 property may be): renamed by default so that identifies carrying them keep flowing."""
 
 
+class IdentifyTraits(ContactPropertySelection):
+    """The traits an identify copies as custom properties: Segment's ``id`` and
+    ``avatar`` are renamed unless the file's ``rename`` drops those entries."""
+
+    rename: CustomRenames = SEGMENT_TRAIT_RENAMES
+
+
 class Identify(_Section):
     enabled: bool = True
     fields: ContactFields = ContactFields()
-    traits: ContactPropertySelection = ContactPropertySelection(rename=SEGMENT_TRAIT_RENAMES)
+    traits: IdentifyTraits = IdentifyTraits()
 
 
 class Engage(_Section):
@@ -328,8 +508,82 @@ class Priorities(_Section):
     Exited), whatever their type or event says."""
 
     types: TypePriorities = TypePriorities()
-    events: dict[EventPattern, PriorityName] = {}
+    events: EventPriorities = {}
     audiences: PriorityName = "high"
+    consent: PriorityName = "high"
+    """E-mail consent and subscription-type changes (``consent``)."""
+    orders: PriorityName = "normal"
+    """E-commerce orders and their updates, with the customers and products they need."""
+    carts: PriorityName = "low"
+    """E-commerce carts, with the customers and products they need."""
+
+
+class Consent(_Section):
+    """Segment's consent categories (``context.consent.categoryPreferences``), as
+    Segment's consent management applies them to a destination."""
+
+    required: tuple[Annotated[str, AfterValidator(_check_non_empty)], ...] = ()
+    """Categories Gist needs: a message that sets any of them to false is skipped
+    (``no_consent``), never sent (a delete is never skipped)."""
+    without_consent_data: Literal["send", "skip"] = "send"
+    """A message with no consent preferences: sent (as Segment does), or skipped."""
+    email: Annotated[str, AfterValidator(_check_non_empty)] | None = None
+    """The category whose preference is the contact's e-mail consent: false sets
+    ``unsubscribed_from_emails``, true clears it."""
+    subscription_types: dict[str, str] = {}
+    """Gist subscription type (by name) -> the category whose preference subscribes the
+    contact to it (true) or unsubscribes it (false)."""
+
+
+def _check_currency(text: str) -> str:
+    if not re.fullmatch(r"[A-Z]{3}", text):
+        raise ValueError("a currency is an ISO 4217 code: three capital letters (USD)")
+    return text
+
+
+NonEmpty = Annotated[str, AfterValidator(_check_non_empty), WithJsonSchema(_NON_EMPTY_SCHEMA)]
+Currency = Annotated[
+    str,
+    AfterValidator(_check_currency),
+    WithJsonSchema({"type": "string", "pattern": "^[A-Z]{3}$"}),
+]
+
+
+def _id_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Store(_Section):
+    """An e-commerce store the worker creates at its first start, and finds again by
+    ``domain`` at every later one (by any replica)."""
+
+    name: NonEmpty
+    domain: NonEmpty
+    currency: Currency
+    """The store's currency: the default of an order or cart without ``currency``."""
+    abandon_cart_hours: Annotated[float, Field(gt=0)] = 1.0
+    """After how many hours Gist calls a cart abandoned."""
+
+
+class Ecommerce(_Section):
+    """Segment's E-commerce Spec (v2) to Gist's e-commerce API (customers, products and
+    variants, carts, orders): off until a store is named, by ``store_id`` or ``store``."""
+
+    store_id: Annotated[NonEmpty | None, BeforeValidator(_id_text)] = None
+    """An existing store of the workspace (start-up fails if it has no such store)."""
+    store: Store | None = None
+    send_events: bool = True
+    """Each e-commerce track is also sent as its plain event."""
+
+    @model_validator(mode="after")
+    def _one_store(self) -> Ecommerce:
+        if self.store_id is not None and self.store is not None:
+            raise ValueError("name the store by store_id or by store, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.store_id is not None or self.store is not None
 
 
 class Rules(_Section):
@@ -351,6 +605,8 @@ class Rules(_Section):
     group: Group = Group()
     alias: Switch = Switch()
     delete: Switch = Switch()
+    consent: Consent = Consent()
+    ecommerce: Ecommerce = Ecommerce()
     priorities: Priorities = Priorities()
 
     def summary(self) -> str:

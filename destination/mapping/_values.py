@@ -16,6 +16,13 @@ from typing import Any, Final, Literal
 
 import orjson
 
+from destination.mapping._reasons import (
+    INVALID_FIELD_DROPPED,
+    LIST_OBJECTS,
+    LISTS,
+    NO_NAME,
+    TOO_DEEP,
+)
 from destination.mapping._schema import PropertySelection, Values
 from destination.mapping._syntax import Matcher
 
@@ -23,7 +30,12 @@ DROP: Final[Any] = type("Drop", (), {"__repr__": lambda self: "DROP"})()
 """What converting a value gives when it is not sent."""
 
 MAX_DEPTH: Final = 8
-"""Objects nested deeper than this are dropped rather than flattened further."""
+"""Objects nested deeper than this are dropped (and reported) rather than flattened
+further."""
+
+Dropped = list[tuple[str, str]]
+"""What was left out of a message's properties: (the field, why: a code of
+``_reasons.FIELD_DROPS``), in the order found."""
 
 CACHE_LIMIT: Final = 8192
 """Entries per cache before it is cleared (names repeat; this only bounds a flood of
@@ -189,11 +201,13 @@ MESSAGE_TIMES: Final = ("timestamp", "originalTimestamp", "sentAt", "receivedAt"
 """Where a message says when it happened, in the order they are read."""
 
 
-def message_time(message: Mapping[str, Any], drop_invalid: bool = False) -> float | None:
+def message_time(
+    message: Mapping[str, Any], drop_invalid: bool = False, dropped: Dropped | None = None
+) -> float | None:
     """When the message happened, in epoch seconds: the first of ``MESSAGE_TIMES``
     present (not null); ``None`` if none is. One that is present but not a time
     (``time_seconds``) raises ``InvalidField``, or with ``drop_invalid`` is passed over
-    for the next; those after the one used are not read."""
+    for the next (and added to ``dropped``); those after the one used are not read."""
     value = message.get("timestamp")
     if type(value) is str:  # the usual case
         seconds = iso_seconds(value)
@@ -208,6 +222,8 @@ def message_time(message: Mapping[str, Any], drop_invalid: bool = False) -> floa
             return seconds
         if not drop_invalid:
             raise InvalidField(f"{key} must be {TIME_RULE}")
+        if dropped is not None:
+            dropped.append((key, INVALID_FIELD_DROPPED))
     return None
 
 
@@ -244,18 +260,25 @@ class ValueConverter:
     """Turns one property value into what is sent, or ``DROP``.
 
     Strings that are ISO-8601 dates become unix seconds (``dates: unix``); lists of
-    scalars are kept, joined with ``,`` or dropped (``lists``); objects and lists inside a
-    list are dropped or JSON-encoded (``list_objects``); ``null`` is kept or dropped
-    (``nulls``). An integer beyond signed 64 bits raises ``Unsendable``: Gist cannot
-    store it, and as a string it would change type from one message to the next."""
+    scalars are kept, joined with ``,`` or dropped (``lists``); lists inside a list are
+    JSON-encoded unless ``list_objects: drop``, and so are objects in a list that is not
+    flattened into columns (``PropertyShaper``: ``list_objects: flatten``, the default)
+    unless ``list_objects: drop``; ``null`` is kept or dropped (``nulls``). An integer
+    beyond signed 64 bits raises ``Unsendable``: Gist cannot store it, and as a string it
+    would change type from one message to the next."""
 
-    __slots__ = ("_join", "_json_items", "_keep_lists", "dates", "keep_nulls")
+    __slots__ = (
+        "_join", "_json_items", "dates", "drop_objects", "flatten_objects", "keep_lists",
+        "keep_nulls",
+    )  # fmt: skip
 
     def __init__(self, values: Values) -> None:
         self.dates = values.dates == "unix"
-        self._keep_lists = values.lists != "drop"
+        self.keep_lists = values.lists != "drop"
         self._join = values.lists == "join"
-        self._json_items = values.list_objects == "json"
+        self._json_items = values.list_objects != "drop"
+        self.drop_objects = values.list_objects == "drop"
+        self.flatten_objects = values.list_objects == "flatten" and self.keep_lists
         self.keep_nulls = values.nulls == "keep"
 
     def __call__(self, value: Any) -> Any:
@@ -280,7 +303,7 @@ class ValueConverter:
 
     def convert_list(self, items: list[Any]) -> Any:
         """A list as ``lists`` and ``list_objects`` say."""
-        if not self._keep_lists:
+        if not self.keep_lists:
             return DROP
         out: list[Any] = []
         for item in items:
@@ -298,11 +321,15 @@ class ValueConverter:
                 converted = self(item)
             if converted is not DROP:
                 out.append(converted)
+        return self.column(out)
+
+    def column(self, items: list[Any]) -> Any:
+        """A list of values already converted, as ``lists`` says (kept or joined)."""
         if self._join:
             return ",".join(
-                "" if v is None else v if isinstance(v, str) else _json_text(v) for v in out
+                "" if v is None else v if isinstance(v, str) else _json_text(v) for v in items
             )
-        return out
+        return items
 
     def _unusual(self, value: Any) -> Any:
         """Subclasses of JSON types (from Python callers); anything else is dropped."""
@@ -335,10 +362,21 @@ class PropertyShaper:
     ``include`` / ``exclude`` / ``rename`` applied to the names as sent (nested names
     dotted). ``skip`` names fields used elsewhere (e.g. traits mapped to contact fields).
 
+    A list holding objects is, under ``list_objects: flatten``, sent as columns: each
+    field of its objects (nested ones flattened) becomes a list property
+    ``<list>_<field>`` with one item per object, in order, ``null`` where an object lacks
+    the field; a list inside an object is JSON text; the list's other items stay a list
+    under its own name. Patterns and renames see a column's field as ``list.field``.
+
     No property takes a ``reserved`` name, and two fields that give one property name
     must hold the same value (it is then sent once): otherwise ``shape`` raises
     ``InvalidField``, or with ``drop_invalid`` leaves the property out (both values, for
     a collision: which one is right cannot be known).
+
+    Nothing is left out without a word: each field not sent for a reason other than the
+    selection (``include`` / ``exclude``) is added to ``dropped`` (the list given, shared
+    with the mapper, which empties it per message) with a code of
+    ``_reasons.FIELD_DROPS``.
 
     Everything about a field but its value follows from its path, so what to do with
     each path is worked out once and cached: the per-message loop is a dict look-up and
@@ -346,8 +384,9 @@ class PropertyShaper:
     """
 
     __slots__ = (
-        "_convert", "_dates", "_drop_invalid", "_exclude", "_include", "_keep_nulls",
-        "_keys", "_label", "_names", "_nested", "_prefix", "_rename", "_reserved", "_skip",
+        "_convert", "_dates", "_drop_invalid", "_drop_objects", "_dropped", "_exclude",
+        "_flatten", "_include", "_keep_lists", "_keep_nulls", "_keys", "_label", "_names",
+        "_nested", "_prefix", "_rename", "_reserved", "_skip",
     )  # fmt: skip
 
     def __init__(
@@ -361,6 +400,7 @@ class PropertyShaper:
         prefix: str = "",
         reserved: frozenset[str] = frozenset(),
         drop_invalid: bool = False,
+        dropped: Dropped | None = None,
     ) -> None:
         self._include = Matcher(selection.include)
         self._exclude = Matcher(selection.exclude)
@@ -369,26 +409,32 @@ class PropertyShaper:
         self._convert = convert
         self._dates = convert.dates
         self._keep_nulls = convert.keep_nulls
+        self._keep_lists = convert.keep_lists
+        self._flatten = convert.flatten_objects
+        self._drop_objects = convert.drop_objects
         self._label = label
         self._skip = skip
         self._prefix = prefix
         self._reserved = reserved
         self._drop_invalid = drop_invalid
+        self._dropped: Dropped = [] if dropped is None else dropped
         self._keys: dict[Any, str | Literal[False]] = {}
         """path -> the property a value there is sent as; "" when it is not sent; False
-        when its name is reserved."""
-        self._nested: dict[Any, tuple[str, str, bool] | None] = {}
-        """path -> ``_nested_plan`` for an object there."""
+        when its name is reserved or names nothing (``"$$"``)."""
+        self._nested: dict[Any, tuple[str, str, bool] | Literal[False] | None] = {}
+        """path -> ``_nested_plan`` for an object (or a list of objects) there."""
 
     def shape(self, source: Mapping[Any, Any]) -> dict[str, Any]:
         """``source``'s properties (``InvalidField`` for a reserved name or a collision,
         unless ``drop_invalid``)."""
         out: dict[str, Any] = {}
+        reported = len(self._dropped)
         if self._walk(source, out, "", self._prefix, False, 0, False) == len(out):
             return out
         # Fewer properties than fields written: two fields gave one name. Again, checking
-        # every write (the usual walk does not, to stay lean).
+        # every write (the usual walk does not, to stay lean), and reporting again.
         out = {}
+        del self._dropped[reported:]
         try:
             self._walk(source, out, "", self._prefix, False, 0, True)
         except _Collision as collision:
@@ -398,30 +444,39 @@ class PropertyShaper:
                 f"{self._label}.{field_name(collision.path)} both become "
                 f"property {field_name(collision.key)!r}, with different values"
             ) from None
-        return {key: value for key, value in out.items() if value is not _CONFLICT}
+        shaped: dict[str, Any] = {}
+        for key, value in out.items():
+            if value is _CONFLICT:
+                where = f"{self._label} property {field_name(key)}"
+                self._dropped.append((where, INVALID_FIELD_DROPPED))
+            else:
+                shaped[key] = value
+        return shaped
 
     def _decide(
         self, path: Any, name: Any, key_prefix: str, inherited: bool
     ) -> tuple[str | None, bool]:
-        """(property name, or None when nothing at ``path`` is sent; whether its value is
-        sent) for the field at ``path`` inside an object whose children are named
-        ``key_prefix...`` and sent or not by ``inherited``."""
-        if not isinstance(name, str) or path in self._skip:
+        """(property name, or None when nothing at ``path`` is sent, or "" when its name
+        names nothing (``"$$"``); whether its value is sent) for the field at ``path``
+        inside an object whose children are named ``key_prefix...`` and sent or not by
+        ``inherited``."""
+        if not isinstance(name, str) or path in self._skip or self._exclude(path):
             return None, False
         renamed = self._rename.get(path.lower())
+        if renamed is not None:
+            return renamed, True
         safe = self._names(name)
-        key = renamed or (key_prefix + safe if safe else None)  # "$$" leaves nothing
-        if key is None or self._exclude(path):
-            return None, False
-        return key, inherited or renamed is not None or self._include(path)
+        return (key_prefix + safe if safe else ""), inherited or self._include(path)
 
-    def _key(
-        self, path: Any, name: Any, key_prefix: str, inherited: bool
-    ) -> str | Literal[False]:
+    def _key(self, path: Any, name: Any, key_prefix: str, inherited: bool) -> str | Literal[False]:
         key, included = self._decide(path, name, key_prefix, inherited)
-        plan: str | Literal[False] = key if key is not None and included else ""
-        if plan in self._reserved:
+        plan: str | Literal[False]
+        if key is None or not included:
+            plan = ""
+        elif not key or key in self._reserved:
             plan = False
+        else:
+            plan = key
         if len(self._keys) >= CACHE_LIMIT:
             self._keys.clear()
         self._keys[path] = plan
@@ -453,18 +508,29 @@ class PropertyShaper:
                 plan = nested.get(path, DROP)
                 if plan is DROP:
                     plan = self._nested_plan(path, name, key_prefix, inherited)
-                if plan is not None and depth < MAX_DEPTH:
-                    written += self._walk(
-                        value, out, plan[0], plan[1], plan[2], depth + 1, check
-                    )
+                if plan:
+                    if depth < MAX_DEPTH:
+                        written += self._walk(
+                            value, out, plan[0], plan[1], plan[2], depth + 1, check
+                        )
+                    else:
+                        self._drop(path, TOO_DEEP)
+                elif plan is False:
+                    self._drop(path, NO_NAME)
+                continue
+            if kind is list and self._flatten and _holds_objects(value):
+                written -= 1
+                written += self._columns(
+                    value, out, path, name, key_prefix, inherited, depth, check
+                )
                 continue
             key = keys.get(path)
             if key is None:
                 key = self._key(path, name, key_prefix, inherited)
-            if not key:  # not sent ("") or a reserved name (False)
+            if not key:  # not sent (""), or a reserved name or none (False)
                 written -= 1
                 if key is False:
-                    self._invalid(path, self._reserved_problem(path, name, key_prefix, inherited))
+                    self._refused(path, name, key_prefix, inherited)
                 continue
             if kind is str:
                 if dates and len(value) > 9 and value[4] == "-":
@@ -472,9 +538,7 @@ class PropertyShaper:
                     if seconds is not None:
                         value = int(seconds)
             elif (
-                kind is float
-                or kind is bool
-                or (kind is int and _INT64_MIN <= value <= _INT64_MAX)
+                kind is float or kind is bool or (kind is int and _INT64_MIN <= value <= _INT64_MAX)
             ):
                 pass
             elif value is None:
@@ -482,21 +546,15 @@ class PropertyShaper:
                     written -= 1
                     continue
             elif kind is list:
-                try:
-                    value = self._convert.convert_list(value)
-                except Unsendable as exc:
-                    self._invalid(path, f"must be {exc.rule}")
-                    value = DROP
+                value = self._list(value, path)
                 if value is DROP:
                     written -= 1
                     continue
             elif isinstance(value, dict):  # a dict subclass, from a Python caller
                 written -= 1
                 plan = self._nested_plan(path, name, key_prefix, inherited)
-                if plan is not None and depth < MAX_DEPTH:
-                    written += self._walk(
-                        value, out, plan[0], plan[1], plan[2], depth + 1, check
-                    )
+                if plan and depth < MAX_DEPTH:
+                    written += self._walk(value, out, plan[0], plan[1], plan[2], depth + 1, check)
                 continue
             else:
                 try:
@@ -513,13 +571,149 @@ class PropertyShaper:
                 out[key] = value
         return written
 
+    def _list(self, items: list[Any], path: Any) -> Any:
+        """A list as sent, or ``DROP``; what is left out is reported."""
+        if not self._keep_lists:
+            self._drop(path, LISTS)
+            return DROP
+        if self._drop_objects and _holds_containers(items):
+            self._drop(path, LIST_OBJECTS)
+        try:
+            return self._convert.convert_list(items)
+        except Unsendable as exc:
+            self._invalid(path, f"must be {exc.rule}")
+            return DROP
+
+    def _columns(
+        self,
+        items: list[Any],
+        out: dict[str, Any],
+        path: Any,
+        name: Any,
+        key_prefix: str,
+        inherited: bool,
+        depth: int,
+        check: bool,
+    ) -> int:
+        """Write a list holding objects as columns (see the class); how many properties
+        were written."""
+        written = 0
+        others = [item for item in items if not isinstance(item, dict)]
+        if others:
+            key = self._keys.get(path)
+            if key is None:
+                key = self._key(path, name, key_prefix, inherited)
+            if key:
+                value = self._list(others, path)
+                if value is not DROP:
+                    self._put(out, key, value, path, check)
+                    written += 1
+            elif key is False:
+                self._refused(path, name, key_prefix, inherited)
+        plan = self._nested.get(path, DROP)
+        if plan is DROP:
+            plan = self._nested_plan(path, name, key_prefix, inherited)
+        if not plan:
+            if plan is False:
+                self._drop(path, NO_NAME)
+            return written
+        if depth >= MAX_DEPTH:
+            self._drop(path, TOO_DEEP)
+            return written
+        objects = [item for item in items if isinstance(item, dict)]
+        columns: dict[str, list[Any]] = {}
+        for index, item in enumerate(objects):
+            self._column_values(item, columns, index, plan[0], plan[1], plan[2], depth + 1)
+        for key, column in columns.items():
+            if len(column) < len(objects):
+                column.extend([None] * (len(objects) - len(column)))
+            self._put(out, key, self._convert.column(column), path, check)
+            written += 1
+        return written
+
+    def _column_values(
+        self,
+        item: Mapping[Any, Any],
+        columns: dict[str, list[Any]],
+        index: int,
+        path_prefix: str,
+        key_prefix: str,
+        inherited: bool,
+        depth: int,
+    ) -> None:
+        """Add the fields of the ``index``-th object of a list to ``columns``."""
+        for name, value in item.items():
+            path = f"{path_prefix}{name}"
+            if isinstance(value, dict):
+                plan = self._nested.get(path, DROP)
+                if plan is DROP:
+                    plan = self._nested_plan(path, name, key_prefix, inherited)
+                if plan:
+                    if depth < MAX_DEPTH:
+                        self._column_values(
+                            value, columns, index, plan[0], plan[1], plan[2], depth + 1
+                        )
+                    else:
+                        self._drop(path, TOO_DEEP)
+                elif plan is False:
+                    self._drop(path, NO_NAME)
+                continue
+            key = self._keys.get(path)
+            if key is None:
+                key = self._key(path, name, key_prefix, inherited)
+            if not key:
+                if key is False:
+                    self._refused(path, name, key_prefix, inherited)
+                continue
+            if isinstance(value, list | tuple):
+                value = _json_text(value)
+            else:
+                try:
+                    value = self._convert(value)
+                except Unsendable as exc:
+                    self._invalid(path, f"must be {exc.rule}")
+                    continue
+            if value is DROP:  # a null under nulls: drop: the column keeps its place
+                value = None
+            column = columns.get(key)
+            if column is None:
+                column = columns[key] = []
+            if len(column) > index:  # another field of this object gave the same name
+                if not _same_value(column[index], value):
+                    self._invalid(
+                        path,
+                        f"and another field of its object both become property {key!r}, "
+                        "with different values",
+                    )
+                    column[index] = None
+                continue
+            if len(column) < index:
+                column.extend([None] * (index - len(column)))
+            column.append(value)
+
+    def _put(self, out: dict[str, Any], key: str, value: Any, path: Any, check: bool) -> None:
+        if check and key in out:
+            self._check(out, key, value, path)
+        else:
+            out[key] = value
+
+    def _drop(self, path: Any, reason: str) -> None:
+        self._dropped.append((f"{self._label}.{field_name(path)}", reason))
+
     def _invalid(self, path: Any, problem: str) -> None:
         if not self._drop_invalid:
             raise InvalidField(f"{self._label}.{field_name(path)} {problem}")
+        self._drop(path, INVALID_FIELD_DROPPED)
 
-    def _reserved_problem(self, path: Any, name: Any, key_prefix: str, inherited: bool) -> str:
+    def _refused(self, path: Any, name: Any, key_prefix: str, inherited: bool) -> None:
+        """A field whose name is reserved (invalid) or names no property (dropped)."""
         key, _ = self._decide(path, name, key_prefix, inherited)
-        return f"becomes custom property {key!r}, the name of a Gist contact field"
+        if key:
+            self._invalid(
+                path, f"becomes custom property {key!r}, the name of a Gist contact field"
+            )
+        else:
+            self._drop(path, NO_NAME)
 
     def _check(self, out: dict[str, Any], key: str, value: Any, path: Any) -> None:
         """A second field gives ``key``: ``_Collision`` unless its value is the one
@@ -543,7 +737,7 @@ class PropertyShaper:
                 path = f"{path_prefix}{name}" if path_prefix else name
                 if isinstance(value, dict):
                     plan = self._nested_plan(path, name, key_prefix, inherited)
-                    if plan is not None and depth < MAX_DEPTH:
+                    if plan and depth < MAX_DEPTH:
                         stack.insert(0, (value, plan[0], plan[1], plan[2], depth + 1))
                     continue
                 if path != second and self._key(path, name, key_prefix, inherited) == key:
@@ -552,16 +746,39 @@ class PropertyShaper:
 
     def _nested_plan(
         self, path: Any, name: Any, key_prefix: str, inherited: bool
-    ) -> tuple[str, str, bool] | None:
-        """For the object at ``path``: (its children's path prefix, their name prefix,
-        whether their values are sent unless a pattern says otherwise); None when nothing
-        in it is sent."""
+    ) -> tuple[str, str, bool] | Literal[False] | None:
+        """For the object (or list of objects) at ``path``: (its children's path prefix,
+        their name prefix, whether their values are sent unless a pattern says
+        otherwise); None when nothing in it is sent; False when it would be sent but its
+        name names nothing."""
         key, included = self._decide(path, name, key_prefix, inherited)
-        plan = (f"{path}.", key + "_", included) if key is not None else None
+        plan: tuple[str, str, bool] | Literal[False] | None
+        if key:
+            plan = (f"{path}.", key + "_", included)
+        elif key == "" and included:
+            plan = False
+        else:
+            plan = None
         if len(self._nested) >= CACHE_LIMIT:
             self._nested.clear()
         self._nested[path] = plan
         return plan
+
+
+# Loops, not any(): they run for every list of every message, and any()'s generator
+# costs more than the loop on the short lists messages hold.
+def _holds_objects(items: list[Any]) -> bool:
+    for item in items:  # noqa: SIM110 (a loop on purpose: see above)
+        if isinstance(item, dict):
+            return True
+    return False
+
+
+def _holds_containers(items: list[Any]) -> bool:
+    for item in items:  # noqa: SIM110 (a loop on purpose: see above)
+        if isinstance(item, dict | list):
+            return True
+    return False
 
 
 class _Collision(Exception):

@@ -48,18 +48,30 @@ MESSAGES_SKIPPED = Counter(
     "Messages deliberately not sent (integrations switch off, type or event off by rule).",
     ["type", "reason"],
 )
+FIELDS_DROPPED = Counter(
+    _P + "fields_dropped",
+    "Fields left out of messages that are sent, counted as messages are mapped, by message "
+    "type and why: list_objects, lists (the rules drop them), too_deep (nested beyond 8 "
+    "levels), no_name (a name without letters or digits), invalid_field (invalid_fields: "
+    "drop). Each field once.",
+    ["type", "reason"],
+)
 MESSAGES_IN_FLIGHT = Gauge(
     _P + "messages_in_flight",
     "Messages consumed but not yet delivered or dead-lettered.",
 )
 READ_AHEAD = Gauge(
     _P + "read_ahead_messages",
-    "The bounds in force on messages held: 'in_flight' (not yet sent), sized by what the "
-    "budget sends in READ_AHEAD_SECONDS (at most MAX_INFLIGHT_MESSAGES), and 'held' (not "
-    "yet sent or waiting on Gist's import), by how many ended in READ_AHEAD_SECONDS.",
+    "The bound in force on messages not yet sent ('in_flight'): what the budget sends in "
+    "READ_AHEAD_SECONDS (at most MAX_INFLIGHT_MESSAGES). What is held once sent is bounded "
+    "by MAX_INFLIGHT_BYTES.",
     ["held"],
 )
-BYTES_IN_FLIGHT = Gauge(_P + "in_flight_bytes", "Record bytes held for in-flight messages.")
+BYTES_IN_FLIGHT = Gauge(
+    _P + "in_flight_bytes",
+    "What is held for messages not ended: record bytes, contacts' bodies and each "
+    "message's bookkeeping (the MAX_INFLIGHT_BYTES bound).",
+)
 MESSAGES_AWAITING_IMPORT = Gauge(
     _P + "messages_awaiting_import",
     "Messages whose contacts are in batches Gist accepted but has not finished importing.",
@@ -91,6 +103,11 @@ DELIVERY_DELAY = Histogram(
 )
 
 # --- spending the budget only on changes ---------------------------------------------
+SUPPRESSED_IDENTITIES = Gauge(
+    _P + "suppressed_identities",
+    "Identities (user ids, e-mails) of people deleted within SUPPRESS_DELETED_DAYS, as this "
+    "worker knows them: their messages are skipped (suppressed).",
+)
 DUPLICATES = Counter(
     _P + "duplicates",
     "Messages skipped because their messageId was delivered within DEDUP_WINDOW.",
@@ -107,6 +124,19 @@ REQUESTS_FOR_MESSAGES = Counter(
     "Gist requests made, shared among the messages they were for, by message type (a batch "
     "import or poll: 1/contacts each): over messages_delivered_total, requests per message.",
     ["type"],
+)
+COMMERCE_WRITES = Counter(
+    _P + "commerce_writes",
+    "E-commerce writes (orders, carts) by action (order, order_update, cart, cart_add, "
+    "cart_remove) and outcome: written, unchanged, cart_unknown (a line for a cart not "
+    "known for sure: skipped until the next whole cart).",
+    ["action", "outcome"],
+)
+COMMERCE_REQUESTS = Counter(
+    _P + "commerce_requests",
+    "Gist requests made for e-commerce writes (customers, products, variants, orders, "
+    "carts), by the write's action: over commerce_writes_total, requests per write.",
+    ["action"],
 )
 TIME_TO_DRAIN = Gauge(
     _P + "time_to_drain_seconds",
@@ -201,8 +231,9 @@ LIMITER_FALLBACKS = Counter(
 )
 LIMITER_REDIS_ERRORS = Counter(
     _P + "limiter_redis_errors",
-    "Redis calls of the limiter that failed without a fallback (a release: its slot ages "
-    "out by itself).",
+    "Redis calls of the limiter that failed without a fallback: a release or a write of "
+    "what the log owes (written again once Redis answers), an ask or a cooldown whose "
+    "check found Redis answering.",
     ["operation"],
 )
 WORKSPACE_BUDGET_USED = Gauge(

@@ -14,9 +14,15 @@ re-applied on every turn, since aiokafka forgets pauses on a rebalance.
 Offsets are committed only up to the first record not finished, and a record finishes
 only once it is sealed (all its messages opened) and each of them has ended.
 
-On a revocation the partitions' intake is dropped, their open work gets up to
-``rebalance_timeout`` to end, what ended is committed, and what did not is abandoned:
-nothing more is sent for it (``Delivery.abandon``) before the new owner may start.
+A rebalance keeps what stays. On a revocation (every partition, in aiokafka's eager
+protocol) nothing more is opened or sent for the partitions; requests on the wire get
+``REBALANCE_TIMEOUT`` to answer, what ended is committed and what Gist confirmed handed
+over, and the callback returns: the group rejoins within seconds. The consumer names a
+sticky assignor (``sticky_assignor``), so a member keeps the partitions it had: on the
+assignment those go on where they were, their work kept and nothing read again; those
+that went to another member are abandoned (nothing was sent for them since the
+revocation; the new owner reads again what did not end); new ones start from the
+group's commit.
 """
 
 from __future__ import annotations
@@ -34,13 +40,15 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
+from destination import reasons
 from destination.mapping import Mapper
 from destination.observability import log_events, metrics
-from destination.operations import Mapped, Rejected, Skipped
-from destination.pipeline.decode import DecodeError, decode_record
-from destination.pipeline.dedup import Dedup
+from destination.operations import ContactDelete, Mapped, Rejected, Skipped
+from destination.pipeline.decode import DecodeError, decode_record, decoded_size
+from destination.pipeline.dedup import Dedup, coordinates_id
 from destination.pipeline.deliver import Delivery
 from destination.pipeline.inflight import (
+    MESSAGE_OVERHEAD,
     OPEN,
     Failure,
     Ledger,
@@ -50,6 +58,7 @@ from destination.pipeline.inflight import (
     TopicPartition,
 )
 from destination.pipeline.outcome import Outcomes
+from destination.pipeline.suppress import Suppressions
 from destination.pipeline.waiting import wait_event
 
 log = structlog.get_logger(__name__)
@@ -78,12 +87,13 @@ class FlowLimits:
     """Bounds on work in flight.
 
     A message is opened only while every bound is below its limit, so no total exceeds
-    its limit by more than one message (bytes: one record). Fetching pauses at the
-    bounds and resumes below ``resume_at`` of them. ``awaiting_import`` bounds the
-    parked messages (see ``inflight``); ``held`` all of them, parked or not yet sent
-    (``read_ahead`` sets it to what Gist imports in a while: bounding the parked ones
-    alone, messages read meanwhile would all be sent and parked on top);
-    ``uncommitted_per_partition`` and
+    its limit by more than one message; a record is begun only if what it holds fits
+    under ``bytes`` (or nothing else is held: one record at most past the bound).
+    Fetching pauses at the bounds and resumes below ``resume_at`` of them.
+    ``messages`` bounds the messages not yet sent (``read_ahead`` sets it from the
+    budget, ``max_messages`` the ceiling); ``awaiting_import`` the parked ones (see
+    ``inflight``); ``bytes`` everything held (records, contacts' bodies and each
+    message's bookkeeping, ``Ledger.bytes``); ``uncommitted_per_partition`` and
     ``uncommitted_total`` the records read past the committable offsets, finished ones
     included: one message retried for hours must not let the finished records after it
     pile up in the offset trackers."""
@@ -98,12 +108,11 @@ class FlowLimits:
         uncommitted_total: int = 1_000_000,
         resume_at: float = 0.8,
     ) -> None:
-        """``messages`` and ``awaiting_import`` are the ceilings; the bounds in force on
-        ``messages`` and ``held`` may be lower (``read_ahead``)."""
+        """``messages`` is the ceiling; the bound in force on it may be lower
+        (``read_ahead``)."""
         self.max_messages = messages
         self.max_awaiting_import = awaiting_import
         self.messages = messages
-        self.held = messages + awaiting_import
         self.bytes = bytes_
         self.per_partition = per_partition
         self.awaiting_import = awaiting_import
@@ -112,16 +121,21 @@ class FlowLimits:
         self.resume_at = resume_at
 
     def room(self, ledger: Ledger, work: PartitionWork) -> bool:
-        """Whether one more message of ``work``'s partition may be opened."""
+        """Whether one more message of ``work``'s partition may be opened (bytes are
+        counted, and bounded, per record: ``fits``)."""
         return (
             ledger.messages < self.messages
-            and ledger.bytes < self.bytes
             and ledger.parked < self.awaiting_import
-            and ledger.parked + ledger.messages < self.held
             and ledger.uncommitted < self.uncommitted_total
             and work.messages < self.per_partition
             and work.offsets.uncommitted < self.uncommitted_per_partition
         )
+
+    def fits(self, ledger: Ledger, size: int) -> bool:
+        """Whether a record whose decoded form takes ``size`` bytes may be opened: within
+        the bound, or alone (a record larger than the bound waits until nothing else is
+        held, so the bound is exceeded by one record at most)."""
+        return ledger.bytes == 0 or ledger.bytes + size + MESSAGE_OVERHEAD <= self.bytes
 
     def full(self, ledger: Ledger, resuming: bool) -> bool:
         """Whether the totals are at the bound (or, when ``resuming``, not yet below
@@ -131,7 +145,6 @@ class FlowLimits:
             ledger.messages >= self.messages * share
             or ledger.bytes >= self.bytes * share
             or ledger.parked >= self.awaiting_import * share
-            or ledger.parked + ledger.messages >= self.held * share
             or ledger.uncommitted >= self.uncommitted_total * share
         )
 
@@ -158,23 +171,41 @@ class _Opening:
 
 
 class _Fetched:
-    """A fetched record, decoded (its messages, or why it has none)."""
+    """A fetched record, decoded only when its messages are opened (or, for a Redis
+    look-up of its ids, when fetched: then kept decoded only if that is small), so that
+    what a producer sends is bounded by the limits before it is decoded."""
 
-    __slots__ = ("decoded", "record")
+    __slots__ = ("_decoded", "estimate", "record")
+
+    KEEP_DECODED = 16 * 1024
+    """Records decoded at fetch time are kept decoded up to this estimated size."""
 
     def __init__(self, record: Any) -> None:
         self.record = record
-        self.decoded: tuple[list[Any], bool] | Exception
+        self.estimate = decoded_size(record.value)
+        self._decoded: tuple[list[Any], bool] | Exception | None = None
+
+    def take(self) -> tuple[list[Any], bool] | Exception:
+        """The record's messages (and whether they came in an envelope), or why it has
+        none; the decoded form is the caller's from now on."""
+        decoded = self._decoded if self._decoded is not None else self._decode()
+        self._decoded = None
+        return decoded
+
+    def _decode(self) -> tuple[list[Any], bool] | Exception:
         try:
-            self.decoded = decode_record(record.value)
+            return decode_record(self.record.value)
         except Exception as error:  # DecodeError, or a bug: the record is dead-lettered
-            self.decoded = error
+            return error
 
     def message_ids(self) -> list[str]:
-        if isinstance(self.decoded, Exception):
+        decoded = self._decoded if self._decoded is not None else self._decode()
+        if self.estimate <= self.KEEP_DECODED:
+            self._decoded = decoded
+        if isinstance(decoded, Exception):
             return []
         ids = []
-        for message in self.decoded[0]:
+        for message in decoded[0]:
             if isinstance(message, dict):
                 value = message.get("messageId")
                 if isinstance(value, str):
@@ -211,10 +242,10 @@ class StreamConsumer:
         delivery: Delivery,
         outcomes: Outcomes,
         limits: FlowLimits,
-        rebalance_timeout: float,
         clock: Any = time.monotonic,
         on_share: Callable[[int, int], None] = lambda owned, total: None,
         dedup: Dedup | None = None,
+        suppressions: Suppressions | None = None,
     ) -> None:
         """``on_share(owned, total)`` is told this worker's share of the partitions after
         every change (the rate limiter takes as much of the budget)."""
@@ -225,16 +256,17 @@ class StreamConsumer:
         self.outcomes = outcomes
         self.ledger = outcomes.ledger
         self.limits = limits
-        self.rebalance_timeout = rebalance_timeout
         self._clock = clock
         self._on_share = on_share
         self.dedup = dedup
+        self.suppressions = suppressions
         self._stopping = False
         self._globally_full = False
         self._blocked = False  # some intake waits for room
         self._full_partitions: set[TopicPartition] = set()
         self._intakes: dict[TopicPartition, _Intake] = {}
         self._draining: set[TopicPartition] = set()
+        self._suspended: set[TopicPartition] = set()  # a rebalance decides: open nothing
         self.assigned_once = asyncio.Event()
 
     def subscribe(self) -> None:
@@ -283,10 +315,12 @@ class StreamConsumer:
         self._blocked = False
         for tp, intake in self._intakes.items():
             work = ledger.partitions.get(tp)
-            if work is None or tp in self._draining:
+            if work is None or tp in self._draining or tp in self._suspended:
                 continue
             while intake.holding():
-                if not limits.room(ledger, work):
+                if not limits.room(ledger, work) or (
+                    intake.opening is None and not limits.fits(ledger, intake.records[0].estimate)
+                ):
                     self._blocked = True
                     break
                 if intake.opening is None:
@@ -297,13 +331,23 @@ class StreamConsumer:
         return opened
 
     def _begin(self, work: PartitionWork, intake: _Intake, fetched: _Fetched) -> None:
-        """Take a decoded record, and open its first message."""
+        """Take a fetched record, decode it, and open its first message."""
         record = fetched.record
         if work.offsets.seen(record.offset):
             return
         headers = [(k, v) for k, v in (record.headers or ())]
-        taken = self.ledger.open_record(work, record.offset, record.key, record.value, headers)
-        decoded = fetched.decoded
+        decoded = fetched.take()
+        # An envelope's messages stay decoded while in flight (their bodies are kept for
+        # dead letters): the record counts for its decoded size, not its bytes.
+        enveloped = not isinstance(decoded, Exception) and decoded[1]
+        taken = self.ledger.open_record(
+            work,
+            record.offset,
+            record.key,
+            record.value,
+            headers,
+            size=fetched.estimate if enveloped else None,
+        )
         if isinstance(decoded, DecodeError):
             message = self._open_unknown(taken, None, None)
             self.outcomes.dead_letter(message, Failure(decoded.reason, decoded.detail))
@@ -340,9 +384,14 @@ class StreamConsumer:
             if isinstance(result, Mapped) and result.operations:
                 timestamp = result.operations[0].timestamp
                 message_id = result.operations[0].message_id
+                if message_id is None:  # its place says which message it is
+                    tp = record.partition.tp
+                    message_id = coordinates_id(tp.topic, tp.partition, record.offset, at)
             message = ledger.open_message(record, at, kind, timestamp, kept, message_id)
             if last:
                 ledger.seal(record)
+            if isinstance(result, Mapped) and self.suppressions is not None:
+                result = self._suppression(result)
             if isinstance(result, Rejected):
                 outcomes.dead_letter(message, Failure(result.reason, result.detail))
             elif isinstance(result, Skipped):
@@ -361,6 +410,20 @@ class StreamConsumer:
             else:  # delivery has it: it ends there
                 metrics.INTERNAL_ERRORS.labels("intake").inc()
                 log.error(log_events.INTERNAL_ERROR, where="intake", exc_info=exc)
+
+    def _suppression(self, result: Mapped) -> Mapped | Skipped:
+        """A delete suppresses the identities it carries from now on (the messages after
+        it are opened after it); a message for a suppressed identity is skipped."""
+        suppressions = self.suppressions
+        assert suppressions is not None
+        deletes = [op for op in result.operations if isinstance(op, ContactDelete)]
+        if deletes:
+            for delete in deletes:
+                suppressions.suppress(delete.identities)
+            return result
+        if suppressions.suppressed(i for op in result.operations for i in op.identities):
+            return Skipped(result.message_type, reasons.SUPPRESSED)
+        return result
 
     def _open_unknown(
         self, record: RecordWork, index: int | None, body: Any, seal: bool = True
@@ -470,30 +533,86 @@ class StreamConsumer:
         finally:
             self.delivery.flush_now(False)
 
+    async def hand_over(self) -> None:
+        """Shutting down, after the last commit: whatever did not end is abandoned, and
+        the partitions are handed over (``Delivery.revoke``) for the next owner."""
+        works = list(self.ledger.partitions.values())
+        self.stop_opening(works)
+        self.outcomes.abandon(works)
+        await self.delivery.revoke(works)
+        for work in works:
+            self.ledger.revoke(work.tp)
+
     # --- rebalance --------------------------------------------------------------------
     async def on_revoked(self, revoked: set[Any]) -> None:
+        """A rebalance began (aiokafka's eager protocol revokes every partition): open
+        nothing more of them and send nothing more for them until the assignment says
+        which stay; what is on the wire gets ``REBALANCE_TIMEOUT`` to answer
+        (``Delivery.suspend``); what ended is committed, and what Gist confirmed handed
+        over, in case they go."""
         works = [
             w
             for tp in revoked
             if (w := self.ledger.partitions.get(TopicPartition(tp.topic, tp.partition)))
         ]
-        drained = True
-        if works and not self._stopping:
-            drained = await self.drain(works, self.rebalance_timeout)
-        else:
-            self.stop_opening(works)
-        await self.commit(works)
-        # Rebalance means stop: whatever did not end is dropped before the new owner
-        # may start; it reads those records again from the commit.
-        abandoned = self.delivery.abandon(works)
+        if works:
+            self._suspended.update(w.tp for w in works)
+            await self.delivery.suspend(works)
+            await self.commit(works)
+            await self.delivery.hand_over(works, leaving=False)
+        log.info(
+            log_events.PARTITIONS_REVOKED,
+            partitions=sorted(f"{w.tp.topic}:{w.tp.partition}" for w in works),
+            open=self.ledger.open_in(works),
+        )
+
+    async def on_assigned(self, assigned: set[Any]) -> None:
+        """The new assignment: partitions that stayed go on where they were (their work
+        kept, nothing read again); those that went are abandoned (nothing was sent for
+        them since the revocation; the new owner reads what did not end again); new
+        ones start from the group's commit."""
+        wanted = {TopicPartition(tp.topic, tp.partition) for tp in assigned}
+        lost = [w for tp, w in self.ledger.partitions.items() if tp not in wanted]
+        kept = [w for tp, w in self.ledger.partitions.items() if tp in wanted]
+        if lost:
+            await self._abandon(lost)
+        if kept:
+            self._suspended.difference_update(w.tp for w in kept)
+            await self.delivery.resume(kept)
+        fresh = []
+        for tp in assigned:
+            key = TopicPartition(tp.topic, tp.partition)
+            if key not in self.ledger.partitions:
+                fresh.append((tp, self.ledger.assign(key)))
+                self._intakes[key] = _Intake()
+                self._draining.discard(key)
+                self._suspended.discard(key)
+        await self._load_committed(fresh)
+        await self.delivery.take_over([work for _, work in fresh])
+        self._tell_share()
+        self._apply_backpressure()
+        self.assigned_once.set()
+        log.info(
+            log_events.PARTITIONS_ASSIGNED,
+            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+            kept=len(kept),
+            new=len(fresh),
+        )
+
+    async def _abandon(self, works: list[PartitionWork]) -> None:
+        """The partitions went to another worker: whatever did not end is dropped (the new
+        owner reads it again from the commit)."""
+        self.stop_opening(works)
+        left = self.ledger.open_in(works)
         self.outcomes.abandon(works)
+        abandoned = await self.delivery.revoke(works)
         if self.dedup is not None:
             self.dedup.abandon(works)
-        left = self.ledger.open_in(works)
         for work in works:
             self.ledger.revoke(work.tp)
             self._intakes.pop(work.tp, None)
             self._draining.discard(work.tp)
+            self._suspended.discard(work.tp)
             # The new owner reports these; a stale value here would hide its real one.
             labels = (work.tp.topic, str(work.tp.partition))
             for gauge in (
@@ -504,32 +623,10 @@ class StreamConsumer:
             ):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
-        # Our share of the budget shrinks only now: the drain above needed it.
+        # Our share of the budget shrinks only now.
         self._tell_share()
         if left:
             log.warning(log_events.PARTITION_WORK_ABANDONED, messages=left, steps=abandoned)
-        log.info(
-            log_events.PARTITIONS_REVOKED,
-            partitions=sorted(f"{w.tp.topic}:{w.tp.partition}" for w in works),
-            drained=drained,
-        )
-
-    async def on_assigned(self, assigned: set[Any]) -> None:
-        fresh = []
-        for tp in assigned:
-            key = TopicPartition(tp.topic, tp.partition)
-            if key not in self.ledger.partitions:
-                fresh.append((tp, self.ledger.assign(key)))
-                self._intakes[key] = _Intake()
-                self._draining.discard(key)
-        await self._load_committed(fresh)
-        self._tell_share()
-        self._apply_backpressure()
-        self.assigned_once.set()
-        log.info(
-            log_events.PARTITIONS_ASSIGNED,
-            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
-        )
 
     def _tell_share(self) -> None:
         """This worker's share of the subscribed topics' partitions."""
@@ -552,6 +649,21 @@ class StreamConsumer:
                 work.committed = committed if committed is not None else starts.get(tp)
         except KafkaError as exc:
             log.warning(log_events.COMMITTED_UNKNOWN, error=type(exc).__name__)
+
+
+def sticky_assignor() -> type[Any]:
+    """aiokafka's ``StickyPartitionAssignor``, for one consumer: it keeps the member's
+    current assignment in class attributes, so each consumer gets a class of its own
+    (two in one process, as in the tests, would otherwise share one)."""
+    from aiokafka.coordinator.assignors.sticky.sticky_assignor import (
+        StickyPartitionAssignor,
+    )
+
+    return type(
+        "StickyAssignor",
+        (StickyPartitionAssignor,),
+        {"member_assignment": None, "generation": StickyPartitionAssignor.DEFAULT_GENERATION_ID},
+    )
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -22,18 +22,23 @@ if TYPE_CHECKING:
 class ContactStep(Step):
     """One contact's pending write, owned by the partition its messages came from (a
     step never merges messages of two partitions, so a revoked partition's work can be
-    dropped without touching another's)."""
+    dropped without touching another's).
+
+    Later updates merge into it only while it is ``mergeable``: until it is taken into a
+    batch import. From then on its body is fixed (``encoded``, kept to send it again
+    unchanged), whatever becomes of that import, and a later update is a step of its own
+    chained behind it: an update merged into a body already encoded would never be sent."""
 
     __slots__ = (
         "accepted",
         "encoded",
-        "memory_key",
+        "held",
+        "mergeable",
         "merged",
+        "note",
         "partition",
         "payload",
         "priority",
-        "sent",
-        "sent_fields",
         "stripped",
         "tickets",
     )
@@ -49,22 +54,31 @@ class ContactStep(Step):
         self.payload = payload  # the mapper's; copied before the first merge changes it
         self.partition = partition
         self.priority = priority  # the most urgent of the updates merged into it
-        self.tickets: list[MessageWork] = []
-        self.sent = False  # taken into a batch: no more merging
+        # (message, index of the operation in it): the operations this write carries.
+        self.tickets: list[tuple[MessageWork, int]] = []
+        self.mergeable = True  # False once taken into a batch, for good
         self.accepted = False  # in a batch Gist queued: only its import is awaited
         self.encoded: bytes | None = None  # the payload as sent, once taken into a batch
+        self.held = 0  # bytes of ``encoded`` counted in the ledger's bytes in flight
         self.merged = 0
-        # What Gist will hold once the batch completes (``fingerprints``).
-        self.memory_key: str | None = None
-        self.sent_fields: Any = None
-        self.stripped = -1  # ``merged`` when Gist's holdings were last left out
+        self.note: Any = None  # contact memory's note of what is sent (``memory``)
+        self.stripped = False  # Gist's holdings left out already (contact memory)
+
+    def partition_revoked(self) -> bool:
+        return self.partition is not None and self.partition.revoked
 
     def merge(self, later: ContactPayload) -> None:
         """Fold a later update of the same contact in; its values win."""
+        if not self.mergeable:
+            raise RuntimeError("a contact update merged into a write already taken")
         if not self.merged:
             self.payload = _copy(self.payload)
         merge_contact(self.payload, later)
         self.merged += 1
+        # What contact memory left out was decided for the body before this update: it
+        # decides again when the step is taken (its note spoke of the older body).
+        self.stripped = False
+        self.note = None
 
     def encode(self) -> bytes:
         """The payload as JSON, kept for sending again; the dict is dropped (a contact
@@ -124,6 +138,9 @@ class ContactBatcher:
     def add(self, step: ContactStep, now: float) -> None:
         self._waiting.setdefault(step, now)
 
+    def waiting(self) -> list[ContactStep]:
+        return list(self._waiting)
+
     def remove(self, step: ContactStep) -> bool:
         """Take a step out (its partition was revoked); False when it was not waiting."""
         return self._waiting.pop(step, None) is not None
@@ -137,7 +154,7 @@ class ContactBatcher:
         return next(iter(self._waiting.values())) + self.max_wait
 
     def take(self) -> list[ContactStep]:
-        """The next batch, oldest first; its steps are marked sent (no more merging)."""
+        """The next batch, oldest first; its steps take no more merges."""
         batch: list[ContactStep] = []
         for step in self._waiting:
             batch.append(step)
@@ -145,5 +162,5 @@ class ContactBatcher:
                 break
         for step in batch:
             del self._waiting[step]
-            step.sent = True
+            step.mergeable = False
         return batch

@@ -35,16 +35,16 @@ from typing import Any
 import orjson
 import structlog
 from aiokafka.errors import (
-    KafkaTimeoutError,
+    KafkaError,
     MessageSizeTooLargeError,
     OffsetOutOfRangeError,
     RecordTooLargeError,
-    TopicAuthorizationFailedError,
-    UnknownTopicOrPartitionError,
 )
 
 from destination.gist import RetryPolicy
+from destination.kafka_topics import MissingTopicError, topic_partitions
 from destination.observability import log_events, metrics
+from destination.pipeline.decode import DecodeError, decode_record
 from destination.pipeline.inflight import Failure, MessageWork
 
 log = structlog.get_logger(__name__)
@@ -192,9 +192,14 @@ class DeadLetterWriter:
         if message.index is None or raw is None:
             return raw
         try:
-            message.body = orjson.loads(raw)["batch"][message.index]
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-            return raw  # not the envelope it was: keep the whole record
+            # Decoded as it was when it was processed: with the envelope's own context
+            # and integrations applied, so that a replay maps it the same way.
+            messages, enveloped = decode_record(raw)
+            if not enveloped:
+                return raw  # not the envelope it was: keep the whole record
+            message.body = messages[message.index]
+        except (DecodeError, IndexError):
+            return raw
         return dead_letter_value(message)
 
     async def write(self, message: MessageWork, failure: Failure) -> None:
@@ -264,21 +269,23 @@ class DeadLetterWriter:
         log.warning(log_events.DEAD_LETTER_TRUNCATED, how=how, **message.where())
 
 
-async def check_topic(producer: Any, topic: str, within: float = 30.0) -> int:
-    """The dead-letter topic's partition count; ``DeadLetterTopicError`` when it does not
-    exist (and the broker does not create it) or this client may not use it."""
+async def check_topic(
+    producer: Any, topic: str, within: float = 30.0, setting: str = "KAFKA_DLQ_TOPIC"
+) -> int:
+    """The partition count of a topic the worker writes to (the dead letters', or the
+    one ``setting`` names); ``DeadLetterTopicError`` naming the setting when the topic is
+    not there (or this client may not Describe it) or Kafka does not say within
+    ``within`` seconds. Asked of all topics, never of this one by name, which would create
+    it where the broker auto-creates topics (``destination.kafka_topics``)."""
     try:
-        partitions = await asyncio.wait_for(producer.partitions_for(topic), within)
-    except TopicAuthorizationFailedError:
+        counts = await asyncio.wait_for(
+            topic_partitions(producer.client, {topic: setting}), within
+        )
+    except MissingTopicError as error:
+        raise DeadLetterTopicError(str(error)) from None
+    except (KafkaError, TimeoutError) as error:
         raise DeadLetterTopicError(
-            f"KAFKA_DLQ_TOPIC: not authorised to use topic {topic!r}: grant this client "
-            "Describe and Write on it"
+            f"{setting}: could not check that topic {topic!r} exists: Kafka did not "
+            f"list its topics within {within:g} s ({type(error).__name__})"
         ) from None
-    except (UnknownTopicOrPartitionError, KafkaTimeoutError, TimeoutError):
-        raise DeadLetterTopicError(
-            f"KAFKA_DLQ_TOPIC: topic {topic!r} does not exist: create it "
-            "(e.g. kafka-topics --create --topic ...) or point KAFKA_DLQ_TOPIC at one"
-        ) from None
-    if not partitions:
-        raise DeadLetterTopicError(f"KAFKA_DLQ_TOPIC: topic {topic!r} has no partitions")
-    return len(partitions)
+    return counts[topic]

@@ -17,6 +17,11 @@ import orjson
 
 from destination import reasons
 
+DECODED_PER_TOKEN = 80
+"""Bytes a decoded JSON value takes per element or key (a dict entry, a list slot, a
+small object), measured on the worst case: ``{"batch":[{},{},...]}`` decodes to about 72
+bytes a ``{}``, 24 times its size."""
+
 _SHARED = ("integrations", "context")
 """Envelope fields that apply to every message of the envelope."""
 
@@ -26,6 +31,18 @@ class DecodeError(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+def decoded_size(value: bytes | None) -> int:
+    """About how many bytes ``value`` takes once decoded and held (an upper estimate, made
+    without decoding it): an envelope, whose messages are held decoded while in flight,
+    its bytes plus ``DECODED_PER_TOKEN`` for each element and key; one message (decoded
+    only while it is mapped), its bytes."""
+    if not value:
+        return 0
+    if b'"batch"' not in value:
+        return len(value)
+    return len(value) + DECODED_PER_TOKEN * (value.count(b",") + value.count(b":") + 1)
 
 
 def decode_record(value: bytes | None) -> tuple[list[Any], bool]:

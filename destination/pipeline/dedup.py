@@ -1,17 +1,26 @@
-"""``messageId`` de-duplication: a message whose id was delivered within the window is
-skipped (reason ``duplicate``), as Segment does for its destinations.
+"""``messageId`` de-duplication: a message whose operations were all delivered within
+the window is skipped (reason ``duplicate``), as Segment does for its destinations.
 
 Producers retry and Kafka replays: the same message comes again with the same
 ``messageId``. Gist has no idempotency key for events, so sending it twice makes two
-events; a replayed identify sends values that may be older than what Gist holds. An id is
-recorded only once its message is *delivered*, never before:
+events; a replayed identify sends values that may be older than what Gist holds. What a
+message's operations did is recorded **per operation** (``operation_key``: the messageId
+for its first operation, the messageId and the index for the others), each once Gist
+confirmed it, never before; a message that comes again sends only the operations not
+recorded (a track whose event went but whose tag change failed sends the tag change).
+Ids only ever say "delivered", which stays true: nothing invalidates them but the
+window; a store that lost some (a Redis flush, a write that failed) can only cause a
+duplicate, never a loss.
 
-- ``DeliveredIds`` keeps the ids delivered within ``window`` in this process, bounded and
+- ``DeliveredIds`` keeps the ids delivered within ``window`` in this process (Python's
+  string hash: fast, cached in the string, the same within the process), bounded and
   compact: the current time slice in a set, older slices as sorted arrays of 64-bit
   hashes (8 bytes an id; ``benchmarks/RESULTS.md`` has the measured figure). Past
   ``capacity`` ids the oldest slice is forgotten early.
 - ``SharedIds`` keeps them in Redis too (``REDIS_URL``), one set per hour of the window,
-  so replicas and restarts share them; looked up once per fetched batch of records.
+  so replicas and restarts share them; looked up once per fetched batch of records (the
+  first ``LOOKED_UP_OPERATIONS`` operations of each message). Their hashes are the same
+  in every process (BLAKE2b), and a write that failed is tried again with the next.
 - ``Dedup`` holds the copies of a message that is still in flight: they end as it ends
   (delivered: skipped as ``duplicate``; dead-lettered: dead-lettered alike; skipped:
   skipped alike), so a producer's retry arriving right behind the original sends
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import time
 from array import array
 from collections import deque
@@ -43,9 +53,30 @@ log = structlog.get_logger(__name__)
 _MASK = (1 << 64) - 1
 
 
-def id_hash(message_id: str) -> int:
-    """A 64-bit hash of a messageId (Python's string hash: fast, cached, per process)."""
-    return hash(message_id) & _MASK
+LOOKED_UP_OPERATIONS = 4
+"""Operations per message whose records a Redis look-up asks for (messages with more are
+rare; beyond these, an operation done by another process is sent again)."""
+
+MAX_UNWRITTEN = 100_000
+"""Ids kept for the next write to Redis after a failed one, at most."""
+
+
+def id_hash(key: str) -> int:
+    """A 64-bit hash of an operation's key, the same in every process (ids are shared
+    through Redis: Python's own string hash is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def coordinates_id(topic: str, partition: int, offset: int, index: int | None) -> str:
+    """The messageId of a message that has none: where it was first read (its record and
+    its place in an envelope). A redelivery of the record, and ``replay`` of its dead
+    letter (which writes this id into the message), find what its operations did."""
+    return f"kafka:{topic}:{partition}:{offset}:{'-' if index is None else index}"
+
+
+def operation_key(message_id: str, index: int) -> str:
+    """What a message's ``index``-th operation is recorded under."""
+    return message_id if index == 0 else f"{message_id}\x00{index}"
 
 
 class DeliveredIds:
@@ -83,7 +114,7 @@ class DeliveredIds:
 
     def __contains__(self, message_id: str) -> bool:
         self._turn()
-        h = id_hash(message_id)
+        h = hash(message_id) & _MASK
         if h in self._current:
             return True
         for _, ids in self._sealed:
@@ -94,7 +125,7 @@ class DeliveredIds:
 
     def add(self, message_id: str) -> None:
         self._turn()
-        self._current.add(id_hash(message_id))
+        self._current.add(hash(message_id) & _MASK)
         if len(self) > self.capacity and self._sealed:
             self._sealed.popleft()
 
@@ -135,8 +166,9 @@ class SharedIds:
         return list(range(now - int(self.window // self._hour) - 1, now + 1))
 
     async def delivered(self, message_ids: Sequence[str]) -> set[str]:
-        """Those of ``message_ids`` delivered within the window (an empty set when Redis
-        does not answer: sending a duplicate is better than losing a message)."""
+        """Those of the operation keys ``message_ids`` delivered within the window (an
+        empty set when Redis does not answer: sending a duplicate is better than losing a
+        message)."""
         if not message_ids:
             return set()
         members = [format(id_hash(m), "x") for m in message_ids]
@@ -158,13 +190,18 @@ class SharedIds:
         return seen
 
     def add(self, message_id: str) -> None:
-        """Record a delivered id (written in the background, in batches)."""
+        """Record a delivered operation key (written in the background, in batches)."""
         self._pending.append(format(id_hash(message_id), "x"))
         if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.ensure_future(self._flush())
+            self._flushing = asyncio.ensure_future(self._flush_soon())
 
-    async def _flush(self) -> None:
+    async def _flush_soon(self) -> None:
         await asyncio.sleep(0.05)  # gather a few
+        await self.flush()
+
+    async def flush(self) -> bool:
+        """Write the ids recorded so far; False when Redis failed (they are kept, up to
+        ``MAX_UNWRITTEN``, for the next write)."""
         while self._pending:
             members, self._pending = self._pending, []
             hour = self._hours()[-1]
@@ -174,8 +211,11 @@ class SharedIds:
                     pipe.sadd(self._key(hour), *members)
                     pipe.expire(self._key(hour), int(self.window + 2 * self._hour))
                     await pipe.execute()
-            except Exception:  # the local record stands; Redis forgets this batch
+            except Exception:  # the local record stands; Redis gets them with the next
                 metrics.LIMITER_REDIS_ERRORS.labels("dedup_record").inc()
+                self._pending = (members + self._pending)[-MAX_UNWRITTEN:]
+                return False
+        return True
 
 
 class _Copies:
@@ -186,12 +226,14 @@ class _Copies:
         self.waiting: list[tuple[MessageWork, Sequence[Operation]]] = []
 
 
-Submit = Callable[[MessageWork, Sequence[Operation]], None]
+Submit = Callable[[MessageWork, Sequence[Operation], Sequence[int]], None]
+"""Hands a message's operations (those not done yet, with their indices) to delivery."""
 
 
 class Dedup:
-    """Decides, for each message opened with an id, whether it is sent, skipped as a
-    duplicate, or held behind its copy in flight; learns from each message's end."""
+    """Decides, for each message opened with an id, which of its operations are sent
+    (those not recorded as delivered), whether it is skipped as a duplicate (all were),
+    or held behind its copy in flight; records each operation Gist confirmed."""
 
     def __init__(
         self,
@@ -211,9 +253,16 @@ class Dedup:
     def offer(self, message: MessageWork, operations: Sequence[Operation]) -> None:
         message_id = message.message_id
         if message_id is None:
-            self._submit(message, operations)
+            self._submit(message, operations, range(len(operations)))
             return
-        if message_id in self.local:
+        local = self.local
+        if len(operations) == 1:  # the usual case: its one operation is keyed by its id
+            todo = [] if message_id in local else [0]
+        else:
+            todo = [
+                i for i in range(len(operations)) if operation_key(message_id, i) not in local
+            ]
+        if not todo:
             metrics.DUPLICATES.labels(message.message_type).inc()
             self._skip(message, reasons.DUPLICATE)
             return
@@ -222,17 +271,44 @@ class Dedup:
             copies.waiting.append((message, operations))
             return
         self._in_flight[message_id] = _Copies(message)
-        self._submit(message, operations)
+        self._send(message, operations, todo)
+
+    def _send(self, message: MessageWork, operations: Sequence[Operation], todo: list[int]) -> None:
+        if len(todo) == len(operations):
+            self._submit(message, operations, todo)
+        else:  # a redelivery of a message that partly succeeded: the rest only
+            self._submit(message, [operations[i] for i in todo], todo)
+
+    def delivered(self, message: MessageWork, index: int) -> None:
+        """Gist confirmed the message's ``index``-th operation (or holds what it would
+        have written): it is not sent again within the window."""
+        message_id = message.message_id
+        if message_id is None:
+            return
+        key = operation_key(message_id, index)
+        self.local.add(key)
+        if self.shared is not None:
+            self.shared.add(key)
 
     async def look_up(self, message_ids: Iterable[str]) -> None:
         """Ask Redis about the ids of records about to be opened (one round trip)."""
         if self.shared is None:
             return
-        unknown = [m for m in set(message_ids) if m not in self.local]
+        keys = [
+            key
+            for m in set(message_ids)
+            for i in range(LOOKED_UP_OPERATIONS)
+            if (key := operation_key(m, i)) not in self.local
+        ]
         # Delivered within the window, by some replica: known here from now on, for
         # every copy of it (a replayed message and its producer's retries alike).
-        for message_id in await self.shared.delivered(unknown):
-            self.local.add(message_id)
+        for key in await self.shared.delivered(keys):
+            self.local.add(key)
+
+    async def flush(self) -> None:
+        """Write to Redis what was recorded so far (before a partition changes hands)."""
+        if self.shared is not None:
+            await self.shared.flush()
 
     def ended(self, message: MessageWork, how: str, reason: str | None) -> None:
         """An ``Outcomes`` observer: the message ended; its held copies end alike."""
@@ -243,10 +319,6 @@ class Dedup:
         if copies is None or copies.first is not message:
             return
         del self._in_flight[message_id]
-        if how == "delivered":
-            self.local.add(message_id)
-            if self.shared is not None:
-                self.shared.add(message_id)
         for waiting, _ in copies.waiting:
             if how == "delivered":
                 metrics.DUPLICATES.labels(waiting.message_type).inc()
@@ -258,7 +330,7 @@ class Dedup:
 
     def abandon(self, partitions: Iterable[PartitionWork]) -> None:
         """Revoked partitions: forget their messages; a copy waiting on one of them from
-        another partition becomes the one sent."""
+        another partition becomes the one sent (what the first did is recorded)."""
         gone = set(partitions)
         for message_id, copies in list(self._in_flight.items()):
             if copies.first.record.partition not in gone:
@@ -269,8 +341,18 @@ class Dedup:
                 first, operations = kept[0]
                 successor = _Copies(first)
                 successor.waiting = kept[1:]
+                todo = [
+                    i
+                    for i in range(len(operations))
+                    if operation_key(message_id, i) not in self.local
+                ]
+                if not todo:
+                    for message, _ in kept:
+                        metrics.DUPLICATES.labels(message.message_type).inc()
+                        self._skip(message, reasons.DUPLICATE)
+                    continue
                 self._in_flight[message_id] = successor
-                self._submit(first, operations)
+                self._send(first, operations, todo)
 
     @property
     def in_flight(self) -> int:

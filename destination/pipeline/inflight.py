@@ -27,6 +27,13 @@ from typing import Any, NamedTuple
 
 from destination.pipeline.offsets import OffsetTracker
 
+MESSAGE_OVERHEAD = 1_800
+"""Bytes an open message holds besides its record's value and its contact's body: its
+bookkeeping (the message, its record's share, its step, its place in the per-contact
+chains, contact memory's note). Counted in ``Ledger.bytes``, so that the bytes bound is
+what the worker holds, not its records alone (``benchmarks/bench_held.py`` measures it;
+the figure is in ``benchmarks/RESULTS.md``)."""
+
 
 class TopicPartition(NamedTuple):
     topic: str
@@ -54,10 +61,22 @@ class Failure:
 
 
 class PartitionWork:
-    """One assigned partition; replaced by a fresh one on every assignment, so work
-    finishing after a revocation cannot move a newer owner's commits."""
+    """One assigned partition; replaced by a fresh one on every assignment that was not
+    this worker's already, so work finishing after a revocation cannot move a newer
+    owner's commits. ``sending`` is set while requests may go for its work: cleared
+    while a rebalance decides whether the partition stays (``Delivery.suspend``)."""
 
-    __slots__ = ("committed", "messages", "offsets", "open", "revoked", "tp", "unfinished")
+    __slots__ = (
+        "committed",
+        "held_bytes",
+        "messages",
+        "offsets",
+        "open",
+        "revoked",
+        "sending",
+        "tp",
+        "unfinished",
+    )
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
@@ -66,7 +85,15 @@ class PartitionWork:
         self.messages = 0  # in flight, not parked (the per-partition bound)
         self.open = 0  # opened and not ended, parked ones included
         self.unfinished: dict[int, RecordWork] = {}  # by offset, oldest first
+        self.held_bytes = 0  # bytes delivery holds for it beyond its records (``hold``)
         self.revoked = False
+        self.sending = asyncio.Event()
+        self.sending.set()
+
+    @property
+    def suspended(self) -> bool:
+        """A rebalance is deciding whether the partition stays: nothing is sent for it."""
+        return not self.sending.is_set()
 
     def oldest_unfinished_age(self, now: float) -> float:
         """Seconds since the oldest unfinished record of the partition was opened."""
@@ -98,13 +125,15 @@ class RecordWork:
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
         opened_at: float,
+        size: int | None = None,
     ) -> None:
         self.partition = partition
         self.offset = offset
         self.key = key
         self.value = value
         self.headers = tuple(headers)
-        self.size = len(value or b"") + len(key or b"")
+        # What it holds: its bytes, or (an envelope) its decoded messages' estimated size.
+        self.size = (len(value or b"") if size is None else size) + len(key or b"")
         self.opened_at = opened_at
         self.pending = 0  # messages opened and not ended
         self.parked = 0  # of those, parked
@@ -186,7 +215,7 @@ class Ledger:
         self._clock = clock
         self.partitions: dict[TopicPartition, PartitionWork] = {}
         self.messages = 0  # in flight, not parked
-        self.bytes = 0  # record bytes held
+        self.bytes = 0  # held: record bytes, contacts' bodies, MESSAGE_OVERHEAD a message
         self.parked = 0  # parked messages: waiting only for Gist to finish importing
         self.uncommitted = 0  # records read past the committable offsets, all partitions
         self.parked_total = 0  # messages ever parked (read-ahead measures with it)
@@ -212,10 +241,23 @@ class Ledger:
                 record.value = None
                 self.bytes -= record.size
         self.uncommitted -= work.offsets.uncommitted
+        self.bytes -= work.held_bytes + MESSAGE_OVERHEAD * work.open
+        work.held_bytes = 0
         work.unfinished.clear()
         work.messages = work.open = 0
         self.changed.set()
         return work
+
+    def hold(self, partition: PartitionWork, n: int) -> None:
+        """Delivery holds ``n`` more bytes for the partition (fewer when negative): a
+        contact's encoded body, kept until its import ends, after its record's value may
+        have been released. They count in ``bytes`` like record values."""
+        if partition.revoked:
+            return
+        partition.held_bytes += n
+        self.bytes += n
+        if n < 0:
+            self.changed.set()
 
     # --- opening ----------------------------------------------------------------------
     def open_record(
@@ -225,8 +267,10 @@ class Ledger:
         key: bytes | None,
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
+        size: int | None = None,
     ) -> RecordWork:
-        record = RecordWork(partition, offset, key, value, headers, self._clock())
+        """``size``: what the record holds, when not its bytes (see ``RecordWork``)."""
+        record = RecordWork(partition, offset, key, value, headers, self._clock(), size)
         partition.offsets.add(offset)
         partition.unfinished[offset] = record
         self.uncommitted += 1
@@ -250,6 +294,7 @@ class Ledger:
         partition.messages += 1
         partition.open += 1
         self.messages += 1
+        self.bytes += MESSAGE_OVERHEAD
         return message
 
     def seal(self, record: RecordWork) -> None:
@@ -301,6 +346,7 @@ class Ledger:
             self.messages -= 1
         partition.open -= 1
         record.pending -= 1
+        self.bytes -= MESSAGE_OVERHEAD
         if record.pending == 0 and record.sealed:
             self._finish_record(record)
         else:

@@ -4,6 +4,7 @@ as ``python -m destination ...`` subprocesses, talked to over sockets only."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 import orjson
@@ -34,6 +36,18 @@ def reap() -> None:
             process.kill()
             process.wait(10)
         LIVE.discard(process)
+
+
+def forms_of_the_address(email: str) -> set[str]:
+    """The address as it may appear in a log: plain, case-folded, URL-encoded (once and
+    twice, ``quote`` and ``quote_plus``), JSON-escaped."""
+    forms = {email, email.lower(), email.upper(), email.casefold()}
+    for text in list(forms):
+        forms |= {quote(text, safe=""), quote_plus(text), quote(quote(text, safe=""), safe="")}
+        forms.add(json.dumps(text, ensure_ascii=True)[1:-1])
+        forms.add(text.replace("@", "\\u0040"))
+        forms.add(text.replace("@", "\\\\u0040"))
+    return forms
 
 
 def unique(prefix: str) -> str:
@@ -169,6 +183,7 @@ def worker_env(
         "KAFKA_TOPICS": topic,
         "KAFKA_GROUP_ID": group,
         "KAFKA_DLQ_TOPIC": dlq,
+        "KAFKA_SUPPRESSION_TOPIC": suppressions_of(dlq),
         "GIST_BATCH_WAIT": "0.2",
         "GIST_BATCH_POLL_INTERVAL": "0.1",
         "GIST_BATCH_POLL_MAX_INTERVAL": "0.5",
@@ -185,12 +200,37 @@ async def make_topics(bootstrap: str, *names: str, partitions: int = 1) -> None:
     await create_topics(bootstrap, names, partitions)
 
 
+def suppressions_of(dlq: str) -> str:
+    """The suppression topic a test's worker uses beside its dead-letter topic."""
+    return f"{dlq}-suppressions"
+
+
+async def make_worker_topics(bootstrap: str, dlq: str) -> None:
+    """The topics a worker writes to: its dead letters' and its suppressions'."""
+    await create_topics(bootstrap, [dlq, suppressions_of(dlq)], 1)
+
+
+async def list_topics(bootstrap: str) -> set[str]:
+    """The broker's topics, asked in a way that creates none."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
 async def produce(
     bootstrap: str,
     topic: str,
     messages: Iterable[Any],
     key: Callable[[Any], bytes | None] | None = None,
+    timestamp_ms: int | None = None,
 ) -> int:
+    """Send ``messages``; with ``timestamp_ms``, every record gets that time (as records
+    produced at that moment would)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     count = 0
@@ -198,7 +238,7 @@ async def produce(
         for message in messages:
             value = message if isinstance(message, bytes) else orjson.dumps(message)
             k = key(message) if key else _default_key(message)
-            await producer.send(topic, value, key=k)
+            await producer.send(topic, value, key=k, timestamp_ms=timestamp_ms)
             count += 1
         await producer.flush()
     finally:

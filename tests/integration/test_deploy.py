@@ -104,6 +104,8 @@ REQUIRED_ALERTS = frozenset(
         "GistDestinationNotReady",
         "GistDestinationCredentialsRejected",
         "GistDestinationConsumerLagGrowing",
+        # Lag above zero and nothing read: LagGrowing needs new records to see it.
+        "GistDestinationConsumptionStopped",
         "GistDestinationDeadLetters",
         "GistDestinationRateLimited",
         "GistDestinationDeliveryDelayHigh",
@@ -279,6 +281,17 @@ def test_alerts_cover_what_on_call_needs() -> None:
     missing = rules["GistDestinationTargetMissing"]
     assert re.fullmatch(r'absent\(up\{job="gist-destination"\}\)', missing["expr"].strip())
     assert missing.get("for")
+    # Dead letters: a share of what was consumed, held for longer than its window (a single
+    # dead letter never fires), not any increase at all.
+    dead = rules["GistDestinationDeadLetters"]
+    assert "gist_destination_messages_consumed_total" in dead["expr"]
+    assert re.search(r"\)\s*>\s*0\.0\d", dead["expr"])
+    window = re.search(r"dead_lettered_total\[(\d+)m\]", dead["expr"])
+    assert window
+    assert int(dead["for"].rstrip("m")) > int(window[1])
+    stopped = rules["GistDestinationConsumptionStopped"]["expr"]
+    assert "gist_destination_consumer_lag" in stopped
+    assert "gist_destination_messages_consumed_total" in stopped
     delay = rules["GistDestinationDeliveryDelayHigh"]["expr"]
     assert "histogram_quantile" in delay
     assert "gist_destination_delivery_delay_seconds_bucket" in delay

@@ -21,7 +21,10 @@ from tests.integration.harness import (
     SandboxProcess,
     WorkerProcess,
     committed_offsets,
+    forms_of_the_address,
+    list_topics,
     make_topics,
+    make_worker_topics,
     produce,
     read_topic,
     unique,
@@ -52,7 +55,7 @@ class Stream:
 
     async def create(self) -> Stream:
         await make_topics(self.bootstrap, self.topic, partitions=self.partitions)
-        await make_topics(self.bootstrap, self.dlq, partitions=1)
+        await make_worker_topics(self.bootstrap, self.dlq)
         return self
 
     def env(self, sandbox_process: SandboxProcess, **more: str) -> dict[str, str]:
@@ -139,6 +142,11 @@ async def test_mixed_stream_arrives_as_expected(
         {"type": "identify", "messageId": "bad-1", "traits": {"plan": "x"}},  # no identity
         {"type": "mystery", "messageId": "bad-2", "userId": "u1"},  # unknown type
         track("ghost", "Nobody Home"),  # user_id of no contact: Gist answers 404
+        {  # a contact never imported: Gist answers 404, the delete is done all the same
+            "type": "delete",
+            "messageId": "del-1",
+            "context": {"traits": {"email": "Secret.Person@example.com"}},
+        },
     ]
     await produce(kafka_bootstrap, stream.topic, messages)
     worker = WorkerProcess(tmp_path, stream.env(sandbox_process))
@@ -179,6 +187,11 @@ async def test_mixed_stream_arrives_as_expected(
         assert not any(e["name"] == "Hidden" for e in state["events"])
         metrics = await worker.metrics()
         assert "gist_destination_messages_skipped_total{reason=" in metrics
+        log = worker.output().lower()
+        assert '"event":"gist.' in log
+        for address in ("Secret.Person@example.com", "grace@example.com", "Ada@Example.com"):
+            leaked = [form for form in forms_of_the_address(address) if form.lower() in log]
+            assert leaked == [], f"the worker's log names {address}"
         assert "gist_destination_messages_dead_lettered_total" in metrics
     finally:
         worker.signal(signal.SIGTERM)
@@ -199,6 +212,18 @@ async def test_wrong_key_halts_without_dead_letters(
     assert await read_topic(kafka_bootstrap, stream.dlq, expect=0, within=3) == []
     assert (await stream.committed()) == {0: None}
     assert (await sandbox_process.state())["contacts"] == []
+
+
+async def test_a_mistyped_dead_letter_topic_stops_start_up_and_is_not_created(
+    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
+) -> None:
+    stream = await Stream(kafka_bootstrap).create()
+    typo = stream.dlq + "-typo"  # Tansu creates any topic a metadata request names
+    worker = WorkerProcess(tmp_path, {**stream.env(sandbox_process), "KAFKA_DLQ_TOPIC": typo})
+    assert await worker.exited(60) == 2, worker.output()[-3000:]
+    assert f"KAFKA_DLQ_TOPIC: no topic '{typo}'" in worker.output()
+    assert typo not in await list_topics(kafka_bootstrap)
+    assert (await stream.committed()) == {0: None}
 
 
 async def test_key_revoked_mid_stream_keeps_the_stream(
@@ -527,20 +552,32 @@ async def test_an_envelope_is_held_while_gist_fails_and_delivered_after(
         assert await worker.exited(60) == 0, worker.output()[-3000:]
 
 
+@pytest.mark.parametrize(
+    ("status", "deadline", "reason"),
+    [
+        ("completed?", "1.5", b"batch_timeout"),  # unknown: waited for until the deadline
+        ("FAILED", "3600", b"batch_failed"),  # an explicit failure: not waited for
+    ],
+)
 async def test_a_batch_gist_never_completes_is_sent_again_once_then_dead_lettered(
-    kafka_bootstrap: str, sandbox_process: SandboxProcess, tmp_path: Path
+    kafka_bootstrap: str,
+    sandbox_process: SandboxProcess,
+    tmp_path: Path,
+    status: str,
+    deadline: str,
+    reason: bytes,
 ) -> None:
     """Regression: a status the client does not know was polled forever, and a few such
-    batches stopped every later one."""
+    batches stopped every later one; an explicit FAILED waited for the deadline (an hour)."""
     stream = await Stream(kafka_bootstrap).create()
-    await sandbox_process.faults(batch_status="FAILED")
+    await sandbox_process.faults(batch_status=status)
     await produce(kafka_bootstrap, stream.topic, [identify("u1", "u1@example.com")])
-    worker = WorkerProcess(tmp_path, stream.env(sandbox_process, GIST_BATCH_DEADLINE="1.5"))
+    worker = WorkerProcess(tmp_path, stream.env(sandbox_process, GIST_BATCH_DEADLINE=deadline))
     try:
         (letter,) = await read_topic(kafka_bootstrap, stream.dlq, expect=1, within=60)
-        assert dict(letter.headers)["gist-dlq-reason"] == b"batch_timeout"
+        assert dict(letter.headers)["gist-dlq-reason"] == reason
         posts = [r for r in await sandbox_process.requests() if r["path"] == "/contacts/batch"]
-        assert len(posts) == 2  # the import, and the one re-send past the deadline
+        assert len(posts) == 2  # the import, and the one re-send
         await wait_for(lambda: _committed_is(stream, {0: 1}), 30, what="the commit")
         await sandbox_process.faults(batch_status=None)
         await produce(kafka_bootstrap, stream.topic, [identify("u2", "u2@example.com")])

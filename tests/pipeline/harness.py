@@ -43,7 +43,7 @@ class ModelGist:
     - ``down``: every API request gets a 503;
     - ``flaky``: a third of the answers are 5xx, 429, time-outs, or a 2xx whose body is
       not JSON (after the request took effect);
-    - ``odd``: batch polls answer statuses the reference does not know (``FAILED``,
+    - ``odd``: batch polls answer statuses the reference does not know (``???``,
       ``completed``), completed batches report errors as plain strings or not at all,
       batch imports come back without a ``batch_id`` now and then (queued all the same).
 
@@ -117,7 +117,7 @@ class ModelGist:
                 batch["polls"] = max(0, batch["polls"] - 1)
                 choices = ["QUEUED", "IN_PROGRESS"]
                 if self.mode == "odd":
-                    choices += ["FAILED", "completed", "???"]
+                    choices += ["completed", "???"]  # unknown: not completed yet
                 return httpx.Response(200, json={"status": self.rng.choice(choices)})
             return httpx.Response(200, json=self._complete(batch))
         if path == "/events":
@@ -273,6 +273,7 @@ class Group:
             **DEFAULTS,
             "kafka_topics": topic,
             "kafka_dlq_topic": dlq,
+            "kafka_suppression_topic": f"{dlq}-suppressions",
             "kafka_group_id": self.group_id,
             **settings,
         }
@@ -375,6 +376,7 @@ def make_broker(topic: str, dlq: str, partitions: int = 3) -> LocalBroker:
     broker = LocalBroker(max_message_bytes=8 * 1024 * 1024)
     broker.create_topic(topic, partitions)
     broker.create_topic(dlq, 1)
+    broker.create_topic(f"{dlq}-suppressions", 1)
     return broker
 
 

@@ -175,6 +175,74 @@ async def test_huge_envelopes_never_put_more_in_flight_than_the_limit() -> None:
     assert len(group.gist.contacts) == 9000
 
 
+async def test_envelopes_count_for_their_decoded_size_and_open_one_at_a_time() -> None:
+    """Regression (repro f7): every fetched record was decoded at once, before any bound
+    applied, and an envelope counted for its bytes while its messages were held decoded
+    (a 1 MB envelope of small messages decodes to some 25 MB). Now a record is decoded
+    only when opened, counts for its decoded size, and opens only within the bound (or
+    alone)."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    bound = 1024 * 1024
+    group = Group(
+        broker,
+        topic,
+        dlq,
+        ModelGist(__import__("random").Random(5)),
+        max_inflight_bytes=bound,
+        max_inflight_messages=100_000,
+        max_inflight_per_partition=100_000,
+    )
+    envelopes = [
+        (b"k", {"batch": [track(f"u{e}") for _ in range(4000)]}) for e in range(3)
+    ]
+    sizes = [len(orjson.dumps(v)) for _, v in envelopes]
+    assert all(size < bound for size in sizes)  # each fits in bytes, not decoded
+    await produce(broker, topic, envelopes)
+    decoded = 0
+    most_decoded = 0
+    largest_open = 0
+    real_decode = __import__("destination.pipeline.consume", fromlist=["x"]).decode_record
+
+    class Tracked(list):  # type: ignore[type-arg]
+        def __del__(self) -> None:
+            nonlocal decoded
+            decoded -= 1
+
+    def tracked_decode(value: bytes | None) -> tuple[list[Any], bool]:
+        nonlocal decoded, most_decoded
+        messages, enveloped = real_decode(value)
+        decoded += 1
+        most_decoded = max(most_decoded, decoded)
+        return Tracked(messages), enveloped
+
+    opened = Ledger.open_record
+
+    def watched(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        nonlocal largest_open
+        record = opened(self, *args, **kwargs)
+        largest_open = max(largest_open, self.bytes)
+        return record
+
+    consume = __import__("destination.pipeline.consume", fromlist=["x"])
+    consume.decode_record = tracked_decode
+    Ledger.open_record = watched  # type: ignore[method-assign]
+    try:
+        await group.start_worker()
+        await group.until_committed(within=120)
+        await group.stop_all()
+    finally:
+        consume.decode_record = real_decode
+        Ledger.open_record = opened  # type: ignore[method-assign]
+    estimate = __import__("destination.pipeline.decode", fromlist=["x"]).decoded_size(
+        orjson.dumps(envelopes[0][1])
+    )
+    assert estimate > bound  # so each opened alone: the bound is passed by one record
+    assert largest_open <= estimate + 1024, (largest_open, estimate)
+    assert most_decoded == 1  # never two envelopes decoded at once
+    assert len(group.gist.events) == 12_000
+
+
 async def test_a_revoked_partition_sends_nothing_more_from_its_old_owner() -> None:
     """Regression (duplicates, stale writes): revoking a partition only flagged its work;
     the old owner kept sending (retries for hours) while the new owner sent the same."""
@@ -291,3 +359,231 @@ async def test_cycles_are_freed_while_the_worker_runs_even_with_automatic_collec
     finally:
         gc.enable()
         await group.stop_all_quietly()
+
+
+class TagsRefused(ModelGist):
+    """ModelGist refusing every ``POST /tags`` (400) while ``refuse`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(__import__("random").Random(6))
+        self.refuse = True
+        self.tags: list[Any] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/tags":
+            if self.refuse:
+                return httpx.Response(400, json={"errors": [{"code": "invalid"}]})
+            self.tags.append(orjson.loads(request.content))
+            return httpx.Response(200, json={})
+        return super().__call__(request)
+
+
+async def replay_dead_letters(broker: Any, dlq: str, topic: str) -> int:
+    """What ``gist-destination replay`` does with each dead letter (its own ``_copy``)."""
+    from destination.commands.replay import Filter, Summary, _copy
+    from destination.devtools.local_kafka import LocalProducer
+
+    producer = LocalProducer(broker, max_request_size=8 * 1024 * 1024)
+    await producer.start()
+    summary = Summary()
+    sends = []
+    for record in dead_letters(broker, dlq):
+        sends += _copy(record, dlq, topic, Filter(), summary, False, producer)
+    await asyncio.gather(*sends)
+    await producer.stop()
+    return sum(summary.copied.values())
+
+
+@pytest.mark.parametrize("with_id", [True, False], ids=["messageId", "no_messageId"])
+async def test_a_replayed_message_that_partly_succeeded_sends_only_the_rest_once(
+    tmp_path: Any, with_id: bool
+) -> None:
+    """Regression: a message whose event was delivered but whose tag change failed was
+    dead-lettered whole, and a replay sent the event again; and "replay ... safe to run
+    twice" held only for messages with a messageId (one without, replayed twice, made two
+    events). Now each operation is recorded under the message's id (one given from where
+    it was read when it has none, which replay writes into it): replayed twice, the event
+    is not sent again and the tag change goes once."""
+    from destination.mapping import Mapper, load_rules
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text('tags:\n  events:\n    - event: "Order Completed"\n      tag: buyer\n')
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    gist = TagsRefused()
+    group = Group(broker, topic, dlq, gist)
+    group.mapper = Mapper(load_rules(rules))
+    message = track("u1", "Order Completed")
+    if not with_id:
+        del message["messageId"]
+    await produce(broker, topic, [(b"u1", message)])
+    await group.start_worker()
+    await group.until_committed()
+    assert [header(r, "gist-dlq-reason") for r in dead_letters(broker, dlq)] == [
+        b"gist_rejected"
+    ]
+    assert [e["event_name"] for e in gist.events] == ["Order Completed"]
+    gist.refuse = False  # the cause is fixed: replay, twice
+    for _ in range(2):
+        assert await replay_dead_letters(broker, dlq, topic) == 1
+        await group.until_committed()
+    await group.stop_all()
+    assert [e["event_name"] for e in gist.events] == ["Order Completed"]  # not again
+    assert gist.tags == [{"name": "buyer", "contacts": [{"user_id": "u1"}]}]
+
+
+class HeldImports(ModelGist):
+    """ModelGist whose batch imports stay IN_PROGRESS while ``hold`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(__import__("random").Random(7))
+        self.hold = True
+        self.imports = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/contacts/batch":
+            self.imports += 1
+        if path.startswith("/contacts/batch/") and self.hold:
+            return httpx.Response(200, json={"status": "IN_PROGRESS"})
+        return super().__call__(request)
+
+
+async def test_a_rebalance_keeps_the_work_of_partitions_that_stay() -> None:
+    """Regression: every rebalance (aiokafka's eager protocol revokes every partition)
+    drained for REBALANCE_TIMEOUT, abandoned what had not ended and read it again:
+    contacts imported twice, 20 s at half the budget. Now a member keeps its partitions
+    (sticky assignor) and their work: a contact waiting for its import when the group
+    rebalances ends once its import completes, without being read or sent again."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = HeldImports()
+    group = Group(broker, topic, dlq, gist, rebalance_timeout=5.0)
+    await produce(broker, topic, [(b"u1", identify("u1", plan="pro")), (b"u2", track("u2"))])
+    await group.start_worker()
+    await until(lambda: gist.imports == 1 and len(gist.events) == 1)
+    opened = sum(1 for seen in group.ends.log.values() for _ in seen)
+    broker.rebalance(group.group_id)
+    async with asyncio.timeout(10):
+        await broker.wait_stable(group.group_id)
+    gist.hold = False
+    await group.until_committed(within=10)
+    await group.stop_all()
+    assert gist.imports == 1  # not sent again
+    assert len(gist.events) == 1
+    ends = [how for seen in group.ends.log.values() for _, how, _ in seen]
+    assert ends == ["delivered", "delivered"]  # each message ended once, not read again
+    assert opened == 1  # the track had ended before the rebalance, the contact had not
+    assert gist.contacts["u1"]["custom_properties"]["plan"] == "pro"
+
+
+async def test_a_partition_that_goes_is_handed_over_and_its_work_not_sent_twice() -> None:
+    """Two workers: the second's arrival moves a partition; the first sends nothing more
+    for it once the rebalance begins, and the new owner delivers what had not ended."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = HeldImports()
+    group = Group(broker, topic, dlq, gist, rebalance_timeout=1.0)
+    await produce(broker, topic, [(b"k", identify(f"u{i}")) for i in range(6)], partition=0)
+    await produce(broker, topic, [(b"k", identify(f"v{i}")) for i in range(6)], partition=1)
+    first = await group.start_worker()
+    await until(lambda: gist.imports >= 1)
+    await group.start_worker()
+    async with asyncio.timeout(20):
+        await broker.wait_stable(group.group_id)
+    assert len(first.ledger.partitions) == 1  # sticky: it kept one, gave one
+    gist.hold = False
+    await group.until_committed(within=20)
+    await group.stop_all()
+    # The first import (both partitions' contacts), and the new owner's of the
+    # partition that went: the kept partition's contacts were not sent again.
+    assert gist.imports == 2
+    for user in [f"u{i}" for i in range(6)] + [f"v{i}" for i in range(6)]:
+        assert user in gist.contacts
+
+
+async def test_a_stop_with_a_backlog_ends_within_the_shutdown_timeout() -> None:
+    """Regression: with a backlog, SIGTERM did not exit within 20 s, and SHUTDOWN_TIMEOUT
+    (30 s, Kubernetes' default grace period) bounded the drain alone, so a pod was often
+    killed before it committed. SHUTDOWN_TIMEOUT now bounds the whole stop: drain,
+    commit, hand-over, clients; what did not end stays uncommitted."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = HeldImports()  # imports never complete: the drain cannot finish
+    group = Group(broker, topic, dlq, gist, shutdown_timeout=3.0)
+    await produce(broker, topic, [(f"u{i}".encode(), identify(f"u{i}")) for i in range(40)])
+    await produce(broker, topic, [(b"e", track("e1"))])
+    worker_id = max(group.workers) + 1 if group.workers else 1
+    await group.start_worker()
+    await until(lambda: gist.imports >= 1 and len(gist.events) == 1)
+    started = asyncio.get_running_loop().time()
+    assert await group.stop_worker(worker_id) == 0
+    took = asyncio.get_running_loop().time() - started
+    assert took <= 3.0 + 1.0, took
+    committed = group.committed()
+    ended_offsets = {
+        (p, o) for (p, o, _), seen in group.ends.log.items() if seen
+    }
+    # Only ended records are committed; the contacts still importing are not.
+    for partition, offset in committed.items():
+        assert all((partition, o) in ended_offsets for o in range(offset))
+    assert sum(committed.values()) < 41
+
+
+class DeletingGist(ModelGist):
+    """ModelGist that deletes contacts (DELETE /contacts?user_id=)."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "DELETE" and request.url.path == "/contacts":
+            user = request.url.params.get("user_id") or request.url.params.get("email")
+            if self.contacts.pop(str(user), None) is None:
+                return httpx.Response(404, json={"errors": [{"code": "not_found"}]})
+            return httpx.Response(200, json={})
+        return super().__call__(request)
+
+
+async def test_a_deleted_person_stays_deleted_through_late_messages_restarts_and_replays() -> None:
+    """Regression: a delete removed the contact, and the next replay, group reset or late
+    message created it again. Now every identity the delete carried is suppressed for
+    SUPPRESS_DELETED_DAYS, in a compacted topic every worker reads at start: later
+    messages are skipped (suppressed), also by a new worker reading the topic from the
+    start; the topic holds hashes, not the identities."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = DeletingGist(__import__("random").Random(8))
+    group = Group(broker, topic, dlq, gist)
+    person = "Secret.Person@example.com"
+    await produce(broker, topic, [
+        (b"u1", identify("u1", plan="pro")),
+        (b"u1", {"type": "delete", "userId": "u1", "messageId": uuid.uuid4().hex,
+                 "context": {"traits": {"email": person}}}),
+        (b"u1", identify("u1", plan="late")),
+        (b"u1", track("u1", "Came Back")),
+    ], partition=0)  # fmt: skip
+    await group.start_worker()
+    await group.until_committed()
+    assert "u1" not in gist.contacts
+    assert gist.events == []
+    reasons_seen = [r for seen in group.ends.log.values() for _, _, r in seen]
+    assert reasons_seen.count("suppressed") == 2
+    await group.stop_all()
+    # A message by e-mail only, on the other partition, after a restart: suppressed too.
+    by_email = {"type": "identify", "messageId": uuid.uuid4().hex, "traits": {"email": person}}
+    await produce(broker, topic, [(b"e", by_email)], partition=1)
+    await group.start_worker()
+    await group.until_committed()
+    await group.stop_all()
+    assert person.lower() not in gist.contacts
+    # The whole topic read again by a new group (a reset): nothing comes back.
+    again = Group(broker, topic, dlq, gist)
+    again.group_id = f"reset-{topic}"
+    again.settings["kafka_group_id"] = again.group_id
+    await again.start_worker()
+    await again.until_committed()
+    await again.stop_all()
+    assert "u1" not in gist.contacts
+    suppressions = broker.records(f"{dlq}-suppressions", 0)
+    assert len({r.key for r in suppressions}) == 2  # the user id and the e-mail
+    raw = b"".join((r.key or b"") + (r.value or b"") for r in suppressions)
+    assert b"u1" not in raw.replace(b'"u"', b"")
+    assert b"example.com" not in raw.lower()

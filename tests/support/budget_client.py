@@ -29,8 +29,14 @@ def budget(redis_url: str | None, rate: RateLimit, owned: int, total: int) -> tu
 
 
 async def send_events(
-    gist: GistClient, until: float, senders: int = 4, name: str = "c"
+    gist: GistClient,
+    until: float,
+    senders: int = 4,
+    name: str = "c",
+    answered: list[float] | None = None,
 ) -> int:
+    """Send events from ``senders`` tasks until ``until``; how many were sent. The time
+    each was answered goes to ``answered`` when given."""
     sent = 0
 
     async def sender(index: int) -> None:
@@ -40,6 +46,8 @@ async def send_events(
             n += 1
             await gist.track_event({"event_name": "Bench", "email": f"{name}{index}-{n}@x.io"})
             sent += 1
+            if answered is not None:
+                answered.append(time.monotonic())
 
     await asyncio.gather(*(sender(i) for i in range(senders)))
     return sent

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from destination.gist import ContactPayload
 from destination.pipeline.contacts import ContactBatcher, ContactStep, merge_contact
 
@@ -46,7 +48,20 @@ def test_batcher_is_due_when_full_or_when_the_oldest_waited_long_enough() -> Non
     assert batcher.due_at() == float("-inf")
     taken = batcher.take()
     assert taken == steps[:3]
-    assert all(s.sent for s in taken)
+    assert not any(s.mergeable for s in taken)
     assert batcher.due_at() == 11.7
     assert batcher.take() == [steps[3]]
     assert len(batcher) == 0
+
+
+def test_a_step_taken_into_a_batch_takes_no_more_merges() -> None:
+    """Regression (repro f1): an update merged into a contact whose body was already
+    encoded was never sent, yet its message was delivered. Once taken, a step refuses
+    merges for good (delivery chains a new step behind it instead)."""
+    batcher = ContactBatcher(max_contacts=1, max_wait=1.0)
+    step = ContactStep({"user_id": "u1", "custom_properties": {"plan": "free"}}, ("u:u1",))
+    batcher.add(step, now=0.0)
+    assert batcher.take() == [step]
+    step.encode()
+    with pytest.raises(RuntimeError):
+        step.merge({"user_id": "u1", "custom_properties": {"plan": "pro"}})

@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.errors import (
+    KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     NotLeaderForPartitionError,
@@ -14,6 +15,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
+from destination.devtools.local_kafka import LocalBroker, LocalProducer
 from destination.gist import RetryPolicy
 from destination.pipeline.dead_letter import (
     DeadLetterTopicError,
@@ -175,20 +177,25 @@ async def test_a_released_envelope_message_is_read_again_and_written_alone() -> 
     assert orjson.loads(producer.sent[0]["value"]) == {"type": "identify", "userId": "u"}
 
 
-class Metadata:
-    def __init__(self, answer: Any) -> None:
-        self.answer = answer
+async def test_the_dead_letter_topic_is_checked_at_start_up_without_creating_it() -> None:
+    broker = LocalBroker(auto_create_topics=True)  # as Kafka's default, and Tansu
+    broker.create_topic("dlq", partitions=2)
+    broker.create_topic("forbidden")
+    broker.forbid("forbidden")
+    producer = LocalProducer(broker)
+    assert await check_topic(producer, "dlq") == 2
+    for typo in ("dlq-typo", "forbidden"):
+        with pytest.raises(DeadLetterTopicError, match=f"KAFKA_DLQ_TOPIC: no topic '{typo}'"):
+            await check_topic(producer, typo)
+    assert broker.topics() == {"dlq", "forbidden"}  # the typo was not created
 
-    async def partitions_for(self, topic: str) -> set[int]:
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        partitions: set[int] = self.answer
-        return partitions
 
+async def test_kafka_not_answering_the_topic_check_is_said_so() -> None:
+    class Silent:
+        async def fetch_all_metadata(self) -> Any:
+            raise KafkaError("Unable to get cluster metadata over all known brokers")
 
-async def test_the_dead_letter_topic_is_checked_at_start_up() -> None:
-    assert await check_topic(Metadata({0, 1}), "dlq") == 2
-    with pytest.raises(DeadLetterTopicError, match="does not exist"):
-        await check_topic(Metadata(UnknownTopicOrPartitionError()), "dlq")
-    with pytest.raises(DeadLetterTopicError, match="not authorised"):
-        await check_topic(Metadata(TopicAuthorizationFailedError()), "dlq")
+    producer = LocalProducer(LocalBroker())
+    producer.client = Silent()  # type: ignore[assignment]
+    with pytest.raises(DeadLetterTopicError, match="could not check that topic 'dlq' exists"):
+        await check_topic(producer, "dlq")

@@ -4,12 +4,16 @@ their original ends, bounded memory."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import tracemalloc
+from collections.abc import Sequence
 from typing import Any
 
 from destination import reasons
 from destination.operations import EventTrack
-from destination.pipeline.dedup import Dedup, DeliveredIds
+from destination.pipeline.dedup import Dedup, DeliveredIds, id_hash
 from destination.pipeline.inflight import ENDED, Failure, Ledger, MessageWork, TopicPartition
 from destination.pipeline.outcome import Outcomes
 
@@ -75,9 +79,10 @@ class Pipeline:
         self.outcomes = Outcomes(self.ledger, self)
         self.partition = self.ledger.assign(TopicPartition("t", 0))
         self.submitted: list[MessageWork] = []
+        self.indices: list[list[int]] = []
         self.dedup = Dedup(
             DeliveredIds(3600.0, 1000),
-            lambda message, ops: self.submitted.append(message),
+            self._submit,
             self.outcomes.skipped,
             self.outcomes.dead_letter,
         )
@@ -88,21 +93,33 @@ class Pipeline:
         )
         self.offset = 0
 
+    def _submit(self, message: MessageWork, ops: Sequence[Any], indices: Sequence[int]) -> None:
+        self.submitted.append(message)
+        self.indices.append(list(indices))
+
     async def write(self, message: MessageWork, failure: Failure) -> None:
         self.written.append((message, failure))
 
-    def offer(self, message_id: str | None, partition: Any = None) -> MessageWork:
+    def offer(
+        self, message_id: str | None, partition: Any = None, operations: int = 1
+    ) -> MessageWork:
         record = self.ledger.open_record(partition or self.partition, self.offset, None, b"{}", [])
         self.offset += 1
         message = self.ledger.open_message(record, None, "track", None, None, message_id)
         self.ledger.seal(record)
-        op = EventTrack({"event_name": "X", "user_id": "u"}, message_id)
-        self.dedup.offer(message, (op,))
+        ops = [
+            EventTrack({"event_name": f"X{i}", "user_id": "u"}, message_id)
+            for i in range(operations)
+        ]
+        self.dedup.offer(message, ops)
         return message
 
-    def deliver(self, message: MessageWork) -> None:
-        self.outcomes.expect(message, 1)
-        self.outcomes.operation_done(message)
+    def deliver(self, message: MessageWork, indices: Sequence[int] = (0,)) -> None:
+        """What delivery does as each operation is confirmed: record it, end it."""
+        self.outcomes.expect(message, len(indices))
+        for index in indices:
+            self.dedup.delivered(message, index)
+            self.outcomes.operation_done(message)
 
 
 def test_an_id_is_recorded_only_once_delivered() -> None:
@@ -159,3 +176,39 @@ def test_a_copy_from_another_partition_is_sent_when_the_original_is_revoked() ->
     assert p.submitted == [first, copy]
     p.deliver(copy)
     assert "m-1" in p.dedup.local
+
+
+async def test_a_message_that_partly_succeeded_sends_only_what_did_not() -> None:
+    """A track whose event went and whose tag change failed is dead-lettered whole; sent
+    again (a replay, a redelivery), only the tag change goes."""
+    p = Pipeline()
+    first = p.offer("m-2", operations=2)
+    assert p.indices == [[0, 1]]
+    p.outcomes.expect(first, 2)
+    p.dedup.delivered(first, 0)
+    p.outcomes.operation_done(first)
+    p.outcomes.operation_done(first, Failure(reasons.GIST_REJECTED, "400"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    again = p.offer("m-2", operations=2)
+    assert p.submitted == [first, again]
+    assert p.indices[-1] == [1]
+    p.deliver(again, indices=(1,))
+    assert p.ends[id(again)] == ("delivered", None)
+    third = p.offer("m-2", operations=2)
+    assert p.ends[id(third)] == ("skipped", "duplicate")
+
+
+def test_shared_ids_hash_the_same_in_every_process() -> None:
+    """Regression (repro f3): ids were hashed with Python's salted hash(), so an id one
+    process put in Redis never matched in another: replays and producer retries across
+    replicas or restarts were sent twice."""
+    code = "from destination.pipeline.dedup import id_hash; print(id_hash('ajs-msg-0001'))"
+    seen = set()
+    for seed in ("1", "2", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        seen.add(out.stdout.strip())
+    assert seen == {str(id_hash("ajs-msg-0001"))}

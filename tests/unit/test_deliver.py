@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from destination.gist import CredentialsError, GistClient, RetryPolicy
 from destination.operations import ContactUpsert, EventTrack, TagChange
@@ -382,14 +383,29 @@ async def test_a_batch_that_imported_fewer_than_sent_without_errors_is_checked()
 
 
 async def test_an_unknown_batch_status_ends_in_one_resend_then_a_dead_letter() -> None:
-    """Regression: a status the client does not know (FAILED, lower case) was polled
-    forever. Now the batch is sent again once past its deadline, then dead-lettered."""
+    """Regression: a status the client does not know was polled forever. Now the batch is
+    sent again once past its deadline, then dead-lettered."""
     gist = Misbehaving()
-    gist.status = "FAILED"
+    gist.status = "completed?"
     h = Harness(gist, batch_max_contacts=2, batch_deadline=0.3)
     messages = [h.send(upsert(f"u{i}", f"u{i}@x.io")) for i in range(2)]
     await _run(h, 2)
     assert [m.failure.reason if m.failure else None for m in messages] == ["batch_timeout"] * 2
+    assert gist.imports() == [["u0", "u1"], ["u0", "u1"]]
+
+
+@pytest.mark.parametrize("status", ["FAILED", "failed", "Error", "CANCELLED"])
+async def test_a_batch_gist_says_failed_is_sent_again_at_once_then_dead_lettered(
+    status: str,
+) -> None:
+    """Regression: an explicit failure waited for GIST_BATCH_DEADLINE (an hour) like an
+    unknown status. Now it is sent again at once, and the second failure dead-letters."""
+    gist = Misbehaving()
+    gist.status = status
+    h = Harness(gist, batch_max_contacts=2, batch_deadline=3600)
+    messages = [h.send(upsert(f"u{i}", f"u{i}@x.io")) for i in range(2)]
+    await _run(h, 2, within=5)
+    assert [m.failure.reason if m.failure else None for m in messages] == ["batch_failed"] * 2
     assert gist.imports() == [["u0", "u1"], ["u0", "u1"]]
 
 
@@ -480,9 +496,9 @@ async def test_an_unexpected_exception_at_the_edge_dead_letters_with_internal_er
     await h.until(lambda: len(h.sink.written) == 1)
 
 
-async def test_abandoned_work_sends_nothing_more() -> None:
-    """Rebalance means stop: a revoked partition's requests are cancelled and its
-    contacts leave the batcher; another partition's contacts in the same batch go on."""
+async def test_revoked_work_not_on_the_wire_sends_nothing_more() -> None:
+    """Rebalance means stop: a revoked partition's requests that wait for their turn are
+    dropped and its contacts leave the batcher; another partition's work goes on."""
     gist = FakeGist()
     release = asyncio.Event()
 
@@ -491,25 +507,89 @@ async def test_abandoned_work_sends_nothing_more() -> None:
             await release.wait()
         return gist(request)
 
-    h = Harness(slow_events, batch_max_contacts=10)
+    h = Harness(slow_events, batch_max_contacts=10, requests=1)
     kept = h.ledger.assign(TopicPartition("t", 1))
     h.delivery.start()
     try:
-        h.send(EventTrack({"event_name": "Slow", "user_id": "a"}))
-        h.send(upsert("a2", "a2@x.io"))  # revoked partition, waits in the batcher
+        busy = h.send(EventTrack({"event_name": "Busy", "user_id": "k"}), partition=kept)
+        await asyncio.sleep(0.01)  # on the wire, holding the only request slot
+        h.send(EventTrack({"event_name": "Queued", "user_id": "a"}))  # waits for the slot
+        h.send(upsert("a2", "a2@x.io"))  # waits in the batcher
         stays = h.send(upsert("b1", "b1@x.io"), partition=kept)
-        await asyncio.sleep(0.01)
-        assert h.delivery.abandon([h.partition]) == 2
+        assert await h.delivery.revoke([h.partition]) == 2
         h.ledger.revoke(h.partition.tp)
         release.set()
-        await h.until(lambda: stays.state == ENDED)
+        await h.until(lambda: stays.state == ENDED and busy.state == ENDED)
         await asyncio.sleep(0.1)
     finally:
         await h.delivery.close()
     batches = [body["contacts"] for path, body in gist.log if path == "POST /contacts/batch"]
     assert batches == [[{"user_id": "b1", "email": "b1@x.io", "custom_properties": {}}]]
-    assert [p for p, _ in gist.log].count("POST /events") == 0
+    assert [body["event_name"] for path, body in gist.log if path == "POST /events"] == ["Busy"]
     assert h.sink.written == []
+
+
+async def test_a_request_on_the_wire_when_revoked_is_awaited_and_what_gist_did_recorded() -> None:
+    """A revocation does not cut a request Gist is answering: its answer is awaited (a
+    bounded time) and recorded, so the new owner does not send the event again; the
+    message does not end here (the new owner reads it again)."""
+    gist = FakeGist()
+    on_wire = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_events(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/events":
+            on_wire.set()
+            await release.wait()
+        return gist(request)
+
+    recorded: list[tuple[str | None, int]] = []
+
+    class Ids:
+        def delivered(self, message: MessageWork, index: int) -> None:
+            recorded.append((message.message_id, index))
+
+        async def flush(self) -> None:
+            recorded.append(("flushed", -1))
+
+    h = Harness(slow_events)
+    h.delivery.ids = Ids()
+    h.delivery.start()
+    try:
+        record = h.ledger.open_record(h.partition, 0, None, b"{}", [])
+        message = h.ledger.open_message(record, None, "track", None, message_id="m1")
+        h.ledger.seal(record)
+        h.delivery.submit(message, [EventTrack({"event_name": "X", "user_id": "u"})])
+        await on_wire.wait()
+        asyncio.get_running_loop().call_later(0.05, release.set)
+        assert await h.delivery.revoke([h.partition]) == 1
+    finally:
+        await h.delivery.close()
+    assert recorded == [("m1", 0), ("flushed", -1)]  # recorded, then flushed for the next owner
+    assert message.state != ENDED
+    assert [p for p, _ in gist.log].count("POST /events") == 1
+
+
+async def test_a_request_on_the_wire_longer_than_the_revoke_wait_is_cut() -> None:
+    gist = FakeGist()
+    on_wire = asyncio.Event()
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        on_wire.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    h = Harness(never, revoke_wait=0.05)
+    h.delivery.start()
+    try:
+        message = h.send(EventTrack({"event_name": "X", "user_id": "u"}))
+        await on_wire.wait()
+        async with asyncio.timeout(2):
+            assert await h.delivery.revoke([h.partition]) == 1
+    finally:
+        await h.delivery.close()
+    assert message.state != ENDED
+    assert gist.log == []
 
 
 # --- tag changes go many contacts per request ---------------------------------------
@@ -587,44 +667,147 @@ async def test_each_request_carries_its_operations_priority() -> None:
     assert set(asked) - {Priority.LOW, Priority.HIGH} == {Priority.CRITICAL}  # status polls
 
 
-async def test_batches_gist_says_it_is_importing_count_only_while_it_queues_none() -> None:
-    """The read-ahead gives Gist more only while it imports our batches side by side."""
-    gist = Misbehaving()
-    gist.stuck = {"b0", "b1", "b2"}  # answered IN_PROGRESS, never completed
-    h = Harness(gist, batch_max_contacts=1, batch_deadline=60)
-    h.delivery.start()
-    try:
-        for i in range(3):
-            h.send(upsert(f"w{i}", f"w{i}@x.io"))
-        await h.until(lambda: h.delivery.batches_working == 3)
-        gist.status = "QUEUED"  # Gist now says it queues them: one queued is enough
-        await h.until(lambda: h.delivery.batches_working == 0)
-        assert h.delivery.batches_pending == 3
-    finally:
-        await h.delivery.close()
+# --- state that stays true through revocations and failed imports ---------------------
 
 
-async def test_a_batch_not_polled_since_gist_queued_it_counts_as_queued() -> None:
-    """Polls are few at the real limit, so answers are stale: two batches last polled
-    IN_PROGRESS beside one Gist has only accepted (QUEUED, its poll failing here) are not
-    a Gist importing side by side (a Gist importing in turn looked so: the read-ahead grew
-    to 46,000 held messages against 9,000 measured)."""
-    gist = Misbehaving()
-    gist.stuck = {"b0", "b1", "b2"}
-    gist.unpolled = {"b2"}
-    h = Harness(gist, batch_max_contacts=1, batch_deadline=60)
+async def test_an_update_after_a_batch_cut_by_a_revocation_is_sent() -> None:
+    """Regression (repro f1): a batch import cut because another of its partitions was
+    revoked put its contacts back with their encoded bodies; the next update of such a
+    contact merged into it was never sent, yet its message ended delivered."""
+    gist = FakeGist()
+    first_in_flight = asyncio.Event()
+    imports = 0
+
+    async def first_import_hangs(request: httpx.Request) -> httpx.Response:
+        nonlocal imports
+        if request.url.path == "/contacts/batch":
+            imports += 1
+            if imports == 1:
+                first_in_flight.set()
+                await asyncio.Event().wait()
+        return gist(request)
+
+    h = Harness(first_import_hangs, revoke_wait=0.05)
+    other = h.ledger.assign(TopicPartition("t", 1))
     h.delivery.start()
     try:
-        for i in range(3):
-            h.send(upsert(f"w{i}", f"w{i}@x.io"))
-        await h.until(lambda: h.delivery.batches_pending == 3)
-        polled = sum(1 for path, _ in gist.log if path == "GET /contacts/batch/b1")
-        await h.until(
-            lambda: sum(1 for path, _ in gist.log if path == "GET /contacts/batch/b1")
-            >= polled + 2
-        )
-        assert h.delivery.batches_working == 0
-        gist.unpolled = set()  # now Gist says the third is in progress too
-        await h.until(lambda: h.delivery.batches_working == 3)
+        m1 = h.send(upsert("alice", "alice@x.io", plan="free"))
+        h.send(upsert("bob", "bob@x.io", plan="x"), partition=other)
+        await first_in_flight.wait()  # alice and bob in one import, on the wire
+        await h.delivery.revoke([other])  # bob's partition goes; the import is cut
+        h.ledger.revoke(other.tp)
+        m2 = h.send(upsert("alice", "alice@x.io", plan="pro", seats=5))
+        await h.until(lambda: m1.state == ENDED and m2.state == ENDED)
     finally:
         await h.delivery.close()
+    sent = [
+        c for path, body in gist.log if path == "POST /contacts/batch" for c in body["contacts"]
+    ]
+    assert sent[-1] == {
+        "user_id": "alice",
+        "email": "alice@x.io",
+        "custom_properties": {"plan": "pro", "seats": 5},
+    }
+    assert m1.failure is None
+    assert m2.failure is None
+    assert all(c["user_id"] == "alice" for c in sent[1:])  # nothing more of bob's
+
+
+async def test_tag_changes_of_a_partition_not_revoked_still_go_after_a_revocation() -> None:
+    """Regression (repro f4): abandoning a revoked partition's work rebuilt every waiting
+    tag group, orphaning the group's timer: another partition's tag change never went
+    (and held its offset) until 49 more changes of that tag arrived."""
+    gist = TagGist()
+    release = asyncio.Event()
+
+    async def slow_events(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/events":
+            await release.wait()
+        return gist(request)
+
+    h = Harness(slow_events, revoke_wait=0.05)
+    other = h.ledger.assign(TopicPartition("t", 1))
+    h.delivery.start()
+    try:
+        h.send(EventTrack({"event_name": "Slow", "user_id": "bob"}), partition=other)
+        h.send(TagChange("vip", user_id="carol"), partition=other)  # same tag, revoked
+        tag = h.send(TagChange("vip", user_id="alice"))  # waits to fill a POST /tags
+        later = h.send(ContactUpsert({"user_id": "alice", "custom_properties": {"a": 1}}))
+        await asyncio.sleep(0.01)
+        await h.delivery.revoke([other])
+        h.ledger.revoke(other.tp)
+        await h.until(lambda: tag.state == ENDED and later.state == ENDED, within=3)
+    finally:
+        release.set()
+        await h.delivery.close()
+    tags = [body for path, body in gist.log if path == "POST /tags"]
+    assert tags == [{"name": "vip", "contacts": [{"user_id": "alice"}]}]
+    assert h.partition.offsets.committable() == later.record.offset + 1
+
+
+async def test_contacts_sent_again_are_in_flight_again_not_parked() -> None:
+    """Regression: ``Outcomes.unaccepted`` was never called, so contacts of an accepted
+    batch sent again (past its deadline) stayed counted as parked."""
+    gist = Misbehaving()
+    gist.status = "IN_PROGRESS"
+    h = Harness(gist, batch_max_contacts=2, batch_deadline=0.2)
+    h.delivery.start()
+    try:
+        messages = [h.send(upsert(f"u{i}", f"u{i}@x.io")) for i in range(2)]
+        await h.until(lambda: h.ledger.parked == 2)
+        await h.until(lambda: len(gist.imports()) == 2)  # sent again past the deadline
+        await asyncio.sleep(0)
+        assert h.ledger.parked + h.ledger.messages == 2
+        await h.until(lambda: all(m.state == ENDED for m in messages))
+    finally:
+        await h.delivery.close()
+    assert h.ledger.parked == 0
+    assert h.ledger.messages == 0
+
+
+async def test_batches_answering_unknown_statuses_do_not_hold_up_later_batches() -> None:
+    """Regression: four batches stuck on a status the client does not know took the poll
+    window for an hour: a batch made after them was polled 0 times in 3 minutes while
+    its contacts held their partition's offset."""
+    gist = Misbehaving()
+
+    def unknown_for_the_first_four(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.startswith("/contacts/batch/") and path.rsplit("/", 1)[1] in {
+            "b0", "b1", "b2", "b3",
+        }:  # fmt: skip
+            gist.log.append((f"GET {path}", None))
+            return httpx.Response(200, json={"status": "PAUSED"})
+        return gist(request)
+
+    h = Harness(unknown_for_the_first_four, batch_max_contacts=1, poll_window=4)
+    h.delivery.start()
+    try:
+        stuck = [h.send(upsert(f"s{i}", f"s{i}@x.io")) for i in range(4)]
+        await h.until(lambda: len(gist.batches) == 4)
+        await h.until(lambda: sum(1 for p, _ in gist.log if p.startswith("GET ")) >= 4)
+        later = h.send(upsert("late", "late@x.io"))
+        await h.until(lambda: later.state == ENDED, within=3)
+    finally:
+        await h.delivery.close()
+    assert later.failure is None
+    assert all(m.state != ENDED for m in stuck)
+
+
+async def test_a_contacts_body_counts_in_the_bytes_in_flight_until_its_import_ends() -> None:
+    """Regression (repro f7): parked messages kept their encoded bodies although their
+    records' bytes were released (9.4 MB for 300 parked, counted as 0 against
+    MAX_INFLIGHT_BYTES)."""
+    gist = Misbehaving()
+    gist.stuck = {"b0"}
+    h = Harness(gist, batch_max_contacts=10, batch_deadline=60)
+    h.delivery.start()
+    try:
+        messages = [h.send(upsert(f"u{i}", f"u{i}@x.io", blob="y" * 3000)) for i in range(5)]
+        await h.until(lambda: h.ledger.parked == 5)
+        assert h.ledger.bytes >= 5 * 3000  # the bodies, though every record is released
+        gist.stuck = set()
+        await h.until(lambda: all(m.state == ENDED for m in messages))
+    finally:
+        await h.delivery.close()
+    assert h.ledger.bytes == 0

@@ -86,22 +86,31 @@ def test_records_held_across_partitions_are_bounded_in_total() -> None:
     assert bounds.full(ledger, resuming=False)
 
 
-def test_messages_held_for_gist_count_parked_and_unsent_together() -> None:
+def test_messages_held_for_gist_count_in_the_bytes_bound_parked_or_not() -> None:
     """Regression: with the parked messages alone bounded, what was read before they
-    reached the bound was sent and parked on top (44,000 parked, bound 30,000)."""
-    from destination.pipeline.inflight import Ledger
+    reached the bound was sent and parked on top (44,000 parked, bound 30,000). What is
+    held is bounded in bytes, each message's bookkeeping counted, parked or not."""
+    from destination.pipeline.inflight import MESSAGE_OVERHEAD, Ledger
 
     ledger = Ledger()
     work = ledger.assign(TopicPartition("events", 0))
-    bounds = FlowLimits(messages=100, bytes_=1 << 20, per_partition=100, awaiting_import=100)
-    bounds.held = 5  # what read_ahead sets: Gist imports about this many in a while
-    record = ledger.open_record(work, 0, None, b"{}", [])
+    record_bytes = 200
+    bounds = FlowLimits(
+        messages=100,
+        bytes_=5 * (record_bytes + MESSAGE_OVERHEAD),
+        per_partition=100,
+        awaiting_import=100,
+    )
     opened = []
-    while bounds.room(ledger, work):
-        opened.append(ledger.open_message(record, len(opened), "identify", None))
+    while bounds.fits(ledger, record_bytes):
+        record = ledger.open_record(work, len(opened), None, b"x" * record_bytes, [])
+        opened.append(ledger.open_message(record, None, "identify", None))
+        ledger.seal(record)
     assert len(opened) == 5
     for message in opened[:3]:
-        ledger.park(message)  # sent: waiting on Gist's import
+        ledger.park(message)  # sent: waiting on Gist's import; its record is released
     assert (ledger.parked, ledger.messages) == (3, 2)
-    assert not bounds.room(ledger, work)  # parking frees no room for more
-    assert bounds.full(ledger, resuming=False)
+    assert ledger.bytes == 2 * record_bytes + 5 * MESSAGE_OVERHEAD
+    assert not bounds.fits(ledger, record_bytes)  # parking frees the record, not the rest
+    ledger.ended(opened[0])  # its import completed
+    assert bounds.fits(ledger, record_bytes)

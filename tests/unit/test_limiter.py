@@ -668,6 +668,34 @@ def test_a_share_that_grows_is_used_one_window_later_and_one_that_shrinks_at_onc
     assert limiter.current_limit == 24  # shrinks at once
 
 
+async def test_at_a_start_only_critical_calls_take_the_reserve_and_data_waits_for_the_share(
+) -> None:
+    """Regression (a cold start): the first data request took the start reserve and the
+    next waited a whole window (2 requests in the first 10 s of a backlog). Now the
+    reserve is kept for CRITICAL calls (the key check, polls) and the first data request
+    goes when the share applies, followed by the rest at the share's pace."""
+    vt = VirtualTime()
+    limiter = _limiter_at(vt)
+    limiter.start_sharing()
+    limiter.set_share(1, 1)  # the first assignment: the previous owner's window holds
+    granted: list[tuple[str, float]] = []
+
+    async def ask(name: str, priority: Priority) -> None:
+        grant = await limiter.acquire(priority)
+        granted.append((name, vt.now))
+        limiter.release(grant)
+
+    tasks = [asyncio.create_task(ask(f"data{i}", Priority.HIGH)) for i in range(5)]
+    tasks.append(asyncio.create_task(ask("poll", Priority.CRITICAL)))
+    await vt.advance_to(5.0)
+    assert granted == [("poll", 0.0)]
+    await vt.advance_to(20.0)
+    await asyncio.gather(*tasks)
+    data = [t for name, t in granted if name.startswith("data")]
+    assert len(data) == 5
+    assert all(10.0 <= t < 11.0 for t in data), data  # once the hold ends, at the pace
+
+
 def test_replicas_that_rebalance_never_add_up_to_more_than_the_budget() -> None:
     """Three replicas take and give partitions at random; at every instant the sum of
     the limits they have been allowed over the last window stays within the budget."""
@@ -688,6 +716,42 @@ def test_replicas_that_rebalance_never_add_up_to_more_than_the_budget() -> None:
     for end, _ in history:
         inside = [limits for t, limits in history if end - 10.1 < t <= end]
         assert sum(max(limits[i] for limits in inside) for i in range(3)) <= 100
+
+
+async def test_requests_granted_elsewhere_build_no_pacing_debt() -> None:
+    """A replica's requests granted by a shared budget are counted here (``track``), but
+    schedule nothing: once it grants again on its share (held to what it sent itself in
+    the last window), it goes as soon as that window's count allows, at its share's pace,
+    whatever the shared budget granted before."""
+    vt = VirtualTime()
+    limiter = _limiter_at(vt)  # 100 per 10 s
+    limiter.start_sharing()
+    limiter.set_share(1, 2)  # 49, once a window has passed
+    for i in range(300):  # 30 s alone on a shared budget, at the whole budget
+        vt.now = 10.0 + i * 0.1
+        limiter.release(limiter.track())
+    vt.now = 40.0
+    limiter.hold(limiter.sent_in_last_window())  # falling back: what it sent, its share
+    granted: list[float] = []
+    vt.progress = lambda: len(granted)
+
+    async def sender() -> None:
+        while True:
+            grant = await limiter.acquire()
+            granted.append(vt.now)
+            limiter.release(grant)
+
+    senders = [asyncio.create_task(sender()) for _ in range(8)]
+    await vt.advance_to(40.0 + 2 * 10.05)
+    for task in senders:
+        task.cancel()
+    await asyncio.gather(*senders, return_exceptions=True)
+    # Its 100 requests of the last window leave room under 49 once 52 aged out (at
+    # 45.15); from then on, 49 per window.
+    assert granted
+    assert granted[0] <= 45.2
+    assert len(granted) >= 49
+    assert _max_in_any_span(granted, 10.05) <= 49
 
 
 # --- priorities: the lanes ------------------------------------------------------------
@@ -1002,6 +1066,8 @@ class FakeRedis:
             return self._acquire
         if "'XX'" in source:
             return self._release
+        if "'ZREM'" in source:
+            return self._repair
         return self._rate_limited
 
     async def _acquire(self, keys: list[str], args: list[object]) -> list[object]:
@@ -1016,6 +1082,11 @@ class FakeRedis:
         if self.down:
             raise ConnectionError("Redis is down")
         self.released.append(str(args[0]))
+        return 0
+
+    async def _repair(self, keys: list[str], args: list[object]) -> int:
+        if self.down:
+            raise ConnectionError("Redis is down")
         return 0
 
     async def _rate_limited(self, keys: list[str], args: list[object]) -> object:
@@ -1073,7 +1144,7 @@ async def test_a_cancelled_shared_waiter_frees_its_place_and_its_local_count() -
     first = asyncio.create_task(budget.acquire(Priority.HIGH))
     second = asyncio.create_task(budget.acquire(Priority.LOW))
     await asyncio.sleep(0.02)
-    assert budget.local.in_flight == 2  # tracked locally while they wait for Redis
+    assert budget.local.in_flight == 0  # counted locally once Redis granted, not before
     first.cancel()
     await asyncio.sleep(0.01)
     fake.open = 1

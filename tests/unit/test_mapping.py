@@ -314,8 +314,21 @@ CONTACT_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
         {"user_id": "u-1", "custom_properties": {"birthday": "1990-05-01"}},
     ),
     (
-        "lists of scalars are sent as they are; objects inside lists dropped",
+        "lists of scalars are sent as they are; objects inside lists become columns",
         "",
+        identify({"langs": ["en", "fr"], "mixed": [1, {"a": 1}, [2], None, True]}),
+        {
+            "user_id": "u-1",
+            "custom_properties": {
+                "langs": ["en", "fr"],
+                "mixed": [1, "[2]", None, True],
+                "mixed_a": [1],
+            },
+        },
+    ),
+    (
+        "list_objects: drop leaves objects and lists inside lists out",
+        "values: {list_objects: drop}",
         identify({"langs": ["en", "fr"], "mixed": [1, {"a": 1}, [2], None, True]}),
         {
             "user_id": "u-1",

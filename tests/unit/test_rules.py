@@ -112,6 +112,117 @@ def test_a_short_priorities_section_changes_only_what_it_names() -> None:
     assert rules.page == Rules().page
 
 
+# Rule maps add to their defaults ---------------------------------------------------------
+
+
+def test_a_rename_adds_to_the_default_renames() -> None:
+    rules = parse_rules("identify: {traits: {rename: {plan: subscription_plan}}}")
+    assert rules.identify.traits.rename == {
+        "plan": "subscription_plan",
+        "id": "segment_id",
+        "avatar": "avatar_url",
+    }
+
+
+def test_a_files_entry_takes_the_place_of_the_default_one_whatever_its_case() -> None:
+    rules = parse_rules("identify: {traits: {rename: {ID: db_id}}}")
+    assert rules.identify.traits.rename == {"ID": "db_id", "avatar": "avatar_url"}
+
+
+def test_replace_true_keeps_only_the_files_entries() -> None:
+    rules = parse_rules("identify: {traits: {rename: {replace: true, plan: tier}}}")
+    assert rules.identify.traits.rename == {"plan": "tier"}
+    kept = parse_rules("identify: {traits: {rename: {replace: false, plan: tier}}}")
+    assert kept.identify.traits.rename == {"plan": "tier", **Rules().identify.traits.rename}
+
+
+def test_an_empty_map_clears_the_defaults_as_it_always_did() -> None:
+    assert parse_rules("identify: {traits: {rename: {}}}").identify.traits.rename == {}
+
+
+def test_every_rule_map_takes_replace() -> None:
+    rules = parse_rules(
+        """
+        track:
+          events: {rename: {replace: true, A: B}}
+          properties: {rename: {replace: false, a: b}}
+        priorities: {events: {replace: true, Heartbeat: low}}
+        """
+    )
+    assert rules.track.events.rename == {"A": "B"}
+    assert rules.track.properties.rename == {"a": "b"}
+    assert rules.priorities.events == {"Heartbeat": "low"}
+
+
+def test_replace_must_be_true_or_false() -> None:
+    (problem,) = problems(
+        """
+        identify:
+          traits:
+            rename: {replace: tier}
+        """
+    )
+    assert (problem.line, problem.path) == (3, "identify.traits.rename")
+    assert problem.message.startswith("replace: expected true or false")
+    assert "'Replace'" in problem.message  # how to rename a field named replace
+
+
+def warnings_of(text: str) -> list[tuple[int | None, str, str]]:
+    found: list[RulesProblem] = []
+    parse_rules(textwrap.dedent(text).lstrip("\n"), "rules.yaml", found)
+    return [(w.line, w.path, w.message) for w in found]
+
+
+def test_no_warnings_for_the_shipped_file_or_a_file_that_only_adds() -> None:
+    found: list[RulesProblem] = []
+    load_rules(SHIPPED, found)
+    assert found == []
+    assert warnings_of("identify: {traits: {rename: {plan: tier, id: segment_id}}}") == []
+
+
+def test_warnings_name_what_shadows_or_drops_a_default() -> None:
+    assert warnings_of(
+        """
+        identify:
+          traits:
+            rename:
+              Id: db_id
+              plan: avatar_url
+        group: {traits: {rename: {}}}
+        """
+    ) == [
+        (4, "identify.traits.rename.Id", "takes the place of the default entry id: segment_id"),
+        (
+            5,
+            "identify.traits.rename.plan",
+            "gives 'avatar_url' as the default entry avatar: avatar_url does: a message with "
+            "both plan and avatar (different values) has an invalid field",
+        ),
+    ]
+    ((line, path, message),) = warnings_of("identify: {traits: {rename: {replace: true}}}")
+    assert (line, path) == (1, "identify.traits.rename")
+    assert message == (
+        "replace: true drops the default entries id: segment_id, avatar: avatar_url "
+        "(fields named id, avatar are then invalid fields unless excluded)"
+    )
+    ((_, _, cleared),) = warnings_of("identify: {traits: {rename: {}}}")
+    assert cleared.startswith("{} drops the default entries id: segment_id")
+
+
+def test_check_config_prints_warnings_and_stays_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("identify:\n  traits:\n    rename: {id: db_id}\n")
+    assert main(["check-config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{path}: valid: ")
+    assert captured.err == (
+        f"{path}:3: identify.traits.rename.id: warning: takes the place of the default "
+        "entry id: segment_id\n"
+    )
+
+
 def test_one_item_where_a_list_is_expected() -> None:
     rules = parse_rules("identify: {fields: {phone: traits.mobile}, traits: {exclude: secret}}")
     assert rules.identify.fields.phone == (("traits.mobile",),)
@@ -370,7 +481,7 @@ def test_check_config_on_a_valid_file(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_check_config_on_a_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "rules.yaml"
     path.write_text("identify:\n  enabeld: true\ntrack:\n  events: {exclude: 're:('}\n")
-    assert main(["check-config", str(path)]) == 1
+    assert main(["check-config", str(path)]) == 2  # as run exits for it
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "2 errors in mapping rules:"
     assert err[1].startswith(f"  {path}:2: identify.enabeld: unknown key")
@@ -390,7 +501,7 @@ def test_check_config_on_an_unreadable_file(
 _SECTION_KEYS = sorted(
     set(Rules.model_fields)
     | {"enabled", "fields", "traits", "events", "include", "exclude", "rename", "tag", "event"}
-    | {"types", "audiences", "high", "low"}
+    | {"types", "audiences", "high", "low", "replace"}
 )
 _yaml_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=12),

@@ -129,6 +129,11 @@ VALID = {
         group: {prefix: "", traits: {rename: {employees: company_size}}}
         """,
     "choices": "invalid_fields: drop\nvalues: {lists: join, nulls: drop, dates: keep}\n",
+    "renames-replacing-the-defaults": """\
+        identify: {traits: {rename: {replace: true, plan: tier}}}
+        priorities: {events: {replace: false, Heartbeat: low}}
+        """,
+    "a-field-named-replace": "track: {properties: {rename: {Replace: replaced}}}\n",
 }
 
 INVALID = {
@@ -150,6 +155,7 @@ INVALID = {
     "a-bad-prefix": "group: {prefix: Company-}\n",
     "an-empty-event-name": "track: {events: {rename: {Order Completed: ' '}}}\n",
     "an-empty-integration": "integration: ''\n",
+    "replace-that-is-not-true-or-false": "track: {events: {rename: {replace: A}}}\n",
 }
 
 

@@ -51,6 +51,20 @@ def test_missing_topics_and_key_are_named(monkeypatch: pytest.MonkeyPatch) -> No
         load_settings()
 
 
+def test_every_missing_setting_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert [p.split(":")[0] for p in caught.value.problems] == ["KAFKA_TOPICS", "GIST_API_KEY"]
+    # With a bad value beside them, which stops pydantic before the checks across settings.
+    _env(monkeypatch, GIST_BATCH_SIZE="lots", KAFKA_SECURITY_PROTOCOL="SASL_SSL")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    named = [p.split(":")[0] for p in caught.value.problems]
+    assert named == ["GIST_BATCH_SIZE", "KAFKA_TOPICS", "GIST_API_KEY", "KAFKA_SASL_USERNAME",
+                     "KAFKA_SASL_PASSWORD"]  # fmt: skip
+    assert str(caught.value).count("\n") == len(named)  # one line each
+
+
 def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     _env(monkeypatch, **BASE, GIST_BATCH_SIZE="lots")
     with pytest.raises(SettingsError) as caught:
