@@ -44,6 +44,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import orjson
@@ -194,9 +195,90 @@ class SandboxGist:
                 self.store.delete_contact(contact)
                 self._note(f"deleted {contact.email} (worker {worker})")
                 return httpx.Response(200, json={"deleted": True})
+            answer = self._workspace(worker, request, path, body)
+            if answer is not None:
+                return answer
         except ApiError as error:
             return httpx.Response(error.status, json=error.body())
         return httpx.Response(404, json={"errors": [{"code": "not_found"}]})
+
+    def _workspace(
+        self, worker: int, request: httpx.Request, path: str, body: Any
+    ) -> httpx.Response | None:
+        """Contacts read by id, subscription types and the e-commerce API, as the
+        sandbox's application routes them (``devtools.sandbox._app``) to the store."""
+        store, method = self.store, request.method
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        if path == "/contacts" and method == "GET":
+            params = request.url.params
+            found = store.find_contact(user_id=params.get("user_id"), email=params.get("email"))
+            if found is None:
+                raise ApiError(404, "contact_not_found", "no such contact")
+            return httpx.Response(200, json={"contact": store.contact_json(found)})
+        if path == "/contacts" and method == "POST":
+            contact = store.upsert_contact(body)
+            self._note(f"contact from worker {worker}: {body}")
+            return httpx.Response(200, json={"contact": store.contact_json(contact)})
+        if parts[0] == "subscription_types":
+            if len(parts) == 1:
+                types = [t.to_json() for t in store.subscription_types.values()]
+                return httpx.Response(200, json={"subscription_types": types, "pages": {}})
+            store.subscription_type(parts[1])
+            if method == "GET":
+                return httpx.Response(
+                    200, json={"subscription_type": store.subscription_type(parts[1]).to_json()}
+                )
+            contact = store.set_subscription(parts[1], body)
+            self._note(f"subscription {parts[1]} from worker {worker}: {body}")
+            return httpx.Response(200, json={"contact": store.contact_json(contact)})
+        if parts[:2] != ["ecommerce", "stores"]:
+            return None
+        commerce = store.ecommerce
+        if len(parts) == 2:
+            if method == "GET":
+                shops = [s.to_json() for s in commerce.stores.values()]
+                return httpx.Response(200, json={"ecommerce_stores": shops})
+            return httpx.Response(
+                200, json={"ecommerce_store": commerce.create_store(body).to_json()}
+            )
+        shop = commerce.store(parts[2])
+        rest = parts[3:]
+        self._note(f"{method} {'/'.join(rest)} from worker {worker}: {body}")
+        answer: tuple[str, Any]
+        if rest == ["customers"]:
+            answer = ("ecommerce_customer", commerce.create_customer(shop, body).to_json())
+        elif len(rest) == 2 and rest[0] == "customers":
+            shop.customer(rest[1])
+            updated = commerce.update_customer(shop, rest[1], body)
+            answer = ("ecommerce_customer", updated.to_json())
+        elif len(rest) == 3 and rest[2] == "cart" and method == "POST":
+            shop.customer(rest[1])
+            answer = ("ecommerce_cart", commerce.put_cart(shop, rest[1], body).cart_json())
+        elif len(rest) == 3 and rest[2] == "cart":
+            answer = ("ecommerce_cart", commerce.delete_cart(shop, rest[1]))
+        elif rest == ["products"]:
+            product = commerce.create_product(shop, body)
+            answer = ("ecommerce_product", product.to_json(shop.categories))
+        elif len(rest) == 2 and rest[0] == "products":
+            shop.product(rest[1])
+            product = commerce.update_product(shop, rest[1], body)
+            answer = ("ecommerce_product", product.to_json(shop.categories))
+        elif len(rest) == 3 and rest[2] == "variants":
+            shop.product(rest[1])
+            variant = commerce.create_variant(shop, rest[1], body)
+            answer = ("ecommerce_product_variant", variant.to_json())
+        elif len(rest) == 4 and rest[2] == "variants":
+            shop.product(rest[1]).variant(rest[3])
+            variant = commerce.update_variant(shop, rest[1], rest[3], body)
+            answer = ("ecommerce_product_variant", variant.to_json())
+        elif rest == ["orders"]:
+            answer = ("ecommerce_order", commerce.create_order(shop, body).to_json())
+        elif len(rest) == 2 and rest[0] == "orders":
+            shop.order(rest[1])
+            answer = ("ecommerce_order", commerce.update_order(shop, rest[1], body).to_json())
+        else:
+            return None
+        return httpx.Response(200, json={answer[0]: answer[1]})
 
     async def _import(self, worker: int, request: httpx.Request, body: Any) -> httpx.Response:
         contacts = body["contacts"]

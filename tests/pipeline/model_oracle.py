@@ -23,6 +23,7 @@ from destination.operations import (
     ContactUpsert,
     EventTrack,
     Operation,
+    SubscriptionChange,
     TagChange,
 )
 
@@ -50,6 +51,11 @@ def view(store: Store, contact: Contact | None) -> View:
         tag = store.tags.get(tag_id)
         if tag is not None:
             out[("t", tag.name.lower())] = "true"
+    if contact.unsubscribed_from_emails:
+        out[("f", "unsubscribed_from_emails")] = "true"
+    for subscription_type in store.subscription_types.values():
+        if contact.id in subscription_type.contact_ids:
+            out[("s", subscription_type.name.lower())] = "true"
     return out
 
 
@@ -82,6 +88,9 @@ def claims_of(operations: Sequence[Operation]) -> list[Claim]:
                 fields[("p", name)] = _json(value)
             for tag in contact.get("tags") or []:
                 fields[("t", str(tag).strip().lower())] = "true"
+            if "unsubscribed_from_emails" in contact:
+                unsubscribed = contact["unsubscribed_from_emails"]
+                fields[("f", "unsubscribed_from_emails")] = "true" if unsubscribed else None
             email = contact.get("email")
             out.append(
                 Claim(
@@ -101,7 +110,20 @@ def claims_of(operations: Sequence[Operation]) -> list[Claim]:
             )
         elif isinstance(op, ContactDelete):
             out.append(Claim(op.user_id, None if op.user_id else op.email, {}, absent=True))
+        elif isinstance(op, SubscriptionChange):
+            out.append(
+                Claim(
+                    op.user_id,
+                    op.email,
+                    {("s", op.subscription_type.strip().lower()): _flag(op.subscribed)},
+                    if_exists=True,
+                )
+            )
     return out
+
+
+def _flag(on: bool) -> str | None:
+    return "true" if on else None
 
 
 def identities_of(operations: Sequence[Operation]) -> set[str]:
@@ -193,6 +215,20 @@ class Oracle:
                     store.tag_request({"name": op.tag, "contacts": [ref]})
                     if found is not None:
                         self.allowed.pop((found.email, ("t", op.tag.strip().lower())), None)
+                elif isinstance(op, SubscriptionChange):
+                    found = store.find_contact(user_id=op.user_id, email=op.email)
+                    kind = next(
+                        t
+                        for t in store.subscription_types.values()
+                        if t.name.lower() == op.subscription_type.strip().lower()
+                    )
+                    if found is not None:
+                        if op.subscribed:
+                            kind.contact_ids[found.id] = None
+                        else:
+                            kind.contact_ids.pop(found.id, None)
+                        field = ("s", op.subscription_type.strip().lower())
+                        self.allowed.pop((found.email, field), None)
                 elif isinstance(op, ContactDelete):  # by user_id when it has one, as sent
                     found = (
                         store.find_contact(user_id=op.user_id)
@@ -230,3 +266,177 @@ class Oracle:
                     continue
                 out.append(f"{email} {field[1]}: sandbox {got}, last delivered {want}")
         return out
+
+
+Cart = frozenset[tuple[tuple[str, str | None], int]]
+"""A cart as its lines: ((product_id, variant_id), quantity)."""
+ORDER_FIELDS = ("order_total", "refund_amount", "financial_status")
+
+
+def _lines(items: Iterable[Any], base: Cart, remove: bool = False) -> Cart:
+    """``base`` with ``items`` added (``remove``: taken out; quantity 0 the whole line)."""
+    lines = dict(base)
+    for item in items:
+        key = (str(item.product_id), item.variant_id)
+        quantity = lines.get(key, 0)
+        if remove:
+            left = 0 if item.quantity == 0 else quantity - item.quantity
+            if left > 0:
+                lines[key] = left
+            else:
+                lines.pop(key, None)
+        else:
+            lines[key] = quantity + item.quantity
+    return frozenset(lines.items())
+
+
+def sandbox_cart(store: Store, customer_id: str) -> Cart | None:
+    """The customer's cart in the sandbox's first e-commerce store (empty when it has
+    none; None when the customer is not in the store)."""
+    shop = next(iter(store.ecommerce.stores.values()), None)
+    customer = shop.customers.get(customer_id) if shop is not None else None
+    if customer is None:
+        return None
+    if customer.cart is None:
+        return frozenset()
+    lines: dict[tuple[str, str | None], int] = defaultdict(int)
+    for line in customer.cart.fields.get("line_items") or []:  # type: ignore[union-attr]
+        assert isinstance(line, dict)
+        variant = line.get("product_variant_id")
+        lines[(str(line["product_id"]), None if variant is None else str(variant))] += int(
+            line["quantity"]  # type: ignore[arg-type]
+        )
+    return frozenset(lines.items())
+
+
+class CommerceOracle:
+    """Each customer's cart and each order as Gist must hold them, from the commerce
+    writes of the ended messages in the order they ended.
+
+    A cart is a *set* of carts Gist may hold: one, as long as every change is known.
+    A delta the worker skipped as ``cart_unknown`` (it does not know the cart, so it
+    writes nothing) leaves the cart as it was, or, when an earlier attempt of the same
+    message by a worker that crashed or lost the partition may have written it, with
+    the delta applied; a write dead-lettered with an unknown fate likewise. A whole
+    cart or an order sets it again. A delta the worker delivered is applied to each
+    cart of the set: the worker must have known the cart, never guessed it."""
+
+    LIMIT = 64  # carts in a set; beyond, the customer is not checked (noted)
+
+    def __init__(self) -> None:
+        self.carts: dict[str, set[Cart] | None] = {}
+        self.orders: dict[str, dict[str, str | None]] = {}
+        self.allowed_orders: dict[tuple[str, str], set[str | None]] = defaultdict(set)
+        self.maybe_orders: set[str] = set()
+
+    def _carts(self, customer_id: str) -> set[Cart] | None:
+        return self.carts.setdefault(customer_id, {frozenset()})
+
+    def _after(self, op: Any, cart: Cart) -> Cart:
+        if op.action == "cart":
+            return _lines(op.items, frozenset())
+        if op.action == "order":
+            return frozenset()
+        return _lines(op.items, cart, remove=op.action == "cart_remove")
+
+    def ended(self, operations: Sequence[Operation], how: str, reason: str | None) -> None:
+        """A message's end: ``delivered`` (written), or skipped / dead-lettered with
+        ``reason`` (``maybe``: it may or may not have been written)."""
+        for op in operations:
+            if type(op).__name__ != "CommerceWrite":
+                continue
+            op_: Any = op
+            written = how == "delivered"
+            maybe = not written and (
+                reason == "cart_unknown" or (how == "dead_lettered" and reason in UNCERTAIN)
+            )
+            if not (written or maybe):
+                continue
+            carts = self._carts(op_.customer_id)
+            if op_.action != "order_update" and carts is not None:
+                after = {self._after(op_, cart) for cart in carts}
+                if op_.action in ("cart", "order"):
+                    carts = after if written else carts | after
+                else:
+                    carts = after if written else carts | after
+                self.carts[op_.customer_id] = carts if len(carts) <= self.LIMIT else None
+            if op_.action in ("order", "order_update") and op_.order_id is not None:
+                self._order(op_, written)
+
+    def _order(self, op: Any, written: bool) -> None:
+        order_id = str(op.order_id)
+        values = {name: op.fields.get(name) for name in ORDER_FIELDS if name in op.fields}
+        values = {k: (None if v is None else str(v)) for k, v in values.items()}
+        if op.action == "order":
+            values.setdefault("financial_status", "paid")
+        if not written:
+            self.maybe_orders.add(order_id)
+            for name, value in values.items():
+                self.allowed_orders[(order_id, name)].add(value)
+            return
+        if op.action == "order":
+            self.orders[order_id] = {"refund_amount": None, **values}
+        elif order_id in self.orders:
+            self.orders[order_id].update(values)
+        else:  # updated though its creation is unsure: the order may hold these values
+            for name, value in values.items():
+                self.allowed_orders[(order_id, name)].add(value)
+            return
+        for name in values:
+            self.allowed_orders.pop((order_id, name), None)
+
+    def differences(self, sandbox: Store, customers: Iterable[str]) -> list[str]:
+        out = []
+        for customer_id in sorted(customers):
+            carts = self.carts.get(customer_id, {frozenset()})
+            held = sandbox_cart(sandbox, customer_id)
+            if carts is None:
+                continue
+            if held is None:
+                held = frozenset()
+            if held not in carts:
+                shown = sorted(sorted(c) for c in carts)[:3]
+                out.append(
+                    f"cart of {customer_id}: sandbox {sorted(held)}, the delivered messages "
+                    f"allow only {shown}"
+                )
+        shop = next(iter(sandbox.ecommerce.stores.values()), None)
+        held_orders = shop.orders if shop is not None else {}
+        for order_id in sorted(set(self.orders) | set(held_orders)):
+            order = held_orders.get(order_id)
+            want = self.orders.get(order_id)
+            if order is None:
+                if want is not None:
+                    out.append(f"order {order_id}: delivered, not in the sandbox")
+                continue
+            if want is None:
+                if order_id not in self.maybe_orders:
+                    out.append(f"order {order_id}: in the sandbox, never delivered")
+                continue
+            got = {
+                "order_total": str(order.fields.get("order_total")),
+                "refund_amount": None
+                if order.fields.get("refund_amount") is None
+                else str(order.fields.get("refund_amount")),
+                "financial_status": order.financial_status,
+            }
+            for name in ORDER_FIELDS:
+                if name not in want:
+                    continue
+                if _same(got[name], want[name]) or any(
+                    _same(got[name], v) for v in self.allowed_orders.get((order_id, name), ())
+                ):
+                    continue
+                out.append(
+                    f"order {order_id} {name}: sandbox {got[name]}, last delivered {want[name]}"
+                )
+        return out
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b

@@ -9,13 +9,21 @@ steady trickle: identifies with custom properties whose values include 1, 1.0, t
 "1", e-mail-only and user_id + e-mail identifies of the same person, tracks (with
 messageIds) that tag or untag by rule, deletes, pages, envelopes mixing skipped,
 rejected and valid messages, producer retries (the same record again), records that
-are not JSON, values over a megabyte, numbers out of range. Gist turns healthy, flaky
+are not JSON, values over a megabyte, numbers out of range; e-commerce events of six
+shoppers (Product Added / Removed, Cart Viewed, Checkout Started, Order Completed with
+line items, Order Updated / Refunded / Cancelled of their earlier orders) for the store
+the rules name (``send_events: false``: a commerce track is its write alone, so its end
+says what became of it); consent (identifies and tracks with Analytics denied, identifies
+with e-mail consent given or withdrawn); deletes of two leavers, after which every
+message of theirs is to be skipped as ``suppressed``. Gist turns healthy, flaky
 (among its faults, answers lost after the request took effect), odd, down, or troubled
 in its imports: slow answers (an import is in flight when a revocation comes), explicit
 FAILED, never completing, completing late (imported after the worker gave up). Workers
-join, leave, crash, and the group rebalances, eagerly (aiokafka) or incrementally
-(``tests/support/incremental_kafka``: only the partitions that move are revoked, while
-the others go on). Contact memory, de-duplication and tag groups are on in every seed.
+join, leave, crash, and the group rebalances with aiokafka's eager protocol (the
+worker's contract: every partition revoked, then the whole assignment), with the sticky
+assignor the worker names (most partitions stay, suspended then resumed; some move) or
+round-robin (an older worker's: any may move). Contact memory, de-duplication and tag
+groups are on in every seed.
 In the seeds with Redis (two in five; they skip when ``redis-server`` is not installed,
 the others still run) at least two workers share a real Redis, each through a wrapper
 (``tests/support/faulty_redis``) that makes it slow, down, slow for a few answers of
@@ -66,6 +74,20 @@ At the end Gist and Redis recover, fresh records come, and:
   revocation, say: an operation that succeeded must not be sent again), or a second
   worker while the store was healthy. Events are checked because an event's arrival
   names its message; contact writes are idempotent and are checked by N1, N2 and N4;
+- N7 commerce (when I5 holds): each shopper's cart in the sandbox is one the ended
+  messages allow, replayed in the order they ended (``model_oracle.CommerceOracle``):
+  a whole cart sets it, an order empties it, a delivered line added or removed changes
+  it (the worker must have known the cart); a line skipped as ``cart_unknown`` leaves it
+  as it was or, as an earlier attempt may have written it, changed (never a guess: a
+  cart no sequence of the messages gives); each delivered order is in the store with the
+  last delivered ``order_total``, ``refund_amount`` and ``financial_status``, and no
+  order is there that was never delivered (an unknown fate allows its values);
+- N8 suppression (when I5 holds): a leaver whose delete was delivered has no contact in
+  the sandbox, by user_id or e-mail, at the end (every later message of theirs is
+  suppressed: I2 checks each one's end);
+- N9 consent: no event of a message with Analytics denied reached Gist, and no contact
+  holds the marker trait of a denied identify (N1/N4 check e-mail consent and the
+  Newsletter subscription as contact fields);
 - N6 ids across processes (seeds with Redis): a process of its own, with another
   ``PYTHONHASHSEED``, asks the store through the project's own look-up
   (``tests/support/dedup_probe.py``) about each messageId delivered while the store was
@@ -84,7 +106,7 @@ time, so a seed does not replay exactly: the seeds below failed every time they 
 replayed (three times) unless said otherwise.
 
 Two scripted programs (``PROGRAMS``, same workers, Gist and invariants, steps as
-written, incremental rebalances, no Redis) reach at will two paths random seeds reach
+written, sticky rebalances, no Redis) reach at will two paths random seeds reach
 only now and then: a revocation whose drain times out while an import is in flight, or
 while tag changes wait to fill a POST /tags. Replay one with ``-k <name>``.
 
@@ -114,11 +136,22 @@ from structlog.testing import capture_logs
 
 import destination.worker
 from destination.devtools.local_kafka import LocalKafkaClients, LocalProducer
-from destination.operations import ContactUpsert, Mapped, Operation
+from destination.operations import ContactDelete, ContactUpsert, Mapped, Operation
 from destination.pipeline.inflight import MessageWork
 from tests.pipeline.harness import End, Group, dead_letters, header, make_broker
 from tests.pipeline.model_gist import SandboxGist
-from tests.pipeline.model_oracle import UNCERTAIN, Oracle, Seen, claims_of, seen, unheld
+from tests.pipeline.model_oracle import (
+    UNCERTAIN,
+    CommerceOracle,
+    Oracle,
+    Seen,
+    claims_of,
+    seen,
+    unheld,
+)
+from tests.pipeline.model_oracle import (
+    view as view_of,
+)
 from tests.support.faulty_redis import FaultyRedis, StoreFaults
 from tests.support.incremental_kafka import ModelKafkaClients, holders_of
 
@@ -154,6 +187,10 @@ LATE_BY = (1.0, 2.0)
 deadline."""
 
 try:
+    from destination.pipeline.inflight import MESSAGE_OVERHEAD
+except ImportError:  # before byte accounting counted a message's overhead
+    MESSAGE_OVERHEAD = 0
+try:
     from destination.gist._redis import RETRY_REDIS_EVERY
 except ImportError:  # the limiter's rewrite may move it; the README's figure
     RETRY_REDIS_EVERY = 5.0
@@ -177,6 +214,13 @@ tags:
       tag: subscriber
     - event: Subscription Cancelled
       untag: subscriber
+ecommerce:
+  store: {name: Model, domain: shop.model.test, currency: USD}
+  send_events: false  # a commerce track is its write alone: its end says what became of it
+consent:
+  required: [Analytics]
+  email: Email
+  subscription_types: {Newsletter: Email}
 """
 
 Outcome = tuple[str, str | None]
@@ -192,6 +236,18 @@ CONTACT = DELIVERED | {
 did not import it (checked against what Gist answered: ``Run.evidence``)."""
 OUT_OF_RANGE = {("dead_lettered", "invalid_field"), ("dead_lettered", "internal_error")}
 PERSONS = [f"p{i}" for i in range(8)]
+LEAVERS = PERSONS[6:]
+"""The persons deletes are for (every later message of theirs is suppressed); the others
+shop (their carts and orders are checked)."""
+SHOPPERS = PERSONS[:6]
+PRODUCTS: list[dict[str, Any]] = [
+    {"product_id": "pa", "name": "A", "price": 5},
+    {"product_id": "pb", "name": "B", "price": 7.5},
+    {"product_id": "pc", "sku": "pc-42", "name": "C", "variant": "42", "price": 12},
+]
+CART_DELTA = DELIVERED | {("skipped", "cart_unknown"), ("skipped", "unchanged")}
+"""A line added or removed: written, or skipped when the worker does not know the cart
+(checked against the sandbox's cart at the end: N7), or when it changes nothing."""
 PLANS = ["free", "pro", "team"]
 SCORES: list[Any] = [1, 1.0, True, "1", 0, False]
 
@@ -209,6 +265,9 @@ INVARIANTS = {
     "N4": "final-state: each contact field in the sandbox equals the last delivered value",
     "N5": "no messageId reached Gist twice without a crash, a lost answer or a store fault",
     "N6": "ids across processes: the shared store knows delivered ids from another process",
+    "N7": "commerce: each cart and order in the store as the delivered messages left it",
+    "N8": "suppression: no contact of a person comes back after its delete",
+    "N9": "consent: nothing of a non-consenting message reaches Gist",
 }
 
 
@@ -224,6 +283,7 @@ class Produced:
     messages_in: dict[tuple[int, int], int] = field(default_factory=dict)  # record -> count
     bodies: dict[tuple[int, int, int], Any] = field(default_factory=dict)
     largest: int = 0
+    most_messages: int = 1  # in one record
 
 
 class Traffic:
@@ -232,6 +292,7 @@ class Traffic:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.seq = 0
+        self.orders: dict[str, list[str]] = {}
         self.sent: list[tuple[bytes | None, bytes, list[Any], list[set[Outcome]]]] = []
 
     def _id(self) -> str:
@@ -258,10 +319,33 @@ class Traffic:
         kind = rng.choices(
             kinds
             or ["identify", "email_only", "track", "subscribe", "delete", "page", "anonymous",
-                "bad", "reject", "range", "odd"],
-            weights=None if kinds else [24, 9, 16, 14, 2, 4, 3, 4, 3, 2, 2],
+                "bad", "reject", "range", "odd", "cart_delta", "cart", "order", "denied",
+                "consent"],
+            weights=None if kinds else [24, 9, 16, 14, 3, 4, 3, 4, 3, 2, 2, 14, 5, 8, 4, 5],
         )[0]  # fmt: skip
+        if kind == "delete" and person not in LEAVERS:
+            kind = "identify"
+        if kind in ("cart_delta", "cart", "order") and person not in SHOPPERS:
+            kind = "track"
         mid = self._id()
+        if kind in ("cart_delta", "cart", "order"):
+            return self._commerce(kind, person, mid)
+        if kind == "denied":  # Analytics denied: nothing of it may reach Gist
+            context = {"consent": {"categoryPreferences": {"Analytics": False, "Email": True}}}
+            if rng.random() < 0.5:
+                traits = {"email": email, "nc": f"nc-{self.seq}", **self._traits()}
+                body = {"type": "identify", "userId": person, "messageId": mid,
+                        "traits": traits, "context": context}  # fmt: skip
+            else:
+                body = {"type": "track", "userId": person, "event": "Viewed", "messageId": mid,
+                        "properties": {"mid": mid}, "context": context}  # fmt: skip
+            return body, {("skipped", "no_consent")}
+        if kind == "consent":  # e-mail consent: unsubscribed_from_emails, the Newsletter
+            prefs = {"Analytics": True, "Email": rng.random() < 0.5}
+            body = {"type": "identify", "userId": person, "messageId": mid,
+                    "traits": {"email": email, **self._traits()},
+                    "context": {"consent": {"categoryPreferences": prefs}}}  # fmt: skip
+            return body, CONTACT
         if kind == "identify":
             traits = {"email": email, **self._traits()}
             body = {"type": "identify", "userId": person, "messageId": mid, "traits": traits}
@@ -309,6 +393,43 @@ class Traffic:
             return body, OUT_OF_RANGE
         body = rng.choice([42, "text", None, [1, 2]])  # not an object
         return body, {("dead_lettered", "not_an_object")}
+
+    def _commerce(self, kind: str, person: str, mid: str) -> tuple[Any, set[Outcome]]:
+        rng = self.rng
+        orders = self.orders.setdefault(person, [])
+
+        def lines(count: int) -> list[dict[str, Any]]:
+            return [
+                {**product, "quantity": rng.randint(1, 3)}
+                for product in rng.sample(PRODUCTS, count)
+            ]
+
+        properties: dict[str, Any]
+        outcomes = DELIVERED
+        if kind == "cart_delta":
+            event = rng.choices(["Product Added", "Product Removed"], weights=[65, 35])[0]
+            properties = {**rng.choice(PRODUCTS), "quantity": rng.randint(1, 2)}
+            outcomes = CART_DELTA
+        elif kind == "cart":
+            event = rng.choice(["Cart Viewed", "Checkout Started"])
+            properties = {"products": lines(rng.randint(1, 3))}
+        elif not orders or rng.random() < 0.4:
+            event = "Order Completed"
+            order_id = f"o-{person}-{mid[:8]}"
+            orders.append(order_id)
+            properties = {"order_id": order_id, "total": rng.choice([20, 30, 45.5]),
+                          "currency": "USD", "products": lines(rng.randint(1, 2))}  # fmt: skip
+        else:
+            event = rng.choice(["Order Updated", "Order Refunded", "Order Cancelled"])
+            properties = {"order_id": rng.choice(orders)}
+            if event == "Order Updated":
+                properties["total"] = rng.choice([25, 50])
+            elif event == "Order Refunded":  # never more than the order's total
+                properties["total"] = rng.choice([5, 10])
+        body = {"type": "track", "userId": person, "event": event, "messageId": mid,
+                "properties": properties,
+                "context": {"traits": {"email": f"{person}@example.com"}}}  # fmt: skip
+        return body, outcomes
 
     def record(
         self, kinds: list[str] | None = None, person: str | None = None
@@ -392,7 +513,11 @@ class Run:
         token = uuid.UUID(int=self.rng.getrandbits(128)).hex[:6]
         self.topic, self.dlq = f"model-{token}", f"model-dlq-{token}"
         self.redis_url = redis_url
-        self.protocol = self.rng.choice(["eager", "incremental"])
+        # The worker's contract is aiokafka's eager protocol (every partition revoked,
+        # then the whole assignment): with the sticky assignor the worker names, most
+        # partitions stay (suspended, then resumed) and some move; round-robin (an older
+        # worker's) moves them at will.
+        self.protocol = self.rng.choice(["sticky", "roundrobin"])
         if protocol is not None:
             self.protocol = protocol
         self.broker = make_broker(self.topic, self.dlq, partitions=3)
@@ -408,10 +533,10 @@ class Run:
             }
         window = settings.get("gist_rate_window", 0.2)
         self.waits = Waits(window + RETRY_REDIS_EVERY + WAIT_SLACK)
-        incremental = self.protocol == "incremental"
+        roundrobin = self.protocol == "roundrobin"
 
         def clients(broker: Any) -> LocalKafkaClients:
-            return ModelKafkaClients(broker, incremental)
+            return ModelKafkaClients(broker, roundrobin=roundrobin)
 
         self.group = Group(
             self.broker,
@@ -443,6 +568,7 @@ class Run:
         self.found: dict[str, dict[str, None]] = defaultdict(dict)  # invariant -> problems
         self._burst: list[tuple[Seen, End]] = []
         self._operations: dict[tuple[int, int, int], list[Operation]] = {}
+        self.deletes: list[tuple[tuple[int, int, int], set[str]]] = []
 
     def trace(self, needle: str) -> str:
         """The steps, and what happened to Gist's data and to the messages whose text
@@ -472,7 +598,7 @@ class Run:
 
     def describe(self) -> str:
         store = "Redis shared by the workers" if self.redis_url else "no Redis"
-        return f"{store}, {self.protocol} rebalances"
+        return f"{store}, eager rebalances, {self.protocol} assignor"
 
     # --- the world's hooks ------------------------------------------------------------
     def redis_client(self, real: Callable[..., Any]) -> Callable[..., Any]:
@@ -573,11 +699,15 @@ class Run:
             where = (meta.partition, meta.offset)
             self.produced.messages_in[where] = len(outcomes)
             self.produced.largest = max(self.produced.largest, len(value))
+            self.produced.most_messages = max(self.produced.most_messages, len(outcomes))
             enveloped = value[:9] == b'{"batch":'
             for index, (body, outcome) in enumerate(zip(bodies, outcomes, strict=True)):
                 at = (*where, index if enveloped else -1)
                 self.produced.expected[at] = outcome
                 self.produced.bodies[at] = body
+                if isinstance(body, dict) and body.get("type") == "delete":
+                    identities = {i for op in self.operations(at) for i in op.identities}
+                    self.deletes.append((at, identities))
         await producer.stop()
 
     async def step(self) -> None:
@@ -655,11 +785,27 @@ class Run:
         ]
         return None if len(slow) >= 2 else f"{len(slow)} of its imports were not completed in time"
 
+    def allowed(self, key: tuple[int, int, int]) -> set[Outcome] | None:
+        """How the message may end: as produced, unless a delete of its person came
+        before it on its partition: then it is skipped (``suppressed``), a delete
+        excepted (it goes again)."""
+        expected = self.produced.expected.get(key)
+        if expected is None or not self.deletes:
+            return expected
+        operations = self.operations(key)
+        if not operations or any(isinstance(op, ContactDelete) for op in operations):
+            return expected
+        mine = {i for op in operations for i in op.identities}
+        for at, identities in self.deletes:
+            if at[0] == key[0] and at[1:] < key[1:] and mine & identities:
+                return {("skipped", "suppressed")}
+        return expected
+
     def check(self) -> None:
         ends = self.group.ends.log
         expected = self.produced.expected
         for key, seen_ends in ends.items():
-            allowed = expected.get(key)
+            allowed = self.allowed(key)
             if allowed is None:
                 self.note("I2", f"an end for a message never produced: {key}")
                 continue
@@ -694,7 +840,13 @@ class Run:
             ledger = worker.ledger
             over = {
                 "messages": (ledger.messages, LIMITS["max_inflight_messages"]),
-                "bytes": (ledger.bytes, LIMITS["max_inflight_bytes"] + self.produced.largest),
+                # a record is let in below the limit: its bytes and its messages' overhead
+                "bytes": (
+                    ledger.bytes,
+                    LIMITS["max_inflight_bytes"]
+                    + self.produced.largest
+                    + MESSAGE_OVERHEAD * self.produced.most_messages,
+                ),
                 "parked": (ledger.parked, LIMITS["max_awaiting_import"]),
                 "uncommitted": (ledger.uncommitted, LIMITS["max_uncommitted_total"]),
             }
@@ -795,6 +947,9 @@ class Run:
                 self.note("I6", f"{key}: {reason} not in the DLQ")
         if not self.found["I5"]:  # else the effects of messages that did not end differ
             self.check_final_state()
+            self.check_commerce()
+            self.check_deleted()
+        self.check_consent()
         self.check_duplicates()
         if self.redis_url is not None:
             await self.check_ids_across_processes()
@@ -819,6 +974,55 @@ class Run:
                 oracle.uncertain(operations)
         for problem in oracle.differences(self.gist.store):
             self.note("N4", problem)
+
+    def check_commerce(self) -> None:
+        oracle = CommerceOracle()
+        for end in self.group.ends.sequence:
+            oracle.ended(self.operations(end.key), end.how, end.reason)
+        for problem in oracle.differences(self.gist.store, SHOPPERS):
+            self.note("N7", problem)
+
+    def check_deleted(self) -> None:
+        """A leaver whose delete was delivered has no contact, by user_id or e-mail:
+        every later message of theirs was suppressed."""
+        for person in LEAVERS:
+            deleted = [
+                end
+                for end in self.group.ends.sequence
+                if end.how == "delivered"
+                and isinstance(self.produced.bodies.get(end.key), dict)
+                and self.produced.bodies[end.key].get("type") == "delete"
+                and self.produced.bodies[end.key].get("userId") == person
+            ]
+            if not deleted:
+                continue
+            store = self.gist.store
+            found = store.find_contact(user_id=person) or store.find_contact(
+                email=f"{person}@example.com"
+            )
+            if found is not None:
+                self.note(
+                    "N8",
+                    f"{person}'s delete was delivered (message {deleted[-1].key} at "
+                    f"{deleted[-1].at - self.started:.2f} s), yet the sandbox holds its "
+                    f"contact {found.email} {view_of(store, found)}",
+                )
+
+    def check_consent(self) -> None:
+        for key, allowed in self.produced.expected.items():
+            if allowed != {("skipped", "no_consent")}:
+                continue
+            body = self.produced.bodies.get(key) or {}
+            mid = body.get("messageId")
+            if mid in self.gist.arrivals:
+                self.note("N9", f"message {key} (Analytics denied): its event reached Gist")
+            marker = (body.get("traits") or {}).get("nc")
+            if marker is not None:
+                for contact in self.gist.store.contacts.values():
+                    if contact.custom_properties.get("nc") == marker:
+                        self.note(
+                            "N9", f"message {key} (Analytics denied): {contact.email} holds it"
+                        )
 
     def check_duplicates(self) -> None:
         shared = self.redis_url is not None
@@ -961,7 +1165,7 @@ PROGRAMS: dict[str, list[tuple[Any, ...]]] = {
     ],
 }
 """Scripted programs, played like a seed (same workers, Gist, invariants) but step by
-step as written, with incremental rebalances and no Redis: paths that random programs
+step as written, with sticky rebalances and no Redis: paths that random programs
 reach only now and then (a revocation whose drain times out at a given moment)."""
 
 
@@ -1052,7 +1256,7 @@ async def test_scripted_programs_keep_gist_and_the_saved_state_honest(
 ) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    run = Run(sum(map(ord, name)), rules, None, protocol="incremental")
+    run = Run(sum(map(ord, name)), rules, None, protocol="sticky")
 
     async def program() -> None:
         await play_scripted(run, PROGRAMS[name])

@@ -125,12 +125,19 @@ class ModelKafkaClients(LocalKafkaClients):
     """The twin's clients for one worker, with ``IncrementalConsumer`` when
     ``incremental``; the producers are kept too, so that a crash can close them."""
 
-    def __init__(self, broker: LocalBroker, incremental: bool = False) -> None:
+    def __init__(
+        self, broker: LocalBroker, incremental: bool = False, roundrobin: bool = False
+    ) -> None:
         super().__init__(broker)
         self.incremental = incremental
+        self.roundrobin = roundrobin
         self.producers: list[LocalProducer] = []
 
     def consumer(self, **options: Any) -> LocalConsumer:
+        """``roundrobin``: the member names no assignor but the twin's default (an older
+        worker's: every partition may move at every rebalance)."""
+        if self.roundrobin:
+            options["partition_assignment_strategy"] = ()
         kind = IncrementalConsumer if self.incremental else LocalConsumer
         consumer = kind(self.broker, **options)
         self.consumers.append(consumer)
