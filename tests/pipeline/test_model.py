@@ -199,6 +199,9 @@ WAIT_SLACK = 1.5
 QUIESCENCE = 20.0
 """Seconds for every message to end once Gist and Redis behave (a few are needed)."""
 RECORD_GRACE = 1.0
+BURST = 0.05
+"""Seconds within which the ends of one step (one import's completion) are taken as one
+burst: the lanes end a merged upsert's messages over a few turns of the loop."""
 """Seconds after a message's end within which its id may not have reached the store
 yet (it is written behind, in batches)."""
 
@@ -646,7 +649,7 @@ class Run:
         store = self.gist.store
         for claim in claims_of(self.operations(end.key)):
             if not self._burst:
-                asyncio.get_running_loop().call_soon(self._check_burst)
+                asyncio.get_running_loop().call_later(BURST, self._check_burst)
             self._burst.append((seen(store, end.key, claim), end))
 
     def _check_burst(self) -> None:
