@@ -589,14 +589,16 @@ class StreamConsumer:
                 self._intakes[key] = _Intake()
                 self._draining.discard(key)
                 self._suspended.add(key)
-        if lost:
-            await self._abandon(lost)
-        if kept:
-            self._suspended.difference_update(w.tp for w in kept)
-            await self.delivery.resume(kept)
-        await self._load_committed(fresh)
-        await self.delivery.take_over([work for _, work in fresh])
-        self._suspended.difference_update(work.tp for _, work in fresh)
+        try:
+            if lost:
+                await self._abandon(lost)
+            if kept:
+                self._suspended.difference_update(w.tp for w in kept)
+                await self.delivery.resume(kept)
+            await self._load_committed(fresh)
+            await self.delivery.take_over([work for _, work in fresh])
+        finally:  # whatever failed above, the partitions are this worker's to read
+            self._suspended.difference_update(work.tp for _, work in fresh)
         self._tell_share()
         self._apply_backpressure()
         self.assigned_once.set()
