@@ -183,6 +183,10 @@ def unheld(entry: Seen, burst: Iterable[Seen]) -> list[str]:
     return out
 
 
+_NONE = "\0none"
+"""An allowed value that is no value (a tag removed, a subscription cancelled)."""
+
+
 class Oracle:
     """Gist as it must be: the sandbox's store, into which the ended messages are
     replayed in the order they ended (delivered, or skipped as ``unchanged``: the worker
@@ -243,14 +247,19 @@ class Oracle:
                 pass  # Gist refuses it the same way
 
     def uncertain(self, operations: Sequence[Operation]) -> None:
-        for claim in claims_of([op for op in operations if isinstance(op, ContactUpsert)]):
+        """Operations that may or may not have landed (an import of unknown fate; a
+        message skipped as a duplicate, whose operations a worker that died before it
+        ended took to Gist, at a time the model cannot place): each of their values,
+        none included, is allowed for its field."""
+        for claim in claims_of(operations):
+            if claim.absent:
+                continue
             found = claim.find(self.store)
             email = found.email if found is not None else claim.email
             if email is None:
                 continue
             for field, value in claim.fields.items():
-                if value is not None:
-                    self.allowed[(email, field)].add(value)
+                self.allowed[(email, field)].add(_NONE if value is None else value)
 
     def differences(self, sandbox: Store) -> list[str]:
         """Every field in which the sandbox differs from the replay, beyond what an
@@ -262,7 +271,9 @@ class Oracle:
             expected, held = mine.get(email, {}), theirs.get(email, {})
             for field in sorted(set(expected) | set(held)):
                 want, got = expected.get(field), held.get(field)
-                if want == got or (got is not None and got in self.allowed.get((email, field), ())):
+                if want == got or (_NONE if got is None else got) in self.allowed.get(
+                    (email, field), ()
+                ):
                     continue
                 out.append(f"{email} {field[1]}: sandbox {got}, last delivered {want}")
         return out
