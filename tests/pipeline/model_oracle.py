@@ -329,7 +329,8 @@ class CommerceOracle:
     writes nothing) leaves the cart as it was, or, when an earlier attempt of the same
     message by a worker that crashed or lost the partition may have written it, with
     the delta applied; a write dead-lettered with an unknown fate likewise. A whole
-    cart or an order sets it again. A delta the worker delivered is applied to each
+    cart or an order sets it again. An order created again (an Order Completed seen
+    again) leaves the one the store has as it is. A delta the worker delivered is applied to each
     cart of the set: the worker must have known the cart, never guessed it."""
 
     LIMIT = 64  # carts in a set; beyond, the customer is not checked (noted)
@@ -385,8 +386,12 @@ class CommerceOracle:
             for name, value in values.items():
                 self.allowed_orders[(order_id, name)].add(value)
             return
+        if op.action == "order" and order_id in self.orders:
+            return  # the store has it: an Order Completed seen again leaves it as it is
         if op.action == "order":
             self.orders[order_id] = {"refund_amount": None, **values}
+            if order_id in self.maybe_orders:  # an unsure earlier create may be what holds
+                return
         elif order_id in self.orders:
             self.orders[order_id].update(values)
         else:  # updated though its creation is unsure: the order may hold these values

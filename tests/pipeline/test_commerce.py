@@ -187,6 +187,26 @@ async def test_orders_and_carts_end_in_the_store_as_segment_sends_them() -> None
         assert dead_letters(r.broker, r.dlq) == []
 
 
+async def test_an_order_completed_seen_again_never_reverts_a_refund() -> None:
+    """Regression (found by the model test, seed 6): an Order Completed seen again (a
+    producer's retry with its own messageId, a replay past the de-duplication window, a
+    redelivery by a worker without the first's ids) was sent as an update of the order
+    the store had, putting its status back to paid after a refund. The order the store
+    has is left as it is."""
+    async with run(STORE) as r:
+        email = "twice@example.com"
+        completed = {"order_id": "o-2", "total": 50, "products": [{**SOCK, "quantity": 2}]}
+        await r.deliver([
+            track("u2", "Order Completed", email, **completed),
+            track("u2", "Order Refunded", email, order_id="o-2", total=50),
+            track("u2", "Order Completed", email, **completed),
+        ])  # fmt: skip
+        order = r.shop().orders["o-2"]
+        assert order.financial_status == "refunded"
+        assert order.fields["refund_amount"] == 50
+        assert set(r.reasons()) == {None}, r.reasons()
+
+
 async def test_a_known_product_costs_no_request_and_an_unsure_cart_is_never_guessed() -> None:
     """A product the worker created is not sent again. After a restart the worker knows
     no cart: a Product Added for a customer it did not create is skipped (cart_unknown;

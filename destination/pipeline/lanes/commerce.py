@@ -8,7 +8,8 @@ upserts and events), made of the requests it needs, each through the rate limite
    instead. Without an e-mail in the message, the Gist contact's is read first;
 2. each product (and variant) the write names that this worker has not seen in the store
    (created, or updated when it exists): a known product costs no request;
-3. the order (create; an existing one is updated) or its update, or the cart.
+3. the order (created; one the store has already is left as it is: an Order Completed
+   seen again must not revert a refund made since) or its update, or the cart.
 
 **What this worker remembers, and when it forgets** (``Catalogue``): the customers and
 products it created or found in the store (bounded, least recently used out); an
@@ -350,15 +351,10 @@ class CommerceWriter:
                 raise _Gone(error) from error
             if error.status != 422:
                 raise
-            # Created before (a replay, a redelivery): the same values as an update.
-            update = {k: v for k, v in order.items() if k not in ("order_id", "customer_id")}
-            if (
-                await self.client.update_order(
-                    self.store_id, op.order_id, cast(OrderUpdate, update), **self._options(step)
-                )
-                is None
-            ):
-                raise
+            # Created before: an answer lost, a redelivery, a producer's retry or a
+            # replay of this Order Completed. It is not sent again as an update: a
+            # refund or cancellation made since (Order Refunded, Cancelled, Updated)
+            # would be reverted to the order as it was completed.
 
     async def _order_update(self, step: DirectStep, op: CommerceWrite) -> Failure | None:
         assert op.order_id is not None
