@@ -39,8 +39,9 @@ from tests.integration.harness import (
     worker_env,
 )
 from tests.integration.test_deploy import ALERTS, PREFIX, metric_names_used_in_deploy
+from tests.support.parallel import ONE_AT_A_TIME
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, ONE_AT_A_TIME]
 
 # The job name alerts.yml matches on (up{job="gist-destination"}), as in deploy's config.
 JOB = "gist-destination"
