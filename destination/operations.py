@@ -114,7 +114,27 @@ class TagChange:
         return _identities(self.user_id, self.email)
 
 
-Operation = ContactUpsert | EventTrack | ContactDelete | ContactAlias | TagChange
+@dataclass(frozen=True, slots=True)
+class SubscriptionChange:
+    """Subscribe (or unsubscribe) one contact to a Gist subscription type, by its name
+    (``POST /subscription_types/{id}``; the id is looked up by name once)."""
+
+    subscription_type: str
+    subscribed: bool
+    user_id: str | None = None
+    email: str | None = None
+    message_id: str | None = None
+    timestamp: float | None = None
+    priority: Priority = Priority.HIGH
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return _identities(self.user_id, self.email)
+
+
+Operation = (
+    ContactUpsert | EventTrack | ContactDelete | ContactAlias | TagChange | SubscriptionChange
+)
 
 
 @dataclass(frozen=True, slots=True)

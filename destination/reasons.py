@@ -15,7 +15,8 @@ table of reasons is checked against ``DEAD_LETTER`` and ``SKIP`` by a test.
                                batch_timeout, batch_failed, gist_unexpected_answer,
                                internal_error
     skipped                    integration_off, type_off, event_excluded, no_event_name,
-                               nothing_to_send, duplicate, unchanged
+                               nothing_to_send, duplicate, unchanged, no_consent,
+                               suppressed
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ NO_EVENT_NAME: Final = "no_event_name"
 NOTHING_TO_SEND: Final = "nothing_to_send"
 DUPLICATE: Final = "duplicate"
 UNCHANGED: Final = "unchanged"
+NO_CONSENT: Final = "no_consent"
+SUPPRESSED: Final = "suppressed"
 
 RECORD: Final[dict[str, str]] = {
     EMPTY_VALUE: "the record has no value (or only white space)",
@@ -101,5 +104,10 @@ SKIP: Final[dict[str, str]] = {
     "replay); a copy of a message in flight ends as that message ends",
     UNCHANGED: "a contact update whose every field Gist already holds (as it last "
     "confirmed, within CONTACT_MEMORY_TTL)",
+    NO_CONSENT: "the message's consent preferences (context.consent.categoryPreferences) "
+    "deny a category the rules require (consent.required), or it has none and the rules "
+    "say to skip those",
+    SUPPRESSED: "the message is about a person deleted within SUPPRESS_DELETED_DAYS (a "
+    "delete suppresses every identity it carries)",
 }
 """Every reason a message is skipped, with what it means."""

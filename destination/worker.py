@@ -2,12 +2,15 @@
 
     run()          sync entry point: event loop, signal handlers, exit code
     Worker.serve() async: start-up checks, then the loops below until a stop
-    shutdown       stop fetching, flush contacts, wait for in-flight work up to
-                   SHUTDOWN_TIMEOUT, commit what is finished, leave the group
+    shutdown       stop fetching, flush contacts, wait for in-flight work, commit what is
+                   finished, hand the partitions over, leave the group: all of it within
+                   SHUTDOWN_TIMEOUT of the stop request
 
-Set SHUTDOWN_TIMEOUT below Kubernetes' terminationGracePeriodSeconds (the manifests use
-30 s and 45 s): after the grace period the pod is killed, and whatever was not committed
-is read again by the next owner (at-least-once).
+SHUTDOWN_TIMEOUT (20 s) bounds the whole stop, so it ends well inside Kubernetes' default
+terminationGracePeriodSeconds (30 s, which the manifests keep): the drain gets what is
+left once ``CLOSING_RESERVE`` is kept for the commit, the hand-over and the clients'
+stops. What did not end is left uncommitted for the next owner (at-least-once), with what
+Gist confirmed of it recorded, never half-recorded.
 
 Exit codes: 0 after a requested stop, 2 for bad settings or mapping rules,
 3 when Gist rejects the API key (the stream is kept, nothing is dead-lettered).
@@ -27,6 +30,7 @@ from typing import Any
 
 import httpx
 import structlog
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from destination.gist import (
     CredentialsError,
@@ -41,7 +45,7 @@ from destination.kafka_security import kafka_security as kafka_security  # re-ex
 from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.observability.health import HealthServer
-from destination.pipeline.consume import FlowLimits, StreamConsumer
+from destination.pipeline.consume import FlowLimits, StreamConsumer, sticky_assignor
 from destination.pipeline.dead_letter import (
     DeadLetterTopicError,
     DeadLetterWriter,
@@ -54,6 +58,7 @@ from destination.pipeline.inflight import Failure, Ledger, MessageWork
 from destination.pipeline.memory import ContactMemory, SharedContactMemory
 from destination.pipeline.outcome import Outcomes
 from destination.pipeline.read_ahead import Counts, ReadAhead
+from destination.pipeline.suppress import SuppressionLog, Suppressions
 from destination.settings import Settings, redis_password
 
 log = structlog.get_logger(__name__)
@@ -84,8 +89,12 @@ EXIT_CREDENTIALS = 3
 
 _LOOP_TURN_BOUND = 2.0
 """Seconds a stop waits for the consume loop's turn to end before cancelling it."""
-_CLOSE_STEP_BOUND = 10.0
-"""Seconds each Kafka step of the shutdown (the last commit, each client's stop) may take."""
+_CLOSE_STEP_BOUND = 5.0
+"""Seconds each Kafka step of the shutdown (the last commit, the hand-over, the clients'
+stops) may take at most: with the broker gone, aiokafka would wait without end."""
+CLOSING_RESERVE = 8.0
+"""Seconds of SHUTDOWN_TIMEOUT kept, after the drain, for the last commit, the hand-over
+and the clients' stops (at most 40% of it: a short SHUTDOWN_TIMEOUT still drains)."""
 
 class Worker:
     def __init__(
@@ -159,6 +168,7 @@ class Worker:
                 poll_interval=settings.gist_batch_poll_interval,
                 poll_max_interval=settings.gist_batch_poll_max_interval,
                 batch_deadline=settings.gist_batch_deadline,
+                revoke_wait=settings.rebalance_timeout,
             ),
             self.outcomes,
             on_fatal=self._credentials_rejected,
@@ -174,10 +184,13 @@ class Worker:
             )
             self.outcomes.observers.append(self.dedup.ended)
             self.delivery.ids = self.dedup
+        self.suppressions = Suppressions(settings.suppress_deleted_days)
+        self.suppression_log: SuppressionLog | None = None
         self.health = HealthServer(
             settings.metrics_host, settings.metrics_port, self._not_ready, self._broken
         )
         self._stop = asyncio.Event()
+        self._stop_by = float("inf")  # SHUTDOWN_TIMEOUT after the stop request
         self._fatal: CredentialsError | None = None
         self._gist_ok = False
         self._consuming = False
@@ -200,7 +213,14 @@ class Worker:
         return self._crashed or self.delivery.broken
 
     def request_stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop_by = time.monotonic() + self.settings.shutdown_timeout
         self._stop.set()
+
+    def _closing_step(self) -> float:
+        """How long the next closing step may take: its bound, within SHUTDOWN_TIMEOUT of
+        the stop request (one second at least: a commit must be tried)."""
+        return max(1.0, min(_CLOSE_STEP_BOUND, self._stop_by - time.monotonic()))
 
     def _credentials_rejected(self, error: CredentialsError) -> None:
         if self._fatal is None:
@@ -213,7 +233,7 @@ class Worker:
                 action="check GIST_API_KEY and the workspace; consumption stopped, "
                 "nothing was dead-lettered, offsets stay at the last delivered message",
             )
-        self._stop.set()
+        self.request_stop()
 
     # --- the lifecycle ----------------------------------------------------------------
     async def serve(self) -> int:
@@ -253,6 +273,37 @@ class Worker:
                 log.error(log_events.DLQ_TOPIC_INVALID, error=str(error))
                 print(f"gist-destination: {error}", file=sys.stderr)
                 return EXIT_CONFIG
+            if settings.suppress_deleted_days > 0:
+                try:
+                    checked = check_topic(
+                        producer,
+                        settings.kafka_suppression_topic,
+                        setting="KAFKA_SUPPRESSION_TOPIC",
+                    )
+                    if not await self._unless_stopped(checked):
+                        return EXIT_OK
+                except DeadLetterTopicError as error:
+                    log.error(log_events.SUPPRESSION_TOPIC_INVALID, error=str(error))
+                    print(f"gist-destination: {error}", file=sys.stderr)
+                    return EXIT_CONFIG
+                self.suppression_log = SuppressionLog(
+                    self.suppressions,
+                    settings.kafka_suppression_topic,
+                    producer,
+                    lambda: self.kafka.consumer(
+                        bootstrap_servers=settings.kafka_bootstrap_servers,
+                        client_id=settings.kafka_client_id,
+                        group_id=None,
+                        enable_auto_commit=False,
+                        auto_offset_reset="earliest",
+                        **security,
+                    ),
+                )
+                self.delivery.suppression_log = self.suppression_log
+                if not await self._unless_stopped(self.suppression_log.load()):
+                    return EXIT_OK
+                log.info(log_events.SUPPRESSIONS_LOADED, identities=len(self.suppressions))
+                self.suppression_log.follow()
             self._record_reader = self.kafka.record_reader(
                 settings.kafka_bootstrap_servers, client_id=settings.kafka_client_id, **security
             )
@@ -270,9 +321,13 @@ class Worker:
                 auto_offset_reset=settings.kafka_auto_offset_reset,
                 max_poll_records=settings.kafka_max_poll_records,
                 session_timeout_ms=settings.kafka_session_timeout_ms,
-                # Kafka must wait for the drain on revoke (REBALANCE_TIMEOUT) before it
-                # expels this member; the default is the session time-out.
+                # Kafka must wait for the revocation (REBALANCE_TIMEOUT for requests on
+                # the wire) before it expels this member.
                 rebalance_timeout_ms=int((settings.rebalance_timeout + 10) * 1000),
+                # A member keeps the partitions it had through a rebalance; the group
+                # falls back on aiokafka's default while an older worker (which names
+                # only that) is in it, as during a rolling upgrade.
+                partition_assignment_strategy=(sticky_assignor(), RoundRobinPartitionAssignor),
                 **security,
             )
             limiter = self.limiter
@@ -290,9 +345,9 @@ class Worker:
                     settings.max_uncommitted_per_partition,
                     settings.max_uncommitted_total,
                 ),
-                settings.rebalance_timeout,
                 on_share=limiter.set_share,
                 dedup=self.dedup,
+                suppressions=self.suppressions if settings.suppress_deleted_days > 0 else None,
             )
             self.stream.subscribe()
             # aiokafka's start waits for the group's first assignment, without end if the
@@ -386,7 +441,9 @@ class Worker:
         log.info(log_events.WORKER_STOPPING, in_flight=self.ledger.messages)
         partitions = list(self.ledger.partitions.values())
         if self._fatal is None:
-            finished = await stream.drain(partitions, self.settings.shutdown_timeout)
+            reserve = min(CLOSING_RESERVE, 0.4 * self.settings.shutdown_timeout)
+            drain_for = self._stop_by - reserve - time.monotonic()
+            finished = await stream.drain(partitions, max(0.0, drain_for))
             if not finished:
                 log.warning(
                     log_events.SHUTDOWN_ABANDONED, in_flight=self.ledger.open_in(partitions)
@@ -399,13 +456,13 @@ class Worker:
         try:
             # aiokafka retries finding the group coordinator for as long as it is asked
             # to: a broker gone must not keep the worker from ending.
-            await asyncio.wait_for(stream.commit(), _CLOSE_STEP_BOUND)
+            await asyncio.wait_for(stream.commit(), self._closing_step())
         except TimeoutError:
             log.warning(log_events.COMMIT_FAILED, error="timeout at shutdown")
         try:
             # What Gist confirmed is in Redis, and the partitions handed over, before
             # the next owner starts.
-            await asyncio.wait_for(stream.hand_over(), _CLOSE_STEP_BOUND)
+            await asyncio.wait_for(stream.hand_over(), self._closing_step())
         except TimeoutError:
             log.warning(log_events.HAND_OVER_FAILED, error="timeout at shutdown")
         return EXIT_CREDENTIALS if self._fatal is not None else EXIT_OK
@@ -494,16 +551,25 @@ class Worker:
     ) -> None:
         await self.delivery.close()
         await self.outcomes.close()
+        if self.suppression_log is not None:
+            await self.suppression_log.close()
         # Each Kafka client's stop is bounded: with the broker gone, aiokafka would wait
-        # for a coordinator (consumer) or for pending sends (producer) without end.
-        for client, stop in (
-            (consumer, "stop"),
-            (producer, "stop"),
-            (self._record_reader, "close"),
-        ):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(getattr(client, stop)(), _CLOSE_STEP_BOUND)
+        # for a coordinator (consumer) or for pending sends (producer) without end. They
+        # stop side by side.
+        stops = [
+            getattr(client, stop)()
+            for client, stop in (
+                (consumer, "stop"),
+                (producer, "stop"),
+                (self._record_reader, "close"),
+            )
+            if client is not None
+        ]
+        if stops:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    asyncio.gather(*stops, return_exceptions=True), self._closing_step()
+                )
         await self.client.aclose()
         if self.shared is not None:
             with contextlib.suppress(Exception):

@@ -39,6 +39,7 @@ from destination.operations import (
     Operation,
     Rejected,
     Skipped,
+    SubscriptionChange,
     TagChange,
 )
 from destination.pipeline.decode import DecodeError, decode_record
@@ -166,6 +167,11 @@ def operation_json(operation: Operation) -> dict[str, Any]:
     elif isinstance(operation, ContactAlias):
         out = {"operation": "contact_alias", "request": "GET /contacts, POST /contacts",
                "previous_id": operation.previous_id, "user_id": operation.user_id}  # fmt: skip
+    elif isinstance(operation, SubscriptionChange):
+        out = {"operation": "subscribe" if operation.subscribed else "unsubscribe",
+               "request": "POST /subscription_types/{id}",
+               "subscription_type": operation.subscription_type,
+               "user_id": operation.user_id, "email": operation.email}  # fmt: skip
     else:
         tag: TagChange = operation
         out = {"operation": "untag" if tag.untag else "tag", "request": "POST /tags",

@@ -33,6 +33,7 @@ from destination.devtools.sandbox import DEFAULT_API_KEY, SandboxConfig, running
 
 TOPIC = "segment-events"
 DLQ = "segment-events-dlq"
+SUPPRESSIONS = "segment-events-suppressions"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +84,7 @@ def _say(text: str) -> None:
 async def _demo(args: argparse.Namespace, broker: EmbeddedBroker) -> int:
     bootstrap = broker.bootstrap_servers
     _say(f"1/4 embedded Kafka-protocol broker (Tansu) on {bootstrap}")
-    await create_topics(bootstrap, [TOPIC, DLQ], partitions=3)
+    await create_topics(bootstrap, [TOPIC, DLQ, SUPPRESSIONS], partitions=3)
     config = SandboxConfig(rate_limit=args.rate_limit, batch_delay=args.batch_delay)
     async with running_sandbox(config, port=free_port()) as sandbox:
         _say(f"2/4 Gist sandbox on {sandbox.url} (limit {args.rate_limit} requests / 10 s)")
@@ -120,6 +121,7 @@ def _start_worker(
         "KAFKA_TOPICS": TOPIC,
         "KAFKA_GROUP_ID": "gist-destination-demo",
         "KAFKA_DLQ_TOPIC": DLQ,
+        "KAFKA_SUPPRESSION_TOPIC": SUPPRESSIONS,
         "METRICS_PORT": str(metrics_port),
         "GIST_BATCH_POLL_INTERVAL": "0.5",
         "LOG_FORMAT": "json",

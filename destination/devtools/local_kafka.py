@@ -42,7 +42,10 @@ unless it says otherwise):
      ``rebalance_timeout_ms``, default ``session_timeout_ms``, expelled the late ones
      as Kafka does), partitions are assigned round-robin over members sorted by member
      id (``<client_id>-<n>``, numbered in join order) and partitions sorted by
-     ``(topic, partition)``: aiokafka's default ``RoundRobinPartitionAssignor``;
+     ``(topic, partition)``: aiokafka's default ``RoundRobinPartitionAssignor``; or,
+     when the group's protocol is aiokafka's sticky assignor (the first assignor of
+     ``partition_assignment_strategy`` every member names), balanced with each member
+     keeping what it had;
   3. installs its new assignment with fresh partition state, so **every pause is
      forgotten**, also for partitions it keeps (aiokafka builds a new ``Assignment``);
      a new partition is read from the group's committed offset, else per
@@ -503,13 +506,16 @@ class LocalBroker:
 
     def _assign(self, group: _Group) -> dict[str, frozenset[Any]]:
         """aiokafka's RoundRobinPartitionAssignor: partitions sorted by (topic,
-        partition) dealt in turn to the members, sorted by id, that subscribe to them."""
+        partition) dealt in turn to the members, sorted by id, that subscribe to them;
+        or, when every member names the sticky assignor, ``_assign_sticky``."""
         members = sorted(group.members)
         if not members:
             return {}
         topics = sorted(
             {t for m in group.members.values() for t in (m._subscription or ())} & set(self._topics)
         )
+        if self._protocol(group, members) == "sticky":
+            return self._assign_sticky(group, members, topics)
         owned: dict[str, set[Any]] = {m: set() for m in members}
         turn = itertools.cycle(members)
         for topic in topics:
@@ -518,6 +524,44 @@ class LocalBroker:
                 while topic not in (group.members[member]._subscription or ()):
                     member = next(turn)
                 owned[member].add(TopicPartition(topic, partition))
+        return {m: frozenset(tps) for m, tps in owned.items()}
+
+    @staticmethod
+    def _protocol(group: _Group, members: list[str]) -> str:
+        """The assignor the group uses: the first of the first member's that every member
+        names (Kafka takes one all support)."""
+        common = set.intersection(*(set(group.members[m]._protocols) for m in members))
+        for name in group.members[members[0]]._protocols:
+            if name in common:
+                return name
+        return "roundrobin"
+
+    def _assign_sticky(
+        self, group: _Group, members: list[str], topics: list[str]
+    ) -> dict[str, frozenset[Any]]:
+        """What aiokafka's StickyPartitionAssignor promises (members subscribing to the
+        same topics): balanced (sizes differ by one at most), and each member keeps as
+        many of the partitions it had as balance allows; the rest go to the members with
+        the fewest."""
+        every = [TopicPartition(t, p) for t in topics for p in range(len(self._topics[t]))]
+        ceiling = -(-len(every) // len(members))
+        owned: dict[str, list[Any]] = {}
+        taken: set[Any] = set()
+        for member in members:
+            had = [tp for tp in sorted(group.members[member]._assignment) if tp in every]
+            kept = [tp for tp in had if tp not in taken][:ceiling]
+            owned[member] = kept
+            taken.update(kept)
+        for tp in every:
+            if tp not in taken:
+                fewest = min(members, key=lambda m: (len(owned[m]), m))
+                owned[fewest].append(tp)
+        while True:
+            most = max(members, key=lambda m: (len(owned[m]), m))
+            least = min(members, key=lambda m: (len(owned[m]), m))
+            if len(owned[most]) - len(owned[least]) <= 1:
+                break
+            owned[least].append(owned[most].pop())
         return {m: frozenset(tps) for m, tps in owned.items()}
 
     def _rebalance_deadline(self, group: _Group, round_: int) -> None:
@@ -573,6 +617,7 @@ class LocalConsumer:
         enable_auto_commit: bool = False,
         session_timeout_ms: int = 10_000,
         rebalance_timeout_ms: int | None = None,
+        partition_assignment_strategy: tuple[Any, ...] = (),
         **ignored: Any,
     ) -> None:
         if auto_offset_reset not in _RESETS:
@@ -596,6 +641,11 @@ class LocalConsumer:
         self._rebalance_timeout = (
             rebalance_timeout_ms if rebalance_timeout_ms is not None else session_timeout_ms
         ) / 1000
+        # The assignors' names, in the member's order of preference (aiokafka's default
+        # is its round-robin assignor).
+        self._protocols = tuple(
+            getattr(s, "name", "") for s in partition_assignment_strategy
+        ) or ("roundrobin",)
         self._subscription: frozenset[str] | None = None
         self._listener: Any = None
         self._manual = False

@@ -168,6 +168,13 @@ class Lanes(Generic[_R]):
         credit[lane] = max(0, credit[lane] - _WHOLE)
         return self._queues[lane].popleft()
 
+    def pop_critical(self) -> asyncio.Future[_R] | None:
+        """The next CRITICAL waiter (taken off its lane), or None if none waits; the other
+        lanes' credit is left as it is."""
+        if self._live(Priority.CRITICAL):
+            return self._queues[Priority.CRITICAL].popleft()
+        return None
+
     def fail(self, error: BaseException) -> None:
         """Every waiter's turn ends in ``error``; the lanes are left empty."""
         for queue in self._queues.values():
@@ -345,6 +352,7 @@ class RateLimiter:
         # Shares: the share's limit, and the limits in force lately (for the hold rule).
         self._share: int | None = None  # None: the whole budget (no shares)
         self._held: tuple[float, int] | None = None  # (until, limit) while a share grows
+        self._starting_until = float("-inf")  # a start's hold: only CRITICAL calls go
         self._history: deque[tuple[float, int]] = deque()
         self._waiting = 0
         self.granted = 0
@@ -408,7 +416,16 @@ class RateLimiter:
         self._share = target
         if target > recent:
             self._hold(now, recent)
+            if recent <= RESERVE:
+                # A start (or a first partition): the window it holds is the previous
+                # owners'. Only CRITICAL calls take the reserve meanwhile; the first data
+                # request waits for the share, rather than go and be followed by nothing
+                # for a window.
+                self._starting_until = now + self._span
         self._apply(now)
+
+    def _starting(self, now: float) -> bool:
+        return now < self._starting_until
 
     def _apply(self, now: float) -> None:
         limit = self._cut_limit
@@ -435,7 +452,11 @@ class RateLimiter:
         waited. Cancelled while waiting, it leaves its turn to the next waiter."""
         start = self._clock()
         self._update(start)
-        if not self._lanes and self._slot(start) <= start:  # nobody waits: no queue
+        if (
+            not self._lanes
+            and self._slot(start) <= start
+            and (priority >= Priority.CRITICAL or not self._starting(start))
+        ):  # nobody waits: no queue
             self._window.grant(start)
             return self._granted(start, start)
         turn = self._lanes.push(priority)
@@ -473,7 +494,13 @@ class RateLimiter:
                 if slot > now:
                     await self._wait(slot - now, now)
                     continue
-                turn = self._lanes.pop()
+                if self._starting(now):
+                    turn = self._lanes.pop_critical()
+                    if turn is None:  # only data waits: until the share applies
+                        await self._wait(self._starting_until - now, now)
+                        continue
+                else:
+                    turn = self._lanes.pop()
                 if turn is not None:
                     self._window.grant(now)
                     turn.set_result(now)

@@ -512,6 +512,23 @@ class Priorities(_Section):
     audiences: PriorityName = "high"
 
 
+class Consent(_Section):
+    """Segment's consent categories (``context.consent.categoryPreferences``), as
+    Segment's consent management applies them to a destination."""
+
+    required: tuple[Annotated[str, AfterValidator(_check_non_empty)], ...] = ()
+    """Categories Gist needs: a message that sets any of them to false is skipped
+    (``no_consent``), never sent (a delete is never skipped)."""
+    without_consent_data: Literal["send", "skip"] = "send"
+    """A message with no consent preferences: sent (as Segment does), or skipped."""
+    email: Annotated[str, AfterValidator(_check_non_empty)] | None = None
+    """The category whose preference is the contact's e-mail consent: false sets
+    ``unsubscribed_from_emails``, true clears it."""
+    subscription_types: dict[str, str] = {}
+    """Gist subscription type (by name) -> the category whose preference subscribes the
+    contact to it (true) or unsubscribes it (false)."""
+
+
 class Rules(_Section):
     """A whole mapping-rules file. ``Rules()`` is the shipped default."""
 
@@ -531,6 +548,7 @@ class Rules(_Section):
     group: Group = Group()
     alias: Switch = Switch()
     delete: Switch = Switch()
+    consent: Consent = Consent()
     priorities: Priorities = Priorities()
 
     def summary(self) -> str:

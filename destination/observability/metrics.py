@@ -103,6 +103,11 @@ DELIVERY_DELAY = Histogram(
 )
 
 # --- spending the budget only on changes ---------------------------------------------
+SUPPRESSED_IDENTITIES = Gauge(
+    _P + "suppressed_identities",
+    "Identities (user ids, e-mails) of people deleted within SUPPRESS_DELETED_DAYS, as this "
+    "worker knows them: their messages are skipped (suppressed).",
+)
 DUPLICATES = Counter(
     _P + "duplicates",
     "Messages skipped because their messageId was delivered within DEDUP_WINDOW.",

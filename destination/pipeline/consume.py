@@ -14,9 +14,15 @@ re-applied on every turn, since aiokafka forgets pauses on a rebalance.
 Offsets are committed only up to the first record not finished, and a record finishes
 only once it is sealed (all its messages opened) and each of them has ended.
 
-On a revocation the partitions' intake is dropped, their open work gets up to
-``rebalance_timeout`` to end, what ended is committed, and what did not is abandoned:
-nothing more is sent for it (``Delivery.revoke``) before the new owner may start.
+A rebalance keeps what stays. On a revocation (every partition, in aiokafka's eager
+protocol) nothing more is opened or sent for the partitions; requests on the wire get
+``REBALANCE_TIMEOUT`` to answer, what ended is committed and what Gist confirmed handed
+over, and the callback returns: the group rejoins within seconds. The consumer names a
+sticky assignor (``sticky_assignor``), so a member keeps the partitions it had: on the
+assignment those go on where they were, their work kept and nothing read again; those
+that went to another member are abandoned (nothing was sent for them since the
+revocation; the new owner reads again what did not end); new ones start from the
+group's commit.
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
+from destination import reasons
 from destination.mapping import Mapper
 from destination.observability import log_events, metrics
-from destination.operations import Mapped, Rejected, Skipped
+from destination.operations import ContactDelete, Mapped, Rejected, Skipped
 from destination.pipeline.decode import DecodeError, decode_record, decoded_size
 from destination.pipeline.dedup import Dedup, coordinates_id
 from destination.pipeline.deliver import Delivery
@@ -51,6 +58,7 @@ from destination.pipeline.inflight import (
     TopicPartition,
 )
 from destination.pipeline.outcome import Outcomes
+from destination.pipeline.suppress import Suppressions
 from destination.pipeline.waiting import wait_event
 
 log = structlog.get_logger(__name__)
@@ -234,10 +242,10 @@ class StreamConsumer:
         delivery: Delivery,
         outcomes: Outcomes,
         limits: FlowLimits,
-        rebalance_timeout: float,
         clock: Any = time.monotonic,
         on_share: Callable[[int, int], None] = lambda owned, total: None,
         dedup: Dedup | None = None,
+        suppressions: Suppressions | None = None,
     ) -> None:
         """``on_share(owned, total)`` is told this worker's share of the partitions after
         every change (the rate limiter takes as much of the budget)."""
@@ -248,16 +256,17 @@ class StreamConsumer:
         self.outcomes = outcomes
         self.ledger = outcomes.ledger
         self.limits = limits
-        self.rebalance_timeout = rebalance_timeout
         self._clock = clock
         self._on_share = on_share
         self.dedup = dedup
+        self.suppressions = suppressions
         self._stopping = False
         self._globally_full = False
         self._blocked = False  # some intake waits for room
         self._full_partitions: set[TopicPartition] = set()
         self._intakes: dict[TopicPartition, _Intake] = {}
         self._draining: set[TopicPartition] = set()
+        self._suspended: set[TopicPartition] = set()  # a rebalance decides: open nothing
         self.assigned_once = asyncio.Event()
 
     def subscribe(self) -> None:
@@ -306,7 +315,7 @@ class StreamConsumer:
         self._blocked = False
         for tp, intake in self._intakes.items():
             work = ledger.partitions.get(tp)
-            if work is None or tp in self._draining:
+            if work is None or tp in self._draining or tp in self._suspended:
                 continue
             while intake.holding():
                 if not limits.room(ledger, work) or (
@@ -381,6 +390,8 @@ class StreamConsumer:
             message = ledger.open_message(record, at, kind, timestamp, kept, message_id)
             if last:
                 ledger.seal(record)
+            if isinstance(result, Mapped) and self.suppressions is not None:
+                result = self._suppression(result)
             if isinstance(result, Rejected):
                 outcomes.dead_letter(message, Failure(result.reason, result.detail))
             elif isinstance(result, Skipped):
@@ -399,6 +410,20 @@ class StreamConsumer:
             else:  # delivery has it: it ends there
                 metrics.INTERNAL_ERRORS.labels("intake").inc()
                 log.error(log_events.INTERNAL_ERROR, where="intake", exc_info=exc)
+
+    def _suppression(self, result: Mapped) -> Mapped | Skipped:
+        """A delete suppresses the identities it carries from now on (the messages after
+        it are opened after it); a message for a suppressed identity is skipped."""
+        suppressions = self.suppressions
+        assert suppressions is not None
+        deletes = [op for op in result.operations if isinstance(op, ContactDelete)]
+        if deletes:
+            for delete in deletes:
+                suppressions.suppress(delete.identities)
+            return result
+        if suppressions.suppressed(i for op in result.operations for i in op.identities):
+            return Skipped(result.message_type, reasons.SUPPRESSED)
+        return result
 
     def _open_unknown(
         self, record: RecordWork, index: int | None, body: Any, seal: bool = True
@@ -520,19 +545,64 @@ class StreamConsumer:
 
     # --- rebalance --------------------------------------------------------------------
     async def on_revoked(self, revoked: set[Any]) -> None:
+        """A rebalance began (aiokafka's eager protocol revokes every partition): open
+        nothing more of them and send nothing more for them until the assignment says
+        which stay; what is on the wire gets ``REBALANCE_TIMEOUT`` to answer
+        (``Delivery.suspend``); what ended is committed, and what Gist confirmed handed
+        over, in case they go."""
         works = [
             w
             for tp in revoked
             if (w := self.ledger.partitions.get(TopicPartition(tp.topic, tp.partition)))
         ]
-        drained = True
-        if works and not self._stopping:
-            drained = await self.drain(works, self.rebalance_timeout)
-        else:
-            self.stop_opening(works)
-        await self.commit(works)
-        # Rebalance means stop: whatever did not end is dropped before the new owner
-        # may start; it reads those records again from the commit.
+        if works:
+            self._suspended.update(w.tp for w in works)
+            await self.delivery.suspend(works)
+            await self.commit(works)
+            await self.delivery.hand_over(works, leaving=False)
+        log.info(
+            log_events.PARTITIONS_REVOKED,
+            partitions=sorted(f"{w.tp.topic}:{w.tp.partition}" for w in works),
+            open=self.ledger.open_in(works),
+        )
+
+    async def on_assigned(self, assigned: set[Any]) -> None:
+        """The new assignment: partitions that stayed go on where they were (their work
+        kept, nothing read again); those that went are abandoned (nothing was sent for
+        them since the revocation; the new owner reads what did not end again); new
+        ones start from the group's commit."""
+        wanted = {TopicPartition(tp.topic, tp.partition) for tp in assigned}
+        lost = [w for tp, w in self.ledger.partitions.items() if tp not in wanted]
+        kept = [w for tp, w in self.ledger.partitions.items() if tp in wanted]
+        if lost:
+            await self._abandon(lost)
+        if kept:
+            self._suspended.difference_update(w.tp for w in kept)
+            await self.delivery.resume(kept)
+        fresh = []
+        for tp in assigned:
+            key = TopicPartition(tp.topic, tp.partition)
+            if key not in self.ledger.partitions:
+                fresh.append((tp, self.ledger.assign(key)))
+                self._intakes[key] = _Intake()
+                self._draining.discard(key)
+                self._suspended.discard(key)
+        await self._load_committed(fresh)
+        await self.delivery.take_over([work for _, work in fresh])
+        self._tell_share()
+        self._apply_backpressure()
+        self.assigned_once.set()
+        log.info(
+            log_events.PARTITIONS_ASSIGNED,
+            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+            kept=len(kept),
+            new=len(fresh),
+        )
+
+    async def _abandon(self, works: list[PartitionWork]) -> None:
+        """The partitions went to another worker: whatever did not end is dropped (the new
+        owner reads it again from the commit)."""
+        self.stop_opening(works)
         left = self.ledger.open_in(works)
         self.outcomes.abandon(works)
         abandoned = await self.delivery.revoke(works)
@@ -542,6 +612,7 @@ class StreamConsumer:
             self.ledger.revoke(work.tp)
             self._intakes.pop(work.tp, None)
             self._draining.discard(work.tp)
+            self._suspended.discard(work.tp)
             # The new owner reports these; a stale value here would hide its real one.
             labels = (work.tp.topic, str(work.tp.partition))
             for gauge in (
@@ -552,33 +623,10 @@ class StreamConsumer:
             ):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
-        # Our share of the budget shrinks only now: the drain above needed it.
+        # Our share of the budget shrinks only now.
         self._tell_share()
         if left:
             log.warning(log_events.PARTITION_WORK_ABANDONED, messages=left, steps=abandoned)
-        log.info(
-            log_events.PARTITIONS_REVOKED,
-            partitions=sorted(f"{w.tp.topic}:{w.tp.partition}" for w in works),
-            drained=drained,
-        )
-
-    async def on_assigned(self, assigned: set[Any]) -> None:
-        fresh = []
-        for tp in assigned:
-            key = TopicPartition(tp.topic, tp.partition)
-            if key not in self.ledger.partitions:
-                fresh.append((tp, self.ledger.assign(key)))
-                self._intakes[key] = _Intake()
-                self._draining.discard(key)
-        await self._load_committed(fresh)
-        await self.delivery.take_over([work for _, work in fresh])
-        self._tell_share()
-        self._apply_backpressure()
-        self.assigned_once.set()
-        log.info(
-            log_events.PARTITIONS_ASSIGNED,
-            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
-        )
 
     def _tell_share(self) -> None:
         """This worker's share of the subscribed topics' partitions."""
@@ -601,6 +649,21 @@ class StreamConsumer:
                 work.committed = committed if committed is not None else starts.get(tp)
         except KafkaError as exc:
             log.warning(log_events.COMMITTED_UNKNOWN, error=type(exc).__name__)
+
+
+def sticky_assignor() -> type[Any]:
+    """aiokafka's ``StickyPartitionAssignor``, for one consumer: it keeps the member's
+    current assignment in class attributes, so each consumer gets a class of its own
+    (two in one process, as in the tests, would otherwise share one)."""
+    from aiokafka.coordinator.assignors.sticky.sticky_assignor import (
+        StickyPartitionAssignor,
+    )
+
+    return type(
+        "StickyAssignor",
+        (StickyPartitionAssignor,),
+        {"member_assignment": None, "generation": StickyPartitionAssignor.DEFAULT_GENERATION_ID},
+    )
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -88,10 +88,14 @@ class Delivery:
         self.outcomes = outcomes
         self.memory = memory
         self.ids: Any = None
+        self.suppression_log: Any = None
+        """``SuppressionLog``: a delete's identities are recorded before it goes."""
         self._on_fatal = on_fatal
         self.gate = IdentityGate()
         self._open: dict[Step, None] = {}  # admitted and not over
-        self.requests = RequestLane(client, self, settings.max_concurrent_requests)
+        self.requests = RequestLane(
+            client, self, settings.max_concurrent_requests, before_delete=self._record_deletion
+        )
         self.tags = TagLane(
             client,
             self,
@@ -234,13 +238,21 @@ class Delivery:
         memory = self.memory
         if memory is None:
             return
-        if result is None:
+        if result is None and step.partition is not None and step.partition.suspended:
+            # Confirmed while a rebalance decides: another owner may start on the
+            # contact meanwhile, and what was handed over to it must stay true.
+            memory.invalidate(step.identities, step.partition)
+        elif result is None:
             if step.note is not None:
                 memory.confirm(step.note)
         elif not isinstance(result, Skip) and step.encoded is not None:
             # Sent, and not confirmed: Gist may hold it, or not. Not sure means send.
             memory.invalidate(step.identities, step.partition)
         step.note = None
+
+    async def _record_deletion(self, identities: tuple[str, ...]) -> None:
+        if self.suppression_log is not None:
+            await self.suppression_log.record(identities)
 
     def parked(self, step: Step, accepted: bool) -> None:
         if not isinstance(step, ContactStep):
@@ -281,12 +293,61 @@ class Delivery:
             self.broke(task.get_name(), task.exception())
 
     # --- partitions changing hands ----------------------------------------------------
+    async def suspend(self, partitions: Iterable[PartitionWork]) -> None:
+        """A rebalance began: nothing more is sent for these partitions until it says
+        whether they stay (``resume``) or go (``revoke``); requests already on the wire
+        get ``revoke_wait`` to answer, so that what Gist confirmed is recorded. Their
+        work is kept: a partition that stays goes on where it was."""
+        works = set(partitions)
+        for work in works:
+            work.sending.clear()
+        on_wire: list[asyncio.Task[None]] = []
+        for lane in self._lanes:
+            on_wire.extend(lane.on_wire(works))
+        if on_wire:
+            await asyncio.wait(on_wire, timeout=self.settings.revoke_wait)
+        if self.memory is not None:
+            # Contacts sent and not confirmed may land in Gist while another owner has
+            # the partition: contact memory cannot say what Gist holds of them.
+            for step in list(self._open):
+                if (
+                    isinstance(step, ContactStep)
+                    and step.partition in works
+                    and step.encoded is not None
+                ):
+                    self.memory.invalidate(step.identities, step.partition)
+
+    async def hand_over(self, partitions: Iterable[PartitionWork], leaving: bool) -> None:
+        """Before a new owner may start (after the last commit, their ``committed``): what
+        Gist confirmed is in Redis, and contact memory's records of the partitions are
+        handed over (``leaving``: they are gone; else a rebalance decides)."""
+        works = set(partitions)
+        memory = self.memory
+        if memory is not None:
+            if leaving:
+                memory.revoke(works)
+            if memory.shared is not None:
+                await memory.shared.handover({w.tp: w.committed for w in works}, leaving)
+        if self.ids is not None:
+            with contextlib.suppress(Exception):
+                await self.ids.flush()
+
+    async def resume(self, partitions: Iterable[PartitionWork]) -> None:
+        """The partitions stayed with this worker: their requests go again."""
+        works = set(partitions)
+        memory = self.memory
+        if memory is not None and memory.shared is not None:
+            await memory.shared.resume(w.tp for w in works)
+        for work in works:
+            work.sending.set()
+
     async def revoke(self, partitions: Iterable[PartitionWork]) -> int:
         """Drop the work of revoked partitions (see the module docstring); returns the
         steps that were still open."""
         gone = set(partitions)
         for work in gone:
             work.revoked = True  # from now on nothing of theirs ends, nothing is sent
+            work.sending.set()  # a request waiting for it finds it withdrawn
         dropped = sum(1 for s in self._open if getattr(s, "partition", None) in gone)
         on_wire: list[asyncio.Task[None]] = []
         for lane in self._lanes:
@@ -304,19 +365,8 @@ class Delivery:
         for step in list(self._open):
             if getattr(step, "partition", None) in gone:
                 self.settle(step, ABANDONED)
-        await self._hand_over(gone)
+        await self.hand_over(gone, leaving=True)
         return dropped
-
-    async def _hand_over(self, gone: set[PartitionWork]) -> None:
-        """Before the new owner starts: what Gist confirmed is in Redis."""
-        memory = self.memory
-        if memory is not None:
-            memory.revoke(gone)
-            if memory.shared is not None:
-                await memory.shared.handover({w.tp: w.committed for w in gone})
-        if self.ids is not None:
-            with contextlib.suppress(Exception):
-                await self.ids.flush()
 
     async def take_over(self, partitions: Iterable[PartitionWork]) -> None:
         """New partitions, at the group's committed offsets (their ``committed``)."""

@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 
 from destination.pipeline.offsets import OffsetTracker
 
-
 MESSAGE_OVERHEAD = 1_800
 """Bytes an open message holds besides its record's value and its contact's body: its
 bookkeeping (the message, its record's share, its step, its place in the per-contact
@@ -62,8 +61,10 @@ class Failure:
 
 
 class PartitionWork:
-    """One assigned partition; replaced by a fresh one on every assignment, so work
-    finishing after a revocation cannot move a newer owner's commits."""
+    """One assigned partition; replaced by a fresh one on every assignment that was not
+    this worker's already, so work finishing after a revocation cannot move a newer
+    owner's commits. ``sending`` is set while requests may go for its work: cleared
+    while a rebalance decides whether the partition stays (``Delivery.suspend``)."""
 
     __slots__ = (
         "committed",
@@ -72,6 +73,7 @@ class PartitionWork:
         "offsets",
         "open",
         "revoked",
+        "sending",
         "tp",
         "unfinished",
     )
@@ -85,6 +87,13 @@ class PartitionWork:
         self.unfinished: dict[int, RecordWork] = {}  # by offset, oldest first
         self.held_bytes = 0  # bytes delivery holds for it beyond its records (``hold``)
         self.revoked = False
+        self.sending = asyncio.Event()
+        self.sending.set()
+
+    @property
+    def suspended(self) -> bool:
+        """A rebalance is deciding whether the partition stays: nothing is sent for it."""
+        return not self.sending.is_set()
 
     def oldest_unfinished_age(self, now: float) -> float:
         """Seconds since the oldest unfinished record of the partition was opened."""

@@ -637,9 +637,13 @@ class SharedContactMemory:
                 self._gens.setdefault(tp, 0)
                 self._dirty.add(tp)
 
-    async def handover(self, partitions: dict[TopicPartition, int | None]) -> None:
-        """The partitions leave this replica at these committed offsets: flush, and tell
-        the next owner that their records are complete (only when they are)."""
+    async def handover(
+        self, partitions: dict[TopicPartition, int | None], leaving: bool = True
+    ) -> None:
+        """The partitions may leave this replica at these committed offsets: flush, and
+        tell the next owner that their records are complete (only when they are).
+        ``leaving``: they are gone (else a rebalance is deciding: ``resume`` if they
+        stay)."""
         if not partitions:
             return
         flushed = await self.flush()
@@ -658,9 +662,29 @@ class SharedContactMemory:
                 await pipe.execute()
         except Exception:
             metrics.LIMITER_REDIS_ERRORS.labels("contact_memory").inc()
+        if leaving:
+            self.release(partitions)
+
+    def release(self, partitions: Iterable[TopicPartition]) -> None:
+        """The partitions are another's now: nothing more of theirs is written here."""
         for tp in partitions:
             self._gens.pop(tp, None)
             self._dirty.discard(tp)
+
+    async def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        """The partitions stayed with this replica: the hand-over written for them no
+        longer holds (this replica writes on); one that cannot be taken back makes the
+        partition dirty (its generation is bumped before anything of it is read)."""
+        tps = [tp for tp in partitions if tp in self._gens]
+        if not tps:
+            return
+        try:
+            async with asyncio.timeout(self._timeout * 4):
+                await self._redis.delete(*(self._handover_key(tp) for tp in tps))
+        except Exception as error:
+            metrics.LIMITER_REDIS_ERRORS.labels("contact_memory").inc()
+            log.warning(log_events.MEMORY_REDIS_UNAVAILABLE, error=type(error).__name__)
+            self._dirty.update(tps)
 
     async def close(self) -> None:
         self._closed = True

@@ -385,6 +385,94 @@ async def test_a_member_that_leaves_hands_over_without_a_callback(
     assert a.offsets(pb) == [3]
 
 
+async def test_with_the_sticky_assignor_members_keep_what_they_had(
+    backend: KafkaBackend,
+) -> None:
+    """The worker names aiokafka's sticky assignor (one class per consumer): a member
+    that joins takes partitions from the others without moving the rest, and when it
+    leaves the others keep theirs and share its out."""
+    from destination.pipeline.consume import sticky_assignor
+
+    topic = await backend.topic(partitions=4)
+    group = unique("group")
+    every = {TopicPartition(topic, p) for p in range(4)}
+
+    def member(name: str) -> Member:
+        return Member(
+            name, backend.consumer(group, partition_assignment_strategy=(sticky_assignor(),))
+        )
+
+    a, b = member("a"), member("b")
+    await a.join(topic)
+    await poll_until(backend, [a], lambda: a.last_assigned() == every, "A to own everything")
+    async with asyncio.timeout(backend.settle_within * 2):
+        await asyncio.gather(b.join(topic), poll_until(backend, [a], lambda: bool(b.events), "B"))
+    await poll_until(
+        backend,
+        [a, b],
+        lambda: len(a.last_assigned()) == 2 and len(b.last_assigned()) == 2,
+        "the split",
+    )
+    a_had = a.last_assigned()
+    assert a_had | b.last_assigned() == every
+    c = member("c")
+    async with asyncio.timeout(backend.settle_within * 2):
+        await asyncio.gather(
+            c.join(topic), poll_until(backend, [a, b], lambda: bool(c.events), "C")
+        )
+    await poll_until(
+        backend,
+        [a, b, c],
+        lambda: sum(len(m.last_assigned()) for m in (a, b, c)) == 4
+        and all(m.last_assigned() for m in (a, b, c)),
+        "the three-way split",
+    )
+    assert a.last_assigned() <= a_had  # nothing moved between A and B: C took from them
+    assert b.last_assigned() <= every - a_had
+    a_had, b_had = a.last_assigned(), b.last_assigned()
+    await c.consumer.stop()
+    await poll_until(
+        backend,
+        [a, b],
+        lambda: a.last_assigned() | b.last_assigned() == every,
+        "A and B to share C's partitions out",
+    )
+    assert a.last_assigned() >= a_had  # each kept what it had
+    assert b.last_assigned() >= b_had
+
+
+async def test_a_worker_naming_the_sticky_assignor_joins_a_group_of_older_ones(
+    backend: KafkaBackend,
+) -> None:
+    """A rolling upgrade: a worker that prefers the sticky assignor, and names aiokafka's
+    default after it, joins a group whose other member names only the default."""
+    from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+
+    from destination.pipeline.consume import sticky_assignor
+
+    topic = await backend.topic(partitions=2)
+    group = unique("group")
+    old = Member("old", backend.consumer(group))
+    new = Member(
+        "new",
+        backend.consumer(
+            group,
+            partition_assignment_strategy=(sticky_assignor(), RoundRobinPartitionAssignor),
+        ),
+    )
+    await old.join(topic)
+    async with asyncio.timeout(backend.settle_within * 2):
+        await asyncio.gather(
+            new.join(topic), poll_until(backend, [old], lambda: bool(new.events), "new")
+        )
+    await poll_until(
+        backend,
+        [old, new],
+        lambda: len(old.last_assigned()) == 1 and len(new.last_assigned()) == 1,
+        "the split",
+    )
+
+
 async def test_a_member_too_slow_to_rejoin_is_expelled_and_cannot_commit(
     backend: KafkaBackend,
 ) -> None:

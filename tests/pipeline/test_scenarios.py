@@ -430,3 +430,160 @@ async def test_a_replayed_message_that_partly_succeeded_sends_only_the_rest_once
     await group.stop_all()
     assert [e["event_name"] for e in gist.events] == ["Order Completed"]  # not again
     assert gist.tags == [{"name": "buyer", "contacts": [{"user_id": "u1"}]}]
+
+
+class HeldImports(ModelGist):
+    """ModelGist whose batch imports stay IN_PROGRESS while ``hold`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(__import__("random").Random(7))
+        self.hold = True
+        self.imports = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/contacts/batch":
+            self.imports += 1
+        if path.startswith("/contacts/batch/") and self.hold:
+            return httpx.Response(200, json={"status": "IN_PROGRESS"})
+        return super().__call__(request)
+
+
+async def test_a_rebalance_keeps_the_work_of_partitions_that_stay() -> None:
+    """Regression: every rebalance (aiokafka's eager protocol revokes every partition)
+    drained for REBALANCE_TIMEOUT, abandoned what had not ended and read it again:
+    contacts imported twice, 20 s at half the budget. Now a member keeps its partitions
+    (sticky assignor) and their work: a contact waiting for its import when the group
+    rebalances ends once its import completes, without being read or sent again."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = HeldImports()
+    group = Group(broker, topic, dlq, gist, rebalance_timeout=5.0)
+    await produce(broker, topic, [(b"u1", identify("u1", plan="pro")), (b"u2", track("u2"))])
+    await group.start_worker()
+    await until(lambda: gist.imports == 1 and len(gist.events) == 1)
+    opened = sum(1 for seen in group.ends.log.values() for _ in seen)
+    broker.rebalance(group.group_id)
+    async with asyncio.timeout(10):
+        await broker.wait_stable(group.group_id)
+    gist.hold = False
+    await group.until_committed(within=10)
+    await group.stop_all()
+    assert gist.imports == 1  # not sent again
+    assert len(gist.events) == 1
+    ends = [how for seen in group.ends.log.values() for _, how, _ in seen]
+    assert ends == ["delivered", "delivered"]  # each message ended once, not read again
+    assert opened == 1  # the track had ended before the rebalance, the contact had not
+    assert gist.contacts["u1"]["custom_properties"]["plan"] == "pro"
+
+
+async def test_a_partition_that_goes_is_handed_over_and_its_work_not_sent_twice() -> None:
+    """Two workers: the second's arrival moves a partition; the first sends nothing more
+    for it once the rebalance begins, and the new owner delivers what had not ended."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = HeldImports()
+    group = Group(broker, topic, dlq, gist, rebalance_timeout=1.0)
+    await produce(broker, topic, [(b"k", identify(f"u{i}")) for i in range(6)], partition=0)
+    await produce(broker, topic, [(b"k", identify(f"v{i}")) for i in range(6)], partition=1)
+    first = await group.start_worker()
+    await until(lambda: gist.imports >= 1)
+    await group.start_worker()
+    async with asyncio.timeout(20):
+        await broker.wait_stable(group.group_id)
+    assert len(first.ledger.partitions) == 1  # sticky: it kept one, gave one
+    gist.hold = False
+    await group.until_committed(within=20)
+    await group.stop_all()
+    # The first import (both partitions' contacts), and the new owner's of the
+    # partition that went: the kept partition's contacts were not sent again.
+    assert gist.imports == 2
+    for user in [f"u{i}" for i in range(6)] + [f"v{i}" for i in range(6)]:
+        assert user in gist.contacts
+
+
+async def test_a_stop_with_a_backlog_ends_within_the_shutdown_timeout() -> None:
+    """Regression: with a backlog, SIGTERM did not exit within 20 s, and SHUTDOWN_TIMEOUT
+    (30 s, Kubernetes' default grace period) bounded the drain alone, so a pod was often
+    killed before it committed. SHUTDOWN_TIMEOUT now bounds the whole stop: drain,
+    commit, hand-over, clients; what did not end stays uncommitted."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = HeldImports()  # imports never complete: the drain cannot finish
+    group = Group(broker, topic, dlq, gist, shutdown_timeout=3.0)
+    await produce(broker, topic, [(f"u{i}".encode(), identify(f"u{i}")) for i in range(40)])
+    await produce(broker, topic, [(b"e", track("e1"))])
+    worker_id = max(group.workers) + 1 if group.workers else 1
+    await group.start_worker()
+    await until(lambda: gist.imports >= 1 and len(gist.events) == 1)
+    started = asyncio.get_running_loop().time()
+    assert await group.stop_worker(worker_id) == 0
+    took = asyncio.get_running_loop().time() - started
+    assert took <= 3.0 + 1.0, took
+    committed = group.committed()
+    ended_offsets = {
+        (p, o) for (p, o, _), seen in group.ends.log.items() if seen
+    }
+    # Only ended records are committed; the contacts still importing are not.
+    for partition, offset in committed.items():
+        assert all((partition, o) in ended_offsets for o in range(offset))
+    assert sum(committed.values()) < 41
+
+
+class DeletingGist(ModelGist):
+    """ModelGist that deletes contacts (DELETE /contacts?user_id=)."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "DELETE" and request.url.path == "/contacts":
+            user = request.url.params.get("user_id") or request.url.params.get("email")
+            if self.contacts.pop(str(user), None) is None:
+                return httpx.Response(404, json={"errors": [{"code": "not_found"}]})
+            return httpx.Response(200, json={})
+        return super().__call__(request)
+
+
+async def test_a_deleted_person_stays_deleted_through_late_messages_restarts_and_replays() -> None:
+    """Regression: a delete removed the contact, and the next replay, group reset or late
+    message created it again. Now every identity the delete carried is suppressed for
+    SUPPRESS_DELETED_DAYS, in a compacted topic every worker reads at start: later
+    messages are skipped (suppressed), also by a new worker reading the topic from the
+    start; the topic holds hashes, not the identities."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = DeletingGist(__import__("random").Random(8))
+    group = Group(broker, topic, dlq, gist)
+    person = "Secret.Person@example.com"
+    await produce(broker, topic, [
+        (b"u1", identify("u1", plan="pro")),
+        (b"u1", {"type": "delete", "userId": "u1", "messageId": uuid.uuid4().hex,
+                 "context": {"traits": {"email": person}}}),
+        (b"u1", identify("u1", plan="late")),
+        (b"u1", track("u1", "Came Back")),
+    ], partition=0)  # fmt: skip
+    await group.start_worker()
+    await group.until_committed()
+    assert "u1" not in gist.contacts
+    assert gist.events == []
+    reasons_seen = [r for seen in group.ends.log.values() for _, _, r in seen]
+    assert reasons_seen.count("suppressed") == 2
+    await group.stop_all()
+    # A message by e-mail only, on the other partition, after a restart: suppressed too.
+    by_email = {"type": "identify", "messageId": uuid.uuid4().hex, "traits": {"email": person}}
+    await produce(broker, topic, [(b"e", by_email)], partition=1)
+    await group.start_worker()
+    await group.until_committed()
+    await group.stop_all()
+    assert person.lower() not in gist.contacts
+    # The whole topic read again by a new group (a reset): nothing comes back.
+    again = Group(broker, topic, dlq, gist)
+    again.group_id = f"reset-{topic}"
+    again.settings["kafka_group_id"] = again.group_id
+    await again.start_worker()
+    await again.until_committed()
+    await again.stop_all()
+    assert "u1" not in gist.contacts
+    suppressions = broker.records(f"{dlq}-suppressions", 0)
+    assert len({r.key for r in suppressions}) == 2  # the user id and the e-mail
+    raw = b"".join((r.key or b"") + (r.value or b"") for r in suppressions)
+    assert b"u1" not in raw.replace(b'"u"', b"")
+    assert b"example.com" not in raw.lower()

@@ -668,6 +668,34 @@ def test_a_share_that_grows_is_used_one_window_later_and_one_that_shrinks_at_onc
     assert limiter.current_limit == 24  # shrinks at once
 
 
+async def test_at_a_start_only_critical_calls_take_the_reserve_and_data_waits_for_the_share(
+) -> None:
+    """Regression (a cold start): the first data request took the start reserve and the
+    next waited a whole window (2 requests in the first 10 s of a backlog). Now the
+    reserve is kept for CRITICAL calls (the key check, polls) and the first data request
+    goes when the share applies, followed by the rest at the share's pace."""
+    vt = VirtualTime()
+    limiter = _limiter_at(vt)
+    limiter.start_sharing()
+    limiter.set_share(1, 1)  # the first assignment: the previous owner's window holds
+    granted: list[tuple[str, float]] = []
+
+    async def ask(name: str, priority: Priority) -> None:
+        grant = await limiter.acquire(priority)
+        granted.append((name, vt.now))
+        limiter.release(grant)
+
+    tasks = [asyncio.create_task(ask(f"data{i}", Priority.HIGH)) for i in range(5)]
+    tasks.append(asyncio.create_task(ask("poll", Priority.CRITICAL)))
+    await vt.advance_to(5.0)
+    assert granted == [("poll", 0.0)]
+    await vt.advance_to(20.0)
+    await asyncio.gather(*tasks)
+    data = [t for name, t in granted if name.startswith("data")]
+    assert len(data) == 5
+    assert all(10.0 <= t < 11.0 for t in data), data  # once the hold ends, at the pace
+
+
 def test_replicas_that_rebalance_never_add_up_to_more_than_the_budget() -> None:
     """Three replicas take and give partitions at random; at every instant the sum of
     the limits they have been allowed over the last window stays within the budget."""

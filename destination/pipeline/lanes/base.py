@@ -19,7 +19,7 @@ the new owner does not send it again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -87,6 +87,11 @@ ABANDONED: Final = _Abandoned()
 Result = Failure | Skip | _Abandoned | None
 
 
+def gates(partitions: Iterable[PartitionWork | None]) -> tuple[asyncio.Event, ...]:
+    """What a request for steps of these partitions waits for (``Dispatch.gates``)."""
+    return tuple({p.sending: None for p in partitions if p is not None})
+
+
 class DirectStep(Step):
     """An operation sent on its own (an event, a delete, an alias) or in a tag group."""
 
@@ -100,7 +105,7 @@ class DirectStep(Step):
         self.index = index  # the operation's place in its message (de-duplication)
         self.partition: PartitionWork = message.record.partition
         self.task: asyncio.Task[None] | None = None
-        self.dispatch = Dispatch()
+        self.dispatch = Dispatch((self.partition.sending,))
 
 
 class Settler(Protocol):
@@ -141,6 +146,10 @@ class Lane:
     def revoke(self, gone: set[PartitionWork]) -> list[asyncio.Task[None]]:
         """Drop the steps of the revoked partitions that are not on the wire (settled
         ``ABANDONED``); return the tasks whose requests are."""
+        raise NotImplementedError  # pragma: no cover
+
+    def on_wire(self, partitions: set[PartitionWork]) -> list[asyncio.Task[None]]:
+        """The tasks whose requests for these partitions' steps are on the wire."""
         raise NotImplementedError  # pragma: no cover
 
     async def close(self) -> None:

@@ -41,6 +41,7 @@ from destination.pipeline.lanes.base import (
     Settler,
     charge,
     failure_from,
+    gates,
 )
 from destination.pipeline.lanes.polls import BatchPolls, PendingBatch
 from destination.pipeline.memory import ContactMemory
@@ -60,7 +61,7 @@ class _Import:
         self.steps = steps
         self.resent = resent
         self.sent: list[ContactStep] = []
-        self.dispatch = Dispatch()
+        self.dispatch = Dispatch(gates(s.partition for s in steps))
         self.task: asyncio.Task[None] | None = None
 
     def wanted(self) -> list[bytes]:
@@ -287,6 +288,15 @@ class ContactImports(Lane):
         self._send(kept[middle:], batch.resent)
 
     # --- revocation -------------------------------------------------------------------
+    def on_wire(self, partitions: set[PartitionWork]) -> list[asyncio.Task[None]]:
+        return [
+            b.task
+            for b in self._sending
+            if b.dispatch.on_wire
+            and b.task is not None
+            and any(s.partition in partitions for s in b.steps)
+        ]
+
     def revoke(self, gone: set[PartitionWork]) -> list[asyncio.Task[None]]:
         for step in [s for s in self.batcher.waiting() if s.partition in gone]:
             self.batcher.remove(step)

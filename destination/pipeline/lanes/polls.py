@@ -147,6 +147,9 @@ class BatchPolls(Lane):
         metrics.BATCHES_PENDING.set(len(self._pending))
         return []  # a poll on the wire decides nothing for the revoked ones
 
+    def on_wire(self, partitions: set[PartitionWork]) -> list[asyncio.Task[None]]:
+        return []  # a poll asks; it sends nothing for the contacts
+
     def halt(self) -> None:
         """Poll no more (the API key was rejected)."""
         self._halted = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -31,10 +32,19 @@ log = structlog.get_logger(__name__)
 
 
 class RequestLane(Lane):
-    def __init__(self, client: GistClient, settler: Settler, max_concurrent: int) -> None:
+    def __init__(
+        self,
+        client: GistClient,
+        settler: Settler,
+        max_concurrent: int,
+        before_delete: Callable[[tuple[str, ...]], Awaitable[None]] | None = None,
+    ) -> None:
+        """``before_delete(identities)``: done before a delete's request goes (its
+        suppression is recorded: ``pipeline/suppress``)."""
         super().__init__(client, settler)
         self._slots = asyncio.Semaphore(max_concurrent)
         self._open: dict[DirectStep, None] = {}
+        self._before_delete = before_delete
 
     def start(self, step: Step) -> None:
         assert isinstance(step, DirectStep)
@@ -54,6 +64,13 @@ class RequestLane(Lane):
             self._open.pop(step, None)
             self.settler.settle(step, ABANDONED)
         return on_wire
+
+    def on_wire(self, partitions: set[PartitionWork]) -> list[asyncio.Task[None]]:
+        return [
+            s.task
+            for s in self._open
+            if s.partition in partitions and s.dispatch.on_wire and s.task is not None
+        ]
 
     async def _run(self, step: DirectStep) -> None:
         try:
@@ -79,6 +96,8 @@ class RequestLane(Lane):
         if isinstance(operation, EventTrack):
             await client.track_event(operation.event, priority=priority, dispatch=dispatch)
         elif isinstance(operation, ContactDelete):
+            if self._before_delete is not None:
+                await self._before_delete(step.identities)
             # Already gone (404) is what a delete wants: not an error.
             if operation.user_id is not None:
                 await client.delete_contact(

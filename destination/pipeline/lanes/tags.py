@@ -32,6 +32,7 @@ from destination.pipeline.lanes.base import (
     Settler,
     charge,
     failure_from,
+    gates,
 )
 from destination.pipeline.ordering import Step
 
@@ -59,7 +60,7 @@ class _Request:
         self.steps = steps
         self.sent: list[DirectStep] = []
         self.task: asyncio.Task[None] | None = None
-        self.dispatch = Dispatch()
+        self.dispatch = Dispatch(gates(s.partition for s in steps))
 
     def refs(self) -> list[ContactRef]:
         """The contacts still wanted when the request goes."""
@@ -152,6 +153,15 @@ class TagLane(Lane):
                 if step.partition in gone:
                     self.settler.settle(step, ABANDONED)
         return on_wire
+
+    def on_wire(self, partitions: set[PartitionWork]) -> list[asyncio.Task[None]]:
+        return [
+            r.task
+            for r in self._sending
+            if r.dispatch.on_wire
+            and r.task is not None
+            and any(s.partition in partitions for s in r.steps)
+        ]
 
     async def _run(self, request: _Request) -> None:
         tag = request.key[0]
