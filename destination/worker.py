@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Any
 
 import httpx
@@ -59,6 +59,7 @@ from destination.pipeline.memory import ContactMemory, SharedContactMemory
 from destination.pipeline.outcome import Outcomes
 from destination.pipeline.read_ahead import Counts, ReadAhead
 from destination.pipeline.suppress import SuppressionLog, Suppressions
+from destination.pipeline.workspace import WorkspaceMismatch, prepare
 from destination.settings import Settings, redis_password
 
 log = structlog.get_logger(__name__)
@@ -253,9 +254,14 @@ class Worker:
         )
         producer: Any = None
         consumer: Any = None
+        starting: list[asyncio.Future[Any]] = []
         try:
             if not await self._check_key():
                 return EXIT_CREDENTIALS if self._fatal else EXIT_OK
+            # What the rules name in the workspace is looked up while Kafka starts (a
+            # few critical requests, which may wait for the start's reserve).
+            workspace = asyncio.ensure_future(prepare(self.client, self.mapper.rules))
+            starting.append(workspace)
             security = kafka_security(settings)
             producer = self.kafka.producer(
                 bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -354,12 +360,27 @@ class Worker:
             # broker went away meanwhile: a stop request must still end the worker.
             if not await self._unless_stopped(consumer.start()):
                 return EXIT_OK
+            try:
+                if not await self._unless_stopped(workspace):
+                    return EXIT_OK
+            except WorkspaceMismatch as error:
+                log.error(log_events.WORKSPACE_MISMATCH, error=str(error))
+                print(f"gist-destination: {error}", file=sys.stderr)
+                return EXIT_CONFIG
+            self.delivery.use(workspace.result())
             self.delivery.start()
             return await self._consume(self.stream)
         finally:
+            for task in starting:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                elif not task.cancelled():
+                    task.exception()  # retrieved: an early exit leaves none unread
             await self._close(consumer, producer)
 
-    async def _unless_stopped(self, step: Coroutine[Any, Any, Any]) -> bool:
+    async def _unless_stopped(self, step: Awaitable[Any]) -> bool:
         """Run a start-up step unless a stop is requested first (the step is then
         cancelled): True when the step finished."""
         task = asyncio.ensure_future(step)

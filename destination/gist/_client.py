@@ -352,13 +352,10 @@ class GistClient:
     # 422 "already exists"); an update or delete answered 404 returns None / False: the
     # record (or its store) is not in Gist. Any other 404 is a PermanentError, status 404.
 
-    async def find_store(
-        self, domain: str, *, priority: Priority = Priority.NORMAL,
-        dispatch: Dispatch | None = None,
-    ) -> EcommerceStore | None:
-        """The workspace's e-commerce store of ``domain`` (compared without scheme,
-        ``www.``, case or trailing ``/``), None when there is none. Gist has no look-up
-        by domain: one ``GET /ecommerce/stores`` lists them all."""
+    async def list_stores(
+        self, *, priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None
+    ) -> list[EcommerceStore]:
+        """The workspace's e-commerce stores (``GET /ecommerce/stores``, one request)."""
         body = await self._request(
             "GET",
             "/ecommerce/stores",
@@ -375,10 +372,19 @@ class GistClient:
                 method="GET",
                 endpoint="GET /ecommerce/stores",
             )
+        return [_ecommerce_store(raw) for raw in stores if isinstance(raw, dict)]
+
+    async def find_store(
+        self, domain: str, *, priority: Priority = Priority.NORMAL,
+        dispatch: Dispatch | None = None,
+    ) -> EcommerceStore | None:
+        """The workspace's e-commerce store of ``domain`` (compared without scheme,
+        ``www.``, case or trailing ``/``), None when there is none. Gist has no look-up
+        by domain: one ``GET /ecommerce/stores`` lists them all."""
         wanted = _domain_key(domain)
-        for raw in stores:
-            if isinstance(raw, dict) and _domain_key(str(raw.get("domain", ""))) == wanted:
-                return _ecommerce_store(raw)
+        for store in await self.list_stores(priority=priority, dispatch=dispatch):
+            if _domain_key(store.domain) == wanted:
+                return store
         return None
 
     async def create_store(

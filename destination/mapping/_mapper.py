@@ -15,6 +15,7 @@ from typing import Any, Final, cast
 from destination.gist._limiter import Priority
 from destination.gist._models import ContactPayload, EventPayload
 from destination.mapping import _reasons as reasons
+from destination.mapping._commerce import CommerceMapper, is_commerce
 from destination.mapping._schema import CONTACT_FIELDS, EventTag, Rules, TraitTag
 from destination.mapping._syntax import (
     MISSING,
@@ -302,7 +303,17 @@ class Mapper:
         self._integration = rules.integration
         self._on_invalid_drop = rules.invalid_fields == "drop"
         self._consent = _Consent(rules.consent)
-        self._consent_priority = Priority.HIGH  # consent changes go first
+        self._consent_priority = _priority(rules.priorities.consent)
+        self._commerce = (
+            CommerceMapper(
+                _priority(rules.priorities.orders),
+                _priority(rules.priorities.carts),
+                self._invalid,
+            )
+            if rules.ecommerce.enabled
+            else None
+        )
+        self._commerce_events = rules.ecommerce.send_events
         self._user_ids = tuple(_source((p,)) for p in rules.identity.user_id)
         self._emails = tuple(_source((p,)) for p in rules.identity.email)
         self._good_emails: set[str] = set()
@@ -496,42 +507,39 @@ class Mapper:
             return result
         message_id, timestamp = self._stamp(message)
         operations = list(result.operations)
-        wants_email = consent.email is not None and consent.email in prefs
-        if wants_email:
-            assert consent.email is not None
+        changes = [
+            SubscriptionChange(
+                name, subscribed, user_id, email, message_id, timestamp, self._consent_priority
+            )
+            for name, category in consent.subscriptions
+            if (subscribed := prefs.get(category)) is not None
+        ]
+        unsubscribed: bool | None = None
+        if consent.email is not None and consent.email in prefs:
             unsubscribed = not prefs[consent.email]
-            upserts = [op for op in operations if isinstance(op, ContactUpsert)]
-            if upserts:
+        if unsubscribed is None and not changes:
+            return result
+        upserts = [op for op in operations if isinstance(op, ContactUpsert)]
+        if upserts:
+            if unsubscribed is not None:
                 cast(dict[str, Any], upserts[0].contact)["unsubscribed_from_emails"] = unsubscribed
-            else:
-                contact: dict[str, Any] = {"unsubscribed_from_emails": unsubscribed}
-                if user_id is not None:
-                    contact["user_id"] = user_id
-                if email is not None:
-                    contact["email"] = email
-                operations.insert(
-                    0,
-                    ContactUpsert(
-                        cast(ContactPayload, contact),
-                        message_id,
-                        timestamp,
-                        self._consent_priority,
-                    ),
-                )
-        for name, category in consent.subscriptions:
-            subscribed = prefs.get(category)
-            if subscribed is not None:
-                operations.append(
-                    SubscriptionChange(
-                        name,
-                        subscribed,
-                        user_id,
-                        email,
-                        message_id,
-                        timestamp,
-                        self._consent_priority,
-                    )
-                )
+        else:
+            # Gist (un)subscribes only a contact it has: the upsert makes sure of it (and
+            # costs nothing when contact memory knows the contact).
+            contact: dict[str, Any] = {}
+            if unsubscribed is not None:
+                contact["unsubscribed_from_emails"] = unsubscribed
+            if user_id is not None:
+                contact["user_id"] = user_id
+            if email is not None:
+                contact["email"] = email
+            operations.insert(
+                0,
+                ContactUpsert(
+                    cast(ContactPayload, contact), message_id, timestamp, self._consent_priority
+                ),
+            )
+        operations.extend(changes)
         return Mapped(result.message_type, tuple(operations))
 
     def _switched_off(self, switches: dict[str, Any]) -> bool:
@@ -818,6 +826,12 @@ class Mapper:
                 if not self._engage_events:
                     event_name = None  # the property is what Gist needs, not the event
 
+        commerce = None
+        if self._commerce is not None and is_commerce(key):
+            commerce = self._commerce.write(key, message, properties, user_id, email, stamp)
+            if commerce is not None and not self._commerce_events:
+                event_name = None  # the e-commerce record is what Gist needs
+
         if event_name is not None:
             event: dict[str, Any] = {"event_name": event_name}
             if user_id is not None:
@@ -830,6 +844,8 @@ class Mapper:
             if stamp[1] is not None:
                 event["occurred_at"] = int(stamp[1])
             ops.append(EventTrack(cast(EventPayload, event), *stamp, priority))
+        if commerce is not None:
+            ops.append(commerce)
         if tag_rules:
             ops.extend(
                 TagChange(tag, user_id, email, untag, *stamp, priority)

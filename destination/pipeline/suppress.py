@@ -190,5 +190,11 @@ class SuppressionLog:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._follow
         if self._consumer is not None:
+            # Bounded: with the broker gone aiokafka waits for a coordinator without
+            # end. Its stop can also end in the CancelledError of its own fetch task
+            # (it cancels and awaits it); gathered, that is a result, not our
+            # cancellation.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._consumer.stop(), 5.0)
+                await asyncio.wait_for(
+                    asyncio.gather(self._consumer.stop(), return_exceptions=True), 5.0
+                )

@@ -20,7 +20,8 @@ fails changes nothing):
   for JPY, 3 for KWD); a ``refund_amount`` above the ``order_total``.
 - 422 ``invalid_value``: a currency code that is not three capital letters, a status
   outside the reference's list, a time that is not ISO 8601, a quantity that is not a
-  positive integer, an ``abandon_cart_interval`` not above 0, a blank ``domain``.
+  positive integer, an ``abandon_cart_interval`` not above 0, a ``domain`` with a space
+  or with nothing but a scheme.
 - 422 ``<kind>_exists``: a create (POST) of an id the store already has, a store for a
   domain the workspace already has. Updates are PATCH, and only of what exists.
 
@@ -63,22 +64,15 @@ Where the reference is open, the sandbox reads it so:
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
-from destination.devtools.sandbox._checks import (
-    JSON,
-    ApiError,
-    bad_request,
-    check_email,
-    not_found,
-)
+from destination.devtools.sandbox._checks import JSON, ApiError, bad_request, not_found
+from destination.devtools.sandbox._fields import Body, invalid_amount, invalid_value
 
 if TYPE_CHECKING:
     from destination.devtools.sandbox._store import Contact
@@ -95,19 +89,6 @@ FINANCIAL_STATUSES: Final = (
     "failed",
 )
 FULFILLMENT_STATUSES: Final = ("partially_fulfilled", "fulfilled")
-ADDRESS_FIELDS: Final = (
-    "name",
-    "address1",
-    "address2",
-    "city",
-    "state",
-    "postcode",
-    "postal_code",
-    "country",
-    "phone",
-    "company_name",
-)
-
 _STORE_FIELDS: Final = (
     "name",
     "domain",
@@ -167,15 +148,6 @@ _ORDER_FIELDS: Final = (
     "line_items",
     "cart_id",
 )
-_MINOR_UNITS: Final = {
-    **dict.fromkeys(("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG"), 0),
-    **dict.fromkeys(("RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF"), 0),
-    **dict.fromkeys(("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"), 3),
-    **dict.fromkeys(("CLF", "UYW"), 4),
-}
-"""ISO 4217 currencies whose minor unit is not 2 decimals."""
-_CURRENCY: Final = re.compile(r"^[A-Z]{3}$")
-_DECIMAL_TEXT: Final = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 _SCHEME: Final = re.compile(r"^[a-z][a-z0-9+.-]*://")
 _ZERO: Final = Decimal(0)
 
@@ -188,17 +160,9 @@ _T = TypeVar("_T")
 
 
 def _given(value: _T | None) -> _T:
-    """A required field's value (``_Body`` raised already if it was absent)."""
+    """A required field's value (``Body`` raised already if it was absent)."""
     assert value is not None
     return value
-
-
-def invalid_amount(message: str) -> ApiError:
-    return ApiError(422, "invalid_amount", message)
-
-
-def invalid_value(message: str) -> ApiError:
-    return ApiError(422, "invalid_value", message)
 
 
 def domain_key(domain: str) -> str:
@@ -216,6 +180,7 @@ class ContactBook(Protocol):
     """What e-commerce needs of the workspace's contacts (``Store`` provides it)."""
 
     contacts: dict[int, Contact]
+    lifetime_values: dict[int, dict[str, Decimal]]
 
     def find_contact(
         self, *, id: int | None = None, user_id: str | None = None, email: str | None = None
@@ -224,252 +189,12 @@ class ContactBook(Protocol):
     def upsert_contact(self, raw: object) -> Contact: ...
 
 
-# -- reading a body -----------------------------------------------------------------------
-
-_MISSING: Final = object()
-
-
-class _Body:
-    """One JSON object being checked field by field: ``kept`` is what is stored (as
-    sent), ``known`` every field the reference names that was asked for."""
-
-    def __init__(self, raw: object, where: str = "") -> None:
-        if not isinstance(raw, dict):
-            raise bad_request(f"{where.rstrip('.') or 'the body'} must be a JSON object")
-        self.raw: dict[str, JSON] = raw
-        self.where = where
-        self.kept: dict[str, JSON] = {}
-        self.known: set[str] = set()
-
-    def name(self, field_name: str) -> str:
-        return f"{self.where}{field_name}"
-
-    def ignored(self) -> list[str]:
-        return [self.name(k) for k in self.raw if k not in self.known]
-
-    def _value(self, field_name: str, required: bool) -> JSON:
-        """The value to check, or ``_MISSING`` when absent or null (a null is kept)."""
-        self.known.add(field_name)
-        value = self.raw.get(field_name)
-        if value is None:
-            if required:
-                raise bad_request(f"{self.name(field_name)} is required")
-            if field_name in self.raw:
-                self.kept[field_name] = None
-            return _MISSING
-        return value
-
-    def string(self, field_name: str, *, required: bool = False) -> str | None:
-        value = self._value(field_name, required)
-        if value is _MISSING:
-            return None
-        if not isinstance(value, str):
-            raise bad_request(f"{self.name(field_name)} must be a string")
-        if required and not value.strip():
-            raise bad_request(f"{self.name(field_name)} is required (got an empty string)")
-        self.kept[field_name] = value
-        return value
-
-    def ident(self, field_name: str, *, required: bool = False) -> str | None:
-        """An id (a string or an integer), kept as sent; returned as the text it is
-        looked up by."""
-        value = self._value(field_name, required)
-        if value is _MISSING:
-            return None
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise bad_request(f"{self.name(field_name)} must be a string or an integer")
-        key = str(value)
-        if not key.strip():
-            raise bad_request(f"{self.name(field_name)} must not be empty")
-        self.kept[field_name] = value
-        return key
-
-    def email(self, field_name: str, *, required: bool = False) -> str | None:
-        value = self._value(field_name, required)
-        if value is _MISSING:
-            return None
-        email = check_email(value, self.name(field_name))
-        self.kept[field_name] = value
-        return email
-
-    def currency(self, field_name: str, *, required: bool = False) -> str | None:
-        value = self._value(field_name, required)
-        if value is _MISSING:
-            return None
-        if not isinstance(value, str):
-            raise bad_request(f"{self.name(field_name)} must be a string")
-        if not _CURRENCY.match(value):
-            raise invalid_value(
-                f"{self.name(field_name)} must be an ISO 4217 code (three capital letters),"
-                f" got {value!r}"
-            )
-        self.kept[field_name] = value
-        return value
-
-    def amount(
-        self, field_name: str, currency: str, *, required: bool = False, text: bool = False
-    ) -> Decimal | None:
-        """A non-negative amount of ``currency``; ``text``: a decimal string will do."""
-        value = self._value(field_name, required)
-        if value is _MISSING:
-            return None
-        amount = _amount(value, self.name(field_name), currency, text)
-        self.kept[field_name] = value
-        return amount
-
-    def integer(self, field_name: str) -> int | None:
-        value = self._value(field_name, False)
-        if value is _MISSING:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad_request(f"{self.name(field_name)} must be an integer")
-        self.kept[field_name] = value
-        return value
-
-    def quantity(self, field_name: str) -> int | None:
-        value = self._value(field_name, False)
-        if value is _MISSING:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad_request(f"{self.name(field_name)} must be a number")
-        if not math.isfinite(value) or value != int(value) or value < 1:
-            raise invalid_value(f"{self.name(field_name)} must be a positive integer, got {value}")
-        self.kept[field_name] = value
-        return int(value)
-
-    def interval(self, field_name: str, *, required: bool = False) -> float | None:
-        value = self._value(field_name, required)
-        if value is _MISSING:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad_request(f"{self.name(field_name)} must be a number (hours)")
-        if not value > 0:
-            raise invalid_value(f"{self.name(field_name)} must be above 0, got {value}")
-        self.kept[field_name] = value
-        return float(value)
-
-    def time(self, field_name: str, *, required: bool = False) -> str | None:
-        """An ISO 8601 time, kept as sent; ``""`` stands for unset unless required."""
-        value = self._value(field_name, required)
-        if value is _MISSING:
-            return None
-        if not isinstance(value, str):
-            raise bad_request(f"{self.name(field_name)} must be an ISO 8601 string")
-        if value == "" and not required:
-            self.kept[field_name] = value
-            return None
-        try:
-            datetime.fromisoformat(value)
-        except ValueError:
-            raise invalid_value(
-                f"{self.name(field_name)} is not an ISO 8601 time: {value!r}"
-            ) from None
-        self.kept[field_name] = value
-        return value
-
-    def choice(
-        self, field_name: str, options: tuple[str, ...], *, required: bool = False
-    ) -> str | None:
-        value = self._value(field_name, required)
-        if value is _MISSING:
-            return None
-        if not isinstance(value, str):
-            raise bad_request(f"{self.name(field_name)} must be a string")
-        if value not in options:
-            raise invalid_value(
-                f"{self.name(field_name)} must be one of {', '.join(options)}, got {value!r}"
-            )
-        self.kept[field_name] = value
-        return value
-
-    def address(self, field_name: str) -> None:
-        value = self._value(field_name, False)
-        if value is _MISSING:
-            return
-        address = _Body(value, f"{self.name(field_name)}.")
-        for key in ADDRESS_FIELDS:
-            address.string(key)
-        self.kept[field_name] = value  # every key, listed or not: it is the customer's
-
-    def same_id(self, field_name: str, key: str) -> None:
-        """An update's body may repeat its path's id, not name another."""
-        self.known.add(field_name)
-        value = self.raw.get(field_name)
-        if value is not None and str(value) != key:
-            raise bad_request(
-                f"{self.name(field_name)} {value!r} is not the {field_name} of the path ({key})"
-            )
-
-    def line_items(self, field_name: str, currency: str) -> list[tuple[str, str | None]]:
-        """The line items checked; returns the (product, variant) each names, for
-        ``check_items`` once the whole body is checked."""
-        value = self._value(field_name, True)
-        if not isinstance(value, list):
-            raise bad_request(f"{self.name(field_name)} must be a list of line items")
-        named: list[tuple[str, str | None]] = []
-        for index, raw in enumerate(value):
-            item = _Body(raw, f"{self.name(field_name)}[{index}].")
-            product_id = item.ident("product_id")
-            variant_id = item.ident("product_variant_id")
-            item.quantity("quantity")
-            item.amount("price", currency)
-            if variant_id is not None and product_id is None:
-                raise bad_request(f"{item.name('product_variant_id')} needs a product_id")
-            if product_id is not None:
-                named.append((product_id, variant_id))
-        self.kept[field_name] = value
-        return named
-
-    def categories(self, field_name: str) -> list[str]:
-        """The category ids, for ``EcommerceStore.category`` once the body is checked."""
-        value = self._value(field_name, False)
-        if value is _MISSING:
-            return []
-        if not isinstance(value, list):
-            raise bad_request(f"{self.name(field_name)} must be a list of category ids")
-        for index, category_id in enumerate(value):
-            if isinstance(category_id, bool) or not isinstance(category_id, str | int):
-                raise bad_request(
-                    f"{self.name(field_name)}[{index}] must be a category id "
-                    "(a string or an integer)"
-                )
-        self.kept[field_name] = value
-        return [str(c) for c in value]
-
-
 def check_items(shop: EcommerceStore, named: list[tuple[str, str | None]]) -> None:
     """404 for a line item naming a product or variant the store does not have."""
     for product_id, variant_id in named:
         product = shop.product(product_id)
         if variant_id is not None:
             product.variant(variant_id)
-
-
-def _amount(value: JSON, name: str, currency: str, text: bool) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise invalid_amount(f"{name} must be a number, got {value!r}")
-    if isinstance(value, str):
-        if not text:
-            raise invalid_amount(f"{name} must be a number, not a string: {value!r}")
-        if not _DECIMAL_TEXT.match(value):
-            raise invalid_amount(f"{name} is not a decimal amount: {value!r}")
-        amount = Decimal(value)
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise invalid_amount(f"{name} must be a finite number")
-        amount = Decimal(repr(value))
-    else:
-        amount = Decimal(value)
-    if amount < 0:
-        raise invalid_amount(f"{name} must not be negative, got {value!r}")
-    digits = _MINOR_UNITS.get(currency, 2)
-    exponent = amount.normalize().as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -digits:
-        raise invalid_amount(
-            f"{name} {value!r} is not an amount of {currency} "
-            f"(at most {digits} decimal{'s' if digits != 1 else ''})"
-        )
-    return amount
 
 
 def _merge_ignored(before: list[str], new: Iterable[str]) -> list[str]:
@@ -696,9 +421,10 @@ class Commerce:
         return {
             "stores": [self._store_state(s) for s in self.stores.values()],
             "lifetime_values": {
-                c.email: {cur: json_number(v) for cur, v in c.lifetime_value.items()}
-                for c in self._contacts.contacts.values()
-                if c.lifetime_value
+                self._contacts.contacts[contact_id].email: {
+                    currency: json_number(value) for currency, value in ltv.items()
+                }
+                for contact_id, ltv in self._contacts.lifetime_values.items()
             },
             "activity": [a.to_json() for a in self.activity],
         }
@@ -756,8 +482,8 @@ class Commerce:
         return None if store_id is None else self.stores[store_id]
 
     @staticmethod
-    def _read_store(raw: dict[str, JSON]) -> _Body:
-        body = _Body(raw)
+    def _read_store(raw: dict[str, JSON]) -> Body:
+        body = Body(raw)
         body.string("name", required=True)
         domain = body.string("domain", required=True)
         if domain is not None and (not domain_key(domain) or any(c.isspace() for c in domain)):
@@ -801,8 +527,8 @@ class Commerce:
     # -- customers -----------------------------------------------------------------------
 
     @staticmethod
-    def _read_customer(raw: dict[str, JSON]) -> tuple[_Body, str]:
-        body = _Body(raw)
+    def _read_customer(raw: dict[str, JSON]) -> tuple[Body, str]:
+        body = Body(raw)
         body.ident("customer_id", required=True)
         email = _given(body.email("email_address", required=True))
         body.string("first_name")
@@ -811,11 +537,12 @@ class Commerce:
         body.address("shipping_address")
         return body, email
 
-    def _tie_contact(self, email: str, sent: dict[str, JSON]) -> None:
-        """Add or update the contact of a customer's e-mail (its name, when sent)."""
+    def _tie_contact(self, email: str, fields: dict[str, JSON], sent: dict[str, JSON]) -> None:
+        """Add or update the contact of a customer's e-mail; its name is the customer's
+        first and last name when the request sent either."""
         contact: dict[str, JSON] = {"email": email}
         if "first_name" in sent or "last_name" in sent:
-            parts = [sent.get("first_name"), sent.get("last_name")]
+            parts = [fields.get("first_name"), fields.get("last_name")]
             contact["name"] = " ".join(p.strip() for p in parts if p and p.strip()) or None
         self._contacts.upsert_contact(contact)
 
@@ -825,7 +552,7 @@ class Commerce:
         if key in shop.customers:
             raise _exists("customer", f"store {shop.id} already has customer {key!r}")
         customer = Customer(id=key, email=email, fields=body.kept, ignored_fields=body.ignored())
-        self._tie_contact(email, body.kept)
+        self._tie_contact(email, body.kept, body.kept)
         shop.customers[key] = customer
         return customer
 
@@ -835,7 +562,7 @@ class Commerce:
         body, email = self._read_customer({**customer.fields, **patch})
         body.same_id("customer_id", customer.id)
         body.kept["customer_id"] = customer.fields["customer_id"]  # as first sent
-        self._tie_contact(email, patch)
+        self._tie_contact(email, body.kept, patch)
         customer.email = email
         customer.fields = body.kept
         customer.ignored_fields = _merge_ignored(customer.ignored_fields, _unknown(body, patch))
@@ -846,7 +573,7 @@ class Commerce:
     def put_cart(self, shop: EcommerceStore, customer_id: str, raw: object) -> Customer:
         """Create or replace the customer's cart, whole: what the body leaves out is gone."""
         customer = shop.customer(customer_id)
-        body = _Body(raw)
+        body = Body(raw)
         body.same_id("customer_id", customer.id)
         currency = _given(body.currency("currency_code", required=True))
         body.string("checkout_url")
@@ -872,8 +599,8 @@ class Commerce:
     # -- categories ---------------------------------------------------------------------------
 
     @staticmethod
-    def _read_category(raw: dict[str, JSON]) -> _Body:
-        body = _Body(raw)
+    def _read_category(raw: dict[str, JSON]) -> Body:
+        body = Body(raw)
         body.ident("category_id", required=True)
         body.string("name", required=True)
         return body
@@ -900,7 +627,7 @@ class Commerce:
     # -- products and variants ----------------------------------------------------------------
 
     @staticmethod
-    def _read_item(body: _Body, currency: str) -> None:
+    def _read_item(body: Body, currency: str) -> None:
         """The fields products and variants share."""
         body.string("title", required=True)
         for name in ("description", "product_url", "vendor", "image_url", "sku", "backorders"):
@@ -908,8 +635,8 @@ class Commerce:
         body.amount("price", currency, text=True)
         body.integer("inventory_quantity")
 
-    def _read_product(self, shop: EcommerceStore, raw: dict[str, JSON]) -> tuple[_Body, list[str]]:
-        body = _Body(raw)
+    def _read_product(self, shop: EcommerceStore, raw: dict[str, JSON]) -> tuple[Body, list[str]]:
+        body = Body(raw)
         body.ident("product_id", required=True)
         self._read_item(body, shop.currency)
         body.time("product_published_at")
@@ -940,8 +667,8 @@ class Commerce:
         product.ignored_fields = _merge_ignored(product.ignored_fields, _unknown(body, patch))
         return product
 
-    def _read_variant(self, shop: EcommerceStore, product: Product, raw: dict[str, JSON]) -> _Body:
-        body = _Body(raw)
+    def _read_variant(self, shop: EcommerceStore, product: Product, raw: dict[str, JSON]) -> Body:
+        body = Body(raw)
         body.same_id("product_id", product.id)  # the path says which product
         body.ident("product_variant_id", required=True)
         self._read_item(body, shop.currency)
@@ -978,9 +705,9 @@ class Commerce:
     # -- orders ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _read_order(shop: EcommerceStore, raw: dict[str, JSON]) -> tuple[_Body, Order]:
+    def _read_order(shop: EcommerceStore, raw: dict[str, JSON]) -> tuple[Body, Order]:
         """The body checked, and an ``Order`` of it (not stored)."""
-        body = _Body(raw)
+        body = Body(raw)
         order_id = _given(body.ident("order_id", required=True))
         customer_id = _given(body.ident("customer_id", required=True))
         currency = _given(body.currency("currency_code", required=True))
@@ -1053,14 +780,14 @@ class Commerce:
 
     def _count(self, order: Order, customer: Customer) -> None:
         """Move the order's part of an LTV to what it is now, on the customer's contact."""
+        values = self._contacts.lifetime_values
         if order.counted_on is not None:
             contact_id, currency = order.counted_on
-            contact = self._contacts.contacts.get(contact_id)
-            if contact is not None:  # a deleted contact's LTV went with it
-                contact.lifetime_value[currency] -= order.counted
+            if contact_id in values:  # a deleted contact's LTV went with it
+                values[contact_id][currency] -= order.counted
         contact = self._contact_of(customer)
         order.counted = order.order_total - order.refund_amount
-        ltv = contact.lifetime_value
+        ltv = values.setdefault(contact.id, {})
         ltv[order.currency] = ltv.get(order.currency, _ZERO) + order.counted
         order.counted_on = (contact.id, order.currency)
 
@@ -1091,6 +818,6 @@ def _status_activity(status: str) -> str:
     return _STATUS_ACTIVITY.get(status, f"Order {status}")
 
 
-def _unknown(body: _Body, patch: dict[str, JSON]) -> list[str]:
+def _unknown(body: Body, patch: dict[str, JSON]) -> list[str]:
     """The keys of an update's own body the reference does not know."""
     return [k for k in patch if k not in body.known]

@@ -85,11 +85,6 @@ class Contact:
     tag_ids: dict[int, None] = field(default_factory=dict)
     """An insertion-ordered set of tag ids."""
     custom_properties: dict[str, JSON] = field(default_factory=dict)
-    subscription_ids: dict[int, None] = field(default_factory=dict)
-    """An insertion-ordered set of the subscription types it is subscribed to."""
-    lifetime_value: dict[str, Decimal] = field(default_factory=dict)
-    """LTV by currency code, kept by its customers' orders (``_ecommerce``); Gist's
-    contact object does not show it, ``GET /_sandbox/state`` does."""
 
     @property
     def type(self) -> str:
@@ -100,7 +95,7 @@ class Contact:
         tags: dict[int, Tag],
         subscription_types: dict[int, SubscriptionType] | None = None,
     ) -> dict[str, JSON]:
-        types = subscription_types or {}
+        types = subscription_types or {}  # few: a look in each is cheaper than a set each
         return {
             "type": self.type,
             "id": self.id,
@@ -123,7 +118,7 @@ class Contact:
             "segments": [],
             "tags": [tags[t].to_json() for t in self.tag_ids if t in tags],
             "subscription_types": [
-                types[s].ref_json() for s in self.subscription_ids if s in types
+                t.ref_json() for t in types.values() if self.id in t.contact_ids
             ],
             "social_profiles": [],
             "custom_properties": dict(self.custom_properties),
@@ -306,6 +301,10 @@ class Store:
         self.subscription_types: dict[int, SubscriptionType] = {}
         for name in subscription_types:
             self.add_subscription_type(name)
+        self.lifetime_values: dict[int, dict[str, Decimal]] = {}
+        """Contact id -> LTV by currency code, kept by orders (``_ecommerce``). Gist's
+        contact object does not show it; ``GET /_sandbox/state`` does. Kept here, not on
+        ``Contact``: most contacts have none (a million contacts, a million dicts)."""
         self.ecommerce = Commerce(self)
 
     def reset(self) -> None:
@@ -327,6 +326,7 @@ class Store:
         self.rate_limited = 0
         for subscription_type in self.subscription_types.values():
             subscription_type.contact_ids.clear()
+        self.lifetime_values.clear()
         self.ecommerce.reset()
 
     # -- stats ---------------------------------------------------------------------------
@@ -384,6 +384,10 @@ class Store:
             return self.contacts[cid]
         return None
 
+    def lifetime_value(self, contact: Contact) -> dict[str, Decimal]:
+        """The contact's LTV by currency code ({} before its first order)."""
+        return dict(self.lifetime_values.get(contact.id, {}))
+
     def contact_json(self, contact: Contact) -> dict[str, JSON]:
         return contact.to_json(self.tags, self.subscription_types)
 
@@ -439,9 +443,9 @@ class Store:
         self.by_email.pop(contact.email, None)
         if contact.user_id is not None:
             self.by_user_id.pop(contact.user_id, None)
-        for type_id in contact.subscription_ids:
-            if (subscription_type := self.subscription_types.get(type_id)) is not None:
-                subscription_type.contact_ids.pop(contact.id, None)
+        for subscription_type in self.subscription_types.values():
+            subscription_type.contact_ids.pop(contact.id, None)
+        self.lifetime_values.pop(contact.id, None)  # its LTV goes with it
 
     # -- batches -------------------------------------------------------------------------
 
@@ -635,8 +639,6 @@ class Store:
             raise not_found("contact", "no contact matches the given user_id/email/contact_id")
         if req.subscribed:
             subscription_type.contact_ids[contact.id] = None
-            contact.subscription_ids[subscription_type.id] = None
         else:
             subscription_type.contact_ids.pop(contact.id, None)
-            contact.subscription_ids.pop(subscription_type.id, None)
         return contact
