@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer, RedisUnavailable
 
 WORKERS_PER_CORE, MAX_WORKERS = 2, 4
@@ -80,7 +81,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from destination.devtools.broker import BrokerUnavailable, EmbeddedBroker
 
-    broker = EmbeddedBroker(log_file=tmp_path_factory.mktemp("broker") / "tansu.log")
+    broker = EmbeddedBroker(
+        port=free_port(), log_file=tmp_path_factory.mktemp("broker") / "tansu.log"
+    )
     try:
         broker.start()
     except BrokerUnavailable as exc:
