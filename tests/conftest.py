@@ -3,7 +3,8 @@
 else the embedded Tansu broker; and how the suite runs in parallel (pytest-xdist).
 
 Each xdist worker is a process with its own session, so each starts its own broker;
-tests share nothing else (topics, groups, ports and temporary folders are their own)."""
+tests share nothing else (topics, groups and temporary folders are their own, and the
+ports of the servers they start come from their worker's block: tests/support/ports.py)."""
 
 from __future__ import annotations
 
