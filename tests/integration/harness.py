@@ -21,8 +21,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from destination.devtools.broker import create_topics, free_port
+from destination.devtools.broker import create_topics
 from destination.devtools.children import die_with_parent
+from tests.support.ports import free_port
 
 API_KEY = "sandbox-key"
 

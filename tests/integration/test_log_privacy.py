@@ -13,11 +13,11 @@ import orjson
 import pytest
 import structlog
 
-from destination.devtools.broker import free_port
 from destination.devtools.sandbox import Sandbox, SandboxConfig
 from destination.gist import GistClient, GistError, RateLimiter, RetryPolicy
 from destination.observability.logging import configure_logging
 from tests.integration.harness import forms_of_the_address
+from tests.support.ports import free_port
 
 KEY = "sk-live-never-logged-5c1d"
 EMAIL = "Secret.Person@example.com"

@@ -26,7 +26,6 @@ import httpx
 import pytest
 import yaml
 
-from destination.devtools.broker import free_port
 from destination.devtools.children import die_with_parent
 from tests.integration.harness import (
     SandboxProcess,
@@ -40,8 +39,10 @@ from tests.integration.harness import (
     worker_env,
 )
 from tests.integration.test_deploy import ALERTS, PREFIX, metric_names_used_in_deploy
+from tests.support.parallel import ONE_AT_A_TIME
+from tests.support.ports import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, ONE_AT_A_TIME]
 
 # The job name alerts.yml matches on (up{job="gist-destination"}), as in deploy's config.
 JOB = "gist-destination"

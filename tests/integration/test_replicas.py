@@ -22,9 +22,10 @@ from tests.integration.harness import (
     unique,
     worker_env,
 )
+from tests.support.parallel import ONE_AT_A_TIME
 from tests.support.redis_server import RedisServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, ONE_AT_A_TIME]
 
 LIMIT, WINDOW = 100, 10.0
 

@@ -17,9 +17,10 @@ from destination.gist import GistClient, RateLimit, RateLimiter, RetryPolicy
 from destination.gist._redis import RETRY_REDIS_EVERY, RedisBudget, redis_client
 from destination.observability import metrics
 from tests.support.budget_client import KEY, budget, send_events
+from tests.support.parallel import ONE_AT_A_TIME
 from tests.support.redis_server import RedisServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, ONE_AT_A_TIME]
 
 LIMIT, WINDOW = 20, 1.0
 """A short window: the sharing is under test, and the property is the same at 100/10 s."""

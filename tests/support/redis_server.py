@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from destination.devtools.broker import free_port
 from destination.devtools.children import die_with_parent
+from tests.support.ports import free_port
 
 
 class RedisUnavailable(Exception):
