@@ -63,6 +63,7 @@ from destination.devtools.children import die_with_parent
 KEY = "bench-key"
 TOPIC = "segment-events"
 DLQ = "segment-dlq"
+SUPPRESSIONS = "segment-suppressions"
 GROUP = "gist-destination-bench"
 P = "gist_destination_"
 LIMIT, WINDOW, SPAN = 100, 10.0, 10.1  # the sandbox's limit; the limiter's span (margin 0.1)
@@ -194,6 +195,7 @@ def start_replica(
         "KAFKA_TOPICS": TOPIC,
         "KAFKA_GROUP_ID": GROUP,
         "KAFKA_DLQ_TOPIC": DLQ,
+        "KAFKA_SUPPRESSION_TOPIC": SUPPRESSIONS,
         "METRICS_PORT": str(port),
         "LOG_FORMAT": "json",
         **({"SHUTDOWN_TIMEOUT": shutdown_timeout} if shutdown_timeout else {}),
@@ -276,7 +278,7 @@ async def run_one(
     with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
         bootstrap = broker.bootstrap_servers
         await create_topics(bootstrap, [TOPIC], args.partitions)
-        await create_topics(bootstrap, [DLQ], 1)
+        await create_topics(bootstrap, [DLQ, SUPPRESSIONS], 1)
         backlog, _ = await produce_backlog(bootstrap, args.records, load)
         print(f"  backlog per partition: {dict(sorted(backlog.items()))}", flush=True)
         async with (
@@ -672,7 +674,7 @@ async def run_transition(
     with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
         bootstrap = broker.bootstrap_servers
         await create_topics(bootstrap, [TOPIC], args.partitions)
-        await create_topics(bootstrap, [DLQ], 1)
+        await create_topics(bootstrap, [DLQ, SUPPRESSIONS], 1)
         backlog, where = await produce_backlog(bootstrap, records, "even")
         print(f"  backlog per partition: {dict(sorted(backlog.items()))}", flush=True)
         async with (

@@ -57,11 +57,13 @@ class Run:
         self.topic, self.dlq = f"bench-{token}", f"bench-dlq-{token}"
         self.broker.create_topic(self.topic, 6)
         self.broker.create_topic(self.dlq, 1)
+        self.broker.create_topic(f"{self.dlq}-suppressions", 1)
         self.settings = {
             "gist_api_key": KEY,
             "gist_api_url": url,
             "kafka_topics": self.topic,
             "kafka_dlq_topic": self.dlq,
+            "kafka_suppression_topic": f"{self.dlq}-suppressions",
             "kafka_group_id": f"bench-{token}",
             "metrics_port": 0,
             "metrics_host": "127.0.0.1",

@@ -76,6 +76,7 @@ from destination.devtools.demo import metric_totals, stop_worker
 KEY = "bench-key"
 TOPIC = "segment-events"
 DLQ = "segment-dlq"
+SUPPRESSIONS = "segment-suppressions"
 P = "gist_destination_"
 LIMIT, WINDOW = 100, 10.0
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -166,6 +167,7 @@ def start_worker(
         "KAFKA_TOPICS": TOPIC,
         "KAFKA_GROUP_ID": "gist-destination-bench",
         "KAFKA_DLQ_TOPIC": DLQ,
+        "KAFKA_SUPPRESSION_TOPIC": SUPPRESSIONS,
         "METRICS_PORT": str(port),
         "LOG_FORMAT": "json",
         **extra,
@@ -311,7 +313,7 @@ async def drain(args: argparse.Namespace, workdir: Path) -> int:
     runs: list[Drained] = []
     with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
         bootstrap = broker.bootstrap_servers
-        await create_topics(bootstrap, [TOPIC, DLQ], args.partitions)
+        await create_topics(bootstrap, [TOPIC, DLQ, SUPPRESSIONS], args.partitions)
         count, size, contacts, events = await produce_backlog(bootstrap, args)
         # The variants take turns (baseline, HEAD, baseline, ...): this machine's speed
         # drifts over minutes, so only figures measured side by side compare.
@@ -446,7 +448,7 @@ async def at_real_limit(
     KiB."""
     with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
         bootstrap = broker.bootstrap_servers
-        await create_topics(bootstrap, [TOPIC, DLQ], args.partitions)
+        await create_topics(bootstrap, [TOPIC, DLQ, SUPPRESSIONS], args.partitions)
         count, *_ = await produce_backlog(bootstrap, args)
         async with sandbox(workdir, LIMIT, args.batch_delay) as (url, _):
             port = free_port()

@@ -49,6 +49,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "the Gist requests a sample of messages costs, against the budget",
         "destination.commands.plan",
     ),
+    "suppressions": (
+        "list the people a delete suppressed, or lift a suppression",
+        "destination.commands.suppressions",
+    ),
     "sandbox": ("serve a local stand-in for the Gist API", "destination.devtools.sandbox.command"),
     "produce": (
         "send a file of messages, or sample traffic, to a Kafka topic",

@@ -15,10 +15,11 @@ lane its requests take at the rate limiter when requests wait (``Priority``; the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from destination.gist._limiter import Priority
-from destination.gist._models import ContactPayload, EventPayload
+from destination.gist._models import Amount, ContactPayload, EventPayload
 
 
 def user_identity(user_id: str) -> str:
@@ -114,7 +115,97 @@ class TagChange:
         return _identities(self.user_id, self.email)
 
 
-Operation = ContactUpsert | EventTrack | ContactDelete | ContactAlias | TagChange
+@dataclass(frozen=True, slots=True)
+class SubscriptionChange:
+    """Subscribe (or unsubscribe) one contact to a Gist subscription type, by its name
+    (``POST /subscription_types/{id}``; the id is looked up by name once)."""
+
+    subscription_type: str
+    subscribed: bool
+    user_id: str | None = None
+    email: str | None = None
+    message_id: str | None = None
+    timestamp: float | None = None
+    priority: Priority = Priority.HIGH
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return _identities(self.user_id, self.email)
+
+
+@dataclass(frozen=True, slots=True)
+class CommerceItem:
+    """One product line of a Segment e-commerce event, as Gist's products and line items
+    need it. ``variant_id`` is None for a product without variants (its line item names
+    the product only)."""
+
+    product_id: str
+    title: str
+    variant_id: str | None = None
+    variant_title: str | None = None
+    price: Amount | None = None
+    """The unit price, as Segment sent it (never converted)."""
+    quantity: int = 1
+    sku: str | None = None
+    url: str | None = None
+    image_url: str | None = None
+    vendor: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return (self.product_id, self.variant_id)
+
+
+CommerceAction = Literal["order", "order_update", "cart", "cart_add", "cart_remove"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommerceWrite:
+    """One Segment e-commerce event in Gist's e-commerce store: an order created
+    (``order``: and the customer's cart cleared) or updated (``order_update``), or the
+    customer's cart set whole (``cart``) or changed by a line (``cart_add``,
+    ``cart_remove``). The customer, products and variants it names are created first
+    where the store may not have them."""
+
+    action: CommerceAction
+    user_id: str | None = None
+    email: str | None = None
+    items: tuple[CommerceItem, ...] = ()
+    order_id: str | None = None
+    currency: str | None = None
+    """None: the store's currency."""
+    fields: dict[str, Any] = field(default_factory=dict)
+    """The order's (or cart's) other fields as Gist names them: ``order_total``,
+    ``discount_total``, ``tax_total``, ``shipping_total``, ``financial_status``,
+    ``refund_amount``, ``processed_at``, ``cancelled_at``, ``checkout_url``, ..."""
+    customer: dict[str, Any] = field(default_factory=dict)
+    """The customer's names (``first_name``, ``last_name``), where the message has them."""
+    message_id: str | None = None
+    timestamp: float | None = None
+    priority: Priority = Priority.NORMAL
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return _identities(self.user_id, self.email)
+
+    @property
+    def customer_id(self) -> str:
+        """The Gist customer: the user's id, else the lower-cased e-mail."""
+        if self.user_id is not None:
+            return self.user_id
+        assert self.email is not None
+        return self.email.lower()
+
+
+Operation = (
+    ContactUpsert
+    | EventTrack
+    | ContactDelete
+    | ContactAlias
+    | TagChange
+    | SubscriptionChange
+    | CommerceWrite
+)
 
 
 @dataclass(frozen=True, slots=True)

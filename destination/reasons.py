@@ -15,7 +15,8 @@ table of reasons is checked against ``DEAD_LETTER`` and ``SKIP`` by a test.
                                batch_timeout, batch_failed, gist_unexpected_answer,
                                internal_error
     skipped                    integration_off, type_off, event_excluded, no_event_name,
-                               nothing_to_send, duplicate, unchanged
+                               nothing_to_send, duplicate, unchanged, no_consent,
+                               suppressed
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ BATCH_TIMEOUT: Final = "batch_timeout"
 BATCH_FAILED: Final = "batch_failed"
 GIST_UNEXPECTED_ANSWER: Final = "gist_unexpected_answer"
 INTERNAL_ERROR: Final = "internal_error"
+NO_CUSTOMER_EMAIL: Final = "no_customer_email"
 
 # --- skipped (deliberately not sent; never an error) -----------------------------------
 INTEGRATION_OFF: Final = "integration_off"
@@ -52,6 +54,9 @@ NO_EVENT_NAME: Final = "no_event_name"
 NOTHING_TO_SEND: Final = "nothing_to_send"
 DUPLICATE: Final = "duplicate"
 UNCHANGED: Final = "unchanged"
+NO_CONSENT: Final = "no_consent"
+SUPPRESSED: Final = "suppressed"
+CART_UNKNOWN: Final = "cart_unknown"
 
 RECORD: Final[dict[str, str]] = {
     EMPTY_VALUE: "the record has no value (or only white space)",
@@ -85,6 +90,9 @@ DELIVERY: Final[dict[str, str]] = {
     "describe (e.g. a batch import accepted without a batch_id)",
     INTERNAL_ERROR: "an unexpected error in the worker while delivering the message "
     "(a bug: the error log has the traceback)",
+    NO_CUSTOMER_EMAIL: "an e-commerce event for a user whose e-mail neither the message nor "
+    "the Gist contact gives (a Gist customer needs one): replay it once the user is "
+    "identified with an e-mail",
 }
 """Reasons delivery to Gist dead-letters a message."""
 
@@ -101,5 +109,14 @@ SKIP: Final[dict[str, str]] = {
     "replay); a copy of a message in flight ends as that message ends",
     UNCHANGED: "a contact update whose every field Gist already holds (as it last "
     "confirmed, within CONTACT_MEMORY_TTL)",
+    NO_CONSENT: "the message's consent preferences (context.consent.categoryPreferences) "
+    "deny a category the rules require (consent.required), or it has none and the rules "
+    "say to skip those",
+    SUPPRESSED: "the message is about a person deleted within SUPPRESS_DELETED_DAYS (a "
+    "delete suppresses every identity it carries)",
+    CART_UNKNOWN: "a Product Added / Removed for a customer whose Gist cart this worker does "
+    "not know for sure (after a start, a rebalance or a cart write that failed): the cart "
+    "is rebuilt from the next whole one (Cart Viewed, Checkout Started) or order, never "
+    "guessed; the plain event is still sent",
 }
 """Every reason a message is skipped, with what it means."""

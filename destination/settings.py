@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     kafka_topics: Annotated[list[str], NoDecode] = Field(default_factory=list)
     kafka_group_id: str = "gist-destination"
     kafka_dlq_topic: str = "gist-destination-dlq"
+    kafka_suppression_topic: str = Field(
+        "gist-destination-suppressions",
+        description="compacted topic of deleted people's identities (SUPPRESS_DELETED_DAYS)",
+    )
     kafka_dlq_max_bytes: int = Field(
         1024 * 1024, ge=1024, description="largest dead letter the producer sends"
     )
@@ -107,6 +111,9 @@ class Settings(BaseSettings):
         86_400.0, ge=0, description="seconds a delivered messageId is remembered; 0: off"
     )
     dedup_max_ids: int = Field(1_000_000, ge=1, description="ids remembered in this process")
+    suppress_deleted_days: float = Field(
+        30.0, ge=0, description="days a deleted person's messages are skipped; 0: off"
+    )
     contact_memory: bool = Field(True, description="leave out fields Gist already holds")
     contact_memory_ttl: float = Field(86_400.0, gt=0, description="seconds a value is trusted")
     contact_memory_max: int = Field(200_000, ge=1, description="contacts remembered here")
@@ -189,6 +196,13 @@ class Settings(BaseSettings):
             problems.append("GIST_API_KEY: required (or GIST_API_KEY_FILE)")
         if self.kafka_dlq_topic in self.kafka_topics:
             problems.append("KAFKA_DLQ_TOPIC: must not be one of KAFKA_TOPICS")
+        if self.suppress_deleted_days > 0 and self.kafka_suppression_topic in (
+            *self.kafka_topics,
+            self.kafka_dlq_topic,
+        ):
+            problems.append(
+                "KAFKA_SUPPRESSION_TOPIC: must be a topic of its own (not an input or the DLQ)"
+            )
         return problems
 
     def _kafka_sasl_problems(self) -> list[str]:

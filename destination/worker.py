@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Any
 
 import httpx
@@ -58,6 +58,8 @@ from destination.pipeline.inflight import Failure, Ledger, MessageWork
 from destination.pipeline.memory import ContactMemory, SharedContactMemory
 from destination.pipeline.outcome import Outcomes
 from destination.pipeline.read_ahead import Counts, ReadAhead
+from destination.pipeline.suppress import SuppressionLog, Suppressions
+from destination.pipeline.workspace import WorkspaceMismatch, prepare
 from destination.settings import Settings, redis_password
 
 log = structlog.get_logger(__name__)
@@ -183,6 +185,8 @@ class Worker:
             )
             self.outcomes.observers.append(self.dedup.ended)
             self.delivery.ids = self.dedup
+        self.suppressions = Suppressions(settings.suppress_deleted_days)
+        self.suppression_log: SuppressionLog | None = None
         self.health = HealthServer(
             settings.metrics_host, settings.metrics_port, self._not_ready, self._broken
         )
@@ -250,9 +254,14 @@ class Worker:
         )
         producer: Any = None
         consumer: Any = None
+        starting: list[asyncio.Future[Any]] = []
         try:
             if not await self._check_key():
                 return EXIT_CREDENTIALS if self._fatal else EXIT_OK
+            # What the rules name in the workspace is looked up while Kafka starts (a
+            # few critical requests, which may wait for the start's reserve).
+            workspace = asyncio.ensure_future(prepare(self.client, self.mapper.rules))
+            starting.append(workspace)
             security = kafka_security(settings)
             producer = self.kafka.producer(
                 bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -270,6 +279,37 @@ class Worker:
                 log.error(log_events.DLQ_TOPIC_INVALID, error=str(error))
                 print(f"gist-destination: {error}", file=sys.stderr)
                 return EXIT_CONFIG
+            if settings.suppress_deleted_days > 0:
+                try:
+                    checked = check_topic(
+                        producer,
+                        settings.kafka_suppression_topic,
+                        setting="KAFKA_SUPPRESSION_TOPIC",
+                    )
+                    if not await self._unless_stopped(checked):
+                        return EXIT_OK
+                except DeadLetterTopicError as error:
+                    log.error(log_events.SUPPRESSION_TOPIC_INVALID, error=str(error))
+                    print(f"gist-destination: {error}", file=sys.stderr)
+                    return EXIT_CONFIG
+                self.suppression_log = SuppressionLog(
+                    self.suppressions,
+                    settings.kafka_suppression_topic,
+                    producer,
+                    lambda: self.kafka.consumer(
+                        bootstrap_servers=settings.kafka_bootstrap_servers,
+                        client_id=settings.kafka_client_id,
+                        group_id=None,
+                        enable_auto_commit=False,
+                        auto_offset_reset="earliest",
+                        **security,
+                    ),
+                )
+                self.delivery.suppression_log = self.suppression_log
+                if not await self._unless_stopped(self.suppression_log.load()):
+                    return EXIT_OK
+                log.info(log_events.SUPPRESSIONS_LOADED, identities=len(self.suppressions))
+                self.suppression_log.follow()
             self._record_reader = self.kafka.record_reader(
                 settings.kafka_bootstrap_servers, client_id=settings.kafka_client_id, **security
             )
@@ -313,18 +353,34 @@ class Worker:
                 ),
                 on_share=limiter.set_share,
                 dedup=self.dedup,
+                suppressions=self.suppressions if settings.suppress_deleted_days > 0 else None,
             )
             self.stream.subscribe()
             # aiokafka's start waits for the group's first assignment, without end if the
             # broker went away meanwhile: a stop request must still end the worker.
             if not await self._unless_stopped(consumer.start()):
                 return EXIT_OK
+            try:
+                if not await self._unless_stopped(workspace):
+                    return EXIT_OK
+            except WorkspaceMismatch as error:
+                log.error(log_events.WORKSPACE_MISMATCH, error=str(error))
+                print(f"gist-destination: {error}", file=sys.stderr)
+                return EXIT_CONFIG
+            self.delivery.use(workspace.result())
             self.delivery.start()
             return await self._consume(self.stream)
         finally:
+            for task in starting:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                elif not task.cancelled():
+                    task.exception()  # retrieved: an early exit leaves none unread
             await self._close(consumer, producer)
 
-    async def _unless_stopped(self, step: Coroutine[Any, Any, Any]) -> bool:
+    async def _unless_stopped(self, step: Awaitable[Any]) -> bool:
         """Run a start-up step unless a stop is requested first (the step is then
         cancelled): True when the step finished."""
         task = asyncio.ensure_future(step)
@@ -516,6 +572,8 @@ class Worker:
     ) -> None:
         await self.delivery.close()
         await self.outcomes.close()
+        if self.suppression_log is not None:
+            await self.suppression_log.close()
         # Each Kafka client's stop is bounded: with the broker gone, aiokafka would wait
         # for a coordinator (consumer) or for pending sends (producer) without end. They
         # stop side by side.

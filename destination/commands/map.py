@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -31,6 +32,7 @@ from destination import reasons
 from destination.commands._input import record_values
 from destination.mapping import FIELD_DROPS, Mapper, RulesError, load_rules
 from destination.operations import (
+    CommerceWrite,
     ContactAlias,
     ContactDelete,
     ContactUpsert,
@@ -39,6 +41,7 @@ from destination.operations import (
     Operation,
     Rejected,
     Skipped,
+    SubscriptionChange,
     TagChange,
 )
 from destination.pipeline.decode import DecodeError, decode_record
@@ -166,6 +169,13 @@ def operation_json(operation: Operation) -> dict[str, Any]:
     elif isinstance(operation, ContactAlias):
         out = {"operation": "contact_alias", "request": "GET /contacts, POST /contacts",
                "previous_id": operation.previous_id, "user_id": operation.user_id}  # fmt: skip
+    elif isinstance(operation, SubscriptionChange):
+        out = {"operation": "subscribe" if operation.subscribed else "unsubscribe",
+               "request": "POST /subscription_types/{id}",
+               "subscription_type": operation.subscription_type,
+               "user_id": operation.user_id, "email": operation.email}  # fmt: skip
+    elif isinstance(operation, CommerceWrite):
+        out = _commerce(operation)
     else:
         tag: TagChange = operation
         out = {"operation": "untag" if tag.untag else "tag", "request": "POST /tags",
@@ -216,3 +226,35 @@ def _summary(op: dict[str, Any]) -> str:
     if kind == "contact_delete":
         return f"delete {op.get('user_id') or op.get('email')}"
     return f"alias {op.get('previous_id')} -> {op.get('user_id')}"
+
+
+_COMMERCE_REQUESTS: dict[str, str] = {
+    "order": "POST /ecommerce/stores/{id}/orders, DELETE .../customers/{id}/cart",
+    "order_update": "PATCH /ecommerce/stores/{id}/orders/{id}",
+    "cart": "POST /ecommerce/stores/{id}/customers/{id}/cart",
+    "cart_add": "POST /ecommerce/stores/{id}/customers/{id}/cart",
+    "cart_remove": "POST /ecommerce/stores/{id}/customers/{id}/cart",
+}
+
+
+def _commerce(write: CommerceWrite) -> dict[str, Any]:
+    """An e-commerce write as ``map`` shows it: what it writes; its customer and products
+    are created first where the store may not have them."""
+    out: dict[str, Any] = {
+        "operation": f"ecommerce_{write.action}",
+        "request": _COMMERCE_REQUESTS[write.action]
+        + " (after the customer and products, where the store may not have them)",
+        "customer_id": write.customer_id,
+    }
+    if write.order_id is not None:
+        out["order_id"] = write.order_id
+    if write.currency is not None:
+        out["currency_code"] = write.currency
+    if write.items:
+        out["line_items"] = [
+            {k: v for k, v in asdict(item).items() if v is not None} for item in write.items
+        ]
+    out.update(write.fields)
+    if write.customer:
+        out["customer"] = dict(write.customer)
+    return out

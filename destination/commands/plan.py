@@ -10,6 +10,9 @@ and skipping:
 - contact upserts merge per contact while they wait for a batch, and go ``GIST_BATCH_SIZE``
   to an import, which costs two requests (the import and a status poll);
 - tag changes go 50 contacts to a request;
+- an e-commerce write (``ecommerce`` rules) costs its order or cart request (an order two:
+  it also clears the cart), plus one for each customer, product and variant the sample
+  names for the first time (a worker that knows them sends nothing for them);
 - a message whose ``messageId`` came before in the sample is a duplicate: nothing;
   skipped and rejected messages cost nothing (a dead letter is not a request).
 
@@ -52,12 +55,14 @@ from destination.commands._kafka import kafka_failure, quiet_kafka_logs, started
 from destination.kafka_topics import MissingTopicError, check_topics
 from destination.mapping import Mapper, RulesError, load_rules
 from destination.operations import (
+    CommerceWrite,
     ContactAlias,
     ContactDelete,
     ContactUpsert,
     EventTrack,
     Mapped,
     Skipped,
+    SubscriptionChange,
     TagChange,
 )
 from destination.pipeline.decode import DecodeError, decode_record
@@ -131,6 +136,7 @@ def cost(
     batch: dict[str, list[str]] = {}  # contact -> the lines of the messages merged into it
     tags: dict[tuple[str, bool], list[str]] = defaultdict(list)
     times: list[float] = []
+    known: set[Any] = set()  # customers, products and variants written once
 
     def flush_batch() -> None:
         # One import of these contacts and one poll: shared by the messages in it.
@@ -185,8 +191,10 @@ def cost(
                     tags[(op.tag, op.untag)].append(key)
                 elif isinstance(op, ContactAlias):
                     line.requests += 2
-                elif isinstance(op, EventTrack | ContactDelete):
+                elif isinstance(op, EventTrack | ContactDelete | SubscriptionChange):
                     line.requests += 1
+                elif isinstance(op, CommerceWrite):
+                    line.requests += commerce_cost(op, known)
     flush_batch()
     for keys in tags.values():
         requests = math.ceil(len(keys) / TAGS_PER_REQUEST)
@@ -194,6 +202,22 @@ def cost(
             plan.lines[key].requests += requests / len(keys)
     timestamps.extend(times)
     return plan
+
+
+def commerce_cost(op: CommerceWrite, known: set[Any]) -> int:
+    """Requests of one e-commerce write: its own (an order two: the order and the cart
+    cleared), and one per customer, product or variant not ``known`` (then known)."""
+    requests = 2 if op.action == "order" else 1
+    needed: list[Any] = [("customer", op.customer_id)]
+    for item in op.items:
+        needed.append(("product", item.product_id))
+        if item.variant_id is not None:
+            needed.append(("variant", item.key))
+    for key in needed:
+        if key not in known:
+            known.add(key)
+            requests += 1
+    return requests
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,10 @@ when it first read it, from where it was read (``gist-dlq-source-*`` headers and
 place in an envelope: ``dedup.coordinates_id``). A dead letter written without its
 value (too large, or gone from Kafka) cannot be replayed: it is counted and left.
 
+Dead letters about people deleted within ``SUPPRESS_DELETED_DAYS`` (their user id or
+e-mail is in ``KAFKA_SUPPRESSION_TOPIC``, which must exist then) are refused: counted,
+never copied.
+
 Everything typed is checked before anything is read or written: both topics must exist
 (asked without creating them, ``destination.kafka_topics``), ``--reason`` must be a
 dead-letter reason of the catalogue (``destination.reasons``), ``--partition`` and the
@@ -49,6 +53,7 @@ from destination.commands._kafka import kafka_failure, quiet_kafka_logs, started
 from destination.kafka_topics import MissingTopicError, topic_partitions
 from destination.pipeline.dead_letter import HEADER_PREFIX
 from destination.pipeline.dedup import coordinates_id
+from destination.pipeline.suppress import SuppressionLog, Suppressions
 
 REPLAY_HEADER = "gist-replay"
 REPLAY_OF_HEADER = "gist-replay-of"
@@ -104,6 +109,7 @@ class Summary:
     copied: Counter[str] = field(default_factory=Counter)
     filtered: int = 0
     without_value: Counter[str] = field(default_factory=Counter)
+    suppressed: int = 0
 
     def lines(self, dry_run: bool) -> list[str]:
         verb = "would copy" if dry_run else "copied"
@@ -116,6 +122,10 @@ class Summary:
         if self.without_value:
             kinds = ", ".join(f"{n} {why}" for why, n in self.without_value.most_common())
             out.append(f"cannot be replayed (written without their value): {kinds}")
+        if self.suppressed:
+            out.append(
+                f"refused: {self.suppressed} about people deleted within SUPPRESS_DELETED_DAYS"
+            )
         return out
 
 
@@ -190,6 +200,11 @@ def run(args: argparse.Namespace) -> int:
     from destination.kafka_security import kafka_security
 
     quiet_kafka_logs()
+    suppressions = (
+        (settings.kafka_suppression_topic, Suppressions(settings.suppress_deleted_days))
+        if settings.suppress_deleted_days > 0
+        else None
+    )
     try:
         summary = asyncio.run(
             replay(
@@ -199,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
                 args.target,
                 wanted,
                 args.dry_run,
+                suppressions=suppressions,
             )
         )
     except MissingTopicError as error:
@@ -220,8 +236,11 @@ async def replay(
     wanted: Filter,
     dry_run: bool,
     progress: Any = None,
+    suppressions: tuple[str, Suppressions] | None = None,
 ) -> Summary:
-    """Copy the dead letters of ``source`` that ``wanted`` keeps to ``target``."""
+    """Copy the dead letters of ``source`` that ``wanted`` keeps to ``target``, but those
+    about people deleted within the suppression period (``suppressions``: the topic and
+    the store to load it into)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
     progress = progress if progress is not None else sys.stderr.isatty()
@@ -236,7 +255,19 @@ async def replay(
         started(AIOKafkaConsumer(bootstrap_servers=bootstrap, **reader, **security)) as consumer,
     ):
         # Before anything names a topic to Kafka: naming a missing one may create it.
-        await topic_partitions(producer.client, {source: "--from", target: "--to"})
+        named = {source: "--from", target: "--to"}
+        if suppressions is not None:
+            named[suppressions[0]] = "KAFKA_SUPPRESSION_TOPIC"
+        await topic_partitions(producer.client, named)
+        refused: Suppressions | None = None
+        if suppressions is not None:
+            topic, refused = suppressions
+            await SuppressionLog(
+                refused,
+                topic,
+                producer,
+                lambda: AIOKafkaConsumer(bootstrap_servers=bootstrap, **reader, **security),
+            ).load()
         partitions = await producer.partitions_for(source)
         tps = [TopicPartition(source, p) for p in sorted(partitions)]
         consumer.assign(tps)
@@ -261,7 +292,9 @@ async def replay(
             for records in batch.values():
                 for record in records:
                     summary.read += 1
-                    pending += _copy(record, source, target, wanted, summary, dry_run, producer)
+                    pending += _copy(
+                        record, source, target, wanted, summary, dry_run, producer, refused
+                    )
             if len(pending) >= 500:
                 await asyncio.gather(*pending)
                 pending = []
@@ -288,8 +321,10 @@ def _copy(
     summary: Summary,
     dry_run: bool,
     producer: Any,
+    refused: Suppressions | None = None,
 ) -> list[Any]:
-    """The sends for one dead letter (none when filtered out or not replayable)."""
+    """The sends for one dead letter (none when filtered out, not replayable, or about a
+    deleted person)."""
     headers = [(k, bytes(v)) for k, v in (record.headers or ())]
     why = {
         k[len(HEADER_PREFIX) :]: v.decode(errors="replace")
@@ -304,6 +339,9 @@ def _copy(
     if omitted is not None:
         summary.without_value[omitted] += 1
         return []
+    if refused is not None and refused.suppressed(message_identities(record.value)):
+        summary.suppressed += 1
+        return []
     summary.copied[reason] += 1
     if dry_run:
         return []
@@ -316,6 +354,28 @@ def _copy(
             producer.send_and_wait(target, value=value, key=record.key, headers=kept)
         )
     ]
+
+
+def message_identities(value: bytes | None) -> list[str]:
+    """The Gist identities a dead letter's message names (``u:<userId>``, ``e:<email>``
+    from its traits, context traits and properties), as the shipped rules read them."""
+    try:
+        body = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(body, dict):
+        return []
+    out = []
+    user_id = body.get("userId")
+    if isinstance(user_id, str | int) and not isinstance(user_id, bool):
+        out.append(f"u:{user_id}")
+    context = body.get("context")
+    context_traits = context.get("traits") if isinstance(context, dict) else None
+    for holder in (body.get("traits"), context_traits, body.get("properties")):
+        email = holder.get("email") if isinstance(holder, dict) else None
+        if isinstance(email, str) and email.strip():
+            out.append(f"e:{email.strip().lower()}")
+    return out
 
 
 def with_message_id(value: bytes | None, why: dict[str, str]) -> bytes | None:

@@ -28,11 +28,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from destination.devtools.broker import BrokerUnavailable, EmbeddedBroker, create_topics, free_port
 from destination.devtools.children import die_with_parent
 from destination.devtools.produce import produce
-from destination.devtools.sample import sample_stream
+from destination.devtools.sample import DEMO_RULES, sample_stream
 from destination.devtools.sandbox import DEFAULT_API_KEY, SandboxConfig, running_sandbox
 
 TOPIC = "segment-events"
 DLQ = "segment-events-dlq"
+SUPPRESSIONS = "segment-events-suppressions"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +84,7 @@ def _say(text: str) -> None:
 async def _demo(args: argparse.Namespace, broker: EmbeddedBroker) -> int:
     bootstrap = broker.bootstrap_servers
     _say(f"1/4 embedded Kafka-protocol broker (Tansu) on {bootstrap}")
-    await create_topics(bootstrap, [TOPIC, DLQ], partitions=3)
+    await create_topics(bootstrap, [TOPIC, DLQ, SUPPRESSIONS], partitions=3)
     config = SandboxConfig(rate_limit=args.rate_limit, batch_delay=args.batch_delay)
     async with running_sandbox(config, port=free_port()) as sandbox:
         _say(f"2/4 Gist sandbox on {sandbox.url} (limit {args.rate_limit} requests / 10 s)")
@@ -120,10 +121,14 @@ def _start_worker(
         "KAFKA_TOPICS": TOPIC,
         "KAFKA_GROUP_ID": "gist-destination-demo",
         "KAFKA_DLQ_TOPIC": DLQ,
+        "KAFKA_SUPPRESSION_TOPIC": SUPPRESSIONS,
         "METRICS_PORT": str(metrics_port),
         "GIST_BATCH_POLL_INTERVAL": "0.5",
         "LOG_FORMAT": "json",
     }
+    rules = args.workdir / "demo-rules.yaml"
+    rules.write_text(DEMO_RULES, encoding="utf-8")
+    env["MAPPING_CONFIG"] = str(rules)
     with (args.workdir / "worker.log").open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "destination", "run"],
@@ -221,6 +226,27 @@ async def _summary(gist_url: str, bootstrap: str, metrics_url: str, workdir: Pat
         "  audience properties: "
         + (", ".join(f"{k}: {n}" for k, n in sorted(audiences.items())) or "none")
     )
+    for shop in state.get("ecommerce", {}).get("stores", []):
+        carts = [c for c in shop["customers"] if c.get("cart")]
+        _say(
+            f"  e-commerce store {shop.get('name')!r}: {len(shop['customers'])} customers, "
+            f"{len(shop['products'])} products, {len(carts)} carts, "
+            f"{len(shop['orders'])} orders"
+        )
+        if shop["orders"]:
+            order = shop["orders"][0]
+            _say(
+                f"  e.g. order {order.get('order_id')}: {order.get('order_total')} "
+                f"{order.get('currency_code')}, {len(order.get('line_items') or [])} lines, "
+                f"{order.get('financial_status')}"
+            )
+        if carts:
+            cart = carts[0]["cart"]
+            _say(
+                f"  e.g. cart of {carts[0].get('customer_id')}: "
+                f"{len(cart.get('line_items') or [])} lines, {cart.get('order_total')} "
+                f"{cart.get('currency_code')}"
+            )
     sample = next((c for c in contacts if c.get("custom_properties")), None)
     if sample is not None:
         props = sample["custom_properties"]

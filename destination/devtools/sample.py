@@ -2,9 +2,11 @@
 
 A realistic little stream: identifies for new users (with the traits the default rules
 map), tracks right after them, returning users' trait updates, Engage audience entries
-and exits (as identifies and as ``Audience Entered`` / ``Exited`` tracks), and a few
-records a real stream also carries: a value that is not JSON, an identify without any
-identity, a message of an unknown type. Deterministic for a given seed.
+and exits (as identifies and as ``Audience Entered`` / ``Exited`` tracks), shoppers as
+Segment's E-commerce Spec sends them (products added to a cart and the cart viewed, or
+an order completed: ``DEMO_RULES`` names a store for them), and a few records a real
+stream also carries: a value that is not JSON, an identify without any identity, a
+message of an unknown type. Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 PLANS = ("free", "starter", "pro", "enterprise")
-EVENTS = ("Signed Up", "Product Viewed", "Order Completed", "Checkout Started", "Plan.Upgraded")
+EVENTS = ("Signed Up", "Product Viewed", "Feature Used", "Invite Sent", "Plan.Upgraded")
+PRODUCTS: tuple[dict[str, Any], ...] = (
+    {"product_id": "sku-tee", "name": "Demo Tee", "variant": "M", "sku": "TEE-M", "price": 19.9},
+    {"product_id": "sku-mug", "name": "Demo Mug", "price": 8.5, "brand": "Acme"},
+)
+DEMO_RULES = """\
+# The demo's rules: the shipped defaults, and an e-commerce store for its shoppers.
+ecommerce:
+  store: {name: Demo Shop, domain: shop.demo.test, currency: EUR}
+"""
 AUDIENCES = ("vip_buyers", "churn_risk", "trial_power_users")
 
 
@@ -65,6 +76,8 @@ def sample_stream(users: int = 50, seed: int = 7) -> list[SampleRecord]:
                 "context": {"traits": {"email": email}},
             },
         )
+        if n % 4 in (1, 2):
+            _shop(emit, user, email, n % 4 == 2, rng)
         if n % 3 == 0:
             emit(
                 user,
@@ -117,3 +130,33 @@ def sample_stream(users: int = 50, seed: int = 7) -> list[SampleRecord]:
         )
     )
     return out
+
+
+def _shop(emit: Any, user: str, email: str, orders: bool, rng: random.Random) -> None:
+    """A shopper: two products into the cart, then the cart viewed, or an order."""
+    context = {"traits": {"email": email}}
+    lines: list[dict[str, Any]] = [
+        {**product, "quantity": rng.randint(1, 3)} for product in PRODUCTS
+    ]
+    for line in lines:
+        emit(
+            user,
+            {
+                "type": "track",
+                "userId": user,
+                "event": "Product Added",
+                "properties": {"cart_id": f"cart-{user}", **line},
+                "context": context,
+            },
+        )
+    if not orders:
+        emit(user, {"type": "track", "userId": user, "event": "Cart Viewed",
+                    "properties": {"cart_id": f"cart-{user}", "products": lines},
+                    "context": context})  # fmt: skip
+        return
+    total = round(sum(line["price"] * line["quantity"] for line in lines), 2)
+    emit(user, {"type": "track", "userId": user, "event": "Order Completed",
+                "properties": {"order_id": f"order-{user}", "total": round(total + 4.9, 2),
+                               "revenue": total, "shipping": 4.9, "currency": "EUR",
+                               "products": lines},
+                "context": context})  # fmt: skip

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import orjson
@@ -40,11 +41,23 @@ from destination.gist._models import (
     BatchAccepted,
     BatchContactError,
     BatchStatus,
+    CartPayload,
     ContactPayload,
     ContactRef,
+    CustomerPayload,
+    CustomerUpdate,
+    EcommerceStore,
     EventPayload,
     JSONValue,
+    OrderPayload,
+    OrderUpdate,
+    ProductPayload,
+    ProductUpdate,
+    StorePayload,
+    SubscriptionType,
     TokenInfo,
+    VariantPayload,
+    VariantUpdate,
 )
 from destination.gist._retry import RetryPolicy
 from destination.observability import log_events, metrics
@@ -333,6 +346,300 @@ class GistClient:
             dispatch=dispatch,
         )
         return _object(body.get("tag"))
+
+    # --- e-commerce and subscription types ---------------------------------------------
+    # A create answered 2xx succeeded whatever its body (sending it again would be a
+    # 422 "already exists"); an update or delete answered 404 returns None / False: the
+    # record (or its store) is not in Gist. Any other 404 is a PermanentError, status 404.
+
+    async def list_stores(
+        self, *, priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None
+    ) -> list[EcommerceStore]:
+        """The workspace's e-commerce stores (``GET /ecommerce/stores``, one request)."""
+        body = await self._request(
+            "GET",
+            "/ecommerce/stores",
+            "GET /ecommerce/stores",
+            parse=_json_object,
+            priority=priority,
+            dispatch=dispatch,
+        )
+        stores = body.get("ecommerce_stores")
+        if not isinstance(stores, list):
+            raise UnexpectedAnswerError(
+                "Gist listed the e-commerce stores without an ecommerce_stores list",
+                status=200,
+                method="GET",
+                endpoint="GET /ecommerce/stores",
+            )
+        return [_ecommerce_store(raw) for raw in stores if isinstance(raw, dict)]
+
+    async def find_store(
+        self, domain: str, *, priority: Priority = Priority.NORMAL,
+        dispatch: Dispatch | None = None,
+    ) -> EcommerceStore | None:
+        """The workspace's e-commerce store of ``domain`` (compared without scheme,
+        ``www.``, case or trailing ``/``), None when there is none. Gist has no look-up
+        by domain: one ``GET /ecommerce/stores`` lists them all."""
+        wanted = _domain_key(domain)
+        for store in await self.list_stores(priority=priority, dispatch=dispatch):
+            if _domain_key(store.domain) == wanted:
+                return store
+        return None
+
+    async def create_store(
+        self, store: StorePayload, *, priority: Priority = Priority.NORMAL,
+        dispatch: Dispatch | None = None,
+    ) -> EcommerceStore:
+        """``POST /ecommerce/stores``. A domain the workspace has already is a
+        ``PermanentError`` (422): ``find_store`` finds that store, also when the answer
+        to a create was lost and its retry was refused."""
+
+        def created(raw: bytes) -> EcommerceStore:
+            answer = _json_object(raw).get("ecommerce_store")
+            if not isinstance(answer, dict) or answer.get("store_id") in (None, ""):
+                raise UnexpectedAnswerError(
+                    "Gist created a store without saying its store_id",
+                    status=200,
+                    body_excerpt=raw.decode(errors="replace"),
+                )
+            return _ecommerce_store(answer)
+
+        return await self._request(
+            "POST",
+            "/ecommerce/stores",
+            "POST /ecommerce/stores",
+            content=_encode(store),
+            parse=created,
+            priority=priority,
+            dispatch=dispatch,
+        )
+
+    async def create_customer(
+        self, store_id: str | int, customer: CustomerPayload, *,
+        priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None,
+    ) -> dict[str, JSONValue]:
+        """``POST /ecommerce/stores/{store_id}/customers``: adds the customer, and adds
+        or updates the contact of its ``email_address``; returns the stored customer."""
+        return await self._ecommerce_create(
+            f"{_store_path(store_id)}/customers",
+            "POST /ecommerce/stores/{id}/customers", customer, "ecommerce_customer",
+            priority=priority, dispatch=dispatch,
+        )
+
+    async def update_customer(
+        self, store_id: str | int, customer_id: str, customer: CustomerUpdate, *,
+        priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None,
+    ) -> dict[str, JSONValue] | None:
+        """``PATCH .../customers/{customer_id}``; None when Gist has no such customer."""
+        return await self._ecommerce_update(
+            f"{_store_path(store_id)}/customers/{_segment(customer_id)}",
+            "PATCH /ecommerce/stores/{id}/customers/{id}", customer, "ecommerce_customer",
+            priority=priority, dispatch=dispatch,
+        )
+
+    async def create_product(
+        self, store_id: str | int, product: ProductPayload, *,
+        priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None,
+    ) -> dict[str, JSONValue]:
+        """``POST /ecommerce/stores/{store_id}/products``; returns the stored product."""
+        return await self._ecommerce_create(
+            f"{_store_path(store_id)}/products",
+            "POST /ecommerce/stores/{id}/products", product, "ecommerce_product",
+            priority=priority, dispatch=dispatch,
+        )
+
+    async def update_product(
+        self, store_id: str | int, product_id: str, product: ProductUpdate, *,
+        priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None,
+    ) -> dict[str, JSONValue] | None:
+        """``PATCH .../products/{product_id}``; None when Gist has no such product."""
+        return await self._ecommerce_update(
+            f"{_store_path(store_id)}/products/{_segment(product_id)}",
+            "PATCH /ecommerce/stores/{id}/products/{id}", product, "ecommerce_product",
+            priority=priority, dispatch=dispatch,
+        )
+
+    async def create_variant(
+        self, store_id: str | int, product_id: str, variant: VariantPayload, *,
+        priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None,
+    ) -> dict[str, JSONValue]:
+        """``POST .../products/{product_id}/variants``; returns the stored variant."""
+        return await self._ecommerce_create(
+            f"{_store_path(store_id)}/products/{_segment(product_id)}/variants",
+            "POST /ecommerce/stores/{id}/products/{id}/variants", variant,
+            "ecommerce_product_variant", priority=priority, dispatch=dispatch,
+        )
+
+    async def update_variant(
+        self, store_id: str | int, product_id: str, variant_id: str, variant: VariantUpdate,
+        *, priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None,
+    ) -> dict[str, JSONValue] | None:
+        """``PATCH .../products/{product_id}/variants/{variant_id}``; None when Gist has
+        no such product or variant."""
+        path = (
+            f"{_store_path(store_id)}/products/{_segment(product_id)}"
+            f"/variants/{_segment(variant_id)}"
+        )
+        return await self._ecommerce_update(
+            path, "PATCH /ecommerce/stores/{id}/products/{id}/variants/{id}",
+            variant, "ecommerce_product_variant", priority=priority, dispatch=dispatch,
+        )
+
+    async def upsert_cart(
+        self, store_id: str | int, customer_id: str, cart: CartPayload, *,
+        priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None,
+    ) -> dict[str, JSONValue]:
+        """``POST .../customers/{customer_id}/cart``: the customer's whole cart, replacing
+        the one it had; returns the stored cart. An unknown customer is a
+        ``PermanentError`` with status 404 (create the customer first)."""
+        return await self._ecommerce_create(
+            f"{_store_path(store_id)}/customers/{_segment(customer_id)}/cart",
+            "POST /ecommerce/stores/{id}/customers/{id}/cart", cart, "ecommerce_cart",
+            priority=priority, dispatch=dispatch,
+        )
+
+    async def delete_cart(
+        self, store_id: str | int, customer_id: str, *,
+        priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None,
+    ) -> bool:
+        """``DELETE .../customers/{customer_id}/cart``; False when there was no cart (or
+        no such customer): already gone."""
+        found = await self._request(
+            "DELETE",
+            f"{_store_path(store_id)}/customers/{_segment(customer_id)}/cart",
+            "DELETE /ecommerce/stores/{id}/customers/{id}/cart",
+            missing_ok=True,
+            parse=_done,
+            priority=priority,
+            dispatch=dispatch,
+        )
+        return found is not None
+
+    async def create_order(
+        self, store_id: str | int, order: OrderPayload, *,
+        priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None,
+    ) -> dict[str, JSONValue]:
+        """``POST /ecommerce/stores/{store_id}/orders``: Gist adds ``order_total`` to the
+        contact's lifetime value; returns the stored order. An unknown customer,
+        product or variant is a ``PermanentError`` with status 404."""
+        return await self._ecommerce_create(
+            f"{_store_path(store_id)}/orders",
+            "POST /ecommerce/stores/{id}/orders", order, "ecommerce_order",
+            priority=priority, dispatch=dispatch,
+        )
+
+    async def update_order(
+        self, store_id: str | int, order_id: str, order: OrderUpdate, *,
+        priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None,
+    ) -> dict[str, JSONValue] | None:
+        """``PATCH .../orders/{order_id}`` (a payment, a refund with ``refund_amount``,
+        a cancellation with ``cancelled_at``, ...); None when Gist has no such order."""
+        return await self._ecommerce_update(
+            f"{_store_path(store_id)}/orders/{_segment(order_id)}",
+            "PATCH /ecommerce/stores/{id}/orders/{id}", order, "ecommerce_order",
+            priority=priority, dispatch=dispatch,
+        )
+
+    async def list_subscription_types(
+        self, *, priority: Priority = Priority.NORMAL, dispatch: Dispatch | None = None
+    ) -> list[SubscriptionType]:
+        """Every subscription type of the workspace (``GET /subscription_types``, one
+        request per page, following ``pages.next``)."""
+        found: list[SubscriptionType] = []
+        page = 1
+        for _ in range(MAX_PAGES):
+            body = await self._request(
+                "GET",
+                "/subscription_types",
+                "GET /subscription_types",
+                params={"page": str(page)},
+                parse=_json_object,
+                priority=priority,
+                dispatch=dispatch,
+            )
+            entries = body.get("subscription_types")
+            if not isinstance(entries, list):
+                raise UnexpectedAnswerError(
+                    "Gist listed subscription types without a subscription_types list",
+                    status=200,
+                    method="GET",
+                    endpoint="GET /subscription_types",
+                )
+            found.extend(_subscription_type(raw) for raw in entries)
+            following = _next_page(body.get("pages"))
+            if following is None or following <= page or not entries:
+                break
+            page = following
+        return found
+
+    async def set_subscription(
+        self,
+        subscription_type_id: int | str,
+        *,
+        subscribed: bool,
+        user_id: str | None = None,
+        email: str | None = None,
+        contact_id: str | None = None,
+        priority: Priority = Priority.NORMAL,
+        dispatch: Dispatch | None = None,
+    ) -> dict[str, JSONValue] | None:
+        """``POST /subscription_types/{id}``: subscribe (``subscribed=True``) or
+        unsubscribe the contact Gist finds by ``user_id``, then ``email``, then
+        ``contact_id``; returns the contact ({} when the answer does not say), None when
+        Gist has no such contact (or type: ``list_subscription_types`` tells which exist).
+        Gist does not create the contact."""
+        if user_id is None and email is None and contact_id is None:
+            raise ValueError("a subscription names the contact by user_id, email or contact_id")
+        payload: dict[str, JSONValue] = {"subscribed_status": subscribed}
+        for key, value in (("user_id", user_id), ("email", email), ("contact_id", contact_id)):
+            if value is not None:
+                payload[key] = value
+        body = await self._request(
+            "POST",
+            f"/subscription_types/{_segment(str(subscription_type_id))}",
+            "POST /subscription_types/{id}",
+            content=_encode(payload),
+            missing_ok=True,
+            parse=_maybe_object,
+            priority=priority,
+            dispatch=dispatch,
+        )
+        return None if body is None else _object(body.get("contact"))
+
+    async def _ecommerce_create(
+        self, path: str, endpoint: str, payload: Mapping[str, Any], key: str, *,
+        priority: Priority, dispatch: Dispatch | None,
+    ) -> dict[str, JSONValue]:
+        """One e-commerce ``POST``: the record under ``key`` in the answer ({} when the
+        answer does not say: a 2xx is success)."""
+        body = await self._request(
+            "POST",
+            path,
+            endpoint,
+            content=_encode(payload),
+            parse=_maybe_object,
+            priority=priority,
+            dispatch=dispatch,
+        )
+        return _object(body.get(key))
+
+    async def _ecommerce_update(
+        self, path: str, endpoint: str, payload: Mapping[str, Any], key: str, *,
+        priority: Priority, dispatch: Dispatch | None,
+    ) -> dict[str, JSONValue] | None:
+        """One e-commerce ``PATCH``: as ``_ecommerce_create``, None for a 404."""
+        body = await self._request(
+            "PATCH",
+            path,
+            endpoint,
+            content=_encode(payload),
+            missing_ok=True,
+            parse=_maybe_object,
+            priority=priority,
+            dispatch=dispatch,
+        )
+        return None if body is None else _object(body.get(key))
 
     # --- transport --------------------------------------------------------------------
     async def _request(
@@ -642,3 +949,73 @@ def _batch_error(raw: Any) -> BatchContactError:
         email=email_value if isinstance(email_value, str) else None,
         user_id=None if user_id is None else str(user_id),
     )
+
+
+# --- e-commerce and subscription types --------------------------------------------------
+
+MAX_PAGES = 100
+"""A list followed page by page stops here: an answer whose ``next`` never ends must not
+spend the workspace's budget."""
+
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+
+def _segment(value: str) -> str:
+    """One path segment: an id as text, every reserved character escaped."""
+    return quote(value, safe="")
+
+
+def _store_path(store_id: str | int) -> str:
+    return f"/ecommerce/stores/{_segment(str(store_id))}"
+
+
+def _domain_key(domain: str) -> str:
+    """A store's domain as compared: no scheme, no ``www.``, no trailing ``/``, lower case
+    (``https://www.Example.com/`` is ``example.com``)."""
+    key = _SCHEME.sub("", domain.strip().lower()).rstrip("/")
+    return key.removeprefix("www.")
+
+
+def _ecommerce_store(raw: dict[str, Any]) -> EcommerceStore:
+    return EcommerceStore(
+        store_id=str(raw.get("store_id", "")),
+        domain=str(raw.get("domain", "")),
+        name=_opt_str(raw.get("name")),
+        currency_code=_opt_str(raw.get("currency_code")),
+        status=_opt_str(raw.get("status")),
+        raw=raw,
+    )
+
+
+def _subscription_type(raw: Any) -> SubscriptionType:
+    type_id = raw.get("id") if isinstance(raw, dict) else None
+    if isinstance(type_id, str) and type_id.isdigit():
+        type_id = int(type_id)
+    if not isinstance(type_id, int) or isinstance(type_id, bool):
+        raise UnexpectedAnswerError(
+            "Gist listed a subscription type without an integer id",
+            status=200,
+            body_excerpt=str(raw),
+            method="GET",
+            endpoint="GET /subscription_types",
+        )
+    assert isinstance(raw, dict)
+    count, order = raw.get("people_count"), raw.get("display_order")
+    return SubscriptionType(
+        id=type_id,
+        name=str(raw.get("name", "")),
+        description=_opt_str(raw.get("description")),
+        status=_opt_str(raw.get("status")),
+        people_count=count if isinstance(count, int) and not isinstance(count, bool) else None,
+        display_order=order if isinstance(order, int) and not isinstance(order, bool) else None,
+    )
+
+
+def _next_page(pages: Any) -> int | None:
+    """The page number of ``pages.next`` (a URL, as the reference's lists give it)."""
+    if not isinstance(pages, dict) or not isinstance(pages.get("next"), str):
+        return None
+    values = parse_qs(urlsplit(pages["next"]).query).get("page")
+    if not values or not values[0].isdigit():
+        return None
+    return int(values[0])

@@ -11,6 +11,7 @@ Each field left out of a message that is sent (why: ``FIELD_DROPS``) is counted 
 line, key path, what was expected) and ``OSError`` when the file cannot be read.
 """
 
+from destination.mapping._commerce import line_total, minor_unit
 from destination.mapping._loading import (
     RulesError,
     RulesProblem,
@@ -31,6 +32,8 @@ __all__ = [
     "RulesError",
     "RulesProblem",
     "default_rules_path",
+    "line_total",
     "load_rules",
+    "minor_unit",
     "parse_rules",
 ]

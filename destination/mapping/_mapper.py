@@ -15,6 +15,7 @@ from typing import Any, Final, cast
 from destination.gist._limiter import Priority
 from destination.gist._models import ContactPayload, EventPayload
 from destination.mapping import _reasons as reasons
+from destination.mapping._commerce import CommerceMapper, is_commerce
 from destination.mapping._schema import CONTACT_FIELDS, EventTag, Rules, TraitTag
 from destination.mapping._syntax import (
     MISSING,
@@ -57,6 +58,7 @@ from destination.operations import (
     Operation,
     Rejected,
     Skipped,
+    SubscriptionChange,
     TagChange,
 )
 
@@ -256,6 +258,39 @@ def count_dropped(message_type: str, field: str, reason: str) -> None:
     metrics.child(metrics.FIELDS_DROPPED, message_type, reason).inc()
 
 
+CONSENT_EVENT: Final = event_key("Segment Consent Preference Updated")
+"""The track Segment's consent management sends when a person changes their preferences."""
+
+
+class _Consent:
+    """``consent`` rules, compiled: category names compared case-insensitively."""
+
+    def __init__(self, rules: Any) -> None:
+        self.required = frozenset(c.lower() for c in rules.required)
+        self.skip_without = rules.without_consent_data == "skip"
+        self.email = rules.email.lower() if rules.email else None
+        self.subscriptions = tuple(
+            (name, category.lower()) for name, category in rules.subscription_types.items()
+        )
+        self.effects = self.email is not None or bool(self.subscriptions)
+
+    @staticmethod
+    def preferences(message: dict[str, Any]) -> dict[str, bool] | None:
+        """The message's consent preferences by lower-cased category (None: it has none)."""
+        context = message.get("context")
+        consent = context.get("consent") if isinstance(context, dict) else None
+        prefs = consent.get("categoryPreferences") if isinstance(consent, dict) else None
+        if not isinstance(prefs, dict):
+            return None
+        return {str(k).lower(): v for k, v in prefs.items() if isinstance(v, bool)}
+
+    def denied(self, prefs: dict[str, bool] | None) -> bool:
+        """Whether the message may not go to Gist."""
+        if prefs is None:
+            return bool(self.required) and self.skip_without
+        return any(prefs.get(category) is False for category in self.required)
+
+
 class Mapper:
     """Maps Segment-spec messages to Gist operations according to ``rules``; each field
     left out of a message that is sent is told to ``on_dropped``."""
@@ -267,6 +302,18 @@ class Mapper:
         """What mapping the current message left out (emptied per message)."""
         self._integration = rules.integration
         self._on_invalid_drop = rules.invalid_fields == "drop"
+        self._consent = _Consent(rules.consent)
+        self._consent_priority = _priority(rules.priorities.consent)
+        self._commerce = (
+            CommerceMapper(
+                _priority(rules.priorities.orders),
+                _priority(rules.priorities.carts),
+                self._invalid,
+            )
+            if rules.ecommerce.enabled
+            else None
+        )
+        self._commerce_events = rules.ecommerce.send_events
         self._user_ids = tuple(_source((p,)) for p in rules.identity.user_id)
         self._emails = tuple(_source((p,)) for p in rules.identity.email)
         self._good_emails: set[str] = set()
@@ -427,13 +474,73 @@ class Mapper:
             switches = message.get("integrations")
             if isinstance(switches, dict) and self._switched_off(switches):
                 return Skipped(kind, reasons.INTEGRATION_OFF)
-            return handler(message, kind)
+            consent = self._consent
+            prefs = consent.preferences(message)
+            if kind != "delete" and consent.denied(prefs):  # a deletion always goes
+                return Skipped(kind, reasons.NO_CONSENT)
+            result = handler(message, kind)
+            if prefs and consent.effects and type(result) is Mapped:
+                result = self._consent_changes(message, kind, prefs, result)
+            return result
         except _Reject as rejection:
             return Rejected(kind, rejection.reason, rejection.detail)
         except InvalidField as invalid:
             return Rejected(kind, reasons.INVALID_FIELD, invalid.detail)
         except Exception as exc:  # the promise is "never raises": say so instead
             return Rejected(kind, reasons.MAPPING_ERROR, f"{type(exc).__name__} while mapping")
+
+    def _consent_changes(
+        self, message: dict[str, Any], kind: str, prefs: dict[str, bool], result: Mapped
+    ) -> Mapped:
+        """An identify, or the track Segment's consent management sends when preferences
+        change: the e-mail consent becomes ``unsubscribed_from_emails`` and the rules'
+        subscription types are set as their categories say."""
+        if kind == "track":
+            name = message.get("event")
+            if not isinstance(name, str) or event_key(name) != CONSENT_EVENT:
+                return result
+        elif kind != "identify":
+            return result
+        consent = self._consent
+        user_id, email = self._identity(message)
+        if user_id is None and email is None:
+            return result
+        message_id, timestamp = self._stamp(message)
+        operations = list(result.operations)
+        changes = [
+            SubscriptionChange(
+                name, subscribed, user_id, email, message_id, timestamp, self._consent_priority
+            )
+            for name, category in consent.subscriptions
+            if (subscribed := prefs.get(category)) is not None
+        ]
+        unsubscribed: bool | None = None
+        if consent.email is not None and consent.email in prefs:
+            unsubscribed = not prefs[consent.email]
+        if unsubscribed is None and not changes:
+            return result
+        upserts = [op for op in operations if isinstance(op, ContactUpsert)]
+        if upserts:
+            if unsubscribed is not None:
+                cast(dict[str, Any], upserts[0].contact)["unsubscribed_from_emails"] = unsubscribed
+        else:
+            # Gist (un)subscribes only a contact it has: the upsert makes sure of it (and
+            # costs nothing when contact memory knows the contact).
+            contact: dict[str, Any] = {}
+            if unsubscribed is not None:
+                contact["unsubscribed_from_emails"] = unsubscribed
+            if user_id is not None:
+                contact["user_id"] = user_id
+            if email is not None:
+                contact["email"] = email
+            operations.insert(
+                0,
+                ContactUpsert(
+                    cast(ContactPayload, contact), message_id, timestamp, self._consent_priority
+                ),
+            )
+        operations.extend(changes)
+        return Mapped(result.message_type, tuple(operations))
 
     def _switched_off(self, switches: dict[str, Any]) -> bool:
         # Segment's rule: the destination's own switch wins, else "All", else on.
@@ -719,6 +826,12 @@ class Mapper:
                 if not self._engage_events:
                     event_name = None  # the property is what Gist needs, not the event
 
+        commerce = None
+        if self._commerce is not None and is_commerce(key):
+            commerce = self._commerce.write(key, message, properties, user_id, email, stamp)
+            if commerce is not None and not self._commerce_events:
+                event_name = None  # the e-commerce record is what Gist needs
+
         if event_name is not None:
             event: dict[str, Any] = {"event_name": event_name}
             if user_id is not None:
@@ -731,6 +844,8 @@ class Mapper:
             if stamp[1] is not None:
                 event["occurred_at"] = int(stamp[1])
             ops.append(EventTrack(cast(EventPayload, event), *stamp, priority))
+        if commerce is not None:
+            ops.append(commerce)
         if tag_rules:
             ops.extend(
                 TagChange(tag, user_id, email, untag, *stamp, priority)

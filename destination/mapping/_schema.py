@@ -510,6 +510,80 @@ class Priorities(_Section):
     types: TypePriorities = TypePriorities()
     events: EventPriorities = {}
     audiences: PriorityName = "high"
+    consent: PriorityName = "high"
+    """E-mail consent and subscription-type changes (``consent``)."""
+    orders: PriorityName = "normal"
+    """E-commerce orders and their updates, with the customers and products they need."""
+    carts: PriorityName = "low"
+    """E-commerce carts, with the customers and products they need."""
+
+
+class Consent(_Section):
+    """Segment's consent categories (``context.consent.categoryPreferences``), as
+    Segment's consent management applies them to a destination."""
+
+    required: tuple[Annotated[str, AfterValidator(_check_non_empty)], ...] = ()
+    """Categories Gist needs: a message that sets any of them to false is skipped
+    (``no_consent``), never sent (a delete is never skipped)."""
+    without_consent_data: Literal["send", "skip"] = "send"
+    """A message with no consent preferences: sent (as Segment does), or skipped."""
+    email: Annotated[str, AfterValidator(_check_non_empty)] | None = None
+    """The category whose preference is the contact's e-mail consent: false sets
+    ``unsubscribed_from_emails``, true clears it."""
+    subscription_types: dict[str, str] = {}
+    """Gist subscription type (by name) -> the category whose preference subscribes the
+    contact to it (true) or unsubscribes it (false)."""
+
+
+def _check_currency(text: str) -> str:
+    if not re.fullmatch(r"[A-Z]{3}", text):
+        raise ValueError("a currency is an ISO 4217 code: three capital letters (USD)")
+    return text
+
+
+NonEmpty = Annotated[str, AfterValidator(_check_non_empty), WithJsonSchema(_NON_EMPTY_SCHEMA)]
+Currency = Annotated[
+    str,
+    AfterValidator(_check_currency),
+    WithJsonSchema({"type": "string", "pattern": "^[A-Z]{3}$"}),
+]
+
+
+def _id_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Store(_Section):
+    """An e-commerce store the worker creates at its first start, and finds again by
+    ``domain`` at every later one (by any replica)."""
+
+    name: NonEmpty
+    domain: NonEmpty
+    currency: Currency
+    """The store's currency: the default of an order or cart without ``currency``."""
+    abandon_cart_hours: Annotated[float, Field(gt=0)] = 1.0
+    """After how many hours Gist calls a cart abandoned."""
+
+
+class Ecommerce(_Section):
+    """Segment's E-commerce Spec (v2) to Gist's e-commerce API (customers, products and
+    variants, carts, orders): off until a store is named, by ``store_id`` or ``store``."""
+
+    store_id: Annotated[NonEmpty | None, BeforeValidator(_id_text)] = None
+    """An existing store of the workspace (start-up fails if it has no such store)."""
+    store: Store | None = None
+    send_events: bool = True
+    """Each e-commerce track is also sent as its plain event."""
+
+    @model_validator(mode="after")
+    def _one_store(self) -> Ecommerce:
+        if self.store_id is not None and self.store is not None:
+            raise ValueError("name the store by store_id or by store, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.store_id is not None or self.store is not None
 
 
 class Rules(_Section):
@@ -531,6 +605,8 @@ class Rules(_Section):
     group: Group = Group()
     alias: Switch = Switch()
     delete: Switch = Switch()
+    consent: Consent = Consent()
+    ecommerce: Ecommerce = Ecommerce()
     priorities: Priorities = Priorities()
 
     def summary(self) -> str:

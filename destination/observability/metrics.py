@@ -103,6 +103,11 @@ DELIVERY_DELAY = Histogram(
 )
 
 # --- spending the budget only on changes ---------------------------------------------
+SUPPRESSED_IDENTITIES = Gauge(
+    _P + "suppressed_identities",
+    "Identities (user ids, e-mails) of people deleted within SUPPRESS_DELETED_DAYS, as this "
+    "worker knows them: their messages are skipped (suppressed).",
+)
 DUPLICATES = Counter(
     _P + "duplicates",
     "Messages skipped because their messageId was delivered within DEDUP_WINDOW.",
@@ -119,6 +124,19 @@ REQUESTS_FOR_MESSAGES = Counter(
     "Gist requests made, shared among the messages they were for, by message type (a batch "
     "import or poll: 1/contacts each): over messages_delivered_total, requests per message.",
     ["type"],
+)
+COMMERCE_WRITES = Counter(
+    _P + "commerce_writes",
+    "E-commerce writes (orders, carts) by action (order, order_update, cart, cart_add, "
+    "cart_remove) and outcome: written, unchanged, cart_unknown (a line for a cart not "
+    "known for sure: skipped until the next whole cart).",
+    ["action", "outcome"],
+)
+COMMERCE_REQUESTS = Counter(
+    _P + "commerce_requests",
+    "Gist requests made for e-commerce writes (customers, products, variants, orders, "
+    "carts), by the write's action: over commerce_writes_total, requests per write.",
+    ["action"],
 )
 TIME_TO_DRAIN = Gauge(
     _P + "time_to_drain_seconds",

@@ -40,9 +40,10 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
+from destination import reasons
 from destination.mapping import Mapper
 from destination.observability import log_events, metrics
-from destination.operations import Mapped, Rejected, Skipped
+from destination.operations import ContactDelete, Mapped, Rejected, Skipped
 from destination.pipeline.decode import DecodeError, decode_record, decoded_size
 from destination.pipeline.dedup import Dedup, coordinates_id
 from destination.pipeline.deliver import Delivery
@@ -57,6 +58,7 @@ from destination.pipeline.inflight import (
     TopicPartition,
 )
 from destination.pipeline.outcome import Outcomes
+from destination.pipeline.suppress import Suppressions
 from destination.pipeline.waiting import wait_event
 
 log = structlog.get_logger(__name__)
@@ -243,6 +245,7 @@ class StreamConsumer:
         clock: Any = time.monotonic,
         on_share: Callable[[int, int], None] = lambda owned, total: None,
         dedup: Dedup | None = None,
+        suppressions: Suppressions | None = None,
     ) -> None:
         """``on_share(owned, total)`` is told this worker's share of the partitions after
         every change (the rate limiter takes as much of the budget)."""
@@ -256,6 +259,7 @@ class StreamConsumer:
         self._clock = clock
         self._on_share = on_share
         self.dedup = dedup
+        self.suppressions = suppressions
         self._stopping = False
         self._globally_full = False
         self._blocked = False  # some intake waits for room
@@ -386,6 +390,8 @@ class StreamConsumer:
             message = ledger.open_message(record, at, kind, timestamp, kept, message_id)
             if last:
                 ledger.seal(record)
+            if isinstance(result, Mapped) and self.suppressions is not None:
+                result = self._suppression(result)
             if isinstance(result, Rejected):
                 outcomes.dead_letter(message, Failure(result.reason, result.detail))
             elif isinstance(result, Skipped):
@@ -404,6 +410,20 @@ class StreamConsumer:
             else:  # delivery has it: it ends there
                 metrics.INTERNAL_ERRORS.labels("intake").inc()
                 log.error(log_events.INTERNAL_ERROR, where="intake", exc_info=exc)
+
+    def _suppression(self, result: Mapped) -> Mapped | Skipped:
+        """A delete suppresses the identities it carries from now on (the messages after
+        it are opened after it); a message for a suppressed identity is skipped."""
+        suppressions = self.suppressions
+        assert suppressions is not None
+        deletes = [op for op in result.operations if isinstance(op, ContactDelete)]
+        if deletes:
+            for delete in deletes:
+                suppressions.suppress(delete.identities)
+            return result
+        if suppressions.suppressed(i for op in result.operations for i in op.identities):
+            return Skipped(result.message_type, reasons.SUPPRESSED)
+        return result
 
     def _open_unknown(
         self, record: RecordWork, index: int | None, body: Any, seal: bool = True

@@ -269,21 +269,23 @@ class DeadLetterWriter:
         log.warning(log_events.DEAD_LETTER_TRUNCATED, how=how, **message.where())
 
 
-async def check_topic(producer: Any, topic: str, within: float = 30.0) -> int:
-    """The dead-letter topic's partition count; ``DeadLetterTopicError`` naming
-    ``KAFKA_DLQ_TOPIC`` when the topic is not there (or this client may not Describe it)
-    or Kafka does not say within ``within`` seconds. Asked of all topics, never of this
-    one by name, which would create it where the broker auto-creates topics
-    (``destination.kafka_topics``)."""
+async def check_topic(
+    producer: Any, topic: str, within: float = 30.0, setting: str = "KAFKA_DLQ_TOPIC"
+) -> int:
+    """The partition count of a topic the worker writes to (the dead letters', or the
+    one ``setting`` names); ``DeadLetterTopicError`` naming the setting when the topic is
+    not there (or this client may not Describe it) or Kafka does not say within
+    ``within`` seconds. Asked of all topics, never of this one by name, which would create
+    it where the broker auto-creates topics (``destination.kafka_topics``)."""
     try:
         counts = await asyncio.wait_for(
-            topic_partitions(producer.client, {topic: "KAFKA_DLQ_TOPIC"}), within
+            topic_partitions(producer.client, {topic: setting}), within
         )
     except MissingTopicError as error:
         raise DeadLetterTopicError(str(error)) from None
     except (KafkaError, TimeoutError) as error:
         raise DeadLetterTopicError(
-            f"KAFKA_DLQ_TOPIC: could not check that topic {topic!r} exists: Kafka did not "
+            f"{setting}: could not check that topic {topic!r} exists: Kafka did not "
             f"list its topics within {within:g} s ({type(error).__name__})"
         ) from None
     return counts[topic]

@@ -4,7 +4,8 @@
 step whose turn has come to its lane, and is the one place where a step's outcome is
 recorded. The lanes (``lanes/``) do the sending:
 
-- ``RequestLane``: one request per operation (events, deletes, aliases);
+- ``RequestLane``: one request per operation (events, deletes, aliases, subscription
+  changes), and e-commerce writes (``CommerceWriter``: customer, products, order or cart);
 - ``TagLane``: tag changes, many contacts per ``POST /tags``;
 - ``ContactImports``: contact upserts, merged, batched into asynchronous imports and
   polled (``BatchPolls``) until Gist says how each contact fared.
@@ -44,9 +45,12 @@ import structlog
 from destination.gist import CredentialsError, GistClient
 from destination.observability import log_events, metrics
 from destination.operations import (
+    CommerceWrite,
+    ContactDelete,
     ContactUpsert,
     EventTrack,
     Operation,
+    SubscriptionChange,
     TagChange,
 )
 from destination.pipeline.contacts import ContactStep
@@ -58,12 +62,14 @@ from destination.pipeline.lanes.base import (
     Result,
     log_internal,
 )
+from destination.pipeline.lanes.commerce import CommerceWriter
 from destination.pipeline.lanes.imports import ContactImports
 from destination.pipeline.lanes.requests import RequestLane
 from destination.pipeline.lanes.tags import TagLane
 from destination.pipeline.memory import ContactMemory
 from destination.pipeline.ordering import IdentityGate, Step
 from destination.pipeline.outcome import Outcomes, internal_failure
+from destination.pipeline.workspace import Workspace
 
 __all__ = ["Delivery", "DeliverySettings", "DirectStep"]
 
@@ -88,10 +94,18 @@ class Delivery:
         self.outcomes = outcomes
         self.memory = memory
         self.ids: Any = None
+        self.suppression_log: Any = None
+        """``SuppressionLog``: a delete's identities are recorded before it goes."""
         self._on_fatal = on_fatal
         self.gate = IdentityGate()
         self._open: dict[Step, None] = {}  # admitted and not over
-        self.requests = RequestLane(client, self, settings.max_concurrent_requests)
+        self.requests = RequestLane(
+            client,
+            self,
+            settings.max_concurrent_requests,
+            before_delete=self._record_deletion,
+            memory=memory,
+        )
         self.tags = TagLane(
             client,
             self,
@@ -108,6 +122,18 @@ class Delivery:
         """Set when a part of delivery stopped on a bug: the worker reports unhealthy."""
 
     # --- lifecycle --------------------------------------------------------------------
+    def use(self, workspace: Workspace) -> None:
+        """What the rules name in the workspace (found at start-up): subscription type
+        ids, and the e-commerce store (writes go to it)."""
+        self.requests.subscription_types = dict(workspace.subscription_types)
+        if workspace.store is not None:
+            memory = self.memory
+            self.requests.commerce = CommerceWriter(
+                self.client,
+                workspace.store,
+                contact_written=memory.invalidate if memory is not None else None,
+            )
+
     def start(self) -> None:
         self._loops = self.imports.run()
         for loop in self._loops:
@@ -190,9 +216,16 @@ class Delivery:
             return
         assert isinstance(step, DirectStep)
         operation = step.operation
-        if not isinstance(operation, EventTrack) and self.memory is not None:
-            # A delete, alias or tag change: what Gist holds of the contact changes.
+        if self.memory is not None and not isinstance(
+            operation, EventTrack | SubscriptionChange | CommerceWrite
+        ):
+            # A delete, alias or tag change: what Gist holds of the contact changes. (A
+            # subscription is remembered as it is confirmed; a customer write forgets the
+            # contact itself.)
             self.memory.invalidate(step.identities, step.partition)
+        commerce = self.requests.commerce
+        if commerce is not None and isinstance(operation, ContactDelete):
+            commerce.forget(step.identities)
         if isinstance(operation, TagChange):
             self.tags.start(step)
         else:
@@ -245,6 +278,10 @@ class Delivery:
             # Sent, and not confirmed: Gist may hold it, or not. Not sure means send.
             memory.invalidate(step.identities, step.partition)
         step.note = None
+
+    async def _record_deletion(self, identities: tuple[str, ...]) -> None:
+        if self.suppression_log is not None:
+            await self.suppression_log.record(identities)
 
     def parked(self, step: Step, accepted: bool) -> None:
         if not isinstance(step, ContactStep):
@@ -314,6 +351,8 @@ class Delivery:
         Gist confirmed is in Redis, and contact memory's records of the partitions are
         handed over (``leaving``: they are gone; else a rebalance decides)."""
         works = set(partitions)
+        if leaving and self.requests.commerce is not None:
+            self.requests.commerce.revoke(works)
         memory = self.memory
         if memory is not None:
             if leaving:

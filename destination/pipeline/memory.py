@@ -219,6 +219,8 @@ class ContactMemory:
             return payload, Note(keys, partition, None, pairs.tobytes()), 0
         # A value hash names its field too (it hashes the field's hash with the value):
         # what Gist holds is the values both have.
+        if not pairs:  # its identity only, of a contact Gist confirmed: nothing to send
+            return None, Note(keys, partition, base, b""), 0
         record_values = array("q")
         record_values.frombytes(base[_HEADER.size + 8 * len(keys) :])
         held_values = set(pairs[1::2]).intersection(record_values[1::2])

@@ -183,6 +183,7 @@ def worker_env(
         "KAFKA_TOPICS": topic,
         "KAFKA_GROUP_ID": group,
         "KAFKA_DLQ_TOPIC": dlq,
+        "KAFKA_SUPPRESSION_TOPIC": suppressions_of(dlq),
         "GIST_BATCH_WAIT": "0.2",
         "GIST_BATCH_POLL_INTERVAL": "0.1",
         "GIST_BATCH_POLL_MAX_INTERVAL": "0.5",
@@ -197,6 +198,16 @@ def worker_env(
 
 async def make_topics(bootstrap: str, *names: str, partitions: int = 1) -> None:
     await create_topics(bootstrap, names, partitions)
+
+
+def suppressions_of(dlq: str) -> str:
+    """The suppression topic a test's worker uses beside its dead-letter topic."""
+    return f"{dlq}-suppressions"
+
+
+async def make_worker_topics(bootstrap: str, dlq: str) -> None:
+    """The topics a worker writes to: its dead letters' and its suppressions'."""
+    await create_topics(bootstrap, [dlq, suppressions_of(dlq)], 1)
 
 
 async def list_topics(bootstrap: str) -> set[str]:

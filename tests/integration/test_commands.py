@@ -22,8 +22,10 @@ from tests.integration.harness import (
     committed_offsets,
     list_topics,
     make_topics,
+    make_worker_topics,
     produce,
     read_topic,
+    suppressions_of,
     unique,
     wait_for,
     worker_env,
@@ -151,7 +153,8 @@ async def test_replay_sends_fixed_dead_letters_once(
     sandbox = SandboxProcess(tmp_path, "--batch-delay", "0.1")
     await sandbox.ready()
     topic, dlq, group = unique("segment"), unique("dlq"), unique("group")
-    await make_topics(kafka_bootstrap, topic, dlq, partitions=1)
+    await make_topics(kafka_bootstrap, topic, partitions=1)
+    await make_worker_topics(kafka_bootstrap, dlq)
     bad_rules = tmp_path / "bad.yaml"  # the user id read from a field no message has
     bad_rules.write_text("version: 1\nidentity:\n  user_id: properties.uid\n  email: []\n")
     messages = [track(f"u{i}", i) for i in range(5)]
@@ -176,7 +179,10 @@ async def test_replay_sends_fixed_dead_letters_once(
 
     worker = WorkerProcess(tmp_path, env, name="fixed")  # the rules fixed
     try:
-        base = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+        base = {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "KAFKA_SUPPRESSION_TOPIC": suppressions_of(dlq),
+        }
         dry = await asyncio.to_thread(
             command, "replay", "--from", dlq, "--to", topic, "--dry-run", **base
         )
@@ -272,3 +278,58 @@ async def test_produce_uses_the_workers_kafka_settings_and_checks_the_topic(
 
 async def _committed(bootstrap: str, group: str, topic: str, offset: int) -> bool:
     return (await committed_offsets(bootstrap, group, topic, 1)) == {0: offset}
+
+
+async def test_replay_refuses_deleted_people_until_the_suppression_is_lifted(
+    kafka_bootstrap: str,
+) -> None:
+    """A dead letter about a person a delete suppressed is refused by replay; ``suppressions
+    list`` finds the person by id (the topic names no one), ``lift`` lifts it, and the next
+    replay copies the letter."""
+    from aiokafka import AIOKafkaProducer
+
+    from destination.pipeline.suppress import Suppressions, identity_key
+
+    topic, dlq = unique("segment"), unique("dlq")
+    await make_topics(kafka_bootstrap, topic, partitions=1)
+    await make_worker_topics(kafka_bootstrap, dlq)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        letter = {"type": "identify", "userId": "u-del", "traits": {"email": "gone@example.com"}}
+        headers = [("gist-dlq-reason", b"retries_exhausted"), ("gist-dlq-time", b"1800000000")]
+        await producer.send_and_wait(dlq, orjson.dumps(letter), key=b"u-del", headers=headers)
+        (key, value), _ = Suppressions(30).suppress(["u:u-del", "e:gone@example.com"])
+        await producer.send_and_wait(suppressions_of(dlq), value, key=key)
+    finally:
+        await producer.stop()
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "KAFKA_SUPPRESSION_TOPIC": suppressions_of(dlq)}  # fmt: skip
+
+    refused = await asyncio.to_thread(command, "replay", "--from", dlq, "--to", topic, **env)
+    assert refused.returncode == 0, refused.stderr
+    assert b"copied 0" in refused.stdout
+    assert b"refused: 1 about people deleted" in refused.stdout
+
+    listed = await asyncio.to_thread(command, "suppressions", "list", "--json", **env)
+    assert listed.returncode == 0, listed.stderr
+    rows = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["key"] for r in rows] == [identity_key("u:u-del").decode()]
+    assert b"u-del" not in listed.stdout  # the list names no one...
+    found = await asyncio.to_thread(
+        command, "suppressions", "list", "--user-id", "u-del", "--json", **env
+    )
+    assert orjson.loads(found.stdout)["identity"] == "u-del"  # ...unless asked about one
+
+    lifted = await asyncio.to_thread(
+        command, "suppressions", "lift", "--user-id", "u-del", **env
+    )
+    assert lifted.returncode == 0, lifted.stderr
+    copied = await asyncio.to_thread(command, "replay", "--from", dlq, "--to", topic, **env)
+    assert copied.returncode == 0, copied.stderr
+    assert b"copied 1" in copied.stdout
+    missing = await asyncio.to_thread(
+        command, "suppressions", "list", **{**env, "KAFKA_SUPPRESSION_TOPIC": "nope-x"}
+    )
+    assert missing.returncode == 2
+    assert b"KAFKA_SUPPRESSION_TOPIC: no topic 'nope-x'" in missing.stderr

@@ -43,7 +43,10 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path: Path) -> None:
     assert f"sent {expected} sample Segment messages" in out
     assert f"consumed {expected}/{expected}" in out
     assert "contacts: 8 (8 users)" in out
-    assert "events:   8:" in out
+    # One event per user, and the shoppers' (users 1, 2, 5, 6): two Product Added each,
+    # then a Cart Viewed (1, 5) or an Order Completed (2, 6).
+    assert "events:   20:" in out
+    assert "e-commerce store 'Demo Shop': 4 customers, 2 products, 2 carts, 2 orders" in out
     # user 0 enters vip_buyers then exits it; user 4 enters churn_risk
     assert "churn_risk=true: 1" in out
     assert "vip_buyers=false: 1" in out

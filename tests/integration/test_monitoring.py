@@ -33,6 +33,7 @@ from tests.integration.harness import (
     WorkerProcess,
     committed_offsets,
     make_topics,
+    make_worker_topics,
     produce,
     unique,
     wait_for,
@@ -196,7 +197,8 @@ async def delivered_stream(
     bootstrap: str, sandbox: SandboxProcess, tmp_path: Path, messages: list[Any]
 ) -> AsyncIterator[Delivered]:
     topic, dlq, group = unique("monitoring"), unique("monitoring-dlq"), unique("group")
-    await make_topics(bootstrap, topic, dlq, partitions=1)
+    await make_topics(bootstrap, topic, partitions=1)
+    await make_worker_topics(bootstrap, dlq)
     await produce(bootstrap, topic, messages)
     worker = WorkerProcess(tmp_path, worker_env(bootstrap, sandbox.url, topic, group, dlq))
     try:

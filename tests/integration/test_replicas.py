@@ -17,6 +17,7 @@ from tests.integration.harness import (
     SandboxProcess,
     WorkerProcess,
     make_topics,
+    make_worker_topics,
     produce,
     unique,
     worker_env,
@@ -74,7 +75,7 @@ async def run_replicas(
 ) -> tuple[list[dict[str, Any]], list[WorkerProcess]]:
     topic, dlq, group = unique("segment"), unique("dlq"), unique("group")
     await make_topics(bootstrap, topic, partitions=6)
-    await make_topics(bootstrap, dlq, partitions=1)
+    await make_worker_topics(bootstrap, dlq)
     await produce(bootstrap, topic, events(1500))  # far more than the budget allows
     more = {
         "GIST_RATE_LIMIT": str(LIMIT),

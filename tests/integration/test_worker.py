@@ -24,6 +24,7 @@ from tests.integration.harness import (
     forms_of_the_address,
     list_topics,
     make_topics,
+    make_worker_topics,
     produce,
     read_topic,
     unique,
@@ -54,7 +55,7 @@ class Stream:
 
     async def create(self) -> Stream:
         await make_topics(self.bootstrap, self.topic, partitions=self.partitions)
-        await make_topics(self.bootstrap, self.dlq, partitions=1)
+        await make_worker_topics(self.bootstrap, self.dlq)
         return self
 
     def env(self, sandbox_process: SandboxProcess, **more: str) -> dict[str, str]:

@@ -234,6 +234,7 @@ class Group:
             **DEFAULTS,
             "kafka_topics": topic,
             "kafka_dlq_topic": dlq,
+            "kafka_suppression_topic": f"{dlq}-suppressions",
             "kafka_group_id": self.group_id,
             **settings,
         }
@@ -318,6 +319,7 @@ def make_broker(topic: str, dlq: str, partitions: int = 3) -> LocalBroker:
     broker = LocalBroker(max_message_bytes=8 * 1024 * 1024)
     broker.create_topic(topic, partitions)
     broker.create_topic(dlq, 1)
+    broker.create_topic(f"{dlq}-suppressions", 1)
     return broker
 
 

@@ -528,3 +528,62 @@ async def test_a_stop_with_a_backlog_ends_within_the_shutdown_timeout() -> None:
     for partition, offset in committed.items():
         assert all((partition, o) in ended_offsets for o in range(offset))
     assert sum(committed.values()) < 41
+
+
+class DeletingGist(ModelGist):
+    """ModelGist that deletes contacts (DELETE /contacts?user_id=)."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "DELETE" and request.url.path == "/contacts":
+            user = request.url.params.get("user_id") or request.url.params.get("email")
+            if self.contacts.pop(str(user), None) is None:
+                return httpx.Response(404, json={"errors": [{"code": "not_found"}]})
+            return httpx.Response(200, json={})
+        return super().__call__(request)
+
+
+async def test_a_deleted_person_stays_deleted_through_late_messages_restarts_and_replays() -> None:
+    """Regression: a delete removed the contact, and the next replay, group reset or late
+    message created it again. Now every identity the delete carried is suppressed for
+    SUPPRESS_DELETED_DAYS, in a compacted topic every worker reads at start: later
+    messages are skipped (suppressed), also by a new worker reading the topic from the
+    start; the topic holds hashes, not the identities."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = DeletingGist(__import__("random").Random(8))
+    group = Group(broker, topic, dlq, gist)
+    person = "Secret.Person@example.com"
+    await produce(broker, topic, [
+        (b"u1", identify("u1", plan="pro")),
+        (b"u1", {"type": "delete", "userId": "u1", "messageId": uuid.uuid4().hex,
+                 "context": {"traits": {"email": person}}}),
+        (b"u1", identify("u1", plan="late")),
+        (b"u1", track("u1", "Came Back")),
+    ], partition=0)  # fmt: skip
+    await group.start_worker()
+    await group.until_committed()
+    assert "u1" not in gist.contacts
+    assert gist.events == []
+    reasons_seen = [r for seen in group.ends.log.values() for _, _, r in seen]
+    assert reasons_seen.count("suppressed") == 2
+    await group.stop_all()
+    # A message by e-mail only, on the other partition, after a restart: suppressed too.
+    by_email = {"type": "identify", "messageId": uuid.uuid4().hex, "traits": {"email": person}}
+    await produce(broker, topic, [(b"e", by_email)], partition=1)
+    await group.start_worker()
+    await group.until_committed()
+    await group.stop_all()
+    assert person.lower() not in gist.contacts
+    # The whole topic read again by a new group (a reset): nothing comes back.
+    again = Group(broker, topic, dlq, gist)
+    again.group_id = f"reset-{topic}"
+    again.settings["kafka_group_id"] = again.group_id
+    await again.start_worker()
+    await again.until_committed()
+    await again.stop_all()
+    assert "u1" not in gist.contacts
+    suppressions = broker.records(f"{dlq}-suppressions", 0)
+    assert len({r.key for r in suppressions}) == 2  # the user id and the e-mail
+    raw = b"".join((r.key or b"") + (r.value or b"") for r in suppressions)
+    assert b"u1" not in raw.replace(b'"u"', b"")
+    assert b"example.com" not in raw.lower()

@@ -98,6 +98,14 @@ def test_an_upsert_of_nothing_new_is_not_sent() -> None:
     }
 
 
+def test_an_upsert_of_a_known_contacts_identity_alone_is_not_sent() -> None:
+    """Consent's subscriptions add an identity-only upsert (Gist subscribes only a
+    contact it has): for a contact Gist confirmed, it sends nothing."""
+    memory = remembered({"user_id": "u1", "custom_properties": {"vip": True}})
+    assert strip(memory, {"user_id": "u1"}) is None
+    assert strip(ContactMemory(3600, 100), {"user_id": "u1"}) == {"user_id": "u1"}
+
+
 def test_a_contact_never_confirmed_is_sent_whole() -> None:
     memory = ContactMemory(3600.0, 100)
     payload = {"user_id": "u1", "custom_properties": {"plan": "pro"}}

@@ -24,15 +24,20 @@ import orjson
 from aiohttp import web
 
 from destination.devtools.sandbox._config import SandboxConfig
+from destination.devtools.sandbox._ecommerce import EcommerceStore
 from destination.devtools.sandbox._ratelimit import SlidingWindow, retry_after_header
 from destination.devtools.sandbox._store import JSON, ApiError, Batch, Contact, Store, bad_request
+from destination.devtools.sandbox._subscriptions import check_subscription_type
 
 log = logging.getLogger(__name__)
 
 CONTROL_PREFIX: Final = "/_sandbox/"
 _BATCH_CHUNK: Final = 500
 _SERVER_ERRORS: Final = (500, 502, 503)
-_SCOPE: Final = "read_contact write_contact read_event write_event read_tag write_tag"
+_SCOPE: Final = (
+    "read_contact write_contact read_event write_event read_tag write_tag "
+    "read_subscription_type write_subscription_type read_ecommerce write_ecommerce"
+)
 _JSON_CT: Final = "application/json"
 _TOKEN_INFO: Final = "/token/info"
 _NOT_JSON: Final = b"<html><body>oops</body></html>"
@@ -382,6 +387,202 @@ async def _token_info(request: web.Request) -> web.Response:
     )
 
 
+# -- subscription types -------------------------------------------------------------------
+
+
+def _page_args(request: web.Request) -> tuple[int, int]:
+    try:
+        page = max(1, int(request.query.get("page", "1")))
+        per_page = min(60, max(1, int(request.query.get("per_page", "50"))))
+    except ValueError:
+        raise bad_request("page and per_page must be integers") from None
+    return page, per_page
+
+
+async def _list_subscription_types(request: web.Request) -> web.Response:
+    """A paginated list, ``pages`` as the reference's lists have it: ``first``, ``last``,
+    and ``prev`` / ``next`` when there is such a page (no ``next``: the last page)."""
+    rt = request.app[RUNTIME]
+    page, per_page = _page_args(request)
+    types = list(rt.store.subscription_types.values())
+    chunk = types[(page - 1) * per_page : page * per_page]
+    last = max(1, -(-len(types) // per_page))
+
+    def url(n: int) -> str:
+        return f"{request.scheme}://{request.host}/subscription_types?page={n}&per_page={per_page}"
+
+    pages = {"first": url(1), "last": url(last)}
+    if page > 1:
+        pages["prev"] = url(min(page - 1, last))
+    if page < last:
+        pages["next"] = url(page + 1)
+    return json_response({"subscription_types": [t.to_json() for t in chunk], "pages": pages})
+
+
+async def _get_subscription_type(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    subscription_type = rt.store.subscription_type(request.match_info["type_id"])
+    return json_response({"subscription_type": subscription_type.to_json()})
+
+
+async def _set_subscription(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    type_id = request.match_info["type_id"]
+    rt.store.subscription_type(type_id)  # the path before the body
+    contact = rt.store.set_subscription(type_id, await _json_object(request))
+    return json_response({"contact": rt.store.contact_json(contact)})
+
+
+# -- e-commerce ------------------------------------------------------------------------------
+
+
+async def _create_store(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    shop = commerce.create_store(await _json_body(request))
+    return json_response({"ecommerce_store": shop.to_json()})
+
+
+async def _list_stores(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    return json_response({"ecommerce_stores": [s.to_json() for s in commerce.stores.values()]})
+
+
+async def _get_store(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    return json_response(
+        {"ecommerce_store": commerce.store(request.match_info["store_id"]).to_json()}
+    )
+
+
+async def _update_store(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    store_id = request.match_info["store_id"]
+    commerce.store(store_id)
+    shop = commerce.update_store(store_id, await _json_body(request))
+    return json_response({"ecommerce_store": shop.to_json()})
+
+
+def _shop(request: web.Request) -> EcommerceStore:
+    return request.app[RUNTIME].store.ecommerce.store(request.match_info["store_id"])
+
+
+async def _create_customer(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    shop = _shop(request)
+    customer = commerce.create_customer(shop, await _json_body(request))
+    return json_response({"ecommerce_customer": customer.to_json()})
+
+
+async def _get_customer(request: web.Request) -> web.Response:
+    customer = _shop(request).customer(request.match_info["customer_id"])
+    return json_response({"ecommerce_customer": customer.to_json()})
+
+
+async def _update_customer(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    shop = _shop(request)
+    customer_id = request.match_info["customer_id"]
+    shop.customer(customer_id)
+    customer = commerce.update_customer(shop, customer_id, await _json_body(request))
+    return json_response({"ecommerce_customer": customer.to_json()})
+
+
+async def _put_cart(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    shop = _shop(request)
+    customer_id = request.match_info["customer_id"]
+    shop.customer(customer_id)
+    customer = commerce.put_cart(shop, customer_id, await _json_body(request))
+    return json_response({"ecommerce_cart": customer.cart_json()})
+
+
+async def _delete_cart(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    cart = commerce.delete_cart(_shop(request), request.match_info["customer_id"])
+    return json_response({"ecommerce_cart": cart})
+
+
+async def _create_category(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    category = commerce.create_category(_shop(request), await _json_body(request))
+    return json_response({"ecommerce_category": category.to_json()})
+
+
+async def _get_category(request: web.Request) -> web.Response:
+    category = _shop(request).category(request.match_info["category_id"])
+    return json_response({"ecommerce_category": category.to_json()})
+
+
+async def _update_category(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    shop = _shop(request)
+    category_id = request.match_info["category_id"]
+    shop.category(category_id)
+    category = commerce.update_category(shop, category_id, await _json_body(request))
+    return json_response({"ecommerce_category": category.to_json()})
+
+
+async def _create_product(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    shop = _shop(request)
+    product = commerce.create_product(shop, await _json_body(request))
+    return json_response({"ecommerce_product": product.to_json(shop.categories)})
+
+
+async def _get_product(request: web.Request) -> web.Response:
+    shop = _shop(request)
+    product = shop.product(request.match_info["product_id"])
+    return json_response({"ecommerce_product": product.to_json(shop.categories)})
+
+
+async def _update_product(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    shop = _shop(request)
+    product_id = request.match_info["product_id"]
+    shop.product(product_id)
+    product = commerce.update_product(shop, product_id, await _json_body(request))
+    return json_response({"ecommerce_product": product.to_json(shop.categories)})
+
+
+async def _create_variant(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    shop = _shop(request)
+    product_id = request.match_info["product_id"]
+    shop.product(product_id)
+    variant = commerce.create_variant(shop, product_id, await _json_body(request))
+    return json_response({"ecommerce_product_variant": variant.to_json()})
+
+
+async def _get_variant(request: web.Request) -> web.Response:
+    product = _shop(request).product(request.match_info["product_id"])
+    variant = product.variant(request.match_info["variant_id"])
+    return json_response({"ecommerce_product_variant": variant.to_json()})
+
+
+async def _update_variant(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    shop = _shop(request)
+    product_id, variant_id = request.match_info["product_id"], request.match_info["variant_id"]
+    shop.product(product_id).variant(variant_id)
+    variant = commerce.update_variant(shop, product_id, variant_id, await _json_body(request))
+    return json_response({"ecommerce_product_variant": variant.to_json()})
+
+
+async def _create_order(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    order = commerce.create_order(_shop(request), await _json_body(request))
+    return json_response({"ecommerce_order": order.to_json()})
+
+
+async def _update_order(request: web.Request) -> web.Response:
+    commerce = request.app[RUNTIME].store.ecommerce
+    shop = _shop(request)
+    order_id = request.match_info["order_id"]
+    shop.order(order_id)
+    order = commerce.update_order(shop, order_id, await _json_body(request))
+    return json_response({"ecommerce_order": order.to_json()})
+
+
 # -- control endpoints ------------------------------------------------------------------
 
 _FAULT_KNOBS: Final[dict[str, tuple[type, ...]]] = {
@@ -447,6 +648,15 @@ async def _set_faults(request: web.Request) -> web.Response:
     for name, value in changes.items():
         setattr(config, name, value)
     return json_response(_faults_json(config))
+
+
+async def _add_subscription_type(request: web.Request) -> web.Response:
+    """Add a subscription type (Gist's API cannot): ``{"name", "description"?, "status"?}``."""
+    store = request.app[RUNTIME].store
+    name, description, status = check_subscription_type(await _json_object(request))
+    if any(t.name.lower() == name.lower() for t in store.subscription_types.values()):
+        raise bad_request(f"a subscription type named {name!r} already exists")
+    return json_response(store.add_subscription_type(name, description, status).to_json())
 
 
 async def _reset(request: web.Request) -> web.Response:
@@ -525,9 +735,9 @@ def create_app(config: SandboxConfig | None = None, store: Store | None = None) 
     """The sandbox as an aiohttp application (its batch worker runs while it is served)."""
     config = config if config is not None else SandboxConfig()
     app = web.Application(middlewares=[_middleware], client_max_size=256 * 1024 * 1024)
-    app[RUNTIME] = _Runtime(
-        config=config, store=store if store is not None else Store(), rng=random.Random(config.seed)
-    )
+    if store is None:
+        store = Store(subscription_types=config.subscription_types)
+    app[RUNTIME] = _Runtime(config=config, store=store, rng=random.Random(config.seed))
     app.cleanup_ctx.append(_worker_ctx)
     r = app.router
     r.add_post("/contacts/batch", _queue_batch)
@@ -541,10 +751,36 @@ def create_app(config: SandboxConfig | None = None, store: Store | None = None) 
     r.add_post("/tags", _post_tag)
     r.add_get("/tags", _list_tags, allow_head=False)
     r.add_get("/token/info", _token_info, allow_head=False)
+    r.add_get("/subscription_types", _list_subscription_types, allow_head=False)
+    r.add_get("/subscription_types/{type_id}", _get_subscription_type, allow_head=False)
+    r.add_post("/subscription_types/{type_id}", _set_subscription)
+    shops = "/ecommerce/stores"
+    shop = shops + "/{store_id}"
+    r.add_post(shops, _create_store)
+    r.add_get(shops, _list_stores, allow_head=False)
+    r.add_get(shop, _get_store, allow_head=False)
+    r.add_patch(shop, _update_store)
+    r.add_post(shop + "/customers", _create_customer)
+    r.add_get(shop + "/customers/{customer_id}", _get_customer, allow_head=False)
+    r.add_patch(shop + "/customers/{customer_id}", _update_customer)
+    r.add_post(shop + "/customers/{customer_id}/cart", _put_cart)
+    r.add_delete(shop + "/customers/{customer_id}/cart", _delete_cart)
+    r.add_post(shop + "/categories", _create_category)
+    r.add_get(shop + "/categories/{category_id}", _get_category, allow_head=False)
+    r.add_patch(shop + "/categories/{category_id}", _update_category)
+    r.add_post(shop + "/products", _create_product)
+    r.add_get(shop + "/products/{product_id}", _get_product, allow_head=False)
+    r.add_patch(shop + "/products/{product_id}", _update_product)
+    r.add_post(shop + "/products/{product_id}/variants", _create_variant)
+    r.add_get(shop + "/products/{product_id}/variants/{variant_id}", _get_variant, allow_head=False)
+    r.add_patch(shop + "/products/{product_id}/variants/{variant_id}", _update_variant)
+    r.add_post(shop + "/orders", _create_order)
+    r.add_patch(shop + "/orders/{order_id}", _update_order)
     r.add_get(CONTROL_PREFIX + "state", _state, allow_head=False)
     r.add_get(CONTROL_PREFIX + "requests", _requests, allow_head=False)
     r.add_get(CONTROL_PREFIX + "faults", _get_faults, allow_head=False)
     r.add_post(CONTROL_PREFIX + "faults", _set_faults)
+    r.add_post(CONTROL_PREFIX + "subscription_types", _add_subscription_type)
     r.add_post(CONTROL_PREFIX + "reset", _reset)
     return app
 

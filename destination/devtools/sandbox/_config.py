@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal, get_args
 
 DEFAULT_API_KEY = "sandbox-key"
+DEFAULT_SUBSCRIPTION_TYPES: Final[tuple[str, ...]] = ("Announcements", "Newsletter")
 
 BatchErrorFormat = Literal["objects", "strings", "anonymous", "omitted"]
 BATCH_ERROR_FORMATS: Final[tuple[str, ...]] = get_args(BatchErrorFormat)
@@ -81,6 +82,9 @@ class SandboxConfig:
     ``<html><body>oops</body></html>``. The request was applied all the same (the event
     recorded, the contact saved, the batch queued): only the answer is lost. Drawn from
     the ``seed``-ed RNG."""
+    subscription_types: tuple[str, ...] = DEFAULT_SUBSCRIPTION_TYPES
+    """The names of the workspace's subscription types (ids 1, 2, ... in this order);
+    Gist's API cannot create them, ``POST /_sandbox/subscription_types`` adds more."""
     seed: int | None = None
     """Seeds the sandbox's RNG: the random faults (``error_rate``, ``non_json_rate``) and
     batch ids are the same from run to run for the same sequence of requests."""
@@ -111,3 +115,7 @@ class SandboxConfig:
             raise ValueError("batch_poll_status must be an HTTP error status (400..599)")
         if not 0.0 <= self.non_json_rate <= 1.0:
             raise ValueError("non_json_rate must be between 0 and 1")
+        self.subscription_types = tuple(self.subscription_types)
+        names = [name.strip().lower() for name in self.subscription_types]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError("subscription_types must be distinct, non-empty names")

@@ -1,4 +1,5 @@
-"""The sandbox's in-memory workspace: contacts, tags, events, batches and request stats.
+"""The sandbox's in-memory workspace: contacts, tags, events, batches, subscription types,
+e-commerce (``_ecommerce``) and request stats.
 
 Everything runs on one event loop, so nothing here locks. Contacts are indexed by id,
 ``user_id`` and down-cased email, so no request scans the stored data. Every mutating
@@ -9,20 +10,36 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import re
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from decimal import Decimal
+from typing import Final, Literal
 
-JSON = Any
+from destination.devtools.sandbox._checks import (
+    JSON,
+    ApiError,
+    bad_request,
+    check_contact_id,
+    check_email,
+    check_user_id,
+    not_found,
+)
+from destination.devtools.sandbox._config import DEFAULT_SUBSCRIPTION_TYPES
+from destination.devtools.sandbox._ecommerce import Commerce
+from destination.devtools.sandbox._subscriptions import (
+    SubscriptionType,
+    parse_subscription_request,
+)
+
+__all__ = ["JSON", "ApiError", "Batch", "Contact", "Event", "Store", "Tag", "bad_request"]
 
 BatchState = Literal["QUEUED", "IN_PROGRESS", "COMPLETED"]
 
 REQUEST_LOG_SIZE: Final = 100_000
 
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
 _NULLABLE_STRINGS: Final = ("name", "phone", "last_seen_ip", "last_seen_user_agent")
 _LOCATION_DATA: Final = (
     "city_name",
@@ -37,23 +54,6 @@ _LOCATION_DATA: Final = (
     "time_zone",
     "utc_offset",
 )
-
-
-class ApiError(Exception):
-    """An error answer: ``{"errors": [{"code": code, "message": message}]}``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def body(self) -> dict[str, JSON]:
-        return {"errors": [{"code": self.code, "message": self.message}]}
-
-
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, "bad_request", message)
 
 
 def _now() -> int:
@@ -90,7 +90,12 @@ class Contact:
     def type(self) -> str:
         return "lead" if self.user_id is None else "user"
 
-    def to_json(self, tags: dict[int, Tag]) -> dict[str, JSON]:
+    def to_json(
+        self,
+        tags: dict[int, Tag],
+        subscription_types: dict[int, SubscriptionType] | None = None,
+    ) -> dict[str, JSON]:
+        types = subscription_types or {}  # few: a look in each is cheaper than a set each
         return {
             "type": self.type,
             "id": self.id,
@@ -112,7 +117,9 @@ class Contact:
             "location_data": dict.fromkeys(_LOCATION_DATA),
             "segments": [],
             "tags": [tags[t].to_json() for t in self.tag_ids if t in tags],
-            "subscription_types": [],
+            "subscription_types": [
+                t.ref_json() for t in types.values() if self.id in t.contact_ids
+            ],
             "social_profiles": [],
             "custom_properties": dict(self.custom_properties),
             "unsubscribed_from_emails": self.unsubscribed_from_emails,
@@ -167,33 +174,6 @@ class Batch:
 # -- validation -------------------------------------------------------------------------
 
 
-def _check_email(value: object, field_name: str = "email") -> str:
-    if not isinstance(value, str):
-        raise bad_request(f"{field_name} must be a string")
-    email = value.strip().lower()
-    if not _EMAIL.match(email):
-        raise bad_request(f"{field_name} is not a valid email address: {value!r}")
-    return email
-
-
-def _check_user_id(value: object, field_name: str = "user_id") -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise bad_request(f"{field_name} must be a string or an integer")
-    user_id = str(value)
-    if not user_id.strip():
-        raise bad_request(f"{field_name} must not be empty")
-    return user_id
-
-
-def _check_contact_id(value: object, field_name: str = "id") -> int | None:
-    """A Gist contact id (a string or an int); None when it cannot name any contact."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise bad_request(f"{field_name} must be a string or an integer")
-    if isinstance(value, int):
-        return value
-    return int(value) if value.isdigit() else None
-
-
 @dataclass(slots=True)
 class _ContactRequest:
     """A validated ``POST /contacts`` body."""
@@ -211,12 +191,12 @@ def _parse_contact(raw: object) -> _ContactRequest:
         raise bad_request("a contact must be a JSON object")
     req = _ContactRequest()
     if "id" in raw and raw["id"] is not None:
-        req.id = _check_contact_id(raw["id"])
+        req.id = check_contact_id(raw["id"])
     # Identifiers cannot be cleared: a null one is taken as absent.
     if raw.get("email") is not None:
-        req.email = _check_email(raw["email"])
+        req.email = check_email(raw["email"])
     if raw.get("user_id") is not None:
-        req.user_id = _check_user_id(raw["user_id"])
+        req.user_id = check_user_id(raw["user_id"])
     for name in _NULLABLE_STRINGS:
         if name in raw:
             value = raw[name]
@@ -295,7 +275,7 @@ def _identify_error(index: int, raw: object, message: str) -> dict[str, JSON]:
 class Store:
     """One workspace's data plus the sandbox's request statistics."""
 
-    def __init__(self) -> None:
+    def __init__(self, subscription_types: Sequence[str] = DEFAULT_SUBSCRIPTION_TYPES) -> None:
         # Ids keep counting across resets so a stale id never names a new record.
         self._contact_ids = itertools.count(1)
         self._tag_ids = itertools.count(1)
@@ -317,9 +297,19 @@ class Store:
         self.request_count = 0
         self.by_status: Counter[int] = Counter()
         self.rate_limited = 0
+        self._subscription_type_ids = itertools.count(1)
+        self.subscription_types: dict[int, SubscriptionType] = {}
+        for name in subscription_types:
+            self.add_subscription_type(name)
+        self.lifetime_values: dict[int, dict[str, Decimal]] = {}
+        """Contact id -> LTV by currency code, kept by orders (``_ecommerce``). Gist's
+        contact object does not show it; ``GET /_sandbox/state`` does. Kept here, not on
+        ``Contact``: most contacts have none (a million contacts, a million dicts)."""
+        self.ecommerce = Commerce(self)
 
     def reset(self) -> None:
-        """Forget every contact, tag, event, batch (queued ones are dropped) and stat."""
+        """Forget every contact, tag, event, batch (queued ones are dropped), e-commerce
+        store, subscription and stat. Subscription types stay, with their ids."""
         self.contacts.clear()
         self.by_email.clear()
         self.by_user_id.clear()
@@ -334,6 +324,10 @@ class Store:
         self.request_count = 0
         self.by_status.clear()
         self.rate_limited = 0
+        for subscription_type in self.subscription_types.values():
+            subscription_type.contact_ids.clear()
+        self.lifetime_values.clear()
+        self.ecommerce.reset()
 
     # -- stats ---------------------------------------------------------------------------
 
@@ -360,7 +354,7 @@ class Store:
 
     def snapshot(self) -> dict[str, JSON]:
         return {
-            "contacts": [c.to_json(self.tags) for c in self.contacts.values()],
+            "contacts": [self.contact_json(c) for c in self.contacts.values()],
             "events": [e.to_json() for e in self.events],
             "event_names": list(self.event_names.values()),
             "tags": [t.to_json() for t in self.tags.values()],
@@ -368,6 +362,11 @@ class Store:
                 b.id: {"queued_contacts": b.queued_contacts, **b.status_json()}
                 for b in self.batches.values()
             },
+            "subscription_types": [
+                {**t.to_json(), "contact_ids": list(t.contact_ids)}
+                for t in self.subscription_types.values()
+            ],
+            "ecommerce": self.ecommerce.snapshot(),
             "stats": self.stats_json(),
         }
 
@@ -385,8 +384,12 @@ class Store:
             return self.contacts[cid]
         return None
 
+    def lifetime_value(self, contact: Contact) -> dict[str, Decimal]:
+        """The contact's LTV by currency code ({} before its first order)."""
+        return dict(self.lifetime_values.get(contact.id, {}))
+
     def contact_json(self, contact: Contact) -> dict[str, JSON]:
-        return contact.to_json(self.tags)
+        return contact.to_json(self.tags, self.subscription_types)
 
     def upsert_contact(self, raw: object) -> Contact:
         """``POST /contacts``: update the contact the body names, or create one."""
@@ -440,6 +443,9 @@ class Store:
         self.by_email.pop(contact.email, None)
         if contact.user_id is not None:
             self.by_user_id.pop(contact.user_id, None)
+        for subscription_type in self.subscription_types.values():
+            subscription_type.contact_ids.pop(contact.id, None)
+        self.lifetime_values.pop(contact.id, None)  # its LTV goes with it
 
     # -- batches -------------------------------------------------------------------------
 
@@ -479,9 +485,9 @@ class Store:
         name = raw.get("event_name")
         if not isinstance(name, str) or not name.strip():
             raise bad_request("event_name is required and must be a non-empty string")
-        contact_id = _check_contact_id(raw["id"]) if raw.get("id") is not None else None
-        user_id = _check_user_id(raw["user_id"]) if raw.get("user_id") is not None else None
-        email = _check_email(raw["email"]) if raw.get("email") is not None else None
+        contact_id = check_contact_id(raw["id"]) if raw.get("id") is not None else None
+        user_id = check_user_id(raw["user_id"]) if raw.get("user_id") is not None else None
+        email = check_email(raw["email"]) if raw.get("email") is not None else None
         if contact_id is None and user_id is None and email is None and raw.get("id") is None:
             raise bad_request("one of user_id, email or id is required")
         properties = raw.get("properties")
@@ -534,7 +540,7 @@ class Store:
         name = raw.get("name")
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise bad_request("name must be a non-empty string")
-        tag_id = _check_contact_id(raw["id"]) if raw.get("id") is not None else None
+        tag_id = check_contact_id(raw["id"]) if raw.get("id") is not None else None
         if raw.get("id") is None and name is None:
             raise bad_request("name is required (or the id of an existing tag)")
         refs = raw.get("contacts", [])
@@ -550,12 +556,12 @@ class Store:
             if not isinstance(untag, bool):
                 raise bad_request(f"contacts[{i}].untag must be a boolean")
             ref_id = (
-                _check_contact_id(ref["id"], f"contacts[{i}].id")
+                check_contact_id(ref["id"], f"contacts[{i}].id")
                 if ref.get("id") is not None
                 else None
             )
             ref_user_id = (
-                _check_user_id(ref["user_id"], f"contacts[{i}].user_id")
+                check_user_id(ref["user_id"], f"contacts[{i}].user_id")
                 if ref.get("user_id") is not None
                 else None
             )
@@ -594,3 +600,45 @@ class Store:
             else:
                 contact.tag_ids[tag.id] = None
         return tag
+
+    # -- subscription types ----------------------------------------------------------------
+
+    def add_subscription_type(
+        self, name: str, description: str = "", status: str = "published"
+    ) -> SubscriptionType:
+        subscription_type = SubscriptionType(
+            id=next(self._subscription_type_ids),
+            name=name,
+            description=description,
+            display_order=len(self.subscription_types) + 1,
+            status=status,
+        )
+        self.subscription_types[subscription_type.id] = subscription_type
+        return subscription_type
+
+    def subscription_type(self, type_id: str) -> SubscriptionType:
+        """The type a path names, or 404 ``subscription_type_not_found``."""
+        found = self.subscription_types.get(int(type_id)) if type_id.isdigit() else None
+        if found is None:
+            raise not_found("subscription_type", f"no subscription type with id {type_id!r}")
+        return found
+
+    def set_subscription(self, type_id: str, raw: object) -> Contact:
+        """``POST /subscription_types/{id}``: subscribe or unsubscribe one contact, found by
+        ``user_id``, then ``email``, then ``contact_id``; it is not created."""
+        subscription_type = self.subscription_type(type_id)
+        req = parse_subscription_request(raw)
+        contact = None
+        if req.user_id is not None:
+            contact = self.find_contact(user_id=req.user_id)
+        if contact is None and req.email is not None:
+            contact = self.find_contact(email=req.email)
+        if contact is None and req.contact_id is not None:
+            contact = self.contacts.get(req.contact_id)
+        if contact is None:
+            raise not_found("contact", "no contact matches the given user_id/email/contact_id")
+        if req.subscribed:
+            subscription_type.contact_ids[contact.id] = None
+        else:
+            subscription_type.contact_ids.pop(contact.id, None)
+        return contact

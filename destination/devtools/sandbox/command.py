@@ -98,6 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of successful API answers (not /token/info) replaced by a 200 HTML "
         "body, after the request was applied",
     )
+    parser.add_argument(
+        "--subscription-type",
+        dest="subscription_types",
+        action="append",
+        metavar="NAME",
+        help="a subscription type of the workspace (repeatable; default "
+        f"{', '.join(defaults.subscription_types)})",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for the injected faults")
 
 
@@ -118,6 +126,11 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         batch_id_missing=args.batch_id_missing,
         batch_poll_status=args.batch_poll_status,
         non_json_rate=args.non_json_rate,
+        subscription_types=(
+            tuple(args.subscription_types)
+            if args.subscription_types
+            else SandboxConfig().subscription_types
+        ),
         seed=args.seed,
     )
 

@@ -1,4 +1,5 @@
-"""One request per operation: events, deletes and aliases.
+"""One request per operation: events, deletes, aliases, subscription changes; and
+e-commerce writes (``CommerceWriter``: the few requests one needs, in turn).
 
 At most ``max_concurrent`` of them are out at once (the request lane's semaphore; batch
 imports have their own, so they never queue behind thousands of events). A delete of a
@@ -10,13 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import structlog
 
+from destination import reasons
 from destination.gist import CredentialsError, GistClient, GistError, Withdrawn
 from destination.observability import log_events
-from destination.operations import ContactAlias, ContactDelete, EventTrack, Operation
-from destination.pipeline.inflight import PartitionWork
+from destination.operations import (
+    CommerceWrite,
+    ContactAlias,
+    ContactDelete,
+    EventTrack,
+    Operation,
+    SubscriptionChange,
+)
+from destination.pipeline.inflight import Failure, PartitionWork, Skip
 from destination.pipeline.lanes.base import (
     ABANDONED,
     DirectStep,
@@ -25,16 +36,34 @@ from destination.pipeline.lanes.base import (
     charge,
     failure_from,
 )
+from destination.pipeline.lanes.commerce import CommerceWriter
+from destination.pipeline.memory import ContactMemory
 from destination.pipeline.ordering import Step
 
 log = structlog.get_logger(__name__)
 
 
 class RequestLane(Lane):
-    def __init__(self, client: GistClient, settler: Settler, max_concurrent: int) -> None:
+    def __init__(
+        self,
+        client: GistClient,
+        settler: Settler,
+        max_concurrent: int,
+        before_delete: Callable[[tuple[str, ...]], Awaitable[None]] | None = None,
+        memory: ContactMemory | None = None,
+    ) -> None:
+        """``before_delete(identities)``: done before a delete's request goes (its
+        suppression is recorded: ``pipeline/suppress``). ``memory``: a subscription
+        Gist holds (as contact memory last confirmed it) is not set again."""
         super().__init__(client, settler)
         self._slots = asyncio.Semaphore(max_concurrent)
         self._open: dict[DirectStep, None] = {}
+        self._before_delete = before_delete
+        self._memory = memory
+        self.subscription_types: dict[str, int] = {}
+        """Subscription type ids by lower-cased name (``workspace.prepare``)."""
+        self.commerce: CommerceWriter | None = None
+        """Set when the rules name an e-commerce store."""
 
     def start(self, step: Step) -> None:
         assert isinstance(step, DirectStep)
@@ -65,8 +94,11 @@ class RequestLane(Lane):
     async def _run(self, step: DirectStep) -> None:
         try:
             async with self._slots:
-                charge((step,))
-                await self._execute(step)
+                if isinstance(step.operation, CommerceWrite):
+                    result = await self._commerce(step)  # counts each of its requests
+                else:
+                    charge((step,))
+                    result = await self._execute(step)
         except Withdrawn:
             self.settler.settle(step, ABANDONED)
             return
@@ -76,9 +108,17 @@ class RequestLane(Lane):
         except GistError as error:
             self.settler.settle(step, failure_from(error))
             return
-        self.settler.settle(step, None)
+        self.settler.settle(step, result)
 
-    async def _execute(self, step: DirectStep) -> None:
+    async def _commerce(self, step: DirectStep) -> Failure | Skip | None:
+        if self.commerce is None:
+            return Failure(
+                reason=reasons.INTERNAL_ERROR,
+                detail="an e-commerce write, and no store: the rules name none",
+            )
+        return await self.commerce.write(step)
+
+    async def _execute(self, step: DirectStep) -> Failure | Skip | None:
         client = self.client
         operation: Operation = step.operation
         priority = operation.priority
@@ -86,6 +126,8 @@ class RequestLane(Lane):
         if isinstance(operation, EventTrack):
             await client.track_event(operation.event, priority=priority, dispatch=dispatch)
         elif isinstance(operation, ContactDelete):
+            if self._before_delete is not None:
+                await self._before_delete(step.identities)
             # Already gone (404) is what a delete wants: not an error.
             if operation.user_id is not None:
                 await client.delete_contact(
@@ -101,11 +143,50 @@ class RequestLane(Lane):
             )
             if contact is None or contact.get("id") is None:
                 log.info(log_events.ALIAS_NOTHING_TO_MOVE)
-                return
+                return None
             await client.upsert_contact(
                 {"id": str(contact["id"]), "user_id": operation.user_id},
                 priority=priority,
                 dispatch=dispatch,
             )
+        elif isinstance(operation, SubscriptionChange):
+            return await self._subscription(step, operation)
         else:  # pragma: no cover - upserts and tag changes have lanes of their own
             raise TypeError(f"not a direct operation: {type(operation).__name__}")
+        return None
+
+    async def _subscription(
+        self, step: DirectStep, operation: SubscriptionChange
+    ) -> Failure | Skip | None:
+        """``POST /subscription_types/{id}``, unless contact memory says Gist holds it (a
+        subscription is remembered as a field of the contact no rule can name)."""
+        type_id = self.subscription_types.get(operation.subscription_type.strip().lower())
+        if type_id is None:
+            return Failure(
+                reason=reasons.GIST_REJECTED,
+                detail="the workspace has no subscription type of that name "
+                "(consent.subscription_types)",
+            )
+        memory, note = self._memory, None
+        if memory is not None:
+            field = {"custom_properties": {f"$subscription:{type_id}": operation.subscribed}}
+            left, note, _ = memory.strip(cast(Any, field), step.identities, step.partition)
+            if left is None:
+                return Skip(reasons.UNCHANGED)
+        contact = await self.client.set_subscription(
+            type_id,
+            subscribed=operation.subscribed,
+            user_id=operation.user_id,
+            email=operation.email,
+            priority=operation.priority,
+            dispatch=step.dispatch,
+        )
+        if contact is None:
+            return Failure(
+                reason=reasons.GIST_REJECTED,
+                detail="Gist has no contact of the user to subscribe (404)",
+                status=404,
+            )
+        if memory is not None and note is not None and not step.partition.suspended:
+            memory.confirm(note)
+        return None
