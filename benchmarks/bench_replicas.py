@@ -401,7 +401,6 @@ def report(r: Result, seconds: float) -> None:
 
 # -- transitions: a rolling restart, a failover -------------------------------------------
 
-KAFKA_SESSION_TIMEOUT_S = 10  # the worker's default KAFKA_SESSION_TIMEOUT_MS
 AFTER_TAKEOVER = 20.0  # s measured after the survivor of a SIGKILL owns every partition
 TRANSITION_BOUND = 120.0  # s any one step of a transition may take before the run fails
 
@@ -1014,9 +1013,6 @@ async def run_transitions(args: argparse.Namespace, workdir: Path, modes: tuple[
         if r.mode == "redis" and r.final.duplicated:
             missed.append(f"{name}: {len(r.final.duplicated)} tracks duplicated with Redis")
         if r.kill is not None:
-            session = float(KAFKA_SESSION_TIMEOUT_S)
-            if r.kill.owned - r.kill.killed > session + 10:
-                missed.append(f"{name}: takeover after {r.kill.owned - r.kill.killed:.1f} s")
             outside = [s for s in r.final.duplicated if s not in r.kill.above_commit]
             if outside:
                 missed.append(f"{name}: {len(outside)} duplicates beyond the killed "
