@@ -672,6 +672,7 @@ class Transition:
     tail: tuple[int, float] | None  # (requests, seconds) of a last, partial window
     accepted: int  # in the span
     idle: float  # the longest time in the span without an accepted request
+    next_window: int  # accepted requests in the 10 s after the span
     before: list[int]  # failover: per 10-s window from the kill to the takeover
     busiest_span: int
     busiest_run: int
@@ -798,6 +799,7 @@ async def run_transition(
         tail=tail,
         accepted=len(in_span),
         idle=max(b - a for a, b in itertools.pairwise([start, *in_span, end])),
+        next_window=sum(1 for t in accepted if end <= t < end + WINDOW),
         before=before,
         busiest_span=max_in_any_window(in_span, WINDOW),
         busiest_run=max_in_any_window(accepted, WINDOW),
@@ -877,7 +879,8 @@ def report_transition(r: Transition) -> None:
     print(f"  budget use                 {r.use:.1%} ({r.accepted} accepted in {span:.1f} s; "
           f"{unused:.0f} requests, {unused * WINDOW / LIMIT:.1f} s of the budget, "
           "unused)")  # fmt: skip
-    print(f"  longest time without a request {r.idle:.1f} s")
+    print(f"  longest time without a request {r.idle:.1f} s; {r.next_window} requests in the "
+          "10 s after the span")  # fmt: skip
     print(f"  busiest sliding 10 s       {r.busiest_span} in the span, {r.busiest_run} over "
           "the whole run")  # fmt: skip
     print(f"  429 answers                {r.limited} over the whole run ({r.limited_span} in "
@@ -906,8 +909,8 @@ def transition_table(results: list[Transition]) -> str:
         lines = [
             "| budget | span | requests per 10-s window | budget use | busiest 10 s: span / "
             "run | 429s | lost | duplicated | stop times (exit codes) | others owning nothing, "
-            "per step | longest without a request | load |",
-            "|---|---:|---|---:|---|---:|---:|---:|---|---|---:|---|",
+            "per step | longest without a request | requests in the 10 s after | load |",
+            "|---|---:|---|---:|---|---:|---:|---:|---|---|---:|---:|---|",
         ]
         for r in results:
             windows = ", ".join(map(str, r.windows)) + (
@@ -919,7 +922,7 @@ def transition_table(results: list[Transition]) -> str:
                 f"| {r.mode} | {r.end - r.start:.1f} s | {windows} | {r.use:.1%} "
                 f"| {r.busiest_span} / {r.busiest_run} | {r.limited} | {len(r.final.lost)} "
                 f"| {len(r.final.duplicated)} | {stops} | {paused} | {r.idle:.1f} s "
-                f"| {r.load[0]:.1f}-{r.load[1]:.1f} |"
+                f"| {r.next_window} | {r.load[0]:.1f}-{r.load[1]:.1f} |"
             )
         return "\n".join(lines)
     lines = [
