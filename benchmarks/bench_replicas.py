@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_replicas.py [--replicas 1|2|3] [--mode redis|share]
         [--load even|skewed] [--seconds 60]
     .venv/bin/python benchmarks/bench_replicas.py --all [--seconds 60]
+    .venv/bin/python benchmarks/bench_replicas.py --scenario roll|failover --mode both
 
 Each run starts its own embedded broker (Tansu), a ``gist-destination sandbox`` subprocess
 enforcing the REAL limit (100 requests in any 10 s, ``--batch-delay 0``), produces a
@@ -27,6 +28,28 @@ mean of those windows / 100), and the busiest sliding 10-s interval, in the span
 over the whole run (start-up and rebalances included; above 100 is a breach). 429s are
 counted over the whole run. Requests per replica come from each one's ``/metrics``
 (``gist_requests_total``) read at the start and the end of the span.
+
+Transitions (``--scenario roll|failover [--mode redis|share|both] [--repeat N]``), each
+on the same set-up, with every worker default (``SHUTDOWN_TIMEOUT`` 20 s) and a backlog
+of even load (2,000 tracks for a roll, 1,200 for a failover), started once the group has
+settled and a window has passed:
+
+- ``roll``: three replicas; SIGTERM the first, wait for its exit, start its replacement,
+  wait until that owns partitions (its ``kafka.partitions_assigned`` line, every
+  partition owned once by the live group), then the next. The span is the roll's wall
+  time: the first SIGTERM to the last replacement owning partitions.
+- ``failover``: two replicas; SIGKILL one, wait until the survivor owns every partition;
+  the span is the 20 s after that. The tracks the killed process had delivered at or
+  above the group's commit (read just after the kill) are what the survivor may send
+  again.
+
+Reported for both: budget use over the span (requests the sandbox accepted / 100 per
+10 s of the span), requests per 10-s window, 429s over the whole run, how long the
+members owned nothing in each rebalance, and, once every track is in the sandbox (or
+nothing came for 60 s): lost tracks (neither in the sandbox nor in the dead-letter
+topic, read from its start) and duplicated tracks (in the sandbox more than once; each
+track carries ``properties.bench_seq``). The sandbox's request log is kept in the
+workdir (``requests.json``) with every process's log.
 """
 
 from __future__ import annotations
