@@ -70,7 +70,8 @@ class EventTrack:
 
 @dataclass(frozen=True, slots=True)
 class ContactDelete:
-    """Delete one contact, by ``user_id`` when known, else by email."""
+    """Delete the contact under each identity given: by ``user_id`` and by e-mail (Gist
+    may hold a lead made by the e-mail alone beside the user's contact)."""
 
     user_id: str | None = None
     email: str | None = None

@@ -224,7 +224,9 @@ def _summary(op: dict[str, Any]) -> str:
     if kind in ("tag", "untag"):
         return f"{kind} {op['tag']!r} {op.get('user_id') or op.get('email')}"
     if kind == "contact_delete":
-        return f"delete {op.get('user_id') or op.get('email')}"
+        return "delete " + " and ".join(
+            str(op[key]) for key in ("user_id", "email") if op.get(key) is not None
+        )
     return f"alias {op.get('previous_id')} -> {op.get('user_id')}"
 
 

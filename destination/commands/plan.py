@@ -191,7 +191,9 @@ def cost(
                     tags[(op.tag, op.untag)].append(key)
                 elif isinstance(op, ContactAlias):
                     line.requests += 2
-                elif isinstance(op, EventTrack | ContactDelete | SubscriptionChange):
+                elif isinstance(op, ContactDelete):
+                    line.requests += len(op.identities)  # one a user id, one an e-mail
+                elif isinstance(op, EventTrack | SubscriptionChange):
                     line.requests += 1
                 elif isinstance(op, CommerceWrite):
                     line.requests += commerce_cost(op, known)

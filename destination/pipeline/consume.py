@@ -574,11 +574,13 @@ class StreamConsumer:
         wanted = {TopicPartition(tp.topic, tp.partition) for tp in assigned}
         lost = [w for tp, w in self.ledger.partitions.items() if tp not in wanted]
         kept = [w for tp, w in self.ledger.partitions.items() if tp in wanted]
-        if lost:
-            await self._abandon(lost)
-        if kept:
-            self._suspended.difference_update(w.tp for w in kept)
-            await self.delivery.resume(kept)
+        # New partitions get their intake before the first await: the consumer fetches
+        # them from the group's commit as soon as the assignment is installed, while
+        # this callback may still be waiting (on Redis, on a hand-over), and a record
+        # fetched for a partition without an intake would be dropped behind the
+        # consumer's position, never read again, and committed past. They open
+        # nothing until the callback is done (suspended), so contact memory's take-over
+        # comes first.
         fresh = []
         for tp in assigned:
             key = TopicPartition(tp.topic, tp.partition)
@@ -586,9 +588,17 @@ class StreamConsumer:
                 fresh.append((tp, self.ledger.assign(key)))
                 self._intakes[key] = _Intake()
                 self._draining.discard(key)
-                self._suspended.discard(key)
-        await self._load_committed(fresh)
-        await self.delivery.take_over([work for _, work in fresh])
+                self._suspended.add(key)
+        try:
+            if lost:
+                await self._abandon(lost)
+            if kept:
+                self._suspended.difference_update(w.tp for w in kept)
+                await self.delivery.resume(kept)
+            await self._load_committed(fresh)
+            await self.delivery.take_over([work for _, work in fresh])
+        finally:  # whatever failed above, the partitions are this worker's to read
+            self._suspended.difference_update(work.tp for _, work in fresh)
         self._tell_share()
         self._apply_backpressure()
         self.assigned_once.set()

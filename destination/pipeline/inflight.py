@@ -72,6 +72,7 @@ class PartitionWork:
         "messages",
         "offsets",
         "open",
+        "returned",
         "revoked",
         "sending",
         "tp",
@@ -83,6 +84,7 @@ class PartitionWork:
         self.offsets = OffsetTracker()
         self.committed: int | None = None
         self.messages = 0  # in flight, not parked (the per-partition bound)
+        self.returned = 0  # of those, back from parked: they may exceed the bound
         self.open = 0  # opened and not ended, parked ones included
         self.unfinished: dict[int, RecordWork] = {}  # by offset, oldest first
         self.held_bytes = 0  # bytes delivery holds for it beyond its records (``hold``)
@@ -162,6 +164,7 @@ class MessageWork:
         "parked",
         "pending",
         "record",
+        "returned",
         "sent",
         "skipped",
         "state",
@@ -188,6 +191,7 @@ class MessageWork:
         self.pending = 0  # operations not over
         self.parked = 0  # of those, contacts in a batch Gist accepted
         self.is_parked = False
+        self.returned = False  # parked, then back in flight (its batch sent again)
         self.failure: Failure | None = None
         self.state = OPEN
 
@@ -215,6 +219,7 @@ class Ledger:
         self._clock = clock
         self.partitions: dict[TopicPartition, PartitionWork] = {}
         self.messages = 0  # in flight, not parked
+        self.returned = 0  # of those, back from parked (``unpark``)
         self.bytes = 0  # held: record bytes, contacts' bodies, MESSAGE_OVERHEAD a message
         self.parked = 0  # parked messages: waiting only for Gist to finish importing
         self.uncommitted = 0  # records read past the committable offsets, all partitions
@@ -242,9 +247,10 @@ class Ledger:
                 self.bytes -= record.size
         self.uncommitted -= work.offsets.uncommitted
         self.bytes -= work.held_bytes + MESSAGE_OVERHEAD * work.open
+        self.returned -= work.returned
         work.held_bytes = 0
         work.unfinished.clear()
-        work.messages = work.open = 0
+        work.messages = work.open = work.returned = 0
         self.changed.set()
         return work
 
@@ -310,6 +316,8 @@ class Ledger:
         if message.is_parked or message.state != OPEN or record.partition.revoked:
             return
         message.is_parked = True
+        if message.returned:
+            self._returned(message)
         self.parked_total += 1
         message.body = None  # re-read with the record if it is ever dead-lettered
         record.partition.messages -= 1
@@ -320,13 +328,18 @@ class Ledger:
         self.changed.set()
 
     def unpark(self, message: MessageWork) -> None:
-        """A parked message is back in flight (its batch is sent again)."""
+        """A parked message is back in flight (its batch is sent again). It counts in
+        flight again, above the bounds if need be: it was let in below them, its body
+        is released, and nothing new opens until the count is back under."""
         record = message.record
         if not message.is_parked or record.partition.revoked:
             return
         message.is_parked = False
+        message.returned = True
         record.partition.messages += 1
+        record.partition.returned += 1
         self.messages += 1
+        self.returned += 1
         self.parked -= 1
         record.parked -= 1
 
@@ -344,6 +357,8 @@ class Ledger:
         else:
             partition.messages -= 1
             self.messages -= 1
+            if message.returned:
+                self._returned(message)
         partition.open -= 1
         record.pending -= 1
         self.bytes -= MESSAGE_OVERHEAD
@@ -352,6 +367,12 @@ class Ledger:
         else:
             self._maybe_release(record)
         self.changed.set()
+
+    def _returned(self, message: MessageWork) -> None:
+        """A message back from parked is parked again or ended."""
+        message.returned = False
+        message.record.partition.returned -= 1
+        self.returned -= 1
 
     def _maybe_release(self, record: RecordWork) -> None:
         """Drop the value of a sealed record whose open messages all wait only for Gist."""

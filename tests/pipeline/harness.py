@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -172,21 +173,45 @@ class ModelGist:
 
 
 @dataclass
+class End:
+    key: MessageKey
+    worker: int
+    how: str
+    reason: str | None
+    at: float  # time.monotonic()
+
+
+@dataclass
 class Ends:
-    """Every end observed, by message, in order."""
+    """Every end observed, by message, in order (``log``) and all of them in the order
+    they happened (``sequence``). A crashed worker's ends after its crash are not
+    counted (``silence``): a killed process ends nothing. ``listeners`` hear each end
+    as it happens."""
 
     log: dict[MessageKey, list[tuple[int, str, str | None]]] = field(
         default_factory=lambda: defaultdict(list)
     )
+    sequence: list[End] = field(default_factory=list)
+    silenced: set[int] = field(default_factory=set)
+    listeners: list[Callable[[End, MessageWork], None]] = field(default_factory=list)
+
+    def silence(self, worker_id: int) -> None:
+        self.silenced.add(worker_id)
 
     def observer(self, worker_id: int) -> Callable[[MessageWork, str, str | None], None]:
         def observe(message: MessageWork, how: str, reason: str | None) -> None:
+            if worker_id in self.silenced:
+                return
             key = (
                 message.record.partition.tp.partition,
                 message.record.offset,
                 -1 if message.index is None else message.index,
             )
             self.log[key].append((worker_id, how, reason))
+            end = End(key, worker_id, how, reason, time.monotonic())
+            self.sequence.append(end)
+            for listener in self.listeners:
+                listener(end, message)
 
         return observe
 
@@ -215,14 +240,28 @@ DEFAULTS: dict[str, Any] = {
 
 
 class Group:
-    """Workers of one consumer group on a twin broker, against one ``ModelGist``."""
+    """Workers of one consumer group on a twin broker, against one ``ModelGist``.
+
+    The model test plugs in what it plays beyond that: ``transport_for(worker_id)``
+    gives each worker its own Gist transport, ``clients_for(broker)`` its Kafka clients,
+    ``rules`` the mapping rules file, ``on_worker(worker_id, worker)`` runs before the
+    worker serves, and ``on_crash(worker_id, worker, clients)`` when it is killed,
+    before anything else (to cut it off from Gist and Redis at once).
+    ``building`` is the id of the worker being constructed (for factories the worker
+    calls from its constructor)."""
 
     def __init__(
         self,
         broker: LocalBroker,
         topic: str,
         dlq: str,
-        gist: ModelGist,
+        gist: Any,
+        *,
+        transport_for: Callable[[int], httpx.AsyncBaseTransport] | None = None,
+        clients_for: Callable[[LocalBroker], LocalKafkaClients] | None = None,
+        rules: Path | None = None,
+        on_worker: Callable[[int, Worker], None] | None = None,
+        on_crash: Callable[[int, Worker, LocalKafkaClients], None] | None = None,
         **settings: Any,
     ) -> None:
         self.broker = broker
@@ -238,22 +277,33 @@ class Group:
             "kafka_group_id": self.group_id,
             **settings,
         }
-        self.mapper = Mapper(load_rules(None))
+        self.mapper = Mapper(load_rules(rules))
         self.ends = Ends()
         self.workers: dict[int, tuple[Worker, asyncio.Task[int], LocalKafkaClients]] = {}
         self._ids = itertools.count(1)
+        self._transport_for = transport_for or (lambda _: httpx.MockTransport(self.gist))
+        self._clients_for = clients_for or LocalKafkaClients
+        self._on_worker = on_worker
+        self._on_crash = on_crash
+        self.building: int | None = None
 
     async def start_worker(self) -> Worker:
         worker_id = next(self._ids)
-        clients = LocalKafkaClients(self.broker)
-        worker = Worker(
-            load_settings(**self.settings),
-            self.mapper,
-            "model-key",
-            kafka=clients,
-            gist_transport=httpx.MockTransport(self.gist),
-        )
+        clients = self._clients_for(self.broker)
+        self.building = worker_id
+        try:
+            worker = Worker(
+                load_settings(**self.settings),
+                self.mapper,
+                "model-key",
+                kafka=clients,
+                gist_transport=self._transport_for(worker_id),
+            )
+        finally:
+            self.building = None
         worker.outcomes.observers.append(self.ends.observer(worker_id))
+        if self._on_worker is not None:
+            self._on_worker(worker_id, worker)
         task = asyncio.create_task(worker.serve(), name=f"worker-{worker_id}")
         self.workers[worker_id] = (worker, task, clients)
         async with asyncio.timeout(10):
@@ -271,9 +321,16 @@ class Group:
             return await task
 
     async def crash_worker(self, worker_id: int) -> None:
-        """Killed: nothing more is committed; the group notices it is gone."""
-        _, task, clients = self.workers.pop(worker_id)
+        """Killed: nothing more is committed; the group notices it is gone. Its
+        consumers' coordinators are stopped, so that they do not revoke and rejoin for a
+        dead process (which would let it commit again)."""
+        worker, task, clients = self.workers.pop(worker_id)
+        if self._on_crash is not None:
+            self._on_crash(worker_id, worker, clients)
         for consumer in clients.consumers:
+            coordinator, consumer._coordinator = consumer._coordinator, None
+            if coordinator is not None:
+                coordinator.cancel()
             with contextlib.suppress(Exception):
                 self.broker.expel(consumer)
         task.cancel()

@@ -287,3 +287,28 @@ async def test_send_events_false_sends_the_record_only(send_events: bool) -> Non
         await r.deliver([track("u3", "Cart Viewed", "u3@example.com", products=[SOCK])])
         assert r.sandbox.store.events == []
         assert r.shop().customers["u3"].cart is not None
+
+
+async def test_a_delete_removes_the_users_contact_and_the_lead_of_its_email() -> None:
+    """Regression (found by the model test, seed 2): Gist keeps a lead made by an e-mail
+    alone (an identify or event before the user was known, or an address the user has
+    since changed) apart from the user's contact; a delete by user id alone left that
+    lead, the person's e-mail and events in Gist. A delete goes under every identity it
+    carries."""
+    async with run("") as r:
+        person = "Lead.Person@example.com"
+        await r.deliver([
+            message("identify", None, anonymousId="a-9", traits={"email": person, "plan": "x"}),
+            message("identify", "u9", traits={"name": "Nine", "email": "nine@example.com"}),
+        ])  # fmt: skip
+        store = r.sandbox.store
+        lead, user = store.find_contact(email=person), store.find_contact(user_id="u9")
+        assert lead is not None, r.reasons()
+        assert user is not None, r.reasons()
+        assert lead is not user
+        await r.deliver([
+            message("delete", "u9", context={"traits": {"email": person}}),
+        ])  # fmt: skip
+        assert store.find_contact(email=person) is None
+        assert store.find_contact(user_id="u9") is None
+        assert r.reasons()[-1] is None  # delivered

@@ -53,6 +53,38 @@ def test_a_parked_message_leaves_the_in_flight_totals_and_releases_its_record() 
     assert partition.offsets.committable() == 1
 
 
+def test_a_message_whose_batch_is_sent_again_counts_in_flight_again_as_returned() -> None:
+    """A parked contact whose import is sent again (``unaccepted``) is in flight once
+    more, counted as returned (the in-flight bound may be exceeded by those: they were
+    let in below it); parked again or ended, it is no longer; a revocation clears it."""
+    ledger, outcomes, _ = make()
+    partition = ledger.assign(TopicPartition("t", 0))
+    record = ledger.open_record(partition, 0, None, b"{}", [])
+    message = ledger.open_message(record, None, "identify", None)
+    ledger.seal(record)
+    outcomes.expect(message, 1)
+    outcomes.accepted(message)
+    assert (ledger.messages, ledger.parked, ledger.returned) == (0, 1, 0)
+    outcomes.unaccepted(message)
+    assert (ledger.messages, ledger.parked, ledger.returned) == (1, 0, 1)
+    assert (partition.messages, partition.returned) == (1, 1)
+    outcomes.accepted(message)  # the second import was accepted
+    assert (ledger.messages, ledger.parked, ledger.returned) == (0, 1, 0)
+    outcomes.unaccepted(message)
+    outcomes.operation_done(message)
+    assert (ledger.messages, ledger.parked, ledger.returned) == (0, 0, 0)
+    assert partition.returned == 0
+    other = ledger.open_record(partition, 1, None, b"{}", [])
+    again = ledger.open_message(other, None, "identify", None)
+    ledger.seal(other)
+    outcomes.expect(again, 1)
+    outcomes.accepted(again)
+    outcomes.unaccepted(again)
+    assert ledger.returned == 1
+    ledger.revoke(partition.tp)
+    assert (ledger.messages, ledger.parked, ledger.returned) == (0, 0, 0)
+
+
 async def test_a_message_with_other_open_work_is_not_parked() -> None:
     ledger, outcomes, _ = make()
     partition = ledger.assign(TopicPartition("t", 0))

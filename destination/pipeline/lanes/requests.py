@@ -2,9 +2,10 @@
 e-commerce writes (``CommerceWriter``: the few requests one needs, in turn).
 
 At most ``max_concurrent`` of them are out at once (the request lane's semaphore; batch
-imports have their own, so they never queue behind thousands of events). A delete of a
-contact Gist does not have is done (404 is what a delete wants); an alias looks the old
-user up and moves its contact to the new user_id (nothing to move is done too).
+imports have their own, so they never queue behind thousands of events). A delete goes
+by user id and by e-mail, each it carries, and a contact Gist does not have is done (404
+is what a delete wants); an alias looks the old user up and moves its contact to the new
+user_id (nothing to move is done too).
 """
 
 from __future__ import annotations
@@ -128,12 +129,15 @@ class RequestLane(Lane):
         elif isinstance(operation, ContactDelete):
             if self._before_delete is not None:
                 await self._before_delete(step.identities)
-            # Already gone (404) is what a delete wants: not an error.
+            # Under every identity it carries: Gist keeps a lead made by an e-mail
+            # alone (an event before any identify) apart from the user's contact, and
+            # a delete by user id alone would leave it. Already gone (404) is what a
+            # delete wants: not an error. Retried whole, each part is idempotent.
             if operation.user_id is not None:
                 await client.delete_contact(
                     user_id=operation.user_id, priority=priority, dispatch=dispatch
                 )
-            else:
+            if operation.email is not None:
                 await client.delete_contact(
                     email=operation.email, priority=priority, dispatch=dispatch
                 )
