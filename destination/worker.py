@@ -466,6 +466,11 @@ class Worker:
             drain_for = self._stop_by - reserve - time.monotonic()
             finished = await stream.drain(partitions, max(0.0, drain_for))
             if not finished:
+                # Requests still on the wire answer before the last commit, not after.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        stream.stop_sending(partitions), self._closing_step() / 2
+                    )
                 log.warning(
                     log_events.SHUTDOWN_ABANDONED, in_flight=self.ledger.open_in(partitions)
                 )

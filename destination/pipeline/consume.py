@@ -551,6 +551,13 @@ class StreamConsumer:
         finally:
             self.delivery.flush_now(False)
 
+    async def stop_sending(self, partitions: list[PartitionWork]) -> None:
+        """Shutting down, the drain over: nothing more is sent, and what is on the wire
+        gets ``REBALANCE_TIMEOUT`` to answer (``Delivery.suspend``), so the last commit
+        covers what Gist took (without Redis the next owner would send it again)."""
+        self.stop_opening(partitions)
+        await self.delivery.suspend(partitions)
+
     async def hand_over(self) -> None:
         """Shutting down, after the last commit: whatever did not end is abandoned, and
         the partitions are handed over (``Delivery.revoke``) for the next owner."""
