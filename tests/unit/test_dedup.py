@@ -55,6 +55,25 @@ def test_past_its_capacity_the_oldest_slice_is_forgotten_first() -> None:
     assert "s1-0" in ids
 
 
+def test_the_filter_before_the_sealed_slices_never_hides_an_id() -> None:
+    """A new id is told apart by a Bloom filter before the sealed slices are searched
+    (their bisections were 14% of the worker's CPU on a 1,000,000 drain): every id of a
+    sealed slice stays found, across seals, expiries and evictions, and new ones are
+    not."""
+    clock = Clock()
+    ids = DeliveredIds(window=1000.0, capacity=30_000, slices=10, clock=clock)
+    for slice_ in range(15):  # the first slices expire, later ones hit the capacity
+        clock.now = slice_ * 100.0
+        for n in range(2500):
+            ids.add(f"s{slice_}-{n}")
+    clock.now = 1500.0
+    kept = [s for s in range(15) if f"s{s}-0" in ids]
+    assert kept == list(range(kept[0], 15))
+    assert len(kept) >= 5
+    assert all(f"s{s}-{n}" in ids for s in kept for n in range(2500))
+    assert sum(f"new-{n}" in ids for n in range(10_000)) == 0
+
+
 def test_an_id_costs_about_eight_bytes_once_its_slice_is_sealed() -> None:
     clock = Clock()
     ids = DeliveredIds(window=86_400.0, capacity=10_000_000, slices=24, clock=clock)
