@@ -792,10 +792,14 @@ class Run:
         batches = list({id(b): b for b in batches}.values())
         deadline = SETTINGS["gist_batch_deadline"]
         if reason == "batch_failed":
+            # The import sent again failed; the first did not complete (failed, too
+            # slow, or lost).
             failed = [b for b in batches if b.failed_answered]
-            if len(failed) >= 2:
+            if failed and len(batches) >= 2:
                 return None
-            return f"Gist answered FAILED for {len(failed)} of its imports"
+            return (
+                f"Gist answered FAILED for {len(failed)} of its {len(batches)} imports"
+            )
         slow = [
             b
             for b in batches

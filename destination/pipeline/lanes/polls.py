@@ -272,7 +272,9 @@ class BatchPolls(Lane):
             return
         if why == "failed":
             failure = Failure(
-                reasons.BATCH_FAILED, f"Gist reported the batch import {batch.status}, twice"
+                reasons.BATCH_FAILED,
+                f"Gist reported the batch import {batch.status}, sent again after the "
+                "first did not complete",
             )
         elif why == "lost":
             failure = Failure(reasons.BATCH_TIMEOUT, "Gist no longer knew the batch import, twice")
