@@ -177,6 +177,31 @@ async def test_a_released_envelope_message_is_read_again_and_written_alone() -> 
     assert orjson.loads(producer.sent[0]["value"]) == {"type": "identify", "userId": "u"}
 
 
+async def test_a_released_envelope_message_keeps_the_envelopes_context() -> None:
+    """Regression (repro f5): a parked message of an envelope whose record value was
+    released was dead-lettered from the re-read element alone, without the envelope's
+    own context and integrations it was mapped with, so a replay mapped it otherwise
+    (no last-seen IP, no Engage audience priority). It is decoded as it was processed."""
+    raw = orjson.dumps({
+        "context": {"ip": "203.0.113.9", "personas": {"computation_class": "audience"}},
+        "integrations": {"All": True},
+        "batch": [{"type": "identify", "userId": "u1", "traits": {"vip": True}}],
+    })  # fmt: skip
+    message = _message(None, index=0)
+    message.record.released = True
+
+    async def read(topic: str, partition: int, offset: int) -> bytes | None:
+        return raw
+
+    producer = Producer()
+    await DeadLetterWriter(producer, "dlq", read, retry=FAST).write(message, Failure("x", "y"))
+    written = orjson.loads(producer.sent[0]["value"])
+    assert written["context"]["ip"] == "203.0.113.9"
+    assert written["context"]["personas"] == {"computation_class": "audience"}
+    assert written["integrations"] == {"All": True}
+    assert written["traits"] == {"vip": True}
+
+
 async def test_the_dead_letter_topic_is_checked_at_start_up_without_creating_it() -> None:
     broker = LocalBroker(auto_create_topics=True)  # as Kafka's default, and Tansu
     broker.create_topic("dlq", partitions=2)
