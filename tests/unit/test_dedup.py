@@ -72,6 +72,12 @@ def test_the_filter_before_the_sealed_slices_never_hides_an_id() -> None:
     assert len(kept) >= 5
     assert all(f"s{s}-{n}" in ids for s in kept for n in range(2500))
     assert sum(f"new-{n}" in ids for n in range(10_000)) == 0
+    # A forgotten slice is counted out of the filter, not left in it (nor rebuilt).
+    clock.now = 10_000.0
+    ids.add("late")  # every slice kept so far is past the window now
+    clock.now = 10_100.0
+    assert "late" in ids
+    assert sum(ids._bloom) <= 4  # only "late"'s counters are left
 
 
 def test_an_id_costs_about_eight_bytes_once_its_slice_is_sealed() -> None:
