@@ -155,21 +155,21 @@ class ModelGist:
             batch["result"] = failed
 
     def _status(self, batch: dict[str, Any]) -> dict[str, Any]:
-        contacts = batch["contacts"]
-        failed = batch["result"]
-        shape = "objects"
-        if self.mode == "odd":
-            shape = self.rng.choice(["objects", "strings", "omitted"])
-        errors: list[Any] = {
-            "objects": [{"index": i, "message": "invalid email"} for i in failed],
-            "strings": [f"contact {i}: invalid email" for i in failed],
-            "omitted": [],
-        }[shape]
-        return {
-            "status": "COMPLETED",
-            "imported_contacts": len(contacts) - len(failed),
-            "errors": errors,
-        }
+        return completed_status(self.rng, self.mode, len(batch["contacts"]), batch["result"])
+
+
+def completed_status(
+    rng: random.Random, mode: str, contacts: int, failed: list[int]
+) -> dict[str, Any]:
+    """A COMPLETED batch status with its failed contacts' errors, in the shape the mode
+    asks (``odd``: objects, plain strings or none at all, at random)."""
+    shape = rng.choice(["objects", "strings", "omitted"]) if mode == "odd" else "objects"
+    errors: list[Any] = {
+        "objects": [{"index": i, "message": "invalid email"} for i in failed],
+        "strings": [f"contact {i}: invalid email" for i in failed],
+        "omitted": [],
+    }[shape]
+    return {"status": "COMPLETED", "imported_contacts": contacts - len(failed), "errors": errors}
 
 
 @dataclass

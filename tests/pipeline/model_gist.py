@@ -50,6 +50,7 @@ import httpx
 import orjson
 
 from destination.devtools.sandbox._store import ApiError, Store
+from tests.pipeline.harness import completed_status
 
 FATES = {
     "healthy": {"ok": 1.0},
@@ -366,20 +367,7 @@ class SandboxGist:
                 batch.failed_indices.append(index)
 
     def _completed(self, batch: ModelBatch) -> dict[str, Any]:
-        failed = batch.failed_indices
-        shape = "objects"
-        if self.mode == "odd":
-            shape = self.rng.choice(["objects", "strings", "omitted"])
-        errors: list[Any] = {
-            "objects": [{"index": i, "message": "invalid email"} for i in failed],
-            "strings": [f"contact {i}: invalid email" for i in failed],
-            "omitted": [],
-        }[shape]
-        return {
-            "status": "COMPLETED",
-            "imported_contacts": len(batch.contacts) - len(failed),
-            "errors": errors,
-        }
+        return completed_status(self.rng, self.mode, len(batch.contacts), batch.failed_indices)
 
     # --- what the invariants ask ----------------------------------------------------------
     def batches_with(self, identity: str) -> list[ModelBatch]:
