@@ -45,7 +45,7 @@ from destination.kafka_security import kafka_security as kafka_security  # re-ex
 from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.observability.health import HealthServer
-from destination.pipeline.consume import FlowLimits, StreamConsumer, sticky_assignor
+from destination.pipeline.consume import SEND_THROUGH, FlowLimits, StreamConsumer, sticky_assignor
 from destination.pipeline.dead_letter import (
     DeadLetterTopicError,
     DeadLetterWriter,
@@ -327,9 +327,10 @@ class Worker:
                 auto_offset_reset=settings.kafka_auto_offset_reset,
                 max_poll_records=settings.kafka_max_poll_records,
                 session_timeout_ms=settings.kafka_session_timeout_ms,
-                # Kafka must wait for the revocation (REBALANCE_TIMEOUT for requests on
-                # the wire) before it expels this member.
-                rebalance_timeout_ms=int((settings.rebalance_timeout + 10) * 1000),
+                # Kafka must not expel this member while it sends through a rebalance
+                # (SEND_THROUGH), nor before the requests then on the wire answer
+                # (REBALANCE_TIMEOUT); 5 s for a heartbeat interval and the join itself.
+                rebalance_timeout_ms=int((SEND_THROUGH + settings.rebalance_timeout + 5) * 1000),
                 # A member keeps the partitions it had through a rebalance; the group
                 # falls back on aiokafka's default while an older worker (which names
                 # only that) is in it, as during a rolling upgrade.

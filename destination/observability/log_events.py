@@ -15,6 +15,7 @@ GIST_RETRYING = "gist.retrying"
 GIST_REQUEST = "gist.request"  # DEBUG, one per request: endpoint and status, no values
 PARTITIONS_ASSIGNED = "kafka.partitions_assigned"
 PARTITIONS_REVOKED = "kafka.partitions_revoked"
+REBALANCE_SLOW = "kafka.rebalance_slow"  # sending stopped: the rejoin took SEND_THROUGH
 COMMIT_FAILED = "kafka.commit_failed"
 HAND_OVER_FAILED = "kafka.hand_over_failed"
 COMMITTED_UNKNOWN = "kafka.committed_offset_unknown"

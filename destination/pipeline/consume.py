@@ -14,15 +14,19 @@ re-applied on every turn, since aiokafka forgets pauses on a rebalance.
 Offsets are committed only up to the first record not finished, and a record finishes
 only once it is sealed (all its messages opened) and each of them has ended.
 
-A rebalance keeps what stays. On a revocation (every partition, in aiokafka's eager
-protocol) nothing more is opened or sent for the partitions; requests on the wire get
-``REBALANCE_TIMEOUT`` to answer, what ended is committed and what Gist confirmed handed
-over, and the callback returns: the group rejoins within seconds. The consumer names a
-sticky assignor (``sticky_assignor``), so a member keeps the partitions it had: on the
-assignment those go on where they were, their work kept and nothing read again; those
-that went to another member are abandoned (nothing was sent for them since the
-revocation; the new owner reads again what did not end); new ones start from the
-group's commit.
+A rebalance keeps what stays, and costs no budget while the group rejoins. On a
+revocation (every partition, in aiokafka's eager protocol) nothing more is opened for the
+partitions and what ended is committed, but what was opened goes on being sent while the
+group rejoins (seconds): only the assignment says which partitions go, and a member is
+not replaced before it has rejoined. The consumer names a sticky assignor
+(``sticky_assignor``), so a member keeps the partitions it had: on the assignment those
+go on where they were, their work kept and nothing read again; those that went to
+another member stop at once, their requests on the wire get ``REBALANCE_TIMEOUT`` to
+answer, what Gist confirmed is handed over (de-duplication ids, contact memory) and the
+rest abandoned (the new owner reads again what did not end); new ones start from the
+group's commit. Should the rejoin take longer than ``send_through`` (Kafka could then
+expel this member and give its partitions away), sending stops as if the partitions went,
+until the assignment says otherwise.
 """
 
 from __future__ import annotations
@@ -65,6 +69,11 @@ log = structlog.get_logger(__name__)
 
 OPEN_AT_ONCE = 500
 """Messages opened before the consume loop yields to the event loop (a few ms of work)."""
+
+SEND_THROUGH = 20.0
+"""Seconds after a revocation that its partitions' opened work goes on being sent while
+the group rejoins (see the module docstring); the worker gives Kafka a rebalance timeout
+past it, so that this member is never expelled (its partitions given away) while it sends."""
 
 
 class KafkaConsumer(Protocol):
@@ -249,6 +258,7 @@ class StreamConsumer:
         on_share: Callable[[int, int], None] = lambda owned, total: None,
         dedup: Dedup | None = None,
         suppressions: Suppressions | None = None,
+        send_through: float = SEND_THROUGH,
     ) -> None:
         """``on_share(owned, total)`` is told this worker's share of the partitions after
         every change (the rate limiter takes as much of the budget)."""
@@ -270,6 +280,9 @@ class StreamConsumer:
         self._intakes: dict[TopicPartition, _Intake] = {}
         self._draining: set[TopicPartition] = set()
         self._suspended: set[TopicPartition] = set()  # a rebalance decides: open nothing
+        self.send_through = send_through
+        self._rebalancing: asyncio.Task[None] | None = None  # the send-through deadline
+        self._sending_stopped = False  # it passed: sending stopped until the assignment
         self.assigned_once = asyncio.Event()
 
     def subscribe(self) -> None:
@@ -278,6 +291,7 @@ class StreamConsumer:
     def stop(self) -> None:
         """Stop fetching; the loop returns after its current turn."""
         self._stopping = True
+        self._end_send_through()
 
     # --- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -502,8 +516,10 @@ class StreamConsumer:
                 {tp: OffsetAndMetadata(o, "") for tp, (_, o) in offsets.items()}
             )
         except KafkaError as exc:
-            # A rebalance under way: the next owner starts from the last good commit.
-            log.warning(log_events.COMMIT_FAILED, error=type(exc).__name__)
+            # A rebalance under way: the next owner starts from the last good commit
+            # (expected while the group rejoins: Kafka takes commits only until then).
+            report = log.info if self._rebalancing is not None else log.warning
+            report(log_events.COMMIT_FAILED, error=type(exc).__name__)
             return
         for tp, (work, offset) in offsets.items():
             work.committed = offset
@@ -571,10 +587,9 @@ class StreamConsumer:
     # --- rebalance --------------------------------------------------------------------
     async def on_revoked(self, revoked: set[Any]) -> None:
         """A rebalance began (aiokafka's eager protocol revokes every partition): open
-        nothing more of them and send nothing more for them until the assignment says
-        which stay; what is on the wire gets ``REBALANCE_TIMEOUT`` to answer
-        (``Delivery.suspend``); what ended is committed, and what Gist confirmed handed
-        over, in case they go."""
+        nothing more of them until the assignment says which stay, and commit what
+        ended; what was opened goes on being sent while the group rejoins, for
+        ``send_through`` seconds at most (``_stop_sending_through``)."""
         works = [
             w
             for tp in revoked
@@ -582,23 +597,53 @@ class StreamConsumer:
         ]
         if works:
             self._suspended.update(w.tp for w in works)
-            await self.delivery.suspend(works)
             await self.commit(works)
-            await self.delivery.hand_over(works, leaving=False)
+            self._end_send_through()
+            self._sending_stopped = False
+            self._rebalancing = asyncio.create_task(self._stop_sending_through(works))
         log.info(
             log_events.PARTITIONS_REVOKED,
             partitions=sorted(f"{w.tp.topic}:{w.tp.partition}" for w in works),
             open=self.ledger.open_in(works),
         )
 
+    async def _stop_sending_through(self, works: list[PartitionWork]) -> None:
+        """The rejoin took ``send_through``: Kafka may expel this member soon and give its
+        partitions to another, so nothing more is sent for them (requests on the wire get
+        ``REBALANCE_TIMEOUT`` to answer, ``Delivery.suspend``), what ended is committed and
+        what Gist confirmed handed over, as if they went; the assignment resumes those
+        that stay."""
+        await asyncio.sleep(self.send_through)
+        self._sending_stopped = True
+        works = [w for w in works if not w.revoked]
+        log.warning(log_events.REBALANCE_SLOW, seconds=self.send_through, partitions=len(works))
+        await self.delivery.suspend(works)
+        await self.commit(works)
+        await self.delivery.hand_over(works, leaving=False)
+
+    def _end_send_through(self) -> asyncio.Task[None] | None:
+        """Cancel the send-through deadline unless it already passed; returns the task
+        still stopping the sending, if any (to be awaited before the assignment acts)."""
+        task, self._rebalancing = self._rebalancing, None
+        if task is None or task.done():
+            return None
+        if not self._sending_stopped:
+            task.cancel()
+            return None
+        return task
+
     async def on_assigned(self, assigned: set[Any]) -> None:
         """The new assignment: partitions that stayed go on where they were (their work
-        kept, nothing read again); those that went are abandoned (nothing was sent for
-        them since the revocation; the new owner reads what did not end again); new
-        ones start from the group's commit."""
+        kept, nothing read again); those that went stop sending at once, their requests on
+        the wire answer, what Gist confirmed is handed over and the rest abandoned (the
+        new owner reads what did not end again); new ones start from the group's
+        commit."""
         wanted = {TopicPartition(tp.topic, tp.partition) for tp in assigned}
         lost = [w for tp, w in self.ledger.partitions.items() if tp not in wanted]
         kept = [w for tp, w in self.ledger.partitions.items() if tp in wanted]
+        for work in lost:  # before any await: not one more request for them from here
+            work.sending.clear()
+        stopping = self._end_send_through()
         # New partitions get their intake before the first await: the consumer fetches
         # them from the group's commit as soon as the assignment is installed, while
         # this callback may still be waiting (on Redis, on a hand-over), and a record
@@ -615,7 +660,11 @@ class StreamConsumer:
                 self._draining.discard(key)
                 self._suspended.add(key)
         try:
+            if stopping is not None:
+                with contextlib.suppress(Exception):
+                    await stopping
             if lost:
+                await self.delivery.suspend(lost)
                 await self._abandon(lost)
             if kept:
                 self._suspended.difference_update(w.tp for w in kept)

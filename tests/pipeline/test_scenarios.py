@@ -20,6 +20,7 @@ from destination.pipeline import consume
 from destination.pipeline.inflight import Ledger
 from destination.settings import load_settings
 from destination.worker import EXIT_CONFIG, Worker
+from tests.contract.backends import Member
 from tests.pipeline.harness import (
     Group,
     ModelGist,
@@ -342,6 +343,106 @@ async def test_a_revoked_partition_sends_nothing_more_from_its_old_owner() -> No
     second.request_stop()
     assert await first_task == 0
     assert await second_task == 0
+
+
+class _SlowToRejoin(Member):
+    """A group member whose revocation takes ``delay`` seconds (so the group's rejoin
+    does), counting the event requests Gist received meanwhile."""
+
+    def __init__(self, broker: Any, group_id: str, seen: list[Any]) -> None:
+        from destination.devtools.local_kafka import LocalConsumer
+
+        super().__init__(
+            "slow",
+            LocalConsumer(
+                broker,
+                group_id=group_id,
+                client_id="slow",
+                partition_assignment_strategy=(consume.sticky_assignor(),),
+            ),
+        )
+        self.seen = seen
+        self.delay = 0.0
+        self.during: list[int] = []  # requests received while it held the rejoin
+        self.opened = asyncio.Event()
+
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        await super().on_partitions_revoked(revoked)
+        if revoked and self.delay:
+            self.opened.set()  # the gate opens as the rebalance begins
+            await asyncio.sleep(0.1)  # what was on the wire has answered by now
+            before = len(self.seen)
+            await asyncio.sleep(self.delay)
+            self.during.append(len(self.seen) - before)
+
+
+async def _rejoin_slowly(send_through: float) -> tuple[Any, ...]:
+    """A worker with 40 tracks in each of two partitions held at Gist's door; a slow
+    member joins and takes one (sticky: the worker keeps the other); a rebalance whose
+    rejoin the slow member holds 1.5 s; the gate opens as it begins. Returns (event
+    requests during the rejoin, the kept partition's users in event requests, their
+    prefix)."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = ModelGist(__import__("random").Random(7))
+    gate = asyncio.Event()
+    seen: list[Any] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/events":
+            await gate.wait()
+            seen.append(orjson.loads(request.content)["user_id"])
+        return gist(request)
+
+    group = Group(broker, topic, dlq, gist, rebalance_timeout=0.3)
+    for partition in (0, 1):
+        tracks = [(b"k", track(f"p{partition}-{i}")) for i in range(40)]
+        await produce(broker, topic, tracks, partition=partition)
+    worker = Worker(
+        load_settings(**group.settings),
+        group.mapper,
+        "model-key",
+        kafka=LocalKafkaClients(broker),
+        gist_transport=httpx.MockTransport(answer),
+    )
+    task = asyncio.create_task(worker.serve())
+    await until(lambda: worker.stream is not None and bool(worker.stream.ledger.partitions))
+    assert worker.stream is not None
+    worker.stream.send_through = send_through
+    slow = _SlowToRejoin(broker, group.settings["kafka_group_id"], seen)
+    await slow.join(topic)
+    await broker.wait_stable(group.settings["kafka_group_id"])
+    (kept,) = [tp.partition for tp in worker.stream.ledger.partitions]  # sticky: one kept
+    slow.delay = 1.5
+    broker.rebalance(group.settings["kafka_group_id"])
+    await slow.opened.wait()
+    gate.set()
+    await broker.wait_stable(group.settings["kafka_group_id"])
+    mine = f"p{kept}-"
+    await until(lambda: sum(1 for u in seen if u.startswith(mine)) >= 40, within=20)
+    worker.request_stop()
+    assert await task == 0
+    await slow.consumer.stop()
+    return slow.during, sorted(u for u in seen if u.startswith(mine)), mine
+
+
+async def test_a_member_goes_on_sending_while_the_group_rejoins() -> None:
+    """Regression (issue 18, a rolling restart at 62 % of the budget): at a revocation
+    the worker stopped sending until the assignment, and each rejoin (5-10 s on Tansu,
+    a heartbeat interval and more on Kafka) sent nothing at all. Now what was opened goes
+    on being sent while the group rejoins; the partition kept, nothing is read again."""
+    during, seen, mine = await _rejoin_slowly(send_through=20.0)
+    assert during and during[0] >= 20, during  # most of the 40 went out during the rejoin
+    assert seen == sorted(f"{mine}{i}" for i in range(40))  # each once
+
+
+async def test_sending_through_a_rejoin_stops_after_send_through() -> None:
+    """A rejoin longer than SEND_THROUGH: Kafka could expel the member and give its
+    partitions away, so sending stops (as if they went) until the assignment, which
+    resumes the partition kept: nothing lost, nothing sent twice."""
+    during, seen, mine = await _rejoin_slowly(send_through=0.0)
+    assert during[0] == 0, during  # nothing sent while the slow member held the rejoin
+    assert seen == sorted(f"{mine}{i}" for i in range(40))
 
 
 async def test_a_missing_dead_letter_topic_stops_start_up_with_a_clear_error(
