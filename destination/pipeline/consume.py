@@ -283,6 +283,7 @@ class StreamConsumer:
         self.send_through = send_through
         self._rebalancing: asyncio.Task[None] | None = None  # the send-through deadline
         self._sending_stopped = False  # it passed: sending stopped until the assignment
+        self._rejoining = False  # between a revocation and the assignment: no commits
         self.assigned_once = asyncio.Event()
 
     def subscribe(self) -> None:
@@ -503,12 +504,22 @@ class StreamConsumer:
 
     # --- commits ----------------------------------------------------------------------
     async def commit(self, partitions: list[PartitionWork] | None = None) -> None:
-        """Commit, for each partition, the offset below which every record ended."""
+        """Commit, for each partition, the offset below which every record ended; not
+        while the group rejoins (between a revocation and the assignment): a commit then
+        reaches Kafka with a generation about to change or just changed, is refused
+        (``IllegalGeneration``, ``RebalanceInProgress``) and makes aiokafka rejoin once
+        more, a whole second rebalance."""
+        if self._rejoining:
+            return
         offsets = {}
+        assigned = self.consumer.assignment()  # a partition that went is not committed
         for work in partitions if partitions is not None else list(self.ledger.partitions.values()):
             offset = work.offsets.committable()
-            if offset is not None and offset != work.committed and not work.revoked:
-                offsets[KafkaTopicPartition(*work.tp)] = (work, offset)
+            tp = KafkaTopicPartition(*work.tp)
+            if offset is None or offset == work.committed:
+                continue
+            if not work.revoked and tp in assigned:
+                offsets[tp] = (work, offset)
         if not offsets:
             return
         try:
@@ -516,10 +527,8 @@ class StreamConsumer:
                 {tp: OffsetAndMetadata(o, "") for tp, (_, o) in offsets.items()}
             )
         except KafkaError as exc:
-            # A rebalance under way: the next owner starts from the last good commit
-            # (expected while the group rejoins: Kafka takes commits only until then).
-            report = log.info if self._rebalancing is not None else log.warning
-            report(log_events.COMMIT_FAILED, error=type(exc).__name__)
+            # A rebalance under way: the next owner starts from the last good commit.
+            log.warning(log_events.COMMIT_FAILED, error=type(exc).__name__)
             return
         for tp, (work, offset) in offsets.items():
             work.committed = offset
@@ -598,6 +607,7 @@ class StreamConsumer:
         if works:
             self._suspended.update(w.tp for w in works)
             await self.commit(works)
+            self._rejoining = True
             self._end_send_through()
             self._sending_stopped = False
             self._rebalancing = asyncio.create_task(self._stop_sending_through(works))
@@ -618,7 +628,6 @@ class StreamConsumer:
         works = [w for w in works if not w.revoked]
         log.warning(log_events.REBALANCE_SLOW, seconds=self.send_through, partitions=len(works))
         await self.delivery.suspend(works)
-        await self.commit(works)
         await self.delivery.hand_over(works, leaving=False)
 
     def _end_send_through(self) -> asyncio.Task[None] | None:
@@ -643,6 +652,7 @@ class StreamConsumer:
         kept = [w for tp, w in self.ledger.partitions.items() if tp in wanted]
         for work in lost:  # before any await: not one more request for them from here
             work.sending.clear()
+        self._rejoining = False
         stopping = self._end_send_through()
         # New partitions get their intake before the first await: the consumer fetches
         # them from the group's commit as soon as the assignment is installed, while
