@@ -72,6 +72,9 @@ class KafkaClients:
     def consumer(self, **options: Any) -> Any:
         from aiokafka import AIOKafkaConsumer
 
+        from destination import kafka_join
+
+        kafka_join.install()  # one JoinGroup naming every assignor (see the module)
         return AIOKafkaConsumer(**options)
 
     def producer(self, **options: Any) -> Any:
@@ -333,7 +336,8 @@ class Worker:
                 rebalance_timeout_ms=int((SEND_THROUGH + settings.rebalance_timeout + 5) * 1000),
                 # A member keeps the partitions it had through a rebalance; the group
                 # falls back on aiokafka's default while an older worker (which names
-                # only that) is in it, as during a rolling upgrade.
+                # only that) is in it, as during a rolling upgrade (one JoinGroup naming
+                # both: ``kafka_join``).
                 partition_assignment_strategy=(sticky_assignor(), RoundRobinPartitionAssignor),
                 **security,
             )

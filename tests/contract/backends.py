@@ -15,11 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from destination.devtools.broker import create_topics
 from destination.devtools.local_kafka import LocalBroker, LocalConsumer, LocalProducer
+from destination.worker import KafkaClients
 
 
 def unique(prefix: str) -> str:
@@ -149,7 +150,11 @@ class RealBackend(KafkaBackend):
         options.setdefault("heartbeat_interval_ms", 300)
         options.setdefault("session_timeout_ms", 6000)
         options.setdefault("fetch_max_wait_ms", 100)
-        return AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group_id, **options)
+        # The worker's factory: aiokafka's consumer, with its group join fixed
+        # (``destination.kafka_join``).
+        return KafkaClients().consumer(
+            bootstrap_servers=self.bootstrap, group_id=group_id, **options
+        )
 
     def allow_auto_create(self) -> None:
         pass  # the real broker here always auto-creates

@@ -1,0 +1,67 @@
+"""The worker's group join on a real broker: aiokafka 0.14.0 sent one JoinGroup per
+assignor, the first naming only the sticky one (``destination.kafka_join``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiokafka
+import pytest
+from aiokafka.consumer import group_coordinator
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.structs import TopicPartition
+
+from destination import kafka_join
+from destination.devtools.broker import create_topics
+from destination.pipeline.consume import sticky_assignor
+from destination.worker import KafkaClients
+from tests.integration.harness import unique
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_fix_is_installed_over_the_locked_aiokafka() -> None:
+    """When this fails, aiokafka was upgraded: check whether the new version still sends
+    one JoinGroup per assignor (aio-libs/aiokafka#1168); if it does, copy its
+    ``perform_group_join`` into ``destination.kafka_join`` with the fix and add the
+    version to ``FIXED_VERSIONS``; if not, delete the module."""
+    assert aiokafka.__version__ in kafka_join.FIXED_VERSIONS
+    assert kafka_join.install()
+    rebalance = group_coordinator.CoordinatorGroupRebalance
+    assert rebalance.perform_group_join is kafka_join.perform_group_join
+
+
+async def test_a_consumer_naming_two_assignors_joins_with_one_request_naming_both(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: each join and rejoin took two JoinGroup rounds (10 s on Tansu instead
+    of 5: a failover's takeover 20-23 s), and the first named only the sticky assignor,
+    which Kafka refuses in a group of older workers naming only round-robin."""
+    sent: list[list[str]] = []
+    original = group_coordinator.GroupCoordinator._send_req
+
+    async def recording(self: Any, request: Any) -> Any:
+        if type(request).__name__ == "JoinGroupRequest":
+            sent.append([name for name, _ in request._group_protocols])
+        return await original(self, request)
+
+    monkeypatch.setattr(group_coordinator.GroupCoordinator, "_send_req", recording)
+    topic = unique("join")
+    await create_topics(kafka_bootstrap, [topic], 2)
+    consumer = KafkaClients().consumer(
+        bootstrap_servers=kafka_bootstrap,
+        group_id=unique("group"),
+        enable_auto_commit=False,
+        partition_assignment_strategy=(sticky_assignor(), RoundRobinPartitionAssignor),
+    )
+    consumer.subscribe([topic])
+    await consumer.start()
+    try:
+        assert consumer.assignment() == {TopicPartition(topic, 0), TopicPartition(topic, 1)}
+    finally:
+        await consumer.stop()
+    # A first request answered MEMBER_ID_REQUIRED (KIP-394) and the join itself, both
+    # naming both assignors in the order of preference; none naming only the first.
+    assert sent
+    assert all(names == ["sticky", "roundrobin"] for names in sent), sent
+    assert len(sent) <= 2, sent
