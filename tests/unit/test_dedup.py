@@ -237,3 +237,34 @@ def test_shared_ids_hash_the_same_in_every_process() -> None:
         )
         seen.add(out.stdout.strip())
     assert seen == {str(id_hash("ajs-msg-0001"))}
+
+
+async def test_a_delivered_id_goes_to_redis_in_the_same_turn_not_later() -> None:
+    """Regression (issue 18's failover, 1 event sent twice with Redis in 3 runs): ids were
+    gathered for 50 ms before the write, so a process killed within 50 ms of Gist's
+    confirmation left the next owner nothing to skip. Ids added in one turn go in one
+    write, started at once."""
+    from destination.pipeline.dedup import SharedIds
+
+    written: list[tuple[str, ...]] = []
+
+    class Pipe:
+        def sadd(self, key: str, *members: str) -> None:
+            written.append(members)
+
+        def expire(self, key: str, seconds: int) -> None:
+            pass
+
+        async def execute(self) -> None:
+            pass
+
+    class Redis:
+        def pipeline(self, transaction: bool = True) -> Pipe:
+            return Pipe()
+
+    ids = SharedIds(Redis(), "p", window=3600.0, timeout=1.0)
+    ids.add("a")
+    ids.add("b")
+    for _ in range(3):  # a few turns of the event loop, no time passing
+        await asyncio.sleep(0)
+    assert written == [(format(id_hash("a"), "x"), format(id_hash("b"), "x"))]
