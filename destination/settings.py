@@ -144,6 +144,12 @@ class Settings(BaseSettings):
     rebalance_timeout: float = Field(
         5.0, ge=0, description="seconds a revocation waits for requests on the wire to answer"
     )
+    rebalance_send_through: float = Field(
+        20.0,
+        ge=0,
+        le=600,
+        description="seconds opened work goes on being sent while the group rejoins",
+    )
 
     # --- operation ---
     metrics_host: str = "0.0.0.0"

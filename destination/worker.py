@@ -45,7 +45,7 @@ from destination.kafka_security import kafka_security as kafka_security  # re-ex
 from destination.mapping import Mapper
 from destination.observability import log_events, metrics
 from destination.observability.health import HealthServer
-from destination.pipeline.consume import SEND_THROUGH, FlowLimits, StreamConsumer, sticky_assignor
+from destination.pipeline.consume import FlowLimits, StreamConsumer, sticky_assignor
 from destination.pipeline.dead_letter import (
     DeadLetterTopicError,
     DeadLetterWriter,
@@ -331,9 +331,11 @@ class Worker:
                 max_poll_records=settings.kafka_max_poll_records,
                 session_timeout_ms=settings.kafka_session_timeout_ms,
                 # Kafka must not expel this member while it sends through a rebalance
-                # (SEND_THROUGH), nor before the requests then on the wire answer
+                # (REBALANCE_SEND_THROUGH), nor before the requests then on the wire answer
                 # (REBALANCE_TIMEOUT); 5 s for a heartbeat interval and the join itself.
-                rebalance_timeout_ms=int((SEND_THROUGH + settings.rebalance_timeout + 5) * 1000),
+                rebalance_timeout_ms=int(
+                    (settings.rebalance_send_through + settings.rebalance_timeout + 5) * 1000
+                ),
                 # A member keeps the partitions it had through a rebalance; the group
                 # falls back on aiokafka's default while an older worker (which names
                 # only that) is in it, as during a rolling upgrade (one JoinGroup naming
@@ -359,6 +361,7 @@ class Worker:
                 on_share=limiter.set_share,
                 dedup=self.dedup,
                 suppressions=self.suppressions if settings.suppress_deleted_days > 0 else None,
+                send_through=settings.rebalance_send_through,
             )
             self.stream.subscribe()
             # aiokafka's start waits for the group's first assignment, without end if the

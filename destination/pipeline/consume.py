@@ -72,8 +72,9 @@ OPEN_AT_ONCE = 500
 
 SEND_THROUGH = 20.0
 """Seconds after a revocation that its partitions' opened work goes on being sent while
-the group rejoins (see the module docstring); the worker gives Kafka a rebalance timeout
-past it, so that this member is never expelled (its partitions given away) while it sends."""
+the group rejoins, by default (``REBALANCE_SEND_THROUGH``; see the module docstring); the
+worker gives Kafka a rebalance timeout past it, so that this member is never expelled
+(its partitions given away) while it sends. 0: sending stops at the revocation."""
 
 
 class KafkaConsumer(Protocol):
