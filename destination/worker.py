@@ -490,7 +490,9 @@ class Worker:
         try:
             # aiokafka retries finding the group coordinator for as long as it is asked
             # to: a broker gone must not keep the worker from ending.
-            await asyncio.wait_for(stream.commit(), self._closing_step())
+            # Released: nothing more is sent, and the next owner's share need not wait
+            # a whole window (without Redis).
+            await asyncio.wait_for(stream.commit(release=True), self._closing_step())
         except TimeoutError:
             log.warning(log_events.COMMIT_FAILED, error="timeout at shutdown")
         try:

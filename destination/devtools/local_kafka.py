@@ -895,6 +895,20 @@ class LocalConsumer:
         if formatted:
             self._broker._commit(self, formatted)
 
+    async def committed_offsets(self, partitions: Iterable[Any]) -> dict[Any, OffsetAndMetadata]:
+        """The group's last committed offset and metadata of each partition that has one
+        (aiokafka asks its group coordinator: ``pipeline.consume.committed_offsets``)."""
+        if self.group_id is None:
+            raise IllegalOperation("Requires group_id")
+        group = self._broker._groups.get(self.group_id)
+        found = {}
+        for tp in partitions:
+            self._broker._log(tp)
+            meta = group.committed.get(tp) if group else None
+            if meta is not None:
+                found[tp] = OffsetAndMetadata(int(meta.offset), meta.metadata)
+        return found
+
     async def committed(self, partition: Any) -> int | None:
         """The group's last committed offset for the partition, None if never."""
         if self.group_id is None:

@@ -31,7 +31,9 @@ less ``RESERVE`` (kept for starting replicas' key checks). A share that *grows* 
 only one window later (until then, the lowest of the new share and any limit in force
 during the last window): the other replicas' past requests, made under their old, larger
 shares, must age out first. That includes a replica's start: it waits one window after
-its first assignment. Before any assignment a replica has ``RESERVE`` for its start-up
+its first assignment. Partitions their previous owner *released* (it stopped, and said
+when in the group's committed offsets: ``pipeline.consume``) wait only until a window
+after that moment. Before any assignment a replica has ``RESERVE`` for its start-up
 calls.
 
 **Priorities.** Every request waits in the lane of its ``Priority``; priority decides only
@@ -386,12 +388,15 @@ class RateLimiter:
         if self._share is None:
             self._set_share_limit(min(RESERVE, self.rate.limit))
 
-    def set_share(self, owned: int, total: int) -> None:
+    def set_share(self, owned: int, total: int, quiet_since: float | None = None) -> None:
         """Take ``owned / total`` of the budget (less ``RESERVE``): the share of the
-        assigned partitions. A share that grows is used one window later."""
+        assigned partitions. A share that grows is used one window later; or, when
+        ``quiet_since`` (this limiter's clock) says since when the previous owners of
+        what it gains have sent nothing (they released it as they stopped), one window
+        after that: only their requests before it still count at Gist."""
         budget = max(1, self.rate.limit - RESERVE) if self.rate.limit > RESERVE else 1
         target = 0 if total <= 0 or owned <= 0 else max(1, budget * owned // total)
-        self._set_share_limit(target)
+        self._set_share_limit(target, quiet_since)
 
     def hold(self, limit: int) -> None:
         """Keep to at most ``limit`` requests per window for one window (a shared view of
@@ -400,28 +405,31 @@ class RateLimiter:
         self._hold(now, max(0, limit))
         self._apply(now)
 
-    def _hold(self, now: float, limit: int) -> None:
-        """Hold to ``limit`` for a window from now; a hold in force keeps its stricter
-        limit and the later end."""
-        until = now + self._span
+    def _hold(self, now: float, limit: int, until: float | None = None) -> None:
+        """Hold to ``limit`` for a window from now (or ``until``); a hold in force keeps
+        its stricter limit and the later end."""
+        until = now + self._span if until is None else until
         if self._held is not None and now < self._held[0]:
             until = max(until, self._held[0])
             limit = min(limit, self._held[1])
         self._held = (until, limit)
 
-    def _set_share_limit(self, target: int) -> None:
+    def _set_share_limit(self, target: int, quiet_since: float | None = None) -> None:
         now = self._clock()
         self._update(now)
         recent = max([limit for _, limit in self._history] + [self._window.limit])
         self._share = target
-        if target > recent:
-            self._hold(now, recent)
+        until = now + self._span
+        if quiet_since is not None:
+            until = min(until, quiet_since + self._span)
+        if target > recent and until > now:
+            self._hold(now, recent, until)
             if recent <= RESERVE:
                 # A start (or a first partition): the window it holds is the previous
                 # owners'. Only CRITICAL calls take the reserve meanwhile; the first data
                 # request waits for the share, rather than go and be followed by nothing
                 # for a window.
-                self._starting_until = now + self._span
+                self._starting_until = until
         self._apply(now)
 
     def _starting(self, now: float) -> bool:

@@ -70,6 +70,15 @@ log = structlog.get_logger(__name__)
 OPEN_AT_ONCE = 500
 """Messages opened before the consume loop yields to the event loop (a few ms of work)."""
 
+RELEASED = "gist-destination:released:"
+"""The metadata of a worker's last commit as it stops (then the Unix time): from that
+moment it sends nothing more for the partition. A new owner that reads it lets its
+share of the budget grow a window after it, not a window after the assignment (without
+Redis; ``RateLimiter.set_share``), and clears it with a commit of its own."""
+
+RELEASE_SKEW = 1.0
+"""Seconds added to a release's time for the clocks of two hosts."""
+
 SEND_THROUGH = 20.0
 """Seconds after a revocation that its partitions' opened work goes on being sent while
 the group rejoins, by default (``REBALANCE_SEND_THROUGH``; see the module docstring); the
@@ -256,13 +265,15 @@ class StreamConsumer:
         outcomes: Outcomes,
         limits: FlowLimits,
         clock: Any = time.monotonic,
-        on_share: Callable[[int, int], None] = lambda owned, total: None,
+        on_share: Callable[[int, int, float | None], None] = lambda owned, total, quiet: None,
         dedup: Dedup | None = None,
         suppressions: Suppressions | None = None,
         send_through: float = SEND_THROUGH,
     ) -> None:
-        """``on_share(owned, total)`` is told this worker's share of the partitions after
-        every change (the rate limiter takes as much of the budget)."""
+        """``on_share(owned, total, quiet_since)`` is told this worker's share of the
+        partitions after every change (the rate limiter takes as much of the budget), and
+        when the partitions it gained were released, since when (this clock) their
+        previous owners have sent nothing."""
         self.consumer = consumer
         self.topics = topics
         self.mapper = mapper
@@ -504,28 +515,38 @@ class StreamConsumer:
         return bool(assignment) and len(self.consumer.paused()) >= len(assignment)
 
     # --- commits ----------------------------------------------------------------------
-    async def commit(self, partitions: list[PartitionWork] | None = None) -> None:
+    async def commit(
+        self, partitions: list[PartitionWork] | None = None, release: bool = False
+    ) -> None:
         """Commit, for each partition, the offset below which every record ended; not
         while the group rejoins (between a revocation and the assignment): a commit then
         reaches Kafka with a generation about to change or just changed, is refused
         (``IllegalGeneration``, ``RebalanceInProgress``) and makes aiokafka rejoin once
-        more, a whole second rebalance."""
+        more, a whole second rebalance.
+
+        ``release``: this worker has stopped sending for good (shutdown); every partition
+        is committed, also at an unchanged offset, with the moment in its metadata, so
+        the next owner's share of the budget need not wait a whole window
+        (``RELEASED``)."""
         if self._rejoining:
             return
         offsets = {}
         assigned = self.consumer.assignment()  # a partition that went is not committed
         for work in partitions if partitions is not None else list(self.ledger.partitions.values()):
             offset = work.offsets.committable()
+            if release and offset is None:
+                offset = work.committed
             tp = KafkaTopicPartition(*work.tp)
-            if offset is None or offset == work.committed:
+            if offset is None or (offset == work.committed and not release):
                 continue
             if not work.revoked and tp in assigned:
                 offsets[tp] = (work, offset)
         if not offsets:
             return
+        metadata = f"{RELEASED}{time.time():.3f}" if release else ""
         try:
             await self.consumer.commit(
-                {tp: OffsetAndMetadata(o, "") for tp, (_, o) in offsets.items()}
+                {tp: OffsetAndMetadata(o, metadata) for tp, (_, o) in offsets.items()}
             )
         except KafkaError as exc:
             # A rebalance under way: the next owner starts from the last good commit.
@@ -663,6 +684,7 @@ class StreamConsumer:
         # nothing until the callback is done (suspended), so contact memory's take-over
         # comes first.
         fresh = []
+        quiet_since: float | None = None
         for tp in assigned:
             key = TopicPartition(tp.topic, tp.partition)
             if key not in self.ledger.partitions:
@@ -680,11 +702,11 @@ class StreamConsumer:
             if kept:
                 self._suspended.difference_update(w.tp for w in kept)
                 await self.delivery.resume(kept)
-            await self._load_committed(fresh)
+            quiet_since = await self._load_committed(fresh)
             await self.delivery.take_over([work for _, work in fresh])
         finally:  # whatever failed above, the partitions are this worker's to read
             self._suspended.difference_update(work.tp for _, work in fresh)
-        self._tell_share()
+        self._tell_share(quiet_since)
         self._apply_backpressure()
         self.assigned_once.set()
         log.info(
@@ -723,20 +745,23 @@ class StreamConsumer:
         if left:
             log.warning(log_events.PARTITION_WORK_ABANDONED, messages=left, steps=abandoned)
 
-    def _tell_share(self) -> None:
-        """This worker's share of the subscribed topics' partitions."""
+    def _tell_share(self, quiet_since: float | None = None) -> None:
+        """This worker's share of the subscribed topics' partitions (``quiet_since``:
+        see ``on_share``)."""
         total = 0
         for topic in self.topics:
             partitions = self.consumer.partitions_for_topic(topic)
             total += len(partitions) if partitions else 0
         owned = len(self.ledger.partitions)
-        self._on_share(owned, max(total, owned))
+        self._on_share(owned, max(total, owned), quiet_since)
 
-    async def _load_committed(self, fresh: list[tuple[Any, PartitionWork]]) -> None:
+    async def _load_committed(self, fresh: list[tuple[Any, PartitionWork]]) -> float | None:
         """Start each new partition's lag from the group's commit (or the log start), so
-        a worker that cannot deliver its first record still reports how far behind it is."""
+        a worker that cannot deliver its first record still reports how far behind it is.
+        Returns since when (this clock) the previous owners have sent nothing, when every
+        new partition was released (``RELEASED``), else None; the releases are cleared."""
         if not fresh:
-            return
+            return None
         try:
             starts = await self.consumer.beginning_offsets([tp for tp, _ in fresh])
             for tp, work in fresh:
@@ -744,6 +769,48 @@ class StreamConsumer:
                 work.committed = committed if committed is not None else starts.get(tp)
         except KafkaError as exc:
             log.warning(log_events.COMMITTED_UNKNOWN, error=type(exc).__name__)
+            return None
+        return await self._take_releases([tp for tp, _ in fresh])
+
+    async def _take_releases(self, partitions: list[Any]) -> float | None:
+        """The latest release of ``partitions`` if each has one (see ``_load_committed``),
+        cleared by a commit of the same offset, so it cannot outlive this ownership."""
+        try:
+            found = await committed_offsets(self.consumer, partitions)
+        except Exception as exc:  # an answer it cannot use: the share waits a window
+            log.warning(log_events.COMMITTED_UNKNOWN, error=type(exc).__name__)
+            return None
+        released: list[float] = []
+        claims = {}
+        for tp in partitions:
+            meta = found.get(tp)
+            text = (getattr(meta, "metadata", "") or "") if meta is not None else ""
+            if meta is None or not text.startswith(RELEASED):
+                return None
+            try:
+                released.append(float(text[len(RELEASED) :]))
+            except ValueError:
+                return None
+            claims[tp] = OffsetAndMetadata(meta.offset, "")
+        try:
+            await self.consumer.commit(claims)
+        except KafkaError as exc:
+            log.warning(log_events.COMMIT_FAILED, error=type(exc).__name__)
+        ago = max(0.0, time.time() - max(released))
+        return float(self._clock()) - ago + RELEASE_SKEW
+
+
+async def committed_offsets(consumer: Any, partitions: list[Any]) -> dict[Any, Any]:
+    """The group's committed ``OffsetAndMetadata`` of each partition that has one:
+    aiokafka's consumer offers only the offset (``committed``), so this asks its group
+    coordinator (aiokafka 0.14, as ``destination.kafka_join``); the in-memory twin has
+    ``committed_offsets``."""
+    own = getattr(consumer, "committed_offsets", None)
+    if own is not None:
+        return dict(await own(partitions))
+    coordinator = consumer._coordinator
+    found = await coordinator.fetch_committed_offsets(partitions)
+    return {tp: meta for tp, meta in found.items() if meta.offset >= 0}
 
 
 def sticky_assignor() -> type[Any]:

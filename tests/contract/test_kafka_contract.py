@@ -441,6 +441,27 @@ async def test_with_the_sticky_assignor_members_keep_what_they_had(
     assert b.last_assigned() >= b_had
 
 
+async def test_committed_metadata_is_read_back_with_the_offset(backend: KafkaBackend) -> None:
+    """A stopping worker's last commit says in its metadata when it released the
+    partition (``pipeline.consume.RELEASED``); aiokafka's consumer returns only offsets,
+    so the next owner asks the group coordinator for both (``committed_offsets``)."""
+    from destination.pipeline.consume import RELEASED, committed_offsets
+
+    topic = await backend.topic(partitions=2)
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    member = Member("a", backend.consumer(unique("group")))
+    await member.join(topic)
+    await poll_until(backend, [member], lambda: bool(member.last_assigned()), "A to own both")
+    assert await committed_offsets(member.consumer, [p0, p1]) == {}  # nothing committed yet
+    released = f"{RELEASED}1765000000.5"
+    await member.consumer.commit({p0: OffsetAndMetadata(0, released)})
+    found = await committed_offsets(member.consumer, [p0, p1])
+    assert set(found) == {p0}
+    assert found[p0].offset == 0
+    backend.differs_on_tansu("its OffsetFetch answers every commit's metadata as empty")
+    assert found[p0].metadata == released
+
+
 async def test_a_worker_naming_the_sticky_assignor_joins_a_group_of_older_ones(
     backend: KafkaBackend,
 ) -> None:

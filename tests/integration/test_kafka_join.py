@@ -65,3 +65,4 @@ async def test_a_consumer_naming_two_assignors_joins_with_one_request_naming_bot
     assert sent
     assert all(names == ["sticky", "roundrobin"] for names in sent), sent
     assert len(sent) <= 2, sent
+

@@ -455,6 +455,38 @@ async def test_sending_through_a_rejoin_stops_after_send_through() -> None:
     assert seen == sorted(f"{mine}{i}" for i in range(40))
 
 
+async def test_a_replica_taking_released_partitions_uses_its_share_without_a_window() -> None:
+    """Regression (issue 18, a rolling restart without Redis at 73 % of the budget): a
+    replica that took partitions held its share of the budget for a whole window after
+    its assignment, even when their previous owner had stopped long before. A stopping
+    worker's last commit now says when it released them; the next owner's share grows a
+    window after that. A killed owner releases nothing: its successor waits a window."""
+    from destination.gist._limiter import RESERVE
+    from destination.pipeline.consume import RELEASED
+
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = ModelGist(__import__("random").Random(8))
+    group = Group(broker, topic, dlq, gist, gist_rate_window=1.0)
+    await produce(broker, topic, [(f"u{i}".encode(), track(f"u{i}")) for i in range(4)])
+    await group.start_worker()
+    await group.until_committed(within=10)
+    assert await group.stop_worker(1) == 0
+    tps = [TopicPartition(topic, p) for p in range(2)]
+    group_offsets = broker._groups[group.group_id].committed
+    assert all(group_offsets[tp].metadata.startswith(RELEASED) for tp in tps)
+    await asyncio.sleep(2.2)  # more than a window (and the clock skew allowed) since
+    second = await group.start_worker()
+    whole = second.settings.gist_rate_limit - RESERVE
+    assert second.limiter.current_limit == whole  # at once, not a window later
+    assert all(group_offsets[tp].metadata == "" for tp in tps)  # the release is taken
+    await group.crash_worker(2)
+    await asyncio.sleep(2.2)
+    third = await group.start_worker()
+    assert third.limiter.current_limit == RESERVE  # a kill: nothing says when it stopped
+    await group.stop_all()
+
+
 async def test_a_missing_dead_letter_topic_stops_start_up_with_a_clear_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

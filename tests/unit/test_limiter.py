@@ -668,6 +668,33 @@ def test_a_share_that_grows_is_used_one_window_later_and_one_that_shrinks_at_onc
     assert limiter.current_limit == 24  # shrinks at once
 
 
+def test_a_share_gained_from_a_release_is_used_a_window_after_the_release() -> None:
+    """Partitions whose previous owner released them as it stopped (a rolling restart
+    without Redis): only its requests before the release still count at Gist, so the
+    share grows a window after the release, not a window after the assignment (the
+    restarted replica sat on its share for 10 s, a third of the budget)."""
+    vt = VirtualTime()
+    limiter = _limiter_at(vt)  # 100 per 10 s
+    limiter.start_sharing()
+    vt.now = 20.0
+    limiter.set_share(2, 6, quiet_since=12.0)  # released 8 s ago
+    assert limiter.current_limit == RESERVE  # the released owner's last 2 s still count
+    vt.now = 22.1
+    assert limiter.current_limit == (100 - RESERVE) // 3
+    other = _limiter_at(vt)
+    other.start_sharing()
+    vt.now = 40.0
+    other.set_share(2, 6, quiet_since=25.0)  # released a window ago: at once
+    assert other.current_limit == (100 - RESERVE) // 3
+    unknown = _limiter_at(vt)
+    unknown.start_sharing()
+    unknown.set_share(2, 6)  # not released (a kill, a live owner): a whole window
+    vt.now = 49.9
+    assert unknown.current_limit == RESERVE
+    vt.now = 50.1
+    assert unknown.current_limit == (100 - RESERVE) // 3
+
+
 async def test_at_a_start_only_critical_calls_take_the_reserve_and_data_waits_for_the_share(
 ) -> None:
     """Regression (a cold start): the first data request took the start reserve and the
