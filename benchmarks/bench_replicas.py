@@ -45,7 +45,8 @@ settled and a window has passed:
 
 Reported for both: budget use over the span (requests the sandbox accepted / 100 per
 10 s of the span), requests per 10-s window, 429s over the whole run, how long the
-members owned nothing in each rebalance, and, once every track is in the sandbox (or
+members rejoined in each rebalance (revocation to assignment: they own nothing then, but
+go on sending what they had opened), and, once every track is in the sandbox (or
 nothing came for 60 s): lost tracks (neither in the sandbox nor in the dead-letter
 topic, read from its start) and duplicated tracks (in the sandbox more than once; each
 track carries ``properties.bench_seq``). The sandbox's request log is kept in the
@@ -547,7 +548,7 @@ class Stop:
     owned: float  # when the replacement logged its first assignment
     partitions: list[int]  # the replacement's
     notes: str  # what the stopped replica logged while stopping
-    paused: float  # longest time one of the others owned nothing in this step
+    paused: float  # longest rejoin of one of the others in this step (revoked to assigned)
 
 
 def paused_since(r: Replica, since: float, until: float) -> float:
@@ -615,7 +616,7 @@ async def roll(
         print(
             f"  {old.name}: SIGTERM; exit {stop.code} after {exited - signalled:.1f} s "
             f"({stop.notes}); {new.name} owns {stop.partitions} "
-            f"{owned - exited:.1f} s after that; the others owned nothing for {paused:.1f} s",
+            f"{owned - exited:.1f} s after that; the others rejoined for {paused:.1f} s",
             flush=True,
         )
     return stops, live
@@ -635,7 +636,7 @@ class Kill:
     """Tracks of the victim's partitions delivered at the kill, at or above the group's
     commit: what the next owner reads again."""
     committed: dict[int, int | None]
-    paused: float  # seconds the survivor owned nothing between the kill and the takeover
+    paused: float  # seconds the survivor rejoined (revoked to assigned) before the takeover
 
 
 async def failover(
@@ -674,8 +675,8 @@ async def failover(
     print(
         f"  {victim.name} {owned_by_victim}: SIGKILL with {before['in_flight']:.0f} messages "
         f"in flight, {len(above)} tracks delivered at or above the commit {committed}; "
-        f"{survivor.name} owns every partition {owned - killed:.1f} s later (having owned "
-        f"nothing for {kill.paused:.1f} s of them)",
+        f"{survivor.name} owns every partition {owned - killed:.1f} s later (having rejoined "
+        f"for {kill.paused:.1f} s of them)",
         flush=True,
     )
     return kill, [survivor]
@@ -885,7 +886,7 @@ def report_transition(r: Transition) -> None:
         for s in r.stops:
             print(f"    {s.name} -> {s.replacement}: SIGTERM at +{s.signalled - r.start:.1f} s, "
                   f"exit at +{s.exited - r.start:.1f} s, {s.replacement} owns {s.partitions} "
-                  f"at +{s.owned - r.start:.1f} s; the others owned nothing for "
+                  f"at +{s.owned - r.start:.1f} s; the others rejoined for "
                   f"{s.paused:.1f} s")  # fmt: skip
     else:
         k = r.kill
@@ -931,7 +932,7 @@ def transition_table(results: list[Transition]) -> str:
     if results[0].scenario == "roll":
         lines = [
             "| budget | span | requests per 10-s window | budget use | busiest 10 s: span / "
-            "run | 429s | lost | duplicated | stop times (exit codes) | others owning nothing, "
+            "run | 429s | lost | duplicated | stop times (exit codes) | others rejoining, "
             "per step | longest without a request | requests in the 10 s after | load |",
             "|---|---:|---|---:|---|---:|---:|---:|---|---|---:|---:|---|",
         ]
@@ -949,7 +950,7 @@ def transition_table(results: list[Transition]) -> str:
             )
         return "\n".join(lines)
     lines = [
-        "| budget | kill → survivor owns all (of it owning nothing) | per 10 s, kill → "
+        "| budget | kill → survivor owns all (of it rejoining) | per 10 s, kill → "
         "takeover | per 10 s, the 20 s after | budget use, 20 s after | 429s | lost "
         "| duplicated | killed: in flight / delivered above the commit | load |",
         "|---|---:|---|---|---:|---:|---:|---:|---|---|",
