@@ -233,16 +233,17 @@ class Oracle:
                             kind.contact_ids.pop(found.id, None)
                         field = ("s", op.subscription_type.strip().lower())
                         self.allowed.pop((found.email, field), None)
-                elif isinstance(op, ContactDelete):  # by user_id when it has one, as sent
-                    found = (
-                        store.find_contact(user_id=op.user_id)
-                        if op.user_id is not None
-                        else store.find_contact(email=op.email)
-                    )
-                    if found is not None:
-                        store.delete_contact(found)
-                        for key in [k for k in self.allowed if k[0] == found.email]:
-                            del self.allowed[key]
+                elif isinstance(op, ContactDelete):
+                    # Under every identity it carries, as the worker sends it: by user_id,
+                    # then by e-mail (a lead made by the e-mail alone goes too).
+                    for ref in ({"user_id": op.user_id}, {"email": op.email}):
+                        if next(iter(ref.values())) is None:
+                            continue
+                        found = store.find_contact(**ref)
+                        if found is not None:
+                            store.delete_contact(found)
+                            for key in [k for k in self.allowed if k[0] == found.email]:
+                                del self.allowed[key]
             except ApiError:
                 pass  # Gist refuses it the same way
 

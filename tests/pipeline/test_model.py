@@ -810,7 +810,9 @@ class Run:
     def allowed(self, key: tuple[int, int, int]) -> set[Outcome] | None:
         """How the message may end: as produced, unless a delete of its person came
         before it on its partition: then it is skipped (``suppressed``), a delete
-        excepted (it goes again)."""
+        excepted (it goes again). A message before such a delete may be skipped too:
+        read again (a rebalance) once the delete was, it must not bring the person
+        back (the delete removes what it would have written anyway)."""
         expected = self.produced.expected.get(key)
         if expected is None or not self.deletes:
             return expected
@@ -818,10 +820,13 @@ class Run:
         if not operations or any(isinstance(op, ContactDelete) for op in operations):
             return expected
         mine = {i for op in operations for i in op.identities}
+        later = False
         for at, identities in self.deletes:
-            if at[0] == key[0] and at[1:] < key[1:] and mine & identities:
-                return {("skipped", "suppressed")}
-        return expected
+            if at[0] == key[0] and mine & identities:
+                if at[1:] < key[1:]:
+                    return {("skipped", "suppressed")}
+                later = True
+        return expected | {("skipped", "suppressed")} if later else expected
 
     def check(self) -> None:
         ends = self.group.ends.log
