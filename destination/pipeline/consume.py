@@ -24,7 +24,9 @@ go on where they were, their work kept and nothing read again; those that went t
 another member stop at once, their requests on the wire get ``REBALANCE_TIMEOUT`` to
 answer, what Gist confirmed is handed over (de-duplication ids, contact memory) and the
 rest abandoned (the new owner reads again what did not end); new ones start from the
-group's commit. Should the rejoin take longer than ``send_through`` (Kafka could then
+group's commit, ``REBALANCE_TIMEOUT`` after the assignment (their previous owner's last
+requests answer first, so two owners never write one contact at once) unless their
+previous owner released them as it stopped (``RELEASED``) or nobody consumed them. Should the rejoin take longer than ``send_through`` (Kafka could then
 expel this member and give its partitions away), sending stops as if the partitions went,
 until the assignment says otherwise.
 """
@@ -296,6 +298,8 @@ class StreamConsumer:
         self._rebalancing: asyncio.Task[None] | None = None  # the send-through deadline
         self._sending_stopped = False  # it passed: sending stopped until the assignment
         self._rejoining = False  # between a revocation and the assignment: no commits
+        self._assignments = 0  # assignments so far (a later one cancels ``_open_later``)
+        self._group_commits: set[TopicPartition] = set()  # owned, with a group commit
         self.assigned_once = asyncio.Event()
 
     def subscribe(self) -> None:
@@ -534,11 +538,15 @@ class StreamConsumer:
         assigned = self.consumer.assignment()  # a partition that went is not committed
         for work in partitions if partitions is not None else list(self.ledger.partitions.values()):
             offset = work.offsets.committable()
-            if release and offset is None:
-                offset = work.committed
             tp = KafkaTopicPartition(*work.tp)
-            if offset is None or (offset == work.committed and not release):
-                continue
+            if offset is None or offset == work.committed:
+                # Nothing new: a release commits the group's offset again (never one the
+                # group did not have: the start of a partition nothing of was read).
+                if not (release and work.tp in self._group_commits):
+                    continue
+                offset = work.committed
+                if offset is None:
+                    continue
             if not work.revoked and tp in assigned:
                 offsets[tp] = (work, offset)
         if not offsets:
@@ -553,6 +561,7 @@ class StreamConsumer:
             log.warning(log_events.COMMIT_FAILED, error=type(exc).__name__)
             return
         for tp, (work, offset) in offsets.items():
+            self._group_commits.add(work.tp)
             work.committed = offset
             metrics.COMMITTED_OFFSET.labels(tp.topic, str(tp.partition)).set(offset)
 
@@ -683,8 +692,10 @@ class StreamConsumer:
         # consumer's position, never read again, and committed past. They open
         # nothing until the callback is done (suspended), so contact memory's take-over
         # comes first.
+        self._assignments += 1
         fresh = []
         quiet_since: float | None = None
+        consumed: set[TopicPartition] = set()
         for tp in assigned:
             key = TopicPartition(tp.topic, tp.partition)
             if key not in self.ledger.partitions:
@@ -702,10 +713,17 @@ class StreamConsumer:
             if kept:
                 self._suspended.difference_update(w.tp for w in kept)
                 await self.delivery.resume(kept)
-            quiet_since = await self._load_committed(fresh)
+            quiet_since, consumed = await self._load_committed(fresh)
             await self.delivery.take_over([work for _, work in fresh])
         finally:  # whatever failed above, the partitions are this worker's to read
-            self._suspended.difference_update(work.tp for _, work in fresh)
+            # ...once their previous owner has stopped: it sent through the rejoin and
+            # stops at this same assignment, its requests on the wire get
+            # REBALANCE_TIMEOUT to answer; a partition it released, or that no one
+            # consumed, opens at once.
+            held = set() if quiet_since is not None else consumed
+            self._suspended.difference_update(w.tp for _, w in fresh if w.tp not in held)
+            if held:
+                self._open_later(held, self.delivery.settings.revoke_wait)
         self._tell_share(quiet_since)
         self._apply_backpressure()
         self.assigned_once.set()
@@ -730,6 +748,7 @@ class StreamConsumer:
             self._intakes.pop(work.tp, None)
             self._draining.discard(work.tp)
             self._suspended.discard(work.tp)
+            self._group_commits.discard(work.tp)
             # The new owner reports these; a stale value here would hide its real one.
             labels = (work.tp.topic, str(work.tp.partition))
             for gauge in (
@@ -755,22 +774,43 @@ class StreamConsumer:
         owned = len(self.ledger.partitions)
         self._on_share(owned, max(total, owned), quiet_since)
 
-    async def _load_committed(self, fresh: list[tuple[Any, PartitionWork]]) -> float | None:
+    async def _load_committed(
+        self, fresh: list[tuple[Any, PartitionWork]]
+    ) -> tuple[float | None, set[TopicPartition]]:
         """Start each new partition's lag from the group's commit (or the log start), so
         a worker that cannot deliver its first record still reports how far behind it is.
         Returns since when (this clock) the previous owners have sent nothing, when every
-        new partition was released (``RELEASED``), else None; the releases are cleared."""
+        new partition was released (``RELEASED``; the releases are cleared), else None;
+        and the new partitions someone consumed before (the group has a commit: all of
+        them when that cannot be read)."""
+        every = {work.tp for _, work in fresh}
         if not fresh:
-            return None
+            return None, every
+        consumed = set()
         try:
             starts = await self.consumer.beginning_offsets([tp for tp, _ in fresh])
             for tp, work in fresh:
                 committed = await self.consumer.committed(tp)
                 work.committed = committed if committed is not None else starts.get(tp)
+                if committed is not None:
+                    consumed.add(work.tp)
+                    self._group_commits.add(work.tp)
         except KafkaError as exc:
             log.warning(log_events.COMMITTED_UNKNOWN, error=type(exc).__name__)
-            return None
-        return await self._take_releases([tp for tp, _ in fresh])
+            return None, every
+        return await self._take_releases([tp for tp, _ in fresh]), consumed
+
+    def _open_later(self, partitions: set[TopicPartition], delay: float) -> None:
+        """Open nothing of ``partitions`` for ``delay`` seconds, unless a rebalance comes
+        first (it decides again)."""
+        assignment = self._assignments
+
+        def open_now() -> None:
+            if self._assignments == assignment:
+                self._suspended.difference_update(partitions)
+                self.ledger.changed.set()
+
+        asyncio.get_running_loop().call_later(delay, open_now)
 
     async def _take_releases(self, partitions: list[Any]) -> float | None:
         """The latest release of ``partitions`` if each has one (see ``_load_committed``),

@@ -189,6 +189,7 @@ SETTINGS: dict[str, Any] = {
     "gist_batch_wait": 0.1,
     "rebalance_timeout": 0.5,  # a revocation's drain often times out: work is dropped
     "redis_timeout": 0.1,
+    "rebalance_send_through": float(os.environ.get("MODEL_SEND_THROUGH", "20")),
 }
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_RATE_WINDOW = 2.0

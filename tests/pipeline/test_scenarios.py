@@ -468,7 +468,8 @@ async def test_a_replica_taking_released_partitions_uses_its_share_without_a_win
     broker = make_broker(topic, dlq, partitions=2)
     gist = ModelGist(__import__("random").Random(8))
     group = Group(broker, topic, dlq, gist, gist_rate_window=1.0)
-    await produce(broker, topic, [(f"u{i}".encode(), track(f"u{i}")) for i in range(4)])
+    for partition in (0, 1):
+        await produce(broker, topic, [(b"k", track(f"u{partition}"))], partition=partition)
     await group.start_worker()
     await group.until_committed(within=10)
     assert await group.stop_worker(1) == 0
@@ -484,6 +485,46 @@ async def test_a_replica_taking_released_partitions_uses_its_share_without_a_win
     await asyncio.sleep(2.2)
     third = await group.start_worker()
     assert third.limiter.current_limit == RESERVE  # a kill: nothing says when it stopped
+    await group.stop_all()
+
+
+async def test_a_partition_taken_from_a_live_member_opens_after_the_rebalance_timeout() -> None:
+    """A member sends through the rejoin and stops at the assignment, its requests on the
+    wire then get REBALANCE_TIMEOUT to answer: the new owner of a partition it loses
+    opens nothing before that, or two owners would write the same contacts at once (the
+    older write could land last). A partition nobody consumed opens at once."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = ModelGist(__import__("random").Random(9))
+    sent: list[tuple[int, str, float]] = []  # (worker, user, when)
+    loop = asyncio.get_running_loop()
+
+    def transport(worker_id: int) -> httpx.MockTransport:
+        def answer(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/events":
+                user = orjson.loads(request.content)["user_id"]
+                sent.append((worker_id, user, loop.time()))
+            return gist(request)
+
+        return httpx.MockTransport(answer)
+
+    group = Group(broker, topic, dlq, gist, transport_for=transport, rebalance_timeout=1.0)
+    for partition in (0, 1):
+        await produce(broker, topic, [(b"k", track(f"first-{partition}"))], partition=partition)
+    first = await group.start_worker()  # nobody consumed these: they open at once
+    await group.until_committed(within=10)
+    assert {user for _, user, _ in sent} == {"first-0", "first-1"}
+    await group.start_worker()
+    assigned = loop.time()
+    (kept,) = [tp.partition for tp in first.stream.ledger.partitions] if first.stream else [None]
+    moved = 1 - kept
+    await produce(broker, topic, [(b"k", track("later"))], partition=moved)
+    await until(lambda: any(user == "later" for _, user, _ in sent), within=10)
+    ((worker, _, when),) = [s for s in sent if s[1] == "later"]
+    assert worker == 2
+    # The hold starts inside the assignment callback; start_worker sees it end within
+    # 10 ms of polling.
+    assert when - assigned >= 0.95, when - assigned
     await group.stop_all()
 
 
