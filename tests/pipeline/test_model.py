@@ -96,7 +96,9 @@ At the end Gist and Redis recover, fresh records come, and:
   one hash salt, so only another process sees a per-process hash).
 
 ``MODEL_SEEDS`` (default 16: about three minutes on two cores), ``MODEL_STEPS`` (default
-40) and ``MODEL_SEED`` (the first seed) set how much is played; the nightly run plays
+40) and ``MODEL_SEED`` (the first seed) set how much is played (``MODEL_SEND_THROUGH``
+the workers' ``REBALANCE_SEND_THROUGH``, default 20: 0 plays rebalances that stop
+sending at the revocation); the nightly run plays
 far more (about an hour): ``MODEL_SEEDS=200 MODEL_STEPS=80 ./dev test
 tests/pipeline/test_model.py``. Replay one seed with ``MODEL_SEED=<n> MODEL_SEEDS=1
 ./dev test tests/pipeline/test_model.py -k honest``; ``MODEL_TRACE=<text>`` prints, on
