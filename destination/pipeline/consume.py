@@ -26,9 +26,10 @@ answer, what Gist confirmed is handed over (de-duplication ids, contact memory) 
 rest abandoned (the new owner reads again what did not end); new ones start from the
 group's commit, ``REBALANCE_TIMEOUT`` after the assignment (their previous owner's last
 requests answer first, so two owners never write one contact at once) unless their
-previous owner released them as it stopped (``RELEASED``) or nobody consumed them. Should the rejoin take longer than ``send_through`` (Kafka could then
-expel this member and give its partitions away), sending stops as if the partitions went,
-until the assignment says otherwise.
+previous owner released them as it stopped (``RELEASED``) or nobody consumed them.
+Should the rejoin take longer than ``send_through`` (Kafka could then expel this member
+and give its partitions away), sending stops as if the partitions went, until the
+assignment says otherwise.
 """
 
 from __future__ import annotations
