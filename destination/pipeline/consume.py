@@ -652,9 +652,9 @@ class StreamConsumer:
     async def _stop_sending_through(self, works: list[PartitionWork]) -> None:
         """The rejoin took ``send_through``: Kafka may expel this member soon and give its
         partitions to another, so nothing more is sent for them (requests on the wire get
-        ``REBALANCE_TIMEOUT`` to answer, ``Delivery.suspend``), what ended is committed and
-        what Gist confirmed handed over, as if they went; the assignment resumes those
-        that stay."""
+        ``REBALANCE_TIMEOUT`` to answer, ``Delivery.suspend``) and what Gist confirmed is
+        handed over, as if they went; the assignment resumes those that stay (and
+        commits what ended meanwhile)."""
         await asyncio.sleep(self.send_through)
         self._sending_stopped = True
         works = [w for w in works if not w.revoked]
@@ -814,8 +814,9 @@ class StreamConsumer:
         asyncio.get_running_loop().call_later(delay, open_now)
 
     async def _take_releases(self, partitions: list[Any]) -> float | None:
-        """The latest release of ``partitions`` if each has one (see ``_load_committed``),
-        cleared by a commit of the same offset, so it cannot outlive this ownership."""
+        """The latest release of ``partitions`` if each has one (see ``_load_committed``).
+        Every release found is cleared by a commit of the same offset, so that none
+        outlives this ownership."""
         try:
             found = await committed_offsets(self.consumer, partitions)
         except Exception as exc:  # an answer it cannot use: the share waits a window
@@ -827,16 +828,17 @@ class StreamConsumer:
             meta = found.get(tp)
             text = (getattr(meta, "metadata", "") or "") if meta is not None else ""
             if meta is None or not text.startswith(RELEASED):
-                return None
-            try:
-                released.append(float(text[len(RELEASED) :]))
-            except ValueError:
-                return None
+                continue
             claims[tp] = OffsetAndMetadata(meta.offset, "")
-        try:
-            await self.consumer.commit(claims)
-        except KafkaError as exc:
-            log.warning(log_events.COMMIT_FAILED, error=type(exc).__name__)
+            with contextlib.suppress(ValueError):
+                released.append(float(text[len(RELEASED) :]))
+        if claims:
+            try:
+                await self.consumer.commit(claims)
+            except KafkaError as exc:
+                log.warning(log_events.COMMIT_FAILED, error=type(exc).__name__)
+        if len(released) < len(partitions):
+            return None
         ago = max(0.0, time.time() - max(released))
         return float(self._clock()) - ago + RELEASE_SKEW
 
