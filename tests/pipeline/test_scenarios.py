@@ -488,6 +488,30 @@ async def test_a_replica_taking_released_partitions_uses_its_share_without_a_win
     await group.stop_all()
 
 
+async def test_every_release_found_is_cleared_even_when_not_all_partitions_had_one() -> None:
+    """A new owner of partitions some of which were released, some never consumed, waits
+    a window for its share (it cannot say when all were quiet) but clears the releases it
+    found: one left behind would tell a later owner that a partition was quiet while this
+    one sent for it."""
+    from destination.pipeline.consume import RELEASED
+
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=2)
+    gist = ModelGist(__import__("random").Random(10))
+    group = Group(broker, topic, dlq, gist)
+    await produce(broker, topic, [(b"k", track("only-0"))], partition=0)
+    await group.start_worker()
+    await group.until_committed(within=10)
+    assert await group.stop_worker(1) == 0
+    offsets = broker._groups[group.group_id].committed
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    assert offsets[p0].metadata.startswith(RELEASED)
+    assert p1 not in offsets  # never consumed: nothing committed, nothing released
+    await group.start_worker()
+    assert offsets[p0].metadata == ""
+    await group.stop_all()
+
+
 async def test_a_partition_taken_from_a_live_member_opens_after_the_rebalance_timeout() -> None:
     """A member sends through the rejoin and stops at the assignment, its requests on the
     wire then get REBALANCE_TIMEOUT to answer: the new owner of a partition it loses
