@@ -892,8 +892,8 @@ def report_transition(r: Transition) -> None:
         k = r.kill
         assert k is not None
         print(f"  takeover                   {k.owned - k.killed:.1f} s from the SIGKILL of "
-              f"{k.victim} {k.partitions} until the survivor owns every partition (it owned "
-              f"nothing for {k.paused:.1f} s of them)")  # fmt: skip
+              f"{k.victim} {k.partitions} until the survivor owns every partition (it rejoined "
+              f"for {k.paused:.1f} s of them)")  # fmt: skip
         print(f"  requests kill -> takeover  {r.before} (per 10 s from the kill)")
         print(f"  killed process             {k.in_flight:.0f} messages in flight, "
               f"{len(k.above_commit)} of its tracks delivered at or above the commit "
