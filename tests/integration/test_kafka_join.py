@@ -1,8 +1,11 @@
-"""The worker's group join on a real broker: aiokafka 0.14.0 sent one JoinGroup per
-assignor, the first naming only the sticky one (``destination.kafka_join``)."""
+"""The worker's group membership on a real broker (``destination.kafka_join``): aiokafka
+0.14.0 sent one JoinGroup per assignor, the first naming only the sticky one, and a
+member of a first generation numbered 0 (Tansu's) left without a LeaveGroup."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import aiokafka
@@ -29,6 +32,8 @@ def test_the_fix_is_installed_over_the_locked_aiokafka() -> None:
     assert kafka_join.install()
     rebalance = group_coordinator.CoordinatorGroupRebalance
     assert rebalance.perform_group_join is kafka_join.perform_group_join
+    coordinator = group_coordinator.GroupCoordinator
+    assert coordinator._maybe_leave_group is kafka_join.maybe_leave_group
 
 
 async def test_a_consumer_naming_two_assignors_joins_with_one_request_naming_both(
@@ -66,3 +71,59 @@ async def test_a_consumer_naming_two_assignors_joins_with_one_request_naming_bot
     assert all(names == ["sticky", "roundrobin"] for names in sent), sent
     assert len(sent) <= 2, sent
 
+
+async def test_a_member_that_stops_in_the_first_generation_leaves_the_group(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: aiokafka sends LeaveGroup only above generation 0, and Tansu numbers a
+    group's first generation 0, so a worker stopped then left nothing: the other member
+    waited a whole session timeout for its partitions (a roll's first step took 15.7 s
+    to rejoin instead of 5). Here the survivor owns both partitions well inside the
+    session timeout after the stop, and the stopping member said it left."""
+    session = 20.0  # Tansu answers a JoinGroup after half of it: 10 s a join
+    left: list[int] = []
+    original = group_coordinator.GroupCoordinator._send_req
+
+    async def recording(self: Any, request: Any) -> Any:
+        if type(request).__name__ == "LeaveGroupRequest":
+            left.append(self.generation)
+        return await original(self, request)
+
+    monkeypatch.setattr(group_coordinator.GroupCoordinator, "_send_req", recording)
+    topic, group = unique("leave"), unique("group")
+    await create_topics(kafka_bootstrap, [topic], 2)
+    both = {TopicPartition(topic, 0), TopicPartition(topic, 1)}
+
+    def member() -> Any:
+        consumer = KafkaClients().consumer(
+            bootstrap_servers=kafka_bootstrap,
+            group_id=group,
+            enable_auto_commit=False,
+            session_timeout_ms=int(session * 1000),
+            heartbeat_interval_ms=1000,
+            partition_assignment_strategy=(sticky_assignor(), RoundRobinPartitionAssignor),
+        )
+        consumer.subscribe([topic])
+        return consumer
+
+    async def owns(consumer: Any, wanted: int, within: float) -> float:
+        started = time.monotonic()
+        while len(consumer.assignment()) != wanted:
+            assert time.monotonic() - started < within, consumer.assignment()
+            await consumer.getmany(timeout_ms=200)
+        return time.monotonic() - started
+
+    first, second = member(), member()
+    await asyncio.gather(first.start(), second.start())
+    try:
+        # One generation with both members (the first, unless a join straggled).
+        await asyncio.gather(owns(first, 1, 4 * session), owns(second, 1, 4 * session))
+        generation = first._coordinator.generation
+        await first.stop()
+        assert left == [generation], left
+        took = await owns(second, 2, session)
+        assert second.assignment() == both
+        # A rejoin, not the session timeout: the coordinator was told.
+        assert took < session, took
+    finally:
+        await second.stop()
