@@ -197,6 +197,18 @@ class Oracle:
     def __init__(self) -> None:
         self.store = Store()
         self.allowed: dict[tuple[str, Field], set[str]] = defaultdict(set)
+        # Identities (user_id or e-mail) an uncertain upsert may have given a contact,
+        # with the e-mail Gist would know it by: a tag or subscription change naming one
+        # the replay does not know may have landed in Gist, or not.
+        self.maybe: dict[str, str] = {}
+
+    def _may_exist(self, user_id: str | None, email: str | None) -> str | None:
+        """The e-mail of the contact an uncertain upsert may have made under one of
+        these identities (None: none did)."""
+        for identity in (user_id, email.lower() if isinstance(email, str) else None):
+            if identity is not None and identity in self.maybe:
+                return self.maybe[identity]
+        return None
 
     def delivered(self, operations: Sequence[Operation]) -> None:
         store = self.store
@@ -215,10 +227,18 @@ class Oracle:
                     )
                     if op.untag:
                         ref["untag"] = True
-                    found = store.find_contact(user_id=op.user_id, email=op.email)
+                    # The contact the request names (by user_id when it has one).
+                    found = store.find_contact(user_id=op.user_id, email=ref.get("email"))
                     store.tag_request({"name": op.tag, "contacts": [ref]})
+                    field = ("t", op.tag.strip().lower())
                     if found is not None:
-                        self.allowed.pop((found.email, ("t", op.tag.strip().lower())), None)
+                        self.allowed.pop((found.email, field), None)
+                    elif (maybe := self._may_exist(op.user_id, op.email)) is not None:
+                        # Gist may know the contact by that identity (an import of
+                        # unknown fate): the tag landed on it, or nothing happened.
+                        self.allowed[(maybe, field)].update(
+                            ("true" if not op.untag else _NONE, _NONE)
+                        )
                 elif isinstance(op, SubscriptionChange):
                     found = store.find_contact(user_id=op.user_id, email=op.email)
                     kind = next(
@@ -226,13 +246,15 @@ class Oracle:
                         for t in store.subscription_types.values()
                         if t.name.lower() == op.subscription_type.strip().lower()
                     )
+                    field = ("s", op.subscription_type.strip().lower())
                     if found is not None:
                         if op.subscribed:
                             kind.contact_ids[found.id] = None
                         else:
                             kind.contact_ids.pop(found.id, None)
-                        field = ("s", op.subscription_type.strip().lower())
                         self.allowed.pop((found.email, field), None)
+                    elif (maybe := self._may_exist(op.user_id, op.email)) is not None:
+                        self.allowed[(maybe, field)].update((_flag(op.subscribed) or _NONE, _NONE))
                 elif isinstance(op, ContactDelete):
                     # Under every identity it carries, as the worker sends it: by user_id,
                     # then by e-mail (a lead made by the e-mail alone goes too).
@@ -244,6 +266,11 @@ class Oracle:
                             store.delete_contact(found)
                             for key in [k for k in self.allowed if k[0] == found.email]:
                                 del self.allowed[key]
+                    # Nor is any contact an uncertain upsert may have made under them.
+                    maybe = self._may_exist(op.user_id, op.email)
+                    if maybe is not None:
+                        for identity in [i for i, e in self.maybe.items() if e == maybe]:
+                            del self.maybe[identity]
             except ApiError:
                 pass  # Gist refuses it the same way
 
@@ -259,6 +286,12 @@ class Oracle:
             email = found.email if found is not None else claim.email
             if email is None:
                 continue
+            if not claim.if_exists:  # an upsert: it may have made the contact, or given
+                # it its user_id; Gist may know it by them from now on, or not
+                if claim.user_id is not None and (found is None or found.user_id is None):
+                    self.maybe[claim.user_id] = email
+                if found is None:
+                    self.maybe[email] = email
             for field, value in claim.fields.items():
                 self.allowed[(email, field)].add(_NONE if value is None else value)
 
