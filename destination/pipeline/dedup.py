@@ -12,6 +12,16 @@ Ids only ever say "delivered", which stays true: nothing invalidates them but th
 window; a store that lost some (a Redis flush, a write that failed) can only cause a
 duplicate, never a loss.
 
+But "delivered" is not "Gist still holds it" for a **write** (every operation but an
+event: an upsert, a tag or subscription change, a delete, a commerce write). Without
+Redis, a partition that went to another worker and came back was read there from the
+group's commit, and its older writes, whose ids that worker did not know, were sent
+again over the newer ones: skipping the newer ones as delivered left Gist at older
+values (model test seed 42). So without Redis a write's id counts only while the
+partition stays with the worker that recorded it (``PartitionWork.epoch`` is in its
+key); an event's counts for the window, wherever it is read again. With Redis every
+owner knows every id, and the older writes are skipped as well.
+
 - ``DeliveredIds`` keeps the ids delivered within ``window`` in this process (Python's
   string hash: fast, cached in the string, the same within the process), bounded and
   compact: the current time slice in a set, older slices as sorted arrays of 64-bit
@@ -46,7 +56,7 @@ import structlog
 
 from destination import reasons
 from destination.observability import log_events, metrics
-from destination.operations import Operation
+from destination.operations import EventTrack, Operation
 from destination.pipeline.inflight import MessageWork, PartitionWork
 
 log = structlog.get_logger(__name__)
@@ -292,13 +302,7 @@ class Dedup:
         if message_id is None:
             self._submit(message, operations, range(len(operations)))
             return
-        local = self.local
-        if len(operations) == 1:  # the usual case: its one operation is keyed by its id
-            todo = [] if message_id in local else [0]
-        else:
-            todo = [
-                i for i in range(len(operations)) if operation_key(message_id, i) not in local
-            ]
+        todo = self._todo(message, operations)
         if not todo:
             metrics.DUPLICATES.labels(message.message_type).inc()
             self._skip(message, reasons.DUPLICATE)
@@ -310,19 +314,36 @@ class Dedup:
         self._in_flight[message_id] = _Copies(message)
         self._send(message, operations, todo)
 
+    def _key(self, message: MessageWork, index: int, write: bool) -> str:
+        """What the message's ``index``-th operation is recorded under here: a write's
+        key, without Redis, names this ownership of its partition (module docstring)."""
+        key = operation_key(message.message_id or "", index)
+        if write and self.shared is None:
+            return f"{key}\x00@{message.record.partition.epoch}"
+        return key
+
+    def _todo(self, message: MessageWork, operations: Sequence[Operation]) -> list[int]:
+        """The indices of the operations not recorded as delivered."""
+        local = self.local
+        return [
+            i
+            for i, operation in enumerate(operations)
+            if self._key(message, i, type(operation) is not EventTrack) not in local
+        ]
+
     def _send(self, message: MessageWork, operations: Sequence[Operation], todo: list[int]) -> None:
         if len(todo) == len(operations):
             self._submit(message, operations, todo)
         else:  # a redelivery of a message that partly succeeded: the rest only
             self._submit(message, [operations[i] for i in todo], todo)
 
-    def delivered(self, message: MessageWork, index: int) -> None:
+    def delivered(self, message: MessageWork, index: int, write: bool) -> None:
         """Gist confirmed the message's ``index``-th operation (or holds what it would
-        have written): it is not sent again within the window."""
-        message_id = message.message_id
-        if message_id is None:
+        have written): it is not sent again within the window (``write``: it is not an
+        event; see the module docstring)."""
+        if message.message_id is None:
             return
-        key = operation_key(message_id, index)
+        key = self._key(message, index, write)
         self.local.add(key)
         if self.shared is not None:
             self.shared.add(key)
@@ -378,11 +399,7 @@ class Dedup:
                 first, operations = kept[0]
                 successor = _Copies(first)
                 successor.waiting = kept[1:]
-                todo = [
-                    i
-                    for i in range(len(operations))
-                    if operation_key(message_id, i) not in self.local
-                ]
+                todo = self._todo(first, operations)
                 if not todo:
                     for message, _ in kept:
                         metrics.DUPLICATES.labels(message.message_type).inc()

@@ -244,13 +244,14 @@ class Delivery:
             self._settle_contact(step, result)
             for message, index in step.tickets:
                 if ids is not None and (result is None or isinstance(result, Skip)):
-                    ids.delivered(message, index)
+                    ids.delivered(message, index, write=True)
                 if result is not ABANDONED:
                     ended = result if isinstance(result, Failure | Skip) else None
                     self.outcomes.operation_done(message, ended, accepted=step.accepted)
         elif isinstance(step, DirectStep):
             if ids is not None and result is None:
-                ids.delivered(step.message, step.index)
+                write = not isinstance(step.operation, EventTrack)
+                ids.delivered(step.message, step.index, write=write)
             if result is not ABANDONED:
                 ended = result if isinstance(result, Failure | Skip) else None
                 self.outcomes.operation_done(step.message, ended)

@@ -20,6 +20,7 @@ again, and nothing that ends for it afterwards is counted here.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ class Failure:
     attempts: int = 0
 
 
+_EPOCHS = itertools.count(1)
+
+
 class PartitionWork:
     """One assigned partition; replaced by a fresh one on every assignment that was not
     this worker's already, so work finishing after a revocation cannot move a newer
@@ -68,6 +72,7 @@ class PartitionWork:
 
     __slots__ = (
         "committed",
+        "epoch",
         "held_bytes",
         "messages",
         "offsets",
@@ -81,6 +86,7 @@ class PartitionWork:
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
+        self.epoch = next(_EPOCHS)  # this ownership of the partition, in this process
         self.offsets = OffsetTracker()
         self.committed: int | None = None
         self.messages = 0  # in flight, not parked (the per-partition bound)

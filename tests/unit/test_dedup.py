@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from destination import reasons
-from destination.operations import EventTrack
+from destination.operations import ContactUpsert, EventTrack
 from destination.pipeline.dedup import Dedup, DeliveredIds, id_hash
 from destination.pipeline.inflight import ENDED, Failure, Ledger, MessageWork, TopicPartition
 from destination.pipeline.outcome import Outcomes
@@ -126,24 +126,34 @@ class Pipeline:
         self.written.append((message, failure))
 
     def offer(
-        self, message_id: str | None, partition: Any = None, operations: int = 1
+        self,
+        message_id: str | None,
+        partition: Any = None,
+        operations: int = 1,
+        writes: bool = False,
     ) -> MessageWork:
+        """A message of ``operations`` events (``writes``: contact upserts)."""
         record = self.ledger.open_record(partition or self.partition, self.offset, None, b"{}", [])
         self.offset += 1
-        message = self.ledger.open_message(record, None, "track", None, None, message_id)
+        kind = "identify" if writes else "track"
+        message = self.ledger.open_message(record, None, kind, None, None, message_id)
         self.ledger.seal(record)
-        ops = [
-            EventTrack({"event_name": f"X{i}", "user_id": "u"}, message_id)
+        ops: list[Any] = [
+            ContactUpsert({"user_id": "u", "custom_properties": {"n": i}}, message_id)
+            if writes
+            else EventTrack({"event_name": f"X{i}", "user_id": "u"}, message_id)
             for i in range(operations)
         ]
         self.dedup.offer(message, ops)
         return message
 
-    def deliver(self, message: MessageWork, indices: Sequence[int] = (0,)) -> None:
+    def deliver(
+        self, message: MessageWork, indices: Sequence[int] = (0,), writes: bool = False
+    ) -> None:
         """What delivery does as each operation is confirmed: record it, end it."""
         self.outcomes.expect(message, len(indices))
         for index in indices:
-            self.dedup.delivered(message, index)
+            self.dedup.delivered(message, index, write=writes)
             self.outcomes.operation_done(message)
 
 
@@ -185,6 +195,32 @@ async def test_a_copy_of_a_dead_lettered_message_is_dead_lettered_alike() -> Non
     assert "m-1" not in p.dedup.local
 
 
+def test_without_redis_a_write_counts_as_delivered_only_while_its_partition_stays() -> None:
+    """Regression (model test seed 42, no Redis): a partition went to another worker,
+    which read it again from the group's commit and sent its older identifies again;
+    back here, the newer identify was skipped as delivered, and Gist kept the older
+    values. A write's id now holds for the ownership that recorded it; an event's for
+    the whole window (sending an event twice makes two)."""
+    p = Pipeline()
+    tp = TopicPartition("t", 0)
+    write, event = p.offer("w-1", writes=True), p.offer("e-1")
+    p.deliver(write, writes=True)
+    p.deliver(event)
+    # Read again while the partition stays: both were delivered.
+    assert p.ends[id(p.offer("w-1", writes=True))] == ("skipped", "duplicate")
+    assert p.ends[id(p.offer("e-1"))] == ("skipped", "duplicate")
+    # The partition goes, and comes back: a new ownership.
+    p.dedup.abandon([p.partition])
+    p.ledger.revoke(tp)
+    p.partition = p.ledger.assign(tp)
+    p.offset = 0
+    rewrite, reevent = p.offer("w-1", writes=True), p.offer("e-1")
+    assert p.submitted == [write, event, rewrite]  # the write goes again, the event not
+    assert p.ends[id(reevent)] == ("skipped", "duplicate")
+    p.deliver(rewrite, writes=True)
+    assert p.ends[id(p.offer("w-1", writes=True))] == ("skipped", "duplicate")
+
+
 def test_messages_without_an_id_are_always_sent() -> None:
     p = Pipeline()
     a, b = p.offer(None), p.offer(None)
@@ -210,7 +246,7 @@ async def test_a_message_that_partly_succeeded_sends_only_what_did_not() -> None
     first = p.offer("m-2", operations=2)
     assert p.indices == [[0, 1]]
     p.outcomes.expect(first, 2)
-    p.dedup.delivered(first, 0)
+    p.dedup.delivered(first, 0, write=False)
     p.outcomes.operation_done(first)
     p.outcomes.operation_done(first, Failure(reasons.GIST_REJECTED, "400"))
     for _ in range(3):

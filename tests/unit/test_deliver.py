@@ -546,7 +546,7 @@ async def test_a_request_on_the_wire_when_revoked_is_awaited_and_what_gist_did_r
     recorded: list[tuple[str | None, int]] = []
 
     class Ids:
-        def delivered(self, message: MessageWork, index: int) -> None:
+        def delivered(self, message: MessageWork, index: int, write: bool) -> None:
             recorded.append((message.message_id, index))
 
         async def flush(self) -> None:
