@@ -83,10 +83,10 @@ DELIVERY: Final[dict[str, str]] = {
     RETRIES_EXHAUSTED: "a transient failure (5xx, 429, time-out) outlasted "
     "GIST_RETRY_MAX_DURATION",
     BATCH_TIMEOUT: "the contact's batch import did not complete within "
-    "GIST_BATCH_DEADLINE (or Gist no longer knew it), and again when sent a second time",
+    "GIST_BATCH_DEADLINE (or Gist no longer knew it), and the one sent again did not "
+    "either, or failed: whether Gist imports it is unknown",
     BATCH_FAILED: "Gist reported the contact's batch import as failed (FAILED, ERROR, "
-    "CANCELLED, in any case) when it was sent a second time (the first failed too, or did "
-    "not complete in time)",
+    "CANCELLED, in any case), and again when it was sent a second time",
     GIST_UNEXPECTED_ANSWER: "Gist kept answering with something the reference does not "
     "describe (e.g. a batch import accepted without a batch_id)",
     INTERNAL_ERROR: "an unexpected error in the worker while delivering the message "

@@ -298,6 +298,7 @@ class Misbehaving(FakeGist):
         self.no_batch_id = False
         self.stuck: set[str] = set()  # batch ids that never complete
         self.unpolled: set[str] = set()  # batch ids whose polls fail (503)
+        self.failing: set[str] = set()  # batch ids Gist reports FAILED
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -308,6 +309,8 @@ class Misbehaving(FakeGist):
                 return httpx.Response(self.poll_http, json={"errors": []})
             if batch_id in self.unpolled:
                 return httpx.Response(503, json={"errors": []})
+            if batch_id in self.failing:
+                return httpx.Response(200, json={"status": "FAILED"})
             if self.status is not None or batch_id in self.stuck:
                 return httpx.Response(200, json={"status": self.status or "IN_PROGRESS"})
             contacts = self.batches[batch_id]
@@ -407,6 +410,24 @@ async def test_a_batch_gist_says_failed_is_sent_again_at_once_then_dead_lettered
     await _run(h, 2, within=5)
     assert [m.failure.reason if m.failure else None for m in messages] == ["batch_failed"] * 2
     assert gist.imports() == [["u0", "u1"], ["u0", "u1"]]
+
+
+async def test_a_batch_that_failed_after_one_of_unknown_fate_ends_as_unknown() -> None:
+    """Regression (model test seed 48): the first import did not complete within the
+    deadline (Gist may still import it: it did, late), the one sent again was reported
+    FAILED, and the contacts were dead-lettered ``batch_failed``, which says Gist did not
+    import them. Whether it did is unknown: ``batch_timeout``, saying both."""
+    gist = Misbehaving()
+    gist.stuck.add("b0")
+    gist.failing.add("b1")
+    h = Harness(gist, batch_max_contacts=2, batch_deadline=0.3)
+    messages = [h.send(upsert(f"u{i}", f"u{i}@x.io")) for i in range(2)]
+    await _run(h, 2, within=5)
+    assert gist.imports() == [["u0", "u1"], ["u0", "u1"]]
+    assert [m.failure.reason if m.failure else None for m in messages] == ["batch_timeout"] * 2
+    detail = messages[0].failure.detail if messages[0].failure else ""
+    assert "did not complete within 0.3 s" in detail, detail
+    assert "FAILED" in detail, detail
 
 
 async def test_a_stuck_batch_does_not_stop_the_polls_of_later_batches() -> None:

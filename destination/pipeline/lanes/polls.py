@@ -8,7 +8,8 @@ pending batch and polls it when due (backing off to ``poll_max_interval``):
   errors that cannot all be matched to contacts, or fewer imported than sent, send the
   rest again in halves until every contact's fate is known (upserts are idempotent);
 - an explicit failure (``FAILED``, ``ERROR``, ``CANCELLED``, any case): the batch is sent
-  again once, then its contacts fail with ``batch_failed``;
+  again once, then its contacts fail with ``batch_failed`` (``batch_timeout`` for those
+  an earlier import of which expired unknown: Gist may still import that one);
 - not ``COMPLETED`` within ``batch_deadline`` (a status this client does not know counts
   as not completed), or a batch Gist no longer knows (404): sent again once, then its
   contacts fail with ``batch_timeout``.
@@ -267,16 +268,28 @@ class BatchPolls(Lane):
         )
         if not live:
             return
+        if why != "failed":  # Gist may import it yet, whatever becomes of the next
+            for step in live:
+                step.may_land = True
         if not batch.resent:
             self._resend(live, True)
             return
         if why == "failed":
-            failure = Failure(
+            failed = Failure(
                 reasons.BATCH_FAILED,
-                f"Gist reported the batch import {batch.status}, sent again after the "
-                "first did not complete",
+                f"Gist reported the batch import {batch.status}, twice",
             )
-        elif why == "lost":
+            # An earlier import that did not complete may still be imported: the
+            # contact's fate is unknown, not failed.
+            unknown = Failure(
+                reasons.BATCH_TIMEOUT,
+                f"a batch import did not complete within {self.deadline:g} s or was "
+                f"lost, and Gist reported the one sent again {batch.status}",
+            )
+            for step in live:
+                self.settler.settle(step, unknown if step.may_land else failed)
+            return
+        if why == "lost":
             failure = Failure(reasons.BATCH_TIMEOUT, "Gist no longer knew the batch import, twice")
         else:
             failure = Failure(
