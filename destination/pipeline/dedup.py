@@ -135,7 +135,7 @@ class DeliveredIds:
     def __len__(self) -> int:
         return len(self._current) + sum(len(ids) for _, ids in self._sealed)
 
-    def __contains__(self, message_id: str) -> bool:
+    def __contains__(self, message_id: str | tuple[str, int]) -> bool:
         self._turn()
         h = hash(message_id) & _MASK
         if h in self._current:
@@ -152,7 +152,7 @@ class DeliveredIds:
                 return True
         return False
 
-    def add(self, message_id: str) -> None:
+    def add(self, message_id: str | tuple[str, int]) -> None:
         self._turn()
         self._current.add(hash(message_id) & _MASK)
         if len(self) > self.capacity and self._sealed:
@@ -314,12 +314,12 @@ class Dedup:
         self._in_flight[message_id] = _Copies(message)
         self._send(message, operations, todo)
 
-    def _key(self, message: MessageWork, index: int, write: bool) -> str:
+    def _key(self, message: MessageWork, index: int, write: bool) -> str | tuple[str, int]:
         """What the message's ``index``-th operation is recorded under here: a write's
         key, without Redis, names this ownership of its partition (module docstring)."""
         key = operation_key(message.message_id or "", index)
         if write and self.shared is None:
-            return f"{key}\x00@{message.record.partition.epoch}"
+            return (key, message.record.partition.epoch)
         return key
 
     def _todo(self, message: MessageWork, operations: Sequence[Operation]) -> list[int]:
@@ -346,7 +346,7 @@ class Dedup:
         key = self._key(message, index, write)
         self.local.add(key)
         if self.shared is not None:
-            self.shared.add(key)
+            self.shared.add(operation_key(message.message_id, index))
 
     async def look_up(self, message_ids: Iterable[str]) -> None:
         """Ask Redis about the ids of records about to be opened (one round trip)."""
