@@ -909,6 +909,13 @@ class LocalConsumer:
                 found[tp] = OffsetAndMetadata(int(meta.offset), meta.metadata)
         return found
 
+    def membership_lost(self) -> bool:
+        """Whether the group no longer counts this member (``LocalBroker.expel``, or a
+        rebalance deadline missed): aiokafka's coordinator has forgotten its member id
+        by then (``consume.membership_lost``)."""
+        group = self._broker._groups.get(self.group_id or "")
+        return group is None or group.members.get(self.member_id or "") is not self
+
     async def committed(self, partition: Any) -> int | None:
         """The group's last committed offset for the partition, None if never."""
         if self.group_id is None:

@@ -16,6 +16,7 @@ GIST_REQUEST = "gist.request"  # DEBUG, one per request: endpoint and status, no
 PARTITIONS_ASSIGNED = "kafka.partitions_assigned"
 PARTITIONS_REVOKED = "kafka.partitions_revoked"
 REBALANCE_SLOW = "kafka.rebalance_slow"  # sending stopped: the rejoin took SEND_THROUGH
+MEMBER_EXPELLED = "kafka.member_expelled"  # sending stopped at once: the group moved on
 COMMIT_FAILED = "kafka.commit_failed"
 HAND_OVER_FAILED = "kafka.hand_over_failed"
 COMMITTED_UNKNOWN = "kafka.committed_offset_unknown"

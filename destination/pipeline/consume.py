@@ -638,27 +638,36 @@ class StreamConsumer:
         ]
         if works:
             self._suspended.update(w.tp for w in works)
-            await self.commit(works)
+            # Expelled (its session timed out: a Kafka it could not reach, a stalled
+            # process), the member's partitions are another's already, or soon: nothing
+            # more is sent for them, and no commit can succeed.
+            expelled = membership_lost(self.consumer)
+            if not expelled:
+                await self.commit(works)
             self._rejoining = True
             self._end_send_through()
             self._sending_stopped = False
-            self._rebalancing = asyncio.create_task(self._stop_sending_through(works))
+            self._rebalancing = asyncio.create_task(self._stop_sending_through(works, expelled))
         log.info(
             log_events.PARTITIONS_REVOKED,
             partitions=sorted(f"{w.tp.topic}:{w.tp.partition}" for w in works),
             open=self.ledger.open_in(works),
         )
 
-    async def _stop_sending_through(self, works: list[PartitionWork]) -> None:
-        """The rejoin took ``send_through``: Kafka may expel this member soon and give its
-        partitions to another, so nothing more is sent for them (requests on the wire get
-        ``REBALANCE_TIMEOUT`` to answer, ``Delivery.suspend``) and what Gist confirmed is
-        handed over, as if they went; the assignment resumes those that stay (and
-        commits what ended meanwhile)."""
-        await asyncio.sleep(self.send_through)
+    async def _stop_sending_through(self, works: list[PartitionWork], expelled: bool) -> None:
+        """The rejoin took ``send_through`` (at once when the member was ``expelled``):
+        Kafka may give the partitions to another, so nothing more is sent for them
+        (requests on the wire get ``REBALANCE_TIMEOUT`` to answer, ``Delivery.suspend``)
+        and what Gist confirmed is handed over, as if they went; the assignment resumes
+        those that stay (and commits what ended meanwhile)."""
+        if not expelled:
+            await asyncio.sleep(self.send_through)
         self._sending_stopped = True
         works = [w for w in works if not w.revoked]
-        log.warning(log_events.REBALANCE_SLOW, seconds=self.send_through, partitions=len(works))
+        if expelled:
+            log.warning(log_events.MEMBER_EXPELLED, partitions=len(works))
+        elif self.send_through > 0:
+            log.warning(log_events.REBALANCE_SLOW, seconds=self.send_through, partitions=len(works))
         await self.delivery.suspend(works)
         await self.delivery.hand_over(works, leaving=False)
 
@@ -841,6 +850,18 @@ class StreamConsumer:
             return None
         ago = max(0.0, time.time() - max(released))
         return float(self._clock()) - ago + RELEASE_SKEW
+
+
+def membership_lost(consumer: Any) -> bool:
+    """Whether the group no longer counts this member: Kafka expelled it (its session
+    timed out) and its partitions are, or will be, another's. aiokafka's coordinator
+    forgets the member id then (``reset_generation`` on ``UNKNOWN_MEMBER_ID``, 0.14's
+    private API, as ``destination.kafka_join``); the in-memory twin says so itself."""
+    own = getattr(consumer, "membership_lost", None)
+    if own is not None:
+        return bool(own())
+    coordinator = getattr(consumer, "_coordinator", None)
+    return coordinator is not None and not getattr(coordinator, "member_id", "x")
 
 
 async def committed_offsets(consumer: Any, partitions: list[Any]) -> dict[Any, Any]:

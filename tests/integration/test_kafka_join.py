@@ -127,3 +127,51 @@ async def test_a_member_that_stops_in_the_first_generation_leaves_the_group(
         assert took < session, took
     finally:
         await second.stop()
+
+
+async def test_a_member_the_group_forgot_is_told_apart_in_its_revocation(
+    kafka_bootstrap: str,
+) -> None:
+    """``consume.membership_lost`` reads aiokafka 0.14's coordinator: in a rebalance the
+    member is still counted (its partitions may stay: it sends through the rejoin);
+    after ``UNKNOWN_MEMBER_ID`` (expelled: the coordinator resets the member) it is not
+    (it stops at once). When this fails after an upgrade, find where aiokafka keeps the
+    member id."""
+    from aiokafka import ConsumerRebalanceListener
+
+    from destination.pipeline.consume import membership_lost
+
+    topic = unique("expel")
+    await create_topics(kafka_bootstrap, [topic], 1)
+    seen: list[bool] = []  # membership_lost, in each revocation of partitions
+    assigned: list[set[Any]] = []
+
+    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+            if revoked:
+                seen.append(membership_lost(consumer))
+
+        async def on_partitions_assigned(self, partitions: set[Any]) -> None:
+            assigned.append(partitions)
+
+    consumer = KafkaClients().consumer(
+        bootstrap_servers=kafka_bootstrap,
+        group_id=unique("group"),
+        enable_auto_commit=False,
+        partition_assignment_strategy=(sticky_assignor(), RoundRobinPartitionAssignor),
+    )
+    consumer.subscribe([topic], listener=Listener())
+    await consumer.start()
+    try:
+        assert not membership_lost(consumer)
+        coordinator = consumer._coordinator
+        coordinator.request_rejoin()  # a rebalance: still a member
+        while len(assigned) < 2:  # the rebalance is over
+            await consumer.getmany(timeout_ms=200)
+        coordinator.reset_generation()  # what aiokafka does on UNKNOWN_MEMBER_ID
+        while len(assigned) < 3:
+            await consumer.getmany(timeout_ms=200)
+        assert seen == [False, True]
+        assert not membership_lost(consumer)  # rejoined
+    finally:
+        await consumer.stop()

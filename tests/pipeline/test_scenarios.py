@@ -378,10 +378,11 @@ class _SlowToRejoin(Member):
             self.commits.append((committed, self.broker.committed(self.group_id, self.watch)))
 
 
-async def _rejoin_slowly(send_through: float) -> tuple[Any, ...]:
+async def _rejoin_slowly(send_through: float, expel: bool = False) -> tuple[Any, ...]:
     """A worker with 40 tracks in each of two partitions held at Gist's door; a slow
     member joins and takes one (sticky: the worker keeps the other); a rebalance whose
-    rejoin the slow member holds 1.5 s; the gate opens as it begins. Returns (event
+    rejoin the slow member holds 1.5 s (``expel``: begun by expelling the worker, as
+    Kafka does when its session times out); the gate opens as it begins. Returns (event
     requests during the rejoin, the kept partition's users in event requests, their
     prefix)."""
     topic, dlq = names()
@@ -418,7 +419,10 @@ async def _rejoin_slowly(send_through: float) -> tuple[Any, ...]:
     (kept,) = [tp.partition for tp in worker.stream.ledger.partitions]  # sticky: one kept
     slow.watch = TopicPartition(topic, kept)
     slow.delay = 1.5
-    broker.rebalance(group.settings["kafka_group_id"])
+    if expel:
+        broker.expel(worker.stream.consumer)
+    else:
+        broker.rebalance(group.settings["kafka_group_id"])
     await slow.opened.wait()
     gate.set()
     await broker.wait_stable(group.settings["kafka_group_id"])
@@ -452,6 +456,18 @@ async def test_sending_through_a_rejoin_stops_after_send_through() -> None:
     kept: nothing lost, nothing sent twice."""
     during, seen, mine = await _rejoin_slowly(send_through=0.0)
     assert during[0] == 0, during  # nothing sent while the slow member held the rejoin
+    assert seen == sorted(f"{mine}{i}" for i in range(40))
+
+
+async def test_an_expelled_member_stops_sending_at_once() -> None:
+    """A member Kafka expelled (its session timed out: a Kafka it could not reach, a
+    stalled process) learns it at the next rebalance: its partitions are another's
+    already, or soon, and sending through the rejoin would have two owners write the
+    same contacts at once. It stops at the revocation; the assignment resumes what it
+    keeps, nothing lost, nothing sent twice."""
+    during, seen, mine = await _rejoin_slowly(send_through=20.0, expel=True)
+    assert during, "the slow member never held a rejoin"
+    assert during[0] == 0, during
     assert seen == sorted(f"{mine}{i}" for i in range(40))
 
 
