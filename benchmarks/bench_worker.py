@@ -309,7 +309,7 @@ async def drain(args: argparse.Namespace, workdir: Path) -> int:
     }
     code_dirs: list[tuple[str, Path | None]] = [("HEAD", None)]
     if args.baseline:
-        code_dirs.insert(0, (args.baseline, baseline_tree(args.baseline, workdir)))
+        code_dirs.insert(0, baseline_tree(args.baseline, workdir))
     runs: list[Drained] = []
     with EmbeddedBroker(log_file=workdir / "broker.log") as broker:
         bootstrap = broker.bootstrap_servers
@@ -340,17 +340,23 @@ async def drain(args: argparse.Namespace, workdir: Path) -> int:
     return 0 if all(r.ok for r in runs) else 1
 
 
-def baseline_tree(commit: str, workdir: Path) -> Path:
+def baseline_tree(commit: str, workdir: Path) -> tuple[str, Path]:
     """A checkout of ``commit`` (a git worktree, detached) to run the worker from: the same
-    Python and dependencies, that commit's ``destination`` package."""
+    Python and dependencies, that commit's ``destination`` package; with its label, the
+    commit's short hash (``--baseline HEAD``, the last commit against the working tree's
+    changes, must not share this checkout's label "HEAD")."""
     root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", commit],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
     tree = workdir / f"baseline-{commit}"
     if not tree.exists():
         subprocess.run(
             ["git", "-C", str(root), "worktree", "add", "--detach", str(tree), commit],
             check=True, capture_output=True,
         )  # fmt: skip
-    return tree
+    return commit, tree
 
 
 async def drain_once(
