@@ -82,9 +82,10 @@ DELIVERY: Final[dict[str, str]] = {
     BATCH_CONTACT_ERROR: "a completed batch import reports the contact as not imported",
     RETRIES_EXHAUSTED: "a transient failure (5xx, 429, time-out) outlasted "
     "GIST_RETRY_MAX_DURATION",
-    BATCH_TIMEOUT: "the contact's batch import did not complete within "
-    "GIST_BATCH_DEADLINE (or Gist no longer knew it), and the one sent again did not "
-    "either, or failed: whether Gist imports it is unknown",
+    BATCH_TIMEOUT: "whether Gist imported the contact is unknown: an import of it may have "
+    "landed (it did not complete within GIST_BATCH_DEADLINE, Gist no longer knew it, it "
+    "completed without saying which contacts failed, or its answer was lost), and the one "
+    "sent again did not complete either, or failed",
     BATCH_FAILED: "Gist reported the contact's batch import as failed (FAILED, ERROR, "
     "CANCELLED, in any case), and again when it was sent a second time",
     GIST_UNEXPECTED_ANSWER: "Gist kept answering with something the reference does not "

@@ -707,6 +707,8 @@ class GistClient:
                 if isinstance(error, RateLimitedError):
                     self.limiter.on_rate_limited(error.retry_after, self.retry.delay(attempt))
                     metrics.RATE_LIMITED.inc()
+                elif dispatch is not None and dispatch.sent:
+                    dispatch.unanswered = True  # Gist may have acted on it (a 429 did not)
                 if (
                     not retry
                     or self.retry.gives_up(attempt, time.monotonic() - started)
@@ -806,16 +808,20 @@ class Dispatch:
         else:
             task.cancel()            # waiting for a slot or a retry: nothing was sent
 
-    ``sent``: some request of the call went out (Gist may have acted on it). ``gates``:
+    ``sent``: some request of the call went out (Gist may have acted on it);
+    ``unanswered``: one went out and was tried again without an answer that says what
+    Gist did (a time-out, a lost connection, a 5xx, an answer it could not use): Gist may
+    have acted on that one too, whatever the call returns. ``gates``:
     events that must all be set for a request to go (each attempt waits for them before
     taking a slot of the budget, and gives an unused slot back if one was cleared
     meanwhile): the caller pauses its requests by clearing one."""
 
-    __slots__ = ("gates", "on_wire", "sent", "withdrawn")
+    __slots__ = ("gates", "on_wire", "sent", "unanswered", "withdrawn")
 
     def __init__(self, gates: tuple[asyncio.Event, ...] = ()) -> None:
         self.on_wire = False
         self.sent = False
+        self.unanswered = False
         self.withdrawn = False
         self.gates = gates
 

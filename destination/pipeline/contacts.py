@@ -62,7 +62,8 @@ class ContactStep(Step):
         self.encoded: bytes | None = None  # the payload as sent, once taken into a batch
         self.held = 0  # bytes of ``encoded`` counted in the ledger's bytes in flight
         self.may_land = False  # an import of it ended with its fate unknown: Gist may
-        # still import it (``BatchPolls``: a later failure does not say it never will)
+        # have imported it, or still will (``BatchPolls``: a later failure does not say
+        # it never did)
         self.merged = 0
         self.note: Any = None  # contact memory's note of what is sent (``memory``)
         self.stripped = False  # Gist's holdings left out already (contact memory)

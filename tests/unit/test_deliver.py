@@ -299,6 +299,7 @@ class Misbehaving(FakeGist):
         self.stuck: set[str] = set()  # batch ids that never complete
         self.unpolled: set[str] = set()  # batch ids whose polls fail (503)
         self.failing: set[str] = set()  # batch ids Gist reports FAILED
+        self.answer_lost: set[str] = set()  # batch ids queued, their answer a 502
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -333,6 +334,8 @@ class Misbehaving(FakeGist):
             self.log.append((f"POST {path}", body))
             batch_id = f"b{len(self.batches)}"
             self.batches[batch_id] = body["contacts"]
+            if batch_id in self.answer_lost:
+                return httpx.Response(502, json={"errors": []})
             answer: dict[str, Any] = {"status": "QUEUED", "queued_contacts": 1}
             if not self.no_batch_id:
                 answer["batch_id"] = batch_id
@@ -370,6 +373,39 @@ async def test_batch_errors_that_name_no_contact_are_found_by_sending_halves() -
     assert "invalid email" in messages[5].failure.detail
     assert gist.imports()[0] == [f"u{i}" for i in range(8)]
     assert len(gist.imports()) < 16  # halves, not one request per contact
+
+
+async def test_a_contact_of_an_unverified_batch_that_then_failed_ends_as_unknown() -> None:
+    """Regression (model test seed 25): a batch COMPLETED with errors that named no
+    contact (Gist imported some of it), the half holding a good contact was reported
+    FAILED twice, and the contact was dead-lettered ``batch_failed``, although the first
+    import may well have imported it (it had). Its fate is unknown: ``batch_timeout``."""
+    gist = Misbehaving()
+    gist.errors = "strings"
+    gist.failing = {"b1", "b3"}  # the half [u0], and the same sent again
+    h = Harness(gist, batch_max_contacts=2)
+    messages = [h.send(upsert("u0", "u0@x.io")), h.send(upsert("u1", "bad@x.io"))]
+    await _run(h, 2, within=5)
+    assert gist.imports() == [["u0", "u1"], ["u0"], ["u1"], ["u0"]]
+    assert [m.failure.reason if m.failure else None for m in messages] == [
+        "batch_timeout", "batch_contact_error",
+    ]  # fmt: skip
+
+
+async def test_a_contact_whose_import_answer_was_lost_and_then_failed_ends_as_unknown() -> None:
+    """Regression (model test seed 25): the answer to a batch import was lost (Gist had
+    queued it: it landed later), the client sent it again, that one and the one after
+    were reported FAILED, and the contact was dead-lettered ``batch_failed``. The first
+    may have been imported: ``batch_timeout``."""
+    gist = Misbehaving()
+    gist.answer_lost = {"b0"}
+    gist.failing = {"b1", "b2"}
+    h = Harness(gist, batch_max_contacts=1)
+    message = h.send(upsert("u0", "u0@x.io"))
+    await _run(h, 1, within=5)
+    assert gist.imports() == [["u0"], ["u0"], ["u0"]]
+    assert message.failure is not None
+    assert message.failure.reason == "batch_timeout"
 
 
 async def test_a_batch_that_imported_fewer_than_sent_without_errors_is_checked() -> None:

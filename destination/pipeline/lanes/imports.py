@@ -235,6 +235,8 @@ class ContactImports(Lane):
             # Cut on the wire by a revocation that waited long enough: Gist may have it
             # or not. The other partitions' contacts go again, their bodies unchanged.
             kept = [s for s in batch.steps if not s.finished and not s.partition_revoked()]
+            for step in kept:
+                step.may_land = True
             if kept:
                 self._send(kept, batch.resent)
             return
@@ -249,6 +251,9 @@ class ContactImports(Lane):
             for step in batch.sent or batch.steps:
                 self.settler.settle(step, failure if not step.partition_revoked() else ABANDONED)
             return
+        if batch.dispatch.unanswered:  # an earlier attempt may have been queued too
+            for step in batch.steps:
+                step.may_land = True
         sent: list[ContactStep] = []
         for step in batch.sent:
             if step.partition_revoked():  # revoked while the import was on the wire

@@ -8,8 +8,9 @@ pending batch and polls it when due (backing off to ``poll_max_interval``):
   errors that cannot all be matched to contacts, or fewer imported than sent, send the
   rest again in halves until every contact's fate is known (upserts are idempotent);
 - an explicit failure (``FAILED``, ``ERROR``, ``CANCELLED``, any case): the batch is sent
-  again once, then its contacts fail with ``batch_failed`` (``batch_timeout`` for those
-  an earlier import of which expired unknown: Gist may still import that one);
+  again once, then its contacts fail with ``batch_failed`` (``batch_timeout``, fate
+  unknown, for those an earlier import of which may have landed: expired, completed
+  without saying which contacts failed, or its answer lost: ``ContactStep.may_land``);
 - not ``COMPLETED`` within ``batch_deadline`` (a status this client does not know counts
   as not completed), or a batch Gist no longer knows (404): sent again once, then its
   contacts fail with ``batch_timeout``.
@@ -283,8 +284,10 @@ class BatchPolls(Lane):
             # contact's fate is unknown, not failed.
             unknown = Failure(
                 reasons.BATCH_TIMEOUT,
-                f"a batch import did not complete within {self.deadline:g} s or was "
-                f"lost, and Gist reported the one sent again {batch.status}",
+                "an earlier import of the contact may have landed (it did not complete "
+                f"within {self.deadline:g} s, was lost, completed without saying which "
+                "contacts failed, or its answer was lost), and Gist reported the one sent "
+                f"again {batch.status}",
             )
             for step in live:
                 self.settler.settle(step, unknown if step.may_land else failed)
@@ -327,7 +330,10 @@ class BatchPolls(Lane):
             for step in rest:
                 self.settler.settle(step, None)
             return
-        # Some of ``rest`` failed, and Gist did not say which: find out.
+        # Some of ``rest`` failed, and Gist did not say which: find out. Each may have
+        # been imported (a later FAILED does not undo it).
+        for step in rest:
+            step.may_land = True
         metrics.BATCHES_UNVERIFIED.inc()
         log.warning(
             log_events.BATCH_UNVERIFIED,
