@@ -63,7 +63,8 @@ At the end Gist and Redis recover, fresh records come, and:
   an oracle that replays the ended messages, in the order they ended, into a store of
   its own (delivered ones, and those skipped as ``unchanged``, which say Gist holds
   them); a message dead-lettered after its import went out with an unknown fate
-  (``batch_timeout``) makes its values allowed too, until the field is next written;
+  (``batch_timeout``), or whose contact a crashed worker's import wrote, makes its values
+  allowed too, until the field is next written;
 - N5 no duplicate messageIds. An event (its ``properties.mid`` names its message) may
   reach Gist a second time only if, for an earlier arrival, (a) Gist lost its answer
   after applying it, or (b) its sender crashed after sending it and before recording it
@@ -142,7 +143,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -793,6 +794,14 @@ class Run:
         identities = {i for op in self.operations(key) for i in op.identities}
         if not any(isinstance(op, ContactUpsert) for op in self.operations(key)):
             return "it has no contact to import"
+        # An update by e-mail merges into a waiting write of the same contact by user_id
+        # and e-mail, and contact memory may leave the e-mail out of what is sent: its
+        # imports name the contact by user_id.
+        for identity in list(identities):
+            if identity.startswith("e:"):
+                found = self.gist.store.find_contact(email=identity[2:])
+                if found is not None and found.user_id is not None:
+                    identities.add("u:" + found.user_id)
         batches = [b for i in identities for b in self.gist.batches_with(i)]
         batches = list({id(b): b for b in batches}.values())
         deadline = SETTINGS["gist_batch_deadline"]
@@ -1007,14 +1016,30 @@ class Run:
             f"{self.group.end_offsets()}; e.g. {shown}"
         )
 
+    def _imported_by_a_crashed_worker(self, operations: Sequence[Operation]) -> bool:
+        """Whether an import of the operations' contact, sent by a worker that crashed
+        before it could record the outcome, landed in Gist: the values are there, whatever
+        the message's end in the worker that read it again (two FAILED imports there are
+        ``batch_failed``, honestly: it cannot know what a dead process sent)."""
+        ids = {i for op in operations if isinstance(op, ContactUpsert) for i in op.identities}
+        return any(
+            batch.applied
+            and batch.sender in self.crashes
+            and batch.arrived <= self.crashes[batch.sender]
+            and batch.identities() & ids
+            for batch in self.gist.order
+        )
+
     def check_final_state(self) -> None:
         oracle = Oracle()
         for end in self.group.ends.sequence:
             operations = self.operations(end.key)
             if (end.how, end.reason) in (("delivered", None), ("skipped", "unchanged")):
                 oracle.delivered(operations)
-            elif (end.how == "dead_lettered" and end.reason in UNCERTAIN) or (
-                end.reason == "duplicate"
+            elif (
+                (end.how == "dead_lettered" and end.reason in UNCERTAIN)
+                or end.reason == "duplicate"
+                or (end.how == "dead_lettered" and self._imported_by_a_crashed_worker(operations))
             ):
                 oracle.uncertain(operations)
         for problem in oracle.differences(self.gist.store):
