@@ -1011,10 +1011,73 @@ class Run:
         ends = self.group.ends.log
         unended = [key for key in self.produced.expected if key not in ends]
         shown = ", ".join(f"{k} {self._kind(k)}" for k in unended[:4])
+        where = f"; {self._where(unended[0])}" if unended else ""
         return (
             f"{len(unended)} message(s) never ended; committed {self.group.committed()} of "
-            f"{self.group.end_offsets()}; e.g. {shown}"
+            f"{self.group.end_offsets()}; e.g. {shown}{where}"
         )
+
+    def _where(self, key: tuple[int, int, int]) -> str:
+        """Where a message that did not end stands in each live worker (a stall seen
+        only under load must say what held it: the partition's flags, the message's
+        counts, the steps carrying it and where each waits)."""
+        partition, offset, index = key
+        out = []
+        for worker_id, (worker, _, _) in self.group.workers.items():
+            stream = worker.stream
+            if stream is None:
+                out.append(f"worker {worker_id}: no stream")
+                continue
+            tp = next((t for t in stream.ledger.partitions if t.partition == partition), None)
+            if tp is None:
+                out.append(f"worker {worker_id}: does not own {partition}")
+                continue
+            work = stream.ledger.partitions[tp]
+            record = work.unfinished.get(offset)
+            flags = (
+                f"suspended={tp in stream._suspended} draining={tp in stream._draining} "
+                f"paused={tp in stream.consumer.paused()} sending={work.sending.is_set()} "
+                f"rejoining={stream._rejoining} committed={work.offsets.committable()}"
+            )
+            if record is None:
+                out.append(f"worker {worker_id} owns {partition} ({flags}); record not open")
+                continue
+            delivery = worker.delivery
+            steps = []
+            for step in delivery._open:
+                tickets = getattr(step, "tickets", None)
+                carried = (
+                    [m for m, _ in tickets]
+                    if tickets is not None
+                    else [getattr(step, "message", None)]
+                )
+                mine = [
+                    m
+                    for m in carried
+                    if m is not None
+                    and m.record is record
+                    and (m.index if m.index is not None else -1) == index
+                ]
+                if not mine:
+                    continue
+                batched = any(step in b.steps for b in delivery.imports.polls._pending)
+                sending = any(step in b.steps for b in delivery.imports._sending)
+                steps.append(
+                    f"{type(step).__name__}(waiting={step.waiting} finished={step.finished} "
+                    f"in_batcher={step in delivery.imports.batcher._waiting} "
+                    f"sending={sending} polled={batched} "
+                    f"accepted={getattr(step, 'accepted', None)})"
+                )
+            dead_lettering = [
+                m for m in worker.outcomes._writing if m.record is record
+            ]
+            out.append(
+                f"worker {worker_id} owns {partition} ({flags}); record pending="
+                f"{record.pending} parked={record.parked} sealed={record.sealed}; "
+                f"steps {steps or 'none'}; dead letters writing {len(dead_lettering)}; "
+                f"limiter waiting={worker.limiter.waiting} in_flight={worker.limiter.in_flight}"
+            )
+        return " | ".join(out) or "no live worker"
 
     def _imported_by_a_crashed_worker(self, operations: Sequence[Operation]) -> bool:
         """Whether an import of the operations' contact, sent by a worker that crashed
