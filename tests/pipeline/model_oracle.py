@@ -10,6 +10,7 @@ Contacts are named by their e-mail (every contact of the sandbox has one).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -194,23 +195,42 @@ class Oracle:
     with an unknown fate (``UNCERTAIN``) may or may not have landed: each of its values
     is allowed for its field until the field is next written for sure."""
 
-    def __init__(self) -> None:
+    def __init__(self, imported: Sequence[tuple[float, dict[str, Any]]] = ()) -> None:
+        """``imported``: (arrival time, contact) of each contact Gist imported, whoever
+        sent it: one whose sender was revoked or crashed before its message ended there
+        made the contact all the same."""
         self.store = Store()
         self.allowed: dict[tuple[str, Field], set[str]] = defaultdict(set)
+        self.imported = imported
+        self.deleted: dict[str, float] = {}  # e-mail -> when its last delete ended
         # Identities (user_id or e-mail) an uncertain upsert may have given a contact,
         # with the e-mail Gist would know it by: a tag or subscription change naming one
         # the replay does not know may have landed in Gist, or not.
         self.maybe: dict[str, str] = {}
 
-    def _may_exist(self, user_id: str | None, email: str | None) -> str | None:
-        """The e-mail of the contact an uncertain upsert may have made under one of
-        these identities (None: none did)."""
+    def _may_exist(
+        self, user_id: str | None, email: str | None, at: float = math.inf
+    ) -> str | None:
+        """The e-mail of the contact an uncertain upsert, or an import that arrived before
+        ``at`` (its message not ended when it landed), may have made under one of these
+        identities (None: none did)."""
         for identity in (user_id, email.lower() if isinstance(email, str) else None):
             if identity is not None and identity in self.maybe:
                 return self.maybe[identity]
+        for arrived, contact in self.imported:
+            known = contact.get("email")
+            if arrived > at or not isinstance(known, str):
+                continue
+            if arrived <= self.deleted.get(known.lower(), -math.inf):
+                continue  # imported, then deleted
+            if (user_id is not None and contact.get("user_id") == user_id) or (
+                isinstance(email, str) and known.lower() == email.lower()
+            ):
+                return known.lower()
         return None
 
-    def delivered(self, operations: Sequence[Operation]) -> None:
+    def delivered(self, operations: Sequence[Operation], at: float = math.inf) -> None:
+        """Replay a message that ended delivered (at ``at``, ``time.monotonic()``)."""
         store = self.store
         for op in operations:
             try:
@@ -233,9 +253,10 @@ class Oracle:
                     field = ("t", op.tag.strip().lower())
                     if found is not None:
                         self.allowed.pop((found.email, field), None)
-                    elif (maybe := self._may_exist(op.user_id, op.email)) is not None:
+                    elif (maybe := self._may_exist(op.user_id, ref.get("email"), at)) is not None:
                         # Gist may know the contact by that identity (an import of
-                        # unknown fate): the tag landed on it, or nothing happened.
+                        # unknown fate, or whose message ended later or elsewhere): the
+                        # tag landed on it, or nothing happened.
                         self.allowed[(maybe, field)].update(
                             ("true" if not op.untag else _NONE, _NONE)
                         )
@@ -253,7 +274,7 @@ class Oracle:
                         else:
                             kind.contact_ids.pop(found.id, None)
                         self.allowed.pop((found.email, field), None)
-                    elif (maybe := self._may_exist(op.user_id, op.email)) is not None:
+                    elif (maybe := self._may_exist(op.user_id, op.email, at)) is not None:
                         self.allowed[(maybe, field)].update((_flag(op.subscribed) or _NONE, _NONE))
                 elif isinstance(op, ContactDelete):
                     # Under every identity it carries, as the worker sends it: by user_id,
@@ -264,11 +285,13 @@ class Oracle:
                         found = store.find_contact(**ref)
                         if found is not None:
                             store.delete_contact(found)
+                            self.deleted[found.email.lower()] = at
                             for key in [k for k in self.allowed if k[0] == found.email]:
                                 del self.allowed[key]
-                    # Nor is any contact an uncertain upsert may have made under them.
-                    maybe = self._may_exist(op.user_id, op.email)
+                    # Nor is any contact an uncertain upsert or an import made under them.
+                    maybe = self._may_exist(op.user_id, op.email, at)
                     if maybe is not None:
+                        self.deleted[maybe] = at
                         for identity in [i for i, e in self.maybe.items() if e == maybe]:
                             del self.maybe[identity]
             except ApiError:

@@ -1094,11 +1094,19 @@ class Run:
         )
 
     def check_final_state(self) -> None:
-        oracle = Oracle()
+        oracle = Oracle(
+            [
+                (batch.arrived, contact)
+                for batch in self.gist.order
+                if batch.applied
+                for i, contact in enumerate(batch.contacts)
+                if i not in batch.failed_indices
+            ]
+        )
         for end in self.group.ends.sequence:
             operations = self.operations(end.key)
             if (end.how, end.reason) in (("delivered", None), ("skipped", "unchanged")):
-                oracle.delivered(operations)
+                oracle.delivered(operations, end.at)
             elif (
                 (end.how == "dead_lettered" and end.reason in UNCERTAIN)
                 or end.reason == "duplicate"
