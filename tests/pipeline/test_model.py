@@ -1061,11 +1061,17 @@ class Run:
                 if not mine:
                     continue
                 batched = any(step in b.steps for b in delivery.imports.polls._pending)
-                sending = any(step in b.steps for b in delivery.imports._sending)
+                sending = [
+                    f"on_wire={b.dispatch.on_wire} sent={b.dispatch.sent} "
+                    f"withdrawn={b.dispatch.withdrawn} gates_open={b.dispatch.open()} "
+                    f"task_done={b.task is not None and b.task.done()}"
+                    for b in delivery.imports._sending
+                    if step in b.steps
+                ]
                 steps.append(
                     f"{type(step).__name__}(waiting={step.waiting} finished={step.finished} "
                     f"in_batcher={step in delivery.imports.batcher._waiting} "
-                    f"sending={sending} polled={batched} "
+                    f"sending={sending or False} polled={batched} "
                     f"accepted={getattr(step, 'accepted', None)})"
                 )
             dead_lettering = [
