@@ -314,21 +314,24 @@ class Dedup:
         self._in_flight[message_id] = _Copies(message)
         self._send(message, operations, todo)
 
-    def _key(self, message: MessageWork, index: int, write: bool) -> str | tuple[str, int]:
-        """What the message's ``index``-th operation is recorded under here: a write's
-        key, without Redis, names this ownership of its partition (module docstring)."""
-        key = operation_key(message.message_id or "", index)
+    def _local_key(self, message: MessageWork, key: str, write: bool) -> str | tuple[str, int]:
+        """What an operation ``key`` is recorded under here: a write's, without Redis,
+        names this ownership of its partition (module docstring)."""
         if write and self.shared is None:
             return (key, message.record.partition.epoch)
         return key
 
     def _todo(self, message: MessageWork, operations: Sequence[Operation]) -> list[int]:
         """The indices of the operations not recorded as delivered."""
-        local = self.local
+        local, message_id = self.local, message.message_id
+        assert message_id is not None
         return [
             i
             for i, operation in enumerate(operations)
-            if self._key(message, i, type(operation) is not EventTrack) not in local
+            if self._local_key(
+                message, operation_key(message_id, i), type(operation) is not EventTrack
+            )
+            not in local
         ]
 
     def _send(self, message: MessageWork, operations: Sequence[Operation], todo: list[int]) -> None:
@@ -343,10 +346,10 @@ class Dedup:
         event; see the module docstring)."""
         if message.message_id is None:
             return
-        key = self._key(message, index, write)
-        self.local.add(key)
+        key = operation_key(message.message_id, index)
+        self.local.add(self._local_key(message, key, write))
         if self.shared is not None:
-            self.shared.add(operation_key(message.message_id, index))
+            self.shared.add(key)
 
     async def look_up(self, message_ids: Iterable[str]) -> None:
         """Ask Redis about the ids of records about to be opened (one round trip)."""

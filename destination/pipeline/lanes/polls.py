@@ -285,9 +285,9 @@ class BatchPolls(Lane):
             unknown = Failure(
                 reasons.BATCH_TIMEOUT,
                 "an earlier import of the contact may have landed (it did not complete "
-                f"within {self.deadline:g} s, was lost, completed without saying which "
-                "contacts failed, or its answer was lost), and Gist reported the one sent "
-                f"again {batch.status}",
+                f"within {self.deadline:g} s, Gist no longer knew it, it completed without "
+                "saying which contacts failed, or its answer was lost), and Gist reported "
+                f"the one sent again {batch.status}",
             )
             for step in live:
                 self.settler.settle(step, unknown if step.may_land else failed)
