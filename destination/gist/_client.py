@@ -71,6 +71,19 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=60.0)
 """Batch imports of a thousand contacts are large bodies; Gist answers them quickly
 (the import itself is asynchronous), so 30 s without a byte means something is wrong."""
 
+
+def attempt_deadline(timeout: httpx.Timeout) -> float | None:
+    """The longest one attempt may take, answer read whole: httpx's time-outs bound each
+    step (a connection, one write, one read), so an answer trickling a byte at a time,
+    or a transport that never gives up, could hold its contacts' partitions forever.
+    The sum of the steps' time-outs (a slow but live answer fits); None when one step
+    has none."""
+    parts = (timeout.pool, timeout.connect, timeout.write, timeout.read)
+    if any(part is None for part in parts):
+        return None
+    return sum(part for part in parts if part is not None)
+
+
 DEFAULT_LIMITS = httpx.Limits(max_connections=32, max_keepalive_connections=32)
 """The budget (100 requests / 10 s) is the bottleneck, not connections: a few dozen
 keep-alive connections cover Gist's latency at that rate with room for slow answers."""
@@ -99,6 +112,7 @@ class GistClient:
             raise ValueError("a Gist API key is required")
         self.limiter: Budget = limiter or RateLimiter()
         self.retry = retry or RetryPolicy()
+        self._deadline = attempt_deadline(timeout)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers={
@@ -753,12 +767,15 @@ class GistClient:
         """A 2xx answer's body; None for a 404 when ``missing_ok``; else an error."""
         sent = time.monotonic()
         try:
-            response = await self._http.request(method, path, content=content, params=params)
-        except httpx.TimeoutException as exc:
+            async with asyncio.timeout(self._deadline):
+                response = await self._http.request(method, path, content=content, params=params)
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            # TimeoutError: the whole attempt outlasted its deadline (``attempt_deadline``)
+            what = type(exc).__name__ if isinstance(exc, httpx.TimeoutException) else "Deadline"
             metrics.GIST_REQUESTS.labels(endpoint, "error").inc()
-            _log_request(endpoint, type(exc).__name__, sent)
+            _log_request(endpoint, what, sent)
             raise RetryableError(
-                f"Gist did not answer in time ({type(exc).__name__})",
+                f"Gist did not answer in time ({what})",
                 method=method,
                 endpoint=endpoint,
             ) from None

@@ -4,6 +4,7 @@ class, retries, 429s and what goes on the wire."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import version
@@ -384,6 +385,50 @@ async def test_an_unreachable_gist_is_retryable_and_leaks_no_httpx_error() -> No
     assert error.__suppress_context__
     assert not isinstance(error, httpx.HTTPError)
     assert_key_hidden(error)
+
+
+async def test_an_answer_trickling_past_its_deadline_is_a_retryable_timeout() -> None:
+    """httpx's read time-out bounds one read: a server sending a byte every 0.1 s never
+    trips a 0.5-s read time-out, and would hold the request (and its contacts'
+    partitions) for ever. The attempt's deadline (the sum of the time-outs) ends it."""
+    trickling = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+            writer.write(b"Content-Length: 100000\r\n\r\n{")
+            trickling.set()
+            while True:
+                await asyncio.sleep(0.1)
+                writer.write(b" ")
+                await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    timeout = httpx.Timeout(connect=0.5, read=0.5, write=0.5, pool=0.5)
+    policy = RetryPolicy(base=0.01, cap=0.02, max_attempts=1)
+    try:
+        async with GistClient(
+            KEY, base_url=f"http://127.0.0.1:{port}", retry=policy, timeout=timeout
+        ) as client:
+            started = time.monotonic()
+            with pytest.raises(RetryableError) as caught:
+                await client.token_info()
+            took = time.monotonic() - started
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        await server.wait_closed()
+    assert trickling.is_set()
+    assert "did not answer in time (Deadline)" in str(caught.value)
+    assert 2.0 - 0.1 <= took < 10.0  # the deadline (2 s), not for ever
+    assert_key_hidden(caught.value)
 
 
 # --- what goes on the wire ----------------------------------------------------------
