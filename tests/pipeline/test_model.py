@@ -107,7 +107,8 @@ far more (about an hour): ``MODEL_SEEDS=200 MODEL_STEPS=80 ./dev test
 tests/pipeline/test_model.py``. Replay one seed with ``MODEL_SEED=<n> MODEL_SEEDS=1
 ./dev test tests/pipeline/test_model.py -k honest``; ``MODEL_TRACE=<text>`` prints, on
 failure, the steps and what happened to Gist's data and to the messages whose text
-holds ``<text>`` (a person, ``p3``, or a messageId). Seeds are played against real
+holds ``<text>`` (a person, ``p3``, or a messageId; ``auto``: each person the failure
+names). Seeds are played against real
 time, so a seed does not replay exactly: the seeds below failed every time they were
 replayed (three times) unless said otherwise.
 
@@ -140,6 +141,7 @@ import gc
 import json
 import os
 import random
+import re
 import sys
 import time
 import uuid
@@ -1387,8 +1389,11 @@ async def play(
         except BaseException as error:
             await run.stop_trickle()
             await run.group.stop_all_quietly()
-            if os.environ.get("MODEL_TRACE"):
-                print(run.trace(os.environ["MODEL_TRACE"]))
+            if needle := os.environ.get("MODEL_TRACE"):
+                # "auto": the persons the failure names (p0 ... p9), one trace each
+                needles = sorted(set(re.findall(r"\bp\d+\b", str(error)))) or ["step"]
+                for each in needles if needle == "auto" else [needle]:
+                    print(run.trace(each))
                 for entry in logs:  # the workers' rebalances and commits, in order
                     event = str(entry.get("event"))
                     if any(w in event for w in ("partition", "rebalance", "commit", "abandon")):
