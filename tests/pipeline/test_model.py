@@ -593,7 +593,8 @@ class Run:
         self.stops: dict[int, float] = {}
         self.delivered_ids: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.found: dict[str, dict[str, None]] = defaultdict(dict)  # invariant -> problems
-        # (what the sandbox held, the end, whether it is checked): see ``_ended``
+        # (what the sandbox held, the end, whether it is checked) of the ends within
+        # 2 x BURST: see ``_ended``
         self._burst: list[tuple[Seen, End, bool]] = []
         self._operations: dict[tuple[int, int, int], list[Operation]] = {}
         self.deletes: list[tuple[tuple[int, int, int], set[str]]] = []
@@ -680,25 +681,28 @@ class Run:
             # the copy ends delivered by what it still had to send (seed 16). Not checked,
             # its values still count for the other messages of its step.
             checked = not (copy and not claim.if_exists and not claim.absent)
-            if not self._burst:
-                asyncio.get_running_loop().call_later(BURST, self._check_burst)
-            self._burst.append((seen(store, end.key, claim), end, checked))
+            item = (seen(store, end.key, claim), end, checked)
+            self._burst.append(item)
+            if checked:
+                asyncio.get_running_loop().call_later(BURST, self._check_burst, item)
 
-    def _check_burst(self) -> None:
+    def _check_burst(self, item: tuple[Seen, End, bool]) -> None:
         """The ends of one step come together: a merged update's later message may
-        hold the value the sandbox has instead of an earlier one's."""
-        burst, self._burst = self._burst, []
-        entries = [entry for entry, _, _ in burst]
-        for entry, end, checked in burst:
-            if not checked:
-                continue
-            for problem in unheld(entry, entries):
-                code = "N1" if end.how == "delivered" else "N2"
-                self.note(
-                    code,
-                    f"message {end.key} {self._kind(end.key)} ended {end.how} in worker "
-                    f"{end.worker}: {problem}",
-                )
+        hold the value the sandbox has instead of an earlier one's. Its burst is every
+        end within ``BURST`` of its own, before or after (a window of its own: windows
+        fixed from a first end split a step's ends at random, seeds 26, 44, 47)."""
+        entry, end, _ = item
+        now = time.monotonic()
+        # Nothing older than 2 x BURST is in a burst still to be checked.
+        self._burst = [other for other in self._burst if other[1].at >= now - 2 * BURST]
+        entries = [other for other, e, _ in self._burst if abs(e.at - end.at) <= BURST]
+        for problem in unheld(entry, entries):
+            code = "N1" if end.how == "delivered" else "N2"
+            self.note(
+                code,
+                f"message {end.key} {self._kind(end.key)} ended {end.how} in worker "
+                f"{end.worker}: {problem}",
+            )
 
     def _kind(self, key: tuple[int, int, int]) -> str:
         body = self.produced.bodies.get(key)
@@ -1077,7 +1081,8 @@ class Run:
                 sending = [
                     f"on_wire={b.dispatch.on_wire} sent={b.dispatch.sent} "
                     f"withdrawn={b.dispatch.withdrawn} gates_open={b.dispatch.open()} "
-                    f"task_done={b.task is not None and b.task.done()}"
+                    f"task_done={b.task is not None and b.task.done()} "
+                    f"awaiting={awaiting(b.task)}"
                     for b in delivery.imports._sending
                     if step in b.steps
                 ]
@@ -1341,6 +1346,23 @@ PROGRAMS: dict[str, list[tuple[Any, ...]]] = {
 """Scripted programs, played like a seed (same workers, Gist, invariants) but step by
 step as written, with sticky rebalances and no Redis: paths that random programs
 reach only now and then (a revocation whose drain times out at a given moment)."""
+
+
+def awaiting(task: asyncio.Task[Any] | None) -> str:
+    """Where a suspended task waits: its chain of awaits, outermost first (a task's
+    ``get_stack`` shows only its own coroutine's frame)."""
+    if task is None or task.done():
+        return "-"
+    where: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(where) < 40:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            where.append(type(awaited).__name__)  # a future, or a finished coroutine
+            break
+        where.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return " > ".join(where)
 
 
 async def play_scripted(run: Run, program: list[tuple[Any, ...]]) -> None:
