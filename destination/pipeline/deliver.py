@@ -215,6 +215,14 @@ class Delivery:
             self.imports.start(step)
             return
         assert isinstance(step, DirectStep)
+        if step.message.failure is not None:
+            # An earlier operation of its message failed: the message is dead-lettered
+            # whole (its dead letter carries every operation, and a replay sends them
+            # all), so nothing more of it goes to Gist, which keeps the contact as it was
+            # before the message rather than half of it (model test seed 41: an import
+            # FAILED, then its message's subscription change went through).
+            self.settle(step, step.message.failure)
+            return
         operation = step.operation
         if self.memory is not None and not isinstance(
             operation, EventTrack | SubscriptionChange | CommerceWrite

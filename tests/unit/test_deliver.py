@@ -699,6 +699,27 @@ async def test_a_tag_change_keeps_its_place_among_the_contacts_operations() -> N
     assert paths.index("POST /tags") < paths.index("POST /events")
 
 
+async def test_nothing_more_of_a_message_goes_once_one_of_its_operations_failed() -> None:
+    """Regression (model test seed 41): an identify's upsert failed and its subscription
+    change went through all the same: the message was dead-lettered, yet Gist held half
+    of it (and a replay of the dead letter would send that half twice). The operations
+    after the failure end with it, unsent; another message's go."""
+    gist = TagGist()
+    h = Harness(gist)
+    failed = h.send(
+        ContactUpsert({"user_id": "u1", "email": "bad@x.io"}),
+        TagChange("vip", user_id="u1"),
+        EventTrack({"event_name": "After", "user_id": "u1"}),
+    )
+    fine = h.send(TagChange("vip", user_id="u2"))
+    await _run(h, 2)
+    assert [(m, f.reason) for m, f in h.sink.written] == [(failed, "gist_rejected")]
+    assert fine.failure is None
+    tagged = [c for path, body in gist.log if path == "POST /tags" for c in body["contacts"]]
+    assert tagged == [{"user_id": "u2"}]
+    assert "POST /events" not in [path for path, _ in gist.log]
+
+
 async def test_each_request_carries_its_operations_priority() -> None:
     from destination.gist import Priority, RateLimiter
 
