@@ -143,7 +143,12 @@ class SandboxGist:
                 return httpx.Response(int(fault), json={"errors": [{"code": "server_error"}]})
             if path == "/contacts/batch" and not self._may_be_unusable(request):
                 return await self._answer(worker, request, path, lost=False)
-            answer = await self._answer(worker, request, path, lost=fault == "lost")
+            # A poll's answer the worker never gets (lost, or not JSON) did not tell it
+            # COMPLETED or FAILED (seed 26: a lost COMPLETED, then Gist down past the
+            # deadline: the import was rightly taken as not completed in time).
+            answer = await self._answer(
+                worker, request, path, lost=fault == "lost", unheard=fault in ("lost", "html")
+            )
             if fault == "lost":
                 raise httpx.ReadTimeout("model time-out after it took effect", request=request)
             if answer.status_code == 200:
@@ -162,14 +167,14 @@ class SandboxGist:
         return True
 
     async def _answer(
-        self, worker: int, request: httpx.Request, path: str, *, lost: bool
+        self, worker: int, request: httpx.Request, path: str, *, lost: bool, unheard: bool = False
     ) -> httpx.Response:
         body = orjson.loads(request.content) if request.content else None
         try:
             if path == "/contacts/batch" and request.method == "POST":
                 return await self._import(worker, request, body)
             if path.startswith("/contacts/batch/"):
-                return self._poll(path.rsplit("/", 1)[1])
+                return self._poll(path.rsplit("/", 1)[1], unheard=unheard)
             if path == "/events":
                 if self.slow_events is not None:
                     await asyncio.sleep(self.slow_events)
@@ -311,15 +316,17 @@ class SandboxGist:
             await asyncio.sleep(self.rng.uniform(0.3, 1.6))  # queued; the answer is slow
         return httpx.Response(200, json=answer)
 
-    def _poll(self, batch_id: str) -> httpx.Response:
+    def _poll(self, batch_id: str, *, unheard: bool = False) -> httpx.Response:
+        """The batch's status; ``unheard``: the answer will not reach the worker (it is
+        not counted as answered)."""
         batch = self.batches.get(batch_id)
         if batch is None:
             return httpx.Response(404, json={"errors": [{"code": "not_found"}]})
         rng = self.rng
         waiting = ["QUEUED", "IN_PROGRESS"] + (["???", "completed"] if self.mode == "odd" else [])
         if batch.fate == "failed":
-            self._note(f"poll {batch.batch_id}: failed")
-            batch.failed_answered = True
+            self._note(f"poll {batch.batch_id}: failed" + (" (unheard)" if unheard else ""))
+            batch.failed_answered = batch.failed_answered or not unheard
             return httpx.Response(
                 200, json={"status": rng.choice(["FAILED", "ERROR", "failed", "Error"])}
             )
@@ -329,8 +336,8 @@ class SandboxGist:
             batch.polls = max(0, batch.polls - 1)
             return httpx.Response(200, json={"status": rng.choice(waiting)})
         self._import_in_turn(batch)
-        self._note(f"poll {batch.batch_id}: COMPLETED")
-        if batch.completed_answered is None:
+        self._note(f"poll {batch.batch_id}: COMPLETED" + (" (unheard)" if unheard else ""))
+        if batch.completed_answered is None and not unheard:
             batch.completed_answered = time.monotonic()
         return httpx.Response(200, json=self._completed(batch))
 
