@@ -1028,7 +1028,13 @@ class Run:
         ends = self.group.ends.log
         unended = [key for key in self.produced.expected if key not in ends]
         shown = ", ".join(f"{k} {self._kind(k)}" for k in unended[:4])
-        where = f"; {self._where(unended[0])}" if unended else ""
+        # The first of each partition: one partition's stall can hold the others back
+        # (the ledger's bounds are the worker's).
+        firsts = {k[0]: k for k in reversed(unended)}
+        try:
+            where = "".join(f"; {k}: {self._where(k)}" for _, k in sorted(firsts.items()))
+        except Exception as exc:  # the diagnosis must not hide the failure
+            where = f"; (no diagnosis: {exc!r})"
         return (
             f"{len(unended)} message(s) never ended; committed {self.group.committed()} of "
             f"{self.group.end_offsets()}; e.g. {shown}{where}"
@@ -1057,7 +1063,24 @@ class Run:
                 f"rejoining={stream._rejoining} committed={work.offsets.committable()}"
             )
             if record is None:
-                out.append(f"worker {worker_id} owns {partition} ({flags}); record not open")
+                intake = stream._intakes.get(tp)
+                held = (
+                    "no intake"
+                    if intake is None
+                    else f"intake held={len(intake.records)} "
+                    f"first={intake.records[0].record.offset if intake.records else None} "
+                    f"opening={intake.opening is not None} next={intake.next_offset}"
+                )
+                state = stream.consumer._states.get(tp)  # the twin's fetch position
+                out.append(
+                    f"worker {worker_id} owns {partition} ({flags}); record not open; "
+                    f"{held}; position={getattr(state, 'position', '?')} "
+                    f"seen={work.offsets.seen(offset)} blocked={stream._blocked} "
+                    f"globally_full={stream._globally_full} "
+                    f"partition_full={tp in stream._full_partitions} "
+                    f"ledger messages={stream.ledger.messages} bytes={stream.ledger.bytes} "
+                    f"open here={len(work.unfinished)}"
+                )
                 continue
             delivery = worker.delivery
             steps = []
