@@ -1122,9 +1122,30 @@ class Run:
                 f"worker {worker_id} owns {partition} ({flags}); record pending="
                 f"{record.pending} parked={record.parked} sealed={record.sealed}; "
                 f"steps {steps or 'none'}; dead letters writing {len(dead_lettering)}; "
-                f"limiter waiting={worker.limiter.waiting} in_flight={worker.limiter.in_flight}"
+                f"limiter waiting={worker.limiter.waiting} in_flight={worker.limiter.in_flight}; "
+                f"{self._batcher_state(delivery.imports)}"
             )
         return " | ".join(out) or "no live worker"
+
+    @staticmethod
+    def _batcher_state(imports: Any) -> str:
+        """Whether the contact batcher's loop is alive and what it waits for."""
+        loop = imports._loop
+        due = imports.batcher.due_at()
+        state = (
+            "no loop"
+            if loop is None
+            else "cancelled"
+            if loop.cancelled()
+            else f"ended ({loop.exception()!r})"
+            if loop.done()
+            else f"awaiting {awaiting(loop)}"
+        )
+        return (
+            f"batcher {len(imports.batcher)} waiting, due in "
+            f"{None if due is None else round(due - time.monotonic(), 3)}, "
+            f"wake={imports._wake.is_set()} flush_all={imports._flush_all}, loop {state}"
+        )
 
     def _imported_by_a_crashed_worker(self, operations: Sequence[Operation]) -> bool:
         """Whether an import of the operations' contact, sent by a worker that crashed
