@@ -1456,8 +1456,9 @@ async def play(
             await run.stop_trickle()
             await run.group.stop_all_quietly()
             if needle := os.environ.get("MODEL_TRACE"):
-                # "auto": the persons the failure names (p0 ... p9), one trace each
-                needles = sorted(set(re.findall(r"\bp\d+\b", str(error)))) or ["step"]
+                # "auto": the persons and messageIds the failure names, one trace each
+                named = re.findall(r"\bp\d+\b|(?<=messageId )[0-9a-f]{8}", str(error))
+                needles = sorted(set(named))[:6] or ["step"]
                 for each in needles if needle == "auto" else [needle]:
                     print(run.trace(each))
                 for entry in logs:  # the workers' rebalances and commits, in order
