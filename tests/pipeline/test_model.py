@@ -107,9 +107,8 @@ far more (about an hour): ``MODEL_SEEDS=200 MODEL_STEPS=80 ./dev test
 tests/pipeline/test_model.py``. Replay one seed with ``MODEL_SEED=<n> MODEL_SEEDS=1
 ./dev test tests/pipeline/test_model.py -k honest``; ``MODEL_TRACE=<text>`` prints, on
 failure, the steps and what happened to Gist's data and to the messages whose text
-holds ``<text>`` (a person, ``p3``, or a messageId; ``auto``: each person the failure
-names). Seeds are played against real
-time, so a seed does not replay exactly: the seeds below failed every time they were
+holds ``<text>`` (a person, ``p3``, or a messageId; ``auto``: each person and
+messageId the failure names). Seeds are played against real time, so a seed does not replay exactly: the seeds below failed every time they were
 replayed (three times) unless said otherwise.
 
 Two scripted programs (``PROGRAMS``, same workers, Gist and invariants, steps as
