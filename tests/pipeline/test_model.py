@@ -108,8 +108,9 @@ tests/pipeline/test_model.py``. Replay one seed with ``MODEL_SEED=<n> MODEL_SEED
 ./dev test tests/pipeline/test_model.py -k honest``; ``MODEL_TRACE=<text>`` prints, on
 failure, the steps and what happened to Gist's data and to the messages whose text
 holds ``<text>`` (a person, ``p3``, or a messageId; ``auto``: each person and
-messageId the failure names). Seeds are played against real time, so a seed does not replay exactly: the seeds below failed every time they were
-replayed (three times) unless said otherwise.
+messageId the failure names). Seeds are played against real time, so a seed does not
+replay exactly: the seeds below failed every time they were replayed (three times)
+unless said otherwise.
 
 Two scripted programs (``PROGRAMS``, same workers, Gist and invariants, steps as
 written, sticky rebalances, no Redis) reach at will two paths random seeds reach
