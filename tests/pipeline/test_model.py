@@ -42,6 +42,8 @@ all, by invariant, with the seed to replay it):
   ``batch_failed`` only for one two of whose imports Gist answered an explicit failure),
   and never twice (``message.ended_twice``);
 - I3 bounds: memory counters stay within the limits; I4 health: nothing crashed;
+- I7 stops: a worker told to stop (SIGTERM) ends within ``SHUTDOWN_TIMEOUT`` plus
+  ``STOP_SLACK`` (inside Kubernetes' grace period: what did not end is the next owner's);
 - N1 delivered-held: when a message ends delivered, the sandbox holds each value of its
   contact operations (an upsert's properties, tags and user_id; a tag change on a
   contact that exists; a delete's absence), unless a later message of the same step (an
@@ -159,7 +161,7 @@ import destination.worker
 from destination.devtools.local_kafka import LocalKafkaClients, LocalProducer
 from destination.operations import ContactDelete, ContactUpsert, Mapped, Operation
 from destination.pipeline.inflight import MessageWork
-from tests.pipeline.harness import End, Group, dead_letters, header, make_broker
+from tests.pipeline.harness import DEFAULTS, End, Group, dead_letters, header, make_broker
 from tests.pipeline.model_gist import SandboxGist
 from tests.pipeline.model_oracle import (
     UNCERTAIN,
@@ -220,6 +222,10 @@ WAIT_SLACK = 1.5
 """Seconds of slack on the wait bound: an event loop on a loaded 2-core CI runner."""
 QUIESCENCE = 20.0
 """Seconds for every message to end once Gist and Redis behave (a few are needed)."""
+STOP_SLACK = 6.0
+"""Seconds a stop may take beyond ``SHUTDOWN_TIMEOUT``: the closing steps' floors (a
+second each for the last commit and the hand-over), the loop turn's bound, the Kafka
+clients' close, and a loaded CI runner (a stop took 30 s once: seed 57)."""
 RECORD_GRACE = 1.0
 """Seconds after a message's end within which its id may not have reached the store
 yet (it is written behind, in batches)."""
@@ -285,6 +291,7 @@ INVARIANTS = {
     "I4": "health: no component crashed",
     "I5": "quiescence: every message ends once Gist and Redis behave",
     "I6": "dead letters: each dead-lettered message is in the DLQ with its reason",
+    "I7": "stops: a worker told to stop ends within SHUTDOWN_TIMEOUT plus STOP_SLACK",
     "N1": "delivered-held: a delivered message's values are in the sandbox when it ends",
     "N2": "unchanged-held: skipped as unchanged only if the sandbox holds the values",
     "N3": "waits: no request waited longer than a window plus the Redis retry period "
@@ -775,7 +782,17 @@ class Run:
             await group.start_worker()
         elif action == "leave":
             worker_id = rng.choice(list(group.workers))
-            assert await group.stop_worker(worker_id) == 0
+            serving = group.workers[worker_id][1]
+            stopping = asyncio.create_task(group.stop_worker(worker_id))
+            bound = {**DEFAULTS, **SETTINGS}["shutdown_timeout"] + STOP_SLACK
+            done, _ = await asyncio.wait({stopping}, timeout=bound)
+            if not done:
+                self.note(
+                    "I7",
+                    f"worker {worker_id} had not ended {bound:.0f} s after its stop; it "
+                    f"waited at {awaiting(serving)}",
+                )
+            assert await stopping == 0
             self.stops[worker_id] = time.monotonic()
         elif action == "crash":
             await group.crash_worker(rng.choice(list(group.workers)))
