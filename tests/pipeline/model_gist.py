@@ -110,7 +110,7 @@ class SandboxGist:
         self.journal: list[tuple[float, str]] = []
         """(time, what happened to Gist's data), for a failure's trace (MODEL_TRACE)."""
         self._ids = itertools.count()
-        self._unusable: set[bytes] = set()
+        self._unusable: set[tuple[str, str, bytes]] = set()
 
     # --- the edge ---------------------------------------------------------------------
     def transport(self, worker: int) -> httpx.MockTransport:
@@ -141,7 +141,9 @@ class SandboxGist:
                 return httpx.Response(429, headers={"Retry-After": "0"}, json={"errors": []})
             if fault in ("500", "503"):
                 return httpx.Response(int(fault), json={"errors": [{"code": "server_error"}]})
-            if path == "/contacts/batch" and not self._may_be_unusable(request):
+            if (path == "/contacts/batch" or fault == "html") and not self._may_be_unusable(
+                request
+            ):
                 return await self._answer(worker, request, path, lost=False)
             # A poll's answer the worker never gets (lost, or not JSON) did not tell it
             # COMPLETED or FAILED (seed 26: a lost COMPLETED, then Gist down past the
@@ -157,13 +159,15 @@ class SandboxGist:
         return await self._answer(worker, request, path, lost=False)
 
     def _may_be_unusable(self, request: httpx.Request) -> bool:
-        """An import answer the client cannot use (no batch_id, not JSON) is given once
-        per body at most: the client tries such a request a few times only, and the
-        model's messages must end as their content says, not by chance."""
-        body = bytes(request.content)
-        if body in self._unusable:
+        """An answer the client cannot use (not JSON; an import's without a batch_id) is
+        given once per request at most: the client tries such a request a few times
+        only, and the model's messages must end as their content says, its workers
+        start as they should, not by chance (seed 47: four pages of HTML in a row for
+        ``GET /subscription_types`` ended a worker at its start)."""
+        key = (request.method, str(request.url), bytes(request.content))
+        if key in self._unusable:
             return False
-        self._unusable.add(body)
+        self._unusable.add(key)
         return True
 
     async def _answer(
