@@ -375,6 +375,9 @@ class Worker:
                 log.error(log_events.WORKSPACE_MISMATCH, error=str(error))
                 print(f"gist-destination: {error}", file=sys.stderr)
                 return EXIT_CONFIG
+            except GistError as error:  # retried and given up, as the key check does
+                log.error(log_events.GIST_UNREACHABLE, error=str(error))
+                raise
             self.delivery.use(workspace.result())
             self.delivery.start()
             return await self._consume(self.stream)

@@ -15,8 +15,10 @@ import httpx
 import orjson
 import pytest
 from aiokafka.structs import TopicPartition
+from structlog.testing import capture_logs
 
 from destination.devtools.local_kafka import LocalKafkaClients
+from destination.gist import GistError
 from destination.pipeline import consume
 from destination.pipeline.inflight import Ledger
 from destination.settings import load_settings
@@ -902,3 +904,41 @@ async def test_a_deleted_person_stays_deleted_through_late_messages_restarts_and
     raw = b"".join((r.key or b"") + (r.value or b"") for r in suppressions)
     assert b"u1" not in raw.replace(b'"u"', b"")
     assert b"example.com" not in raw.lower()
+
+
+async def test_a_workspace_lookup_gist_cannot_answer_ends_the_start_with_an_error(
+    tmp_path: Any,
+) -> None:
+    """The rules name a subscription type; Gist answers its list with pages of HTML. The
+    start ends with the error, logged as ``gist.unreachable`` like a key check that
+    could not be answered (it was an unlogged traceback), without the key."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nconsent:\n  email: Email\n  subscription_types: {Newsletter: Email}\n"
+    )
+
+    def gist(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token/info":
+            return httpx.Response(200, json={"workspace_id": "w-1"})
+        if request.url.path == "/subscription_types":
+            return httpx.Response(200, text="<html>maintenance</html>")
+        return httpx.Response(404, json={"errors": []})
+
+    group = Group(broker, topic, dlq, gist, rules=rules)
+    with capture_logs() as logs:
+        try:
+            await group.start_worker()
+        except GistError as error:
+            failed: BaseException = error
+        else:  # it joined the group before it gave up on the list
+            _, task, _ = group.workers.pop(1)
+            with pytest.raises(GistError) as caught:
+                await task
+            failed = caught.value
+    assert "not JSON" in str(failed)
+    unreachable = [e for e in logs if e["event"] == "gist.unreachable"]
+    assert len(unreachable) == 1
+    assert "GET /subscription_types" in unreachable[0]["error"]
+    assert group.settings["gist_api_key"] not in str(logs)
