@@ -479,9 +479,8 @@ class Worker:
             if not finished:
                 # Requests still on the wire answer before the last commit, not after.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        stream.stop_sending(partitions), self._closing_step() / 2
-                    )
+                    async with asyncio.timeout(self._closing_step() / 2):
+                        await stream.stop_sending(partitions)
                 log.warning(
                     log_events.SHUTDOWN_ABANDONED, in_flight=self.ledger.open_in(partitions)
                 )
@@ -495,13 +494,15 @@ class Worker:
             # to: a broker gone must not keep the worker from ending.
             # Released: nothing more is sent, and the next owner's share need not wait
             # a whole window (without Redis).
-            await asyncio.wait_for(stream.commit(release=True), self._closing_step())
+            async with asyncio.timeout(self._closing_step()):
+                await stream.commit(release=True)
         except TimeoutError:
             log.warning(log_events.COMMIT_FAILED, error="timeout at shutdown")
         try:
             # What Gist confirmed is in Redis, and the partitions handed over, before
             # the next owner starts.
-            await asyncio.wait_for(stream.hand_over(), self._closing_step())
+            async with asyncio.timeout(self._closing_step()):
+                await stream.hand_over()
         except TimeoutError:
             log.warning(log_events.HAND_OVER_FAILED, error="timeout at shutdown")
         return EXIT_CREDENTIALS if self._fatal is not None else EXIT_OK
@@ -623,9 +624,8 @@ class Worker:
         ]
         if stops:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    asyncio.gather(*stops, return_exceptions=True), self._closing_step()
-                )
+                async with asyncio.timeout(self._closing_step()):
+                    await asyncio.gather(*stops, return_exceptions=True)
         await self.client.aclose()
         if self.shared is not None:
             with contextlib.suppress(Exception):

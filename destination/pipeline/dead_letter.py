@@ -278,9 +278,8 @@ async def check_topic(
     ``within`` seconds. Asked of all topics, never of this one by name, which would create
     it where the broker auto-creates topics (``destination.kafka_topics``)."""
     try:
-        counts = await asyncio.wait_for(
-            topic_partitions(producer.client, {topic: setting}), within
-        )
+        async with asyncio.timeout(within):
+            counts = await topic_partitions(producer.client, {topic: setting})
     except MissingTopicError as error:
         raise DeadLetterTopicError(str(error)) from None
     except (KafkaError, TimeoutError) as error:

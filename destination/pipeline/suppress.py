@@ -195,6 +195,5 @@ class SuppressionLog:
             # (it cancels and awaits it); gathered, that is a result, not our
             # cancellation.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    asyncio.gather(self._consumer.stop(), return_exceptions=True), 5.0
-                )
+                async with asyncio.timeout(5.0):
+                    await asyncio.gather(self._consumer.stop(), return_exceptions=True)

@@ -45,3 +45,21 @@ def test_the_cli_names_each_command_module_by_its_folder() -> None:
     for name, (_, module) in _COMMANDS.items():
         folder = "destination.devtools." if name in tools else "destination.commands."
         assert module.startswith(folder), (name, module)
+
+
+def test_production_code_bounds_waits_without_asyncio_wait_for() -> None:
+    """``asyncio.wait_for`` on Python 3.11 loses a cancellation that arrives as the
+    awaited call completes: a loop built on it outlives its stop (a worker's
+    housekeeping did, model test seeds 32, 41, 56). ``asyncio.timeout`` has no such flaw
+    (``pipeline.waiting``)."""
+    users = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "wait_for"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "asyncio"
+            ):
+                users.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert users == []

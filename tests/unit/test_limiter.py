@@ -1193,3 +1193,33 @@ async def test_when_redis_fails_every_shared_waiter_falls_back_in_its_lane() -> 
         budget.release(grant)
     assert budget.local.in_flight == 0
     await budget.close()
+
+
+async def test_a_stop_that_comes_as_redis_answers_is_not_lost() -> None:
+    """Regression (model test seeds 32, 41, 56: a worker ran on for 8 s and more after
+    its stop): every Redis call of the shared budget is bounded by a time-out, and
+    ``asyncio.wait_for`` on Python 3.11 loses a cancellation that arrives as the awaited
+    call answers, so the housekeeping loop asking Redis for the budget in use went on
+    after it was cancelled, and the stop waited for it."""
+    from destination.gist._redis import _bounded
+
+    answered: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def redis_call() -> int:
+        return await answered
+
+    async def housekeeping() -> None:
+        while True:
+            await _bounded(redis_call(), 5.0)
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(housekeeping())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    answered.set_result(1)
+    task.cancel()  # in the same turn as the answer
+    await asyncio.wait({task}, timeout=2)
+    ended = task.done()
+    task.cancel()  # (a loop that lost its cancellation is ended here)
+    await asyncio.wait({task})
+    assert ended, "the loop went on after its cancellation"
