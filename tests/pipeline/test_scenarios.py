@@ -5,6 +5,7 @@ committed", each as it was reproduced."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import uuid
@@ -942,3 +943,35 @@ async def test_a_workspace_lookup_gist_cannot_answer_ends_the_start_with_an_erro
     assert len(unreachable) == 1
     assert "GET /subscription_types" in unreachable[0]["error"]
     assert group.settings["gist_api_key"] not in str(logs)
+
+
+async def test_a_housekeeping_turn_that_does_not_end_cannot_hold_a_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Housekeeping once lost its cancellation (``asyncio.wait_for`` on Python 3.11) and
+    the stop waited for it, up to Kubernetes' SIGKILL. Whatever it awaits, the stop
+    goes on after a bounded wait, and the last commit is made."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    group = Group(broker, topic, dlq, ModelGist(__import__("random").Random(2)),
+                  shutdown_timeout=1.0)  # fmt: skip
+
+    over = asyncio.Event()  # the test's end: the deaf loop may end then
+
+    async def deaf_housekeeping(self: Worker, stream: Any) -> None:
+        while not over.is_set():  # a loop that lost its cancellation
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(Worker, "_housekeeping", deaf_housekeeping)
+    await produce(broker, topic, [(b"u1", identify("u1", plan="pro"))])
+    await group.start_worker()
+    await until(lambda: group.ends.log)
+    started = asyncio.get_running_loop().time()
+    try:
+        assert await group.stop_worker(1) == 0
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        over.set()
+    assert took < 1.0 + 6.0
+    assert group.committed() == {0: 1}
