@@ -161,6 +161,7 @@ import destination.worker
 from destination.devtools.local_kafka import LocalKafkaClients, LocalProducer
 from destination.operations import ContactDelete, ContactUpsert, Mapped, Operation
 from destination.pipeline.inflight import MessageWork
+from destination.pipeline.lanes.base import DirectStep
 from tests.pipeline.harness import DEFAULTS, End, Group, dead_letters, header, make_broker
 from tests.pipeline.model_gist import SandboxGist
 from tests.pipeline.model_oracle import (
@@ -1126,8 +1127,22 @@ class Run:
                     for b in delivery.imports._sending
                     if step in b.steps
                 ]
+                task = getattr(step, "task", None)
+                direct = ""
+                if isinstance(step, DirectStep):  # which lane has it, and where it waits
+                    tags = delivery.tags
+                    grouped = any(step in g.steps for g in tags._waiting.values())
+                    tagging = [awaiting(r.task) for r in tags._sending if step in r.steps]
+                    direct = (
+                        f"{type(step.operation).__name__} "
+                        f"in_requests={step in delivery.requests._open} "
+                        f"task={awaiting(task) if task is not None else None} "
+                        f"on_wire={step.dispatch.on_wire} withdrawn={step.dispatch.withdrawn} "
+                        f"tag_group={grouped} tag_requests={tagging} "
+                    )
                 steps.append(
-                    f"{type(step).__name__}(waiting={step.waiting} finished={step.finished} "
+                    f"{type(step).__name__}({direct}waiting={step.waiting} "
+                    f"finished={step.finished} "
                     f"in_batcher={step in delivery.imports.batcher._waiting} "
                     f"sending={sending or False} polled={batched} "
                     f"accepted={getattr(step, 'accepted', None)})"
