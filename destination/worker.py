@@ -59,6 +59,7 @@ from destination.pipeline.memory import ContactMemory, SharedContactMemory
 from destination.pipeline.outcome import Outcomes
 from destination.pipeline.read_ahead import Counts, ReadAhead
 from destination.pipeline.suppress import SuppressionLog, Suppressions
+from destination.pipeline.waiting import cancel_and_wait
 from destination.pipeline.workspace import WorkspaceMismatch, prepare
 from destination.settings import Settings, redis_password
 
@@ -382,13 +383,10 @@ class Worker:
             self.delivery.start()
             return await self._consume(self.stream)
         finally:
-            for task in starting:
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-                elif not task.cancelled():
-                    task.exception()  # retrieved: an early exit leaves none unread
+            # Bounded: a start-up step that does not end on its cancellation must not
+            # keep the worker from closing (its errors are retrieved: an early exit
+            # leaves none unread).
+            await cancel_and_wait(*starting, within=self._closing_step())
             await self._close(consumer, producer)
 
     async def _unless_stopped(self, step: Awaitable[Any]) -> bool:
@@ -403,9 +401,7 @@ class Worker:
         if task.done():
             task.result()  # its error, if any, is the start-up's
             return True
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await cancel_and_wait(task, within=self._closing_step())
         return False
 
     async def _check_key(self) -> bool:
@@ -418,9 +414,7 @@ class Worker:
         finally:
             stop.cancel()
         if not check.done():
-            check.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await check
+            await cancel_and_wait(check, within=self._closing_step())
             return False
         try:
             info = check.result()
@@ -467,9 +461,7 @@ class Worker:
             # cancelled. Nothing is lost: records fetched but not opened are not ours
             # to commit.
             await asyncio.wait({consuming}, timeout=_LOOP_TURN_BOUND)
-            consuming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await consuming
+            await cancel_and_wait(consuming, within=self._closing_step())
         log.info(log_events.WORKER_STOPPING, in_flight=self.ledger.messages)
         partitions = list(self.ledger.partitions.values())
         if self._fatal is None:

@@ -19,7 +19,6 @@ failure one of its operations met.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -38,12 +37,15 @@ from destination.pipeline.inflight import (
     PartitionWork,
     Skip,
 )
+from destination.pipeline.waiting import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
 DEAD_LETTER_BUG_RETRY = 5.0
 """Seconds before a dead letter whose writer failed by a bug is tried again: its
 message must end, and the partition is held (and the error logged) until it does."""
+_CLOSE_BOUND = 5.0
+"""Seconds a stop waits for the dead-letter writes it cancelled."""
 
 
 class DeadLetterSink(Protocol):
@@ -165,12 +167,8 @@ class Outcomes:
         return len(self._writing)
 
     async def close(self) -> None:
-        tasks = list(self._writing.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Bounded: a write that does not end on its cancellation must not hold the stop.
+        await cancel_and_wait(*self._writing.values(), within=_CLOSE_BOUND)
 
     # --- the one way in and out -------------------------------------------------------
     def _may_end(self, message: MessageWork, how: str) -> bool:

@@ -36,6 +36,7 @@ import orjson
 import structlog
 
 from destination.observability import log_events, metrics
+from destination.pipeline.waiting import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -186,9 +187,7 @@ class SuppressionLog:
 
     async def close(self) -> None:
         if self._follow is not None:
-            self._follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._follow
+            await cancel_and_wait(self._follow, within=5.0)
         if self._consumer is not None:
             # Bounded: with the broker gone aiokafka waits for a coordinator without
             # end. Its stop can also end in the CancelledError of its own fetch task

@@ -63,3 +63,25 @@ def test_production_code_bounds_waits_without_asyncio_wait_for() -> None:
             ):
                 users.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert users == []
+
+
+def test_production_code_never_swallows_cancelled_error_around_an_await() -> None:
+    """``with suppress(CancelledError): await task`` swallows a cancellation of the
+    waiter too (a stop that carries on past its own bound) and waits for ever on a task
+    that ignores its cancellation: ``pipeline.waiting.cancel_and_wait`` instead."""
+    users = []
+    for path in PACKAGE.rglob("*.py"):
+        if "devtools" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "suppress"
+                and any(
+                    isinstance(arg, ast.Attribute) and arg.attr == "CancelledError"
+                    for arg in node.args
+                )
+            ):
+                users.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert users == []
