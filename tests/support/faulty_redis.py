@@ -15,6 +15,9 @@ command goes to the real server (so the project's Lua scripts run as written), b
 - after the worker's crash: every call, and every answer still on its way, is refused
   (a killed process neither sends nor hears anything).
 
+A call the worker gives up on before the server answered (its time-out, on a loaded
+runner) counts as a slow answer for that worker: the store was slow as it saw it.
+
 A FLUSHALL (``flush``) goes to the server itself through a client of the test's own.
 """
 
@@ -42,6 +45,7 @@ class StoreFaults:
     # (worker or None for every worker, start, end or None while it lasts)
     bad: list[list[Any]] = field(default_factory=list)
     calls: int = 0
+    gave_up: list[tuple[int, float]] = field(default_factory=list)  # (worker, call start)
 
     def set_mode(self, mode: str) -> None:
         now = time.monotonic()
@@ -150,7 +154,16 @@ class FaultyRedis:
             await asyncio.sleep(0)
             raise RedisConnectionError("Error 111 connecting: Connection refused (model)")
         slow = faults.mode == "slow" or faults._take_spike(self._worker)
-        answer = await send()
+        started = time.monotonic()
+        try:
+            answer = await send()
+        except asyncio.CancelledError:
+            # The worker gave up on an answer the server had not sent yet (its time-out,
+            # on a runner too loaded to answer within REDIS_TIMEOUT): to the worker the
+            # store was slow then, whatever the test played.
+            faults.gave_up.append((self._worker, started))
+            faults.bad.append([self._worker, started, time.monotonic()])
+            raise
         if slow:
             try:
                 await asyncio.sleep(faults.slow_by)
