@@ -90,7 +90,7 @@ class Arrival:
     message_id: str
     sender: int
     at: float
-    lost: bool = False  # Gist applied it, the sender got a time-out instead
+    lost: bool = False  # Gist applied it, the sender got a time-out or HTML instead
 
 
 class SandboxGist:
@@ -184,11 +184,14 @@ class SandboxGist:
                     await asyncio.sleep(self.slow_events)
                 mid = ((body or {}).get("properties") or {}).get("mid")
                 event = self.store.track_event(body)
+                # Unheard (a time-out, or a page of HTML): the sender cannot tell that
+                # Gist took it, and may send it again.
+                heard = not (lost or unheard)
                 if isinstance(mid, str):
-                    self.arrivals[mid].append(Arrival(mid, worker, time.monotonic(), lost))
+                    self.arrivals[mid].append(Arrival(mid, worker, time.monotonic(), not heard))
                 self._note(
                     f"event {body.get('event_name')} from worker {worker}: mid {mid}"
-                    + (" (its answer lost)" if lost else "")
+                    + ("" if heard else " (its answer lost)")
                 )
                 return httpx.Response(200, json={"event": event.to_json()})
             if path == "/tags":
