@@ -462,6 +462,9 @@ class Worker:
             # to commit.
             await asyncio.wait({consuming}, timeout=_LOOP_TURN_BOUND)
             await cancel_and_wait(consuming, within=self._closing_step())
+        # A loop that crashed in its last turn (the stop asked first) is raised once the
+        # stop is done: what ended is still committed and handed over.
+        crash = None if consuming.cancelled() or not consuming.done() else consuming.exception()
         log.info(log_events.WORKER_STOPPING, in_flight=self.ledger.messages)
         partitions = list(self.ledger.partitions.values())
         if self._fatal is None:
@@ -499,6 +502,8 @@ class Worker:
                 await stream.hand_over()
         except TimeoutError:
             log.warning(log_events.HAND_OVER_FAILED, error="timeout at shutdown")
+        if crash is not None:
+            raise crash
         return EXIT_CREDENTIALS if self._fatal is not None else EXIT_OK
 
     full_collection_every = 10.0

@@ -977,3 +977,29 @@ async def test_a_housekeeping_turn_that_does_not_end_cannot_hold_a_stop(
     assert stopping in done, "the stop waited for a housekeeping turn that did not end"
     assert stopping.result() == 0
     assert group.committed() == {0: 1}
+
+
+async def test_a_consume_loop_that_crashes_in_its_last_turn_still_lets_the_stop_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stop asked first, then the loop's last turn raised (a bug): what ended is
+    still committed and handed over, and the crash is the stop's result, not lost."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    # Commits come only from the stop (what the crash would have skipped).
+    group = Group(broker, topic, dlq, ModelGist(__import__("random").Random(3)),
+                  shutdown_timeout=1.0, commit_interval=600.0)  # fmt: skip
+    run = consume.StreamConsumer.run
+
+    async def run_then_crash(self: consume.StreamConsumer) -> None:
+        await run(self)  # ends when the stop is asked
+        raise RuntimeError("a bug in the loop's last turn")
+
+    monkeypatch.setattr(consume.StreamConsumer, "run", run_then_crash)
+    await produce(broker, topic, [(b"u1", identify("u1", plan="pro"))])
+    await group.start_worker()
+    await until(lambda: group.ends.log)
+    with capture_logs() as logs, pytest.raises(RuntimeError, match="last turn"):
+        await group.stop_worker(1)
+    assert group.committed() == {0: 1}
+    assert any(e["event"] == "worker.task_failed" for e in logs), [e["event"] for e in logs]
