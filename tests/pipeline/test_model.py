@@ -171,6 +171,7 @@ from tests.pipeline.model_oracle import (
     Oracle,
     Seen,
     claims_of,
+    identities_of,
     seen,
     unheld,
 )
@@ -1215,19 +1216,28 @@ class Run:
             f"wake={imports._wake.is_set()} flush_all={imports._flush_all}, loop {state}"
         )
 
-    def _imported_by_a_crashed_worker(self, operations: Sequence[Operation]) -> bool:
-        """Whether an import of the operations' contact, sent by a worker that crashed
-        before it could record the outcome, landed in Gist: the values are there, whatever
-        the message's end in the worker that read it again (two FAILED imports there are
-        ``batch_failed``, honestly: it cannot know what a dead process sent)."""
+    def _imported_by_a_worker_gone(self, operations: Sequence[Operation]) -> bool:
+        """Whether an import of the operations' contact landed in Gist from a worker that
+        ended none of that contact's messages after sending it: it crashed, stopped or
+        lost the partition before the outcome (seed 18: a revoked worker's import landed
+        after the next owner's two imports FAILED). The values are there, whatever the
+        message's end in the worker that read it again (``batch_failed``, honestly: it
+        cannot know what another process sent)."""
         ids = {i for op in operations if isinstance(op, ContactUpsert) for i in op.identities}
-        return any(
-            batch.applied
-            and batch.sender in self.crashes
-            and batch.arrived <= self.crashes[batch.sender]
-            and batch.identities() & ids
-            for batch in self.gist.order
-        )
+        for batch in self.gist.order:
+            if not (batch.applied and batch.identities() & ids):
+                continue
+            crashed = self.crashes.get(batch.sender)
+            if crashed is not None and batch.arrived <= crashed:
+                return True
+            if not any(
+                end.worker == batch.sender
+                and end.at >= batch.arrived
+                and identities_of(self.operations(end.key)) & ids
+                for end in self.group.ends.sequence
+            ):
+                return True
+        return False
 
     def check_final_state(self) -> None:
         oracle = Oracle(
@@ -1246,7 +1256,7 @@ class Run:
             elif (
                 (end.how == "dead_lettered" and end.reason in UNCERTAIN)
                 or end.reason == "duplicate"
-                or (end.how == "dead_lettered" and self._imported_by_a_crashed_worker(operations))
+                or (end.how == "dead_lettered" and self._imported_by_a_worker_gone(operations))
             ):
                 oracle.uncertain(operations)
         for problem in oracle.differences(self.gist.store):
