@@ -100,6 +100,7 @@ class DeliveredIds:
         "_bloom_mask",
         "_clock",
         "_current",
+        "_in_sealed",
         "_sealed",
         "_slice",
         "_slices",
@@ -123,6 +124,7 @@ class DeliveredIds:
         self._current: set[int] = set()
         self._started = clock()
         self._sealed: deque[tuple[float, array[int]]] = deque()  # (start, sorted hashes)
+        self._in_sealed = 0  # ids in the sealed slices (``len`` is asked at every add)
         # A counting Bloom filter over the sealed slices (8 one-byte counters an id at
         # capacity, 4 probes: a new id passes it about once in 40), so that a new id, the
         # usual case, is not looked for in each of them: 24 bisections of boxed 64-bit
@@ -133,7 +135,7 @@ class DeliveredIds:
         self._bloom_mask = counters - 1
 
     def __len__(self) -> int:
-        return len(self._current) + sum(len(ids) for _, ids in self._sealed)
+        return len(self._current) + self._in_sealed
 
     def __contains__(self, message_id: str | tuple[str, int]) -> bool:
         self._turn()
@@ -176,10 +178,11 @@ class DeliveredIds:
         while self._sealed and self._sealed[0][0] + self._slice <= now - self.window:
             self._count(self._sealed.popleft()[1], -1)
 
-    def _count(self, ids: Iterable[int], by: int) -> None:
+    def _count(self, ids: array[int], by: int) -> None:
         """Count a slice's ids in (``by`` 1) or out (-1) of the filter. A counter at 255
         stays there (it may let a few more new ids through to the slices, never hide
         one)."""
+        self._in_sealed += by * len(ids)
         bloom, mask = self._bloom, self._bloom_mask
         for h in ids:
             step, bit = (h >> 32) | 1, h

@@ -42,6 +42,27 @@ def test_an_id_is_remembered_for_the_window_and_then_forgotten() -> None:
     assert "m-2" in ids
 
 
+def test_its_length_counts_the_ids_held_through_seals_and_forgetting() -> None:
+    clock = Clock()
+    ids = DeliveredIds(window=100.0, capacity=1000, slices=10, clock=clock)
+    for n in range(5):
+        ids.add(f"a{n}")
+    assert len(ids) == 5
+    clock.now = 20.0  # the first slice is sealed at the next add
+    for n in range(3):
+        ids.add(f"b{n}")
+    assert len(ids) == 8
+    clock.now = 60.0
+    ids.add("c0")
+    assert len(ids) == 9
+    clock.now = 125.0  # the a-slice [0, 10) is forgotten; the b-slice [20, 30) is not
+    assert "a0" not in ids
+    assert len(ids) == 4
+    clock.now = 500.0
+    assert "c0" not in ids
+    assert len(ids) == 0
+
+
 def test_past_its_capacity_the_oldest_slice_is_forgotten_first() -> None:
     clock = Clock()
     ids = DeliveredIds(window=1000.0, capacity=150, slices=10, clock=clock)
