@@ -47,7 +47,8 @@ all, by invariant, with the seed to replay it):
 - N1 delivered-held: when a message ends delivered, the sandbox holds each value of its
   contact operations (an upsert's properties, tags and user_id; a tag change on a
   contact that exists; a delete's absence), unless a later message of the same step (an
-  update merged into the same upsert) set the value the sandbox holds; a copy of a
+  update merged into the same upsert, ending with it or only landing with it: its other
+  operations may end it later, elsewhere) set the value the sandbox holds; a copy of a
   message that ended delivered before is not held to its upsert (skipped as done). Memory may cause
   a field to be sent again, never a field not sent;
 - N2 unchanged-held: a message is skipped as ``unchanged`` only if the sandbox holds
@@ -66,8 +67,9 @@ At the end Gist and Redis recover, fresh records come, and:
   an oracle that replays the ended messages, in the order they ended, into a store of
   its own (delivered ones, and those skipped as ``unchanged``, which say Gist holds
   them); a message dead-lettered after its import went out with an unknown fate
-  (``batch_timeout``), or whose contact a crashed worker's import wrote, makes its values
-  allowed too, until the field is next written;
+  (``batch_timeout``), or whose contact an import wrote from a worker that ended none of
+  that contact's messages afterwards (it crashed, stopped or lost the partition), makes
+  its values allowed too, until the field is next written;
 - N5 no duplicate messageIds. An event (its ``properties.mid`` names its message) may
   reach Gist a second time only if, for an earlier arrival, (a) Gist lost its answer
   after applying it, or (b) its sender crashed after sending it and before recording it
@@ -76,10 +78,12 @@ At the end Gist and Redis recover, fresh records come, and:
   a different worker sent it again (de-duplication is per process then: the first did
   not commit it, or it came again as a producer's retry), or (d) with Redis, the store
   was slow, down or flushed between the earlier arrival (less ``RECORD_GRACE``) and this
-  one. Anything else is a violation: the same worker sending it twice (after a
-  revocation, say: an operation that succeeded must not be sent again), or a second
-  worker while the store was healthy. Events are checked because an event's arrival
-  names its message; contact writes are idempotent and are checked by N1, N2 and N4;
+  one (slow includes an answer a worker gave up on: its ``REDIS_TIMEOUT`` on a loaded
+  runner is a slow store to it). Anything else is a violation: the same worker sending
+  it twice (after a revocation, say: an operation that succeeded must not be sent
+  again), or a second worker while the store was healthy. Events are checked because
+  an event's arrival names its message; contact writes are idempotent and are checked
+  by N1, N2 and N4;
 - N7 commerce (when I5 holds): each shopper's cart in the sandbox is one the ended
   messages allow, replayed in the order they ended (``model_oracle.CommerceOracle``):
   a whole cart sets it, an order empties it, a delivered line added or removed changes
