@@ -72,9 +72,10 @@ At the end Gist and Redis recover, fresh records come, and:
   its values allowed too, until the field is next written;
 - N5 no duplicate messageIds. An event (its ``properties.mid`` names its message) may
   reach Gist a second time only if, for an earlier arrival, (a) Gist lost its answer
-  after applying it, or (b) its sender crashed after sending it and before recording it
-  (no delivered end of that message in that worker before the crash; with Redis, none
-  ``RECORD_GRACE`` or more before it, as the id is written behind), or (c) without Redis,
+  (or answered a page of HTML) after applying it, or (b) its sender crashed after
+  sending it and before recording it (no delivered end of that message in that worker
+  before the crash; with Redis, none ``RECORD_GRACE`` or more before it, as the id is
+  written behind), or (c) without Redis,
   a different worker sent it again (de-duplication is per process then: the first did
   not commit it, or it came again as a producer's retry), or (d) with Redis, the store
   was slow, down or flushed between the earlier arrival (less ``RECORD_GRACE``) and this
