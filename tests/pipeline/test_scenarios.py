@@ -18,6 +18,7 @@ import pytest
 from aiokafka.structs import TopicPartition
 from structlog.testing import capture_logs
 
+from destination import worker as worker_module
 from destination.devtools.local_kafka import LocalKafkaClients
 from destination.gist import GistError
 from destination.pipeline import consume
@@ -1003,3 +1004,35 @@ async def test_a_consume_loop_that_crashes_in_its_last_turn_still_lets_the_stop_
         await group.stop_worker(1)
     assert group.committed() == {0: 1}
     assert any(e["event"] == "worker.task_failed" for e in logs), [e["event"] for e in logs]
+
+
+async def test_a_start_up_step_deaf_to_its_cancellation_cannot_hold_a_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop during start-up cancels the step under way (here the workspace's
+    preparation); one that does not end on it is waited for a bounded time, then the
+    worker closes (the old ``suppress(CancelledError): await`` waited for ever)."""
+    topic, dlq = names()
+    broker = make_broker(topic, dlq, partitions=1)
+    group = Group(broker, topic, dlq, ModelGist(__import__("random").Random(4)),
+                  shutdown_timeout=1.0)  # fmt: skip
+    over = asyncio.Event()
+    preparing = asyncio.Event()
+
+    async def deaf_prepare(*args: Any, **kwargs: Any) -> Any:
+        preparing.set()
+        while not over.is_set():  # a step that lost its cancellation
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(worker_module, "prepare", deaf_prepare)
+    await group.start_worker()
+    async with asyncio.timeout(10):
+        await preparing.wait()
+    stopping = asyncio.create_task(group.stop_worker(1))
+    try:
+        done, _ = await asyncio.wait({stopping}, timeout=1.0 + 6.0)
+    finally:
+        over.set()
+    assert stopping in done, "the stop waited for a start-up step that did not end"
+    assert stopping.result() == 0
