@@ -14,7 +14,14 @@ from typing import Any
 from destination import reasons
 from destination.operations import ContactUpsert, EventTrack
 from destination.pipeline.dedup import Dedup, DeliveredIds, id_hash
-from destination.pipeline.inflight import ENDED, Failure, Ledger, MessageWork, TopicPartition
+from destination.pipeline.inflight import (
+    ENDED,
+    Failure,
+    Ledger,
+    MessageWork,
+    Skip,
+    TopicPartition,
+)
 from destination.pipeline.outcome import Outcomes
 
 
@@ -199,6 +206,24 @@ def test_a_copy_in_flight_ends_as_its_original_ends() -> None:
     p.deliver(first)
     assert p.ends[id(copy)] == ("skipped", "duplicate")
     assert p.partition.offsets.committable() == 2
+
+
+def test_a_copy_of_a_message_skipped_as_unchanged_ends_as_a_duplicate() -> None:
+    """A skip as "unchanged" says Gist holds the message's values; a copy read after a later
+    update of the contact does not hold them (model test, seed 4): it is a duplicate.
+    Other reasons for a skip hold for the copy too."""
+    p = Pipeline()
+    first = p.offer("m-1", writes=True)
+    copy = p.offer("m-1", writes=True)
+    p.outcomes.expect(first, 1)
+    p.outcomes.operation_done(first, Skip(reasons.UNCHANGED))
+    assert p.ends[id(first)] == ("skipped", reasons.UNCHANGED)
+    assert p.ends[id(copy)] == ("skipped", reasons.DUPLICATE)
+    other = p.offer("m-2", writes=True)
+    its_copy = p.offer("m-2", writes=True)
+    p.outcomes.expect(other, 1)
+    p.outcomes.operation_done(other, Skip(reasons.SUPPRESSED))
+    assert p.ends[id(its_copy)] == ("skipped", reasons.SUPPRESSED)
 
 
 async def test_a_copy_of_a_dead_lettered_message_is_dead_lettered_alike() -> None:
