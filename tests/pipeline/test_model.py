@@ -228,8 +228,12 @@ except ImportError:  # the limiter's rewrite may move it; the README's figure
     RETRY_REDIS_EVERY = 5.0
 WAIT_SLACK = 1.5
 """Seconds of slack on the wait bound: an event loop on a loaded 2-core CI runner."""
-QUIESCENCE = 20.0
-"""Seconds for every message to end once Gist and Redis behave (a few are needed)."""
+QUIESCENCE = 20.0 * max(1.0, STEPS / 40)
+"""Seconds for every message to end once Gist and Redis behave: 20 for the default 40
+steps, in proportion for longer programs. A longer program leaves a longer backlog per
+person, and a person's updates merge only between its tag changes and subscriptions:
+each of those costs an import's round trip (seeds 40 and 58 at 80 steps drained in
+20-25 s, in order, the worker busy throughout)."""
 STOP_SLACK = 6.0
 """Seconds a stop may take beyond ``SHUTDOWN_TIMEOUT``: the closing steps' floors (a
 second each for the last commit and the hand-over), the loop turn's bound, the Kafka
@@ -1117,10 +1121,20 @@ class Run:
                 continue
             work = stream.ledger.partitions[tp]
             record = work.unfinished.get(offset)
+            consumer = stream.consumer
+            group = self.broker._groups.get(consumer.group_id or "")
+            member = (
+                "no group"
+                if group is None
+                else f"member={group.members.get(consumer.member_id or '') is consumer} "
+                f"generation={consumer._generation}/{group.generation} "
+                f"group_committed={group.committed.get(tp)}"
+            )
             flags = (
                 f"suspended={tp in stream._suspended} draining={tp in stream._draining} "
                 f"paused={tp in stream.consumer.paused()} sending={work.sending.is_set()} "
-                f"rejoining={stream._rejoining} committed={work.offsets.committable()}"
+                f"rejoining={stream._rejoining} committed={work.offsets.committable()} "
+                f"{member}"
             )
             if record is None:
                 intake = stream._intakes.get(tp)
