@@ -322,7 +322,11 @@ class StreamConsumer:
                 fetched += self._enqueue(TopicPartition(tp.topic, tp.partition), records)
             if self.dedup is not None and self.dedup.shared is not None and fetched:
                 # One round trip to Redis for the ids of the records about to be opened.
-                await self.dedup.look_up(i for f in fetched for i in f.message_ids())
+                await self.dedup.look_up(
+                    (i, f.record.topic, f.record.partition, f.record.offset)
+                    for f in fetched
+                    for i in f.message_ids()
+                )
             opened = await self._open_in_turns()
             if not batches and not opened and (self._blocked or self._paused_everything()):
                 self.ledger.changed.clear()

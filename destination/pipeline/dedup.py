@@ -9,8 +9,8 @@ for its first operation, the messageId and the index for the others), each once 
 confirmed it, never before; a message that comes again sends only the operations not
 recorded (a track whose event went but whose tag change failed sends the tag change).
 Ids only ever say "delivered", which stays true: nothing invalidates them but the
-window; a store that lost some (a Redis flush, a write that failed) can only cause a
-duplicate, never a loss.
+window; for an event, a store that lost some (a Redis flush, a write that failed) can
+only cause a duplicate, never a loss. For a write it takes the rule below.
 
 But "delivered" is not "Gist still holds it" for a **write** (every operation but an
 event: an upsert, a tag or subscription change, a delete, a commerce write). Without
@@ -20,7 +20,13 @@ again over the newer ones: skipping the newer ones as delivered left Gist at old
 values (model test seed 42). So without Redis a write's id counts only while the
 partition stays with the worker that recorded it (``PartitionWork.epoch`` is in its
 key); an event's counts for the window, wherever it is read again. With Redis every
-owner knows every id, and the older writes are skipped as well.
+owner knows every id, and the older writes are skipped as well; a write is recorded
+there twice, by its key and by its key at its record (``record_key``). A copy found at
+another record (a producer's retry of an older message) is skipped. The same record
+found delivered by an earlier owner is skipped unless a write of the same contact
+went out again in this ownership: Redis then lost the earlier writes' ids but not this
+one's (a flush, an eviction), the contact is back before this write, and skipping it
+would leave Gist at the older values (model test seed 16 at 80 steps).
 
 - ``DeliveredIds`` keeps the ids delivered within ``window`` in this process (Python's
   string hash: fast, cached in the string, the same within the process), bounded and
@@ -90,6 +96,19 @@ def coordinates_id(topic: str, partition: int, offset: int, index: int | None) -
 def operation_key(message_id: str, index: int) -> str:
     """What a message's ``index``-th operation is recorded under."""
     return message_id if index == 0 else f"{message_id}\x00{index}"
+
+
+def record_key(key: str, topic: str, partition: int, offset: int) -> str:
+    """What a write is also recorded under in Redis: its operation key at the record
+    that carried it. Found, it says the same record was delivered before (a redelivery
+    after a revocation or a crash), not a producer's copy of it elsewhere."""
+    return f"{key}\x00@{topic}:{partition}:{offset}"
+
+
+MAX_TAINTED = 100_000
+"""Contacts per partition ownership whose writes went out, remembered at most (see
+``Dedup._write_done``): beyond, a redelivered write whose earlier writes were sent again
+may be skipped (only after Redis lost ids, and only that far into an ownership)."""
 
 
 class DeliveredIds:
@@ -299,6 +318,8 @@ class Dedup:
         self._skip = skip
         self._dead_letter = dead_letter
         self._in_flight: dict[str, _Copies] = {}
+        # With Redis: per partition ownership, the contacts a write went out for.
+        self._tainted: dict[PartitionWork, set[str]] = {}
 
     def offer(self, message: MessageWork, operations: Sequence[Operation]) -> None:
         message_id = message.message_id
@@ -328,16 +349,60 @@ class Dedup:
         """The indices of the operations not recorded as delivered."""
         local, message_id = self.local, message.message_id
         assert message_id is not None
-        return [
-            i
-            for i, operation in enumerate(operations)
-            if self._local_key(
-                message, operation_key(message_id, i), type(operation) is not EventTrack
-            )
-            not in local
-        ]
+        if self.shared is None:
+            return [
+                i
+                for i, operation in enumerate(operations)
+                if self._local_key(
+                    message, operation_key(message_id, i), type(operation) is not EventTrack
+                )
+                not in local
+            ]
+        todo = []
+        for i, operation in enumerate(operations):
+            key = operation_key(message_id, i)
+            if type(operation) is EventTrack:
+                if key not in local:
+                    todo.append(i)
+            elif not self._write_done(message, key, operation):
+                todo.append(i)
+        return todo
+
+    def _write_done(self, message: MessageWork, key: str, operation: Operation) -> bool:
+        """With Redis, whether a write need not go again. Recorded in this ownership of
+        its partition: done. A producer's copy of one delivered elsewhere: done (sending
+        it would put older values over newer ones). The same record, delivered by an
+        earlier owner: done unless a write of the same contact went out again in this
+        ownership, which puts the contact back before this write (the earlier writes'
+        ids were lost: a Redis flush, an eviction; model test seed 16 at 80 steps, where
+        skipping it left Gist at an older value)."""
+        local = self.local
+        partition = message.record.partition
+        if (key, partition.epoch) in local:
+            return True
+        if key not in local:
+            return False
+        tp = partition.tp
+        if record_key(key, tp.topic, tp.partition, message.record.offset) not in local:
+            return True  # a copy: its original was delivered at another record
+        tainted = self._tainted.get(partition)
+        return not tainted or not any(i in tainted for i in operation.identities)
+
+    def _taint(self, message: MessageWork, operations: Sequence[Operation]) -> None:
+        """Writes of these contacts go out in this ownership of the partition."""
+        partition = message.record.partition
+        tainted = self._tainted.get(partition)
+        if tainted is None:
+            tainted = self._tainted[partition] = set()
+        if len(tainted) >= MAX_TAINTED:
+            return
+        for operation in operations:
+            if type(operation) is not EventTrack:
+                tainted.update(operation.identities)
 
     def _send(self, message: MessageWork, operations: Sequence[Operation], todo: list[int]) -> None:
+        if self.shared is not None:
+            self._taint(message, [operations[i] for i in todo])
         if len(todo) == len(operations):
             self._submit(message, operations, todo)
         else:  # a redelivery of a message that partly succeeded: the rest only
@@ -351,22 +416,34 @@ class Dedup:
             return
         key = operation_key(message.message_id, index)
         self.local.add(self._local_key(message, key, write))
-        if self.shared is not None:
-            self.shared.add(key)
+        shared = self.shared
+        if shared is not None:
+            shared.add(key)
+            if write:  # see ``_write_done``
+                record = message.record
+                tp = record.partition.tp
+                at = record_key(key, tp.topic, tp.partition, record.offset)
+                self.local.add((key, record.partition.epoch))
+                self.local.add(at)
+                shared.add(at)
 
-    async def look_up(self, message_ids: Iterable[str]) -> None:
-        """Ask Redis about the ids of records about to be opened (one round trip)."""
+    async def look_up(self, found: Iterable[tuple[str, str, int, int]]) -> None:
+        """Ask Redis about the ids of records about to be opened (one round trip):
+        (messageId, topic, partition, offset) of each message."""
         if self.shared is None:
             return
-        keys = [
-            key
-            for m in set(message_ids)
-            for i in range(LOOKED_UP_OPERATIONS)
-            if (key := operation_key(m, i)) not in self.local
-        ]
+        keys: dict[str, None] = {}
+        for message_id, topic, partition, offset in found:
+            for i in range(LOOKED_UP_OPERATIONS):
+                key = operation_key(message_id, i)
+                if key not in self.local:
+                    keys[key] = None
+                at = record_key(key, topic, partition, offset)
+                if at not in self.local:
+                    keys[at] = None
         # Delivered within the window, by some replica: known here from now on, for
         # every copy of it (a replayed message and its producer's retries alike).
-        for key in await self.shared.delivered(keys):
+        for key in await self.shared.delivered(list(keys)):
             self.local.add(key)
 
     async def flush(self) -> None:
@@ -390,7 +467,7 @@ class Dedup:
                 metrics.DUPLICATES.labels(waiting.message_type).inc()
                 self._skip(waiting, reasons.DUPLICATE)
             elif how == "skipped":
-                self._skip(waiting, reason)
+                self._skip(waiting, reason or reasons.DUPLICATE)
             else:
                 self._dead_letter(waiting, message.failure)
 
@@ -398,6 +475,8 @@ class Dedup:
         """Revoked partitions: forget their messages; a copy waiting on one of them from
         another partition becomes the one sent (what the first did is recorded)."""
         gone = set(partitions)
+        for partition in gone:
+            self._tainted.pop(partition, None)
         for message_id, copies in list(self._in_flight.items()):
             if copies.first.record.partition not in gone:
                 continue

@@ -126,7 +126,7 @@ def test_an_id_costs_about_eight_bytes_once_its_slice_is_sealed() -> None:
 class Pipeline:
     """Dedup between intake and delivery, with the real Outcomes and Ledger."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: Any = None, offset: int = 0) -> None:
         self.ledger = Ledger()
         self.written: list[tuple[MessageWork, Failure]] = []
         self.outcomes = Outcomes(self.ledger, self)
@@ -138,13 +138,14 @@ class Pipeline:
             self._submit,
             self.outcomes.skipped,
             self.outcomes.dead_letter,
+            shared,
         )
         self.outcomes.observers.append(self.dedup.ended)
         self.ends: dict[int, tuple[str, str | None]] = {}
         self.outcomes.observers.append(
             lambda message, how, reason: self.ends.__setitem__(id(message), (how, reason))
         )
-        self.offset = 0
+        self.offset = offset
 
     def _submit(self, message: MessageWork, ops: Sequence[Any], indices: Sequence[int]) -> None:
         self.submitted.append(message)
@@ -350,3 +351,67 @@ async def test_a_delivered_id_goes_to_redis_in_the_same_turn_not_later() -> None
     for _ in range(3):  # a few turns of the event loop, no time passing
         await asyncio.sleep(0)
     assert written == [(format(id_hash("a"), "x"), format(id_hash("b"), "x"))]
+
+
+class SharedStore:
+    """Redis's side of ``SharedIds`` (the edge), in memory: what every owner recorded."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def add(self, key: str) -> None:
+        self.ids.add(key)
+
+    async def delivered(self, keys: Sequence[str]) -> set[str]:
+        return {key for key in keys if key in self.ids}
+
+    async def flush(self) -> bool:
+        return True
+
+
+async def _read(p: Pipeline, message_id: str) -> MessageWork:
+    """A record of one upsert of contact ``u``, looked up in Redis first, as the intake
+    does, then offered."""
+    await p.dedup.look_up([(message_id, "t", 0, p.offset)])
+    return p.offer(message_id, writes=True)
+
+
+async def test_with_redis_a_redelivered_write_goes_again_after_an_earlier_one_did() -> None:
+    """Redis lost the ids of an earlier write of the contact (a flush) but kept a later
+    one's: the next owner sends the earlier write again, and so must send the later one,
+    or Gist ends at the older value (model test seed 16, 80 steps)."""
+    store = SharedStore()
+    old = Pipeline(store)
+    earlier, later = await _read(old, "w-1"), await _read(old, "w-2")
+    old.deliver(earlier, writes=True)
+    old.deliver(later, writes=True)
+    store.ids = {k for k in store.ids if not k.startswith("w-1")}  # lost with a flush
+    new = Pipeline(store)  # the next owner reads from the group's commit
+    again_earlier, again_later = await _read(new, "w-1"), await _read(new, "w-2")
+    assert new.submitted == [again_earlier, again_later]
+
+
+async def test_with_redis_a_redelivered_record_whose_writes_all_went_is_skipped() -> None:
+    store = SharedStore()
+    old = Pipeline(store)
+    earlier, later = await _read(old, "w-1"), await _read(old, "w-2")
+    old.deliver(earlier, writes=True)
+    old.deliver(later, writes=True)
+    new = Pipeline(store)
+    again = [await _read(new, "w-1"), await _read(new, "w-2")]
+    assert new.submitted == []
+    assert [new.ends[id(m)] for m in again] == [("skipped", "duplicate")] * 2
+
+
+async def test_with_redis_a_producers_copy_of_a_delivered_write_skips_after_newer_ones() -> None:
+    """A copy found at another record is an older message's: sending it after a newer
+    write of the contact would put its older values back."""
+    store = SharedStore()
+    old = Pipeline(store)
+    original = await _read(old, "w-1")
+    old.deliver(original, writes=True)
+    new = Pipeline(store, offset=10)  # the original was committed
+    newer = await _read(new, "w-2")
+    copy = await _read(new, "w-1")
+    assert new.submitted == [newer]
+    assert new.ends[id(copy)] == ("skipped", "duplicate")
