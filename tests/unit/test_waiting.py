@@ -23,7 +23,8 @@ async def test_a_cancelled_task_is_waited_for_and_its_end_reported() -> None:
     task = asyncio.create_task(work())
     await asyncio.sleep(0)
     assert await cancel_and_wait(task, within=1.0) is True
-    assert task.cancelled() and ended.is_set()
+    assert task.cancelled()
+    assert ended.is_set()
 
 
 async def test_a_task_that_ignores_its_cancellation_holds_the_waiter_only_within() -> None:
