@@ -11,10 +11,18 @@ import httpx
 import orjson
 import pytest
 
+from destination import reasons
 from destination.gist import CredentialsError, GistClient, RetryPolicy
 from destination.operations import ContactUpsert, EventTrack, TagChange
 from destination.pipeline.deliver import Delivery, DeliverySettings
-from destination.pipeline.inflight import ENDED, Failure, Ledger, MessageWork, TopicPartition
+from destination.pipeline.inflight import (
+    ENDED,
+    Failure,
+    Ledger,
+    MessageWork,
+    Skip,
+    TopicPartition,
+)
 from destination.pipeline.outcome import Outcomes
 
 
@@ -889,3 +897,31 @@ async def test_a_contacts_body_counts_in_the_bytes_in_flight_until_its_import_en
     finally:
         await h.delivery.close()
     assert h.ledger.bytes == 0
+
+
+async def test_an_operation_skipped_as_gist_holds_it_is_recorded_as_done() -> None:
+    """A subscription change or cart line skipped because Gist holds it is done, as a
+    contact skipped as unchanged is: a producer's copy read later must not send it again
+    over newer values (model test seed 16 at 80 steps: a copy re-sent a subscription)."""
+    recorded: list[tuple[str | None, int, bool]] = []
+
+    class Ids:
+        def delivered(self, message: MessageWork, index: int, write: bool) -> None:
+            recorded.append((message.message_id, index, write))
+
+        async def flush(self) -> None:
+            pass
+
+    h = Harness(FakeGist())
+    h.delivery.ids = Ids()
+    try:
+        record = h.ledger.open_record(h.partition, 0, None, b"{}", [])
+        message = h.ledger.open_message(record, None, "identify", None, message_id="m1")
+        h.ledger.seal(record)
+        h.delivery.submit(message, [TagChange("vip", user_id="u")])
+        (step,) = list(h.delivery._open)
+        h.delivery.settle(step, Skip(reasons.UNCHANGED))
+    finally:
+        await h.delivery.close()
+    assert recorded == [("m1", 0, True)]
+    assert message.state == ENDED
