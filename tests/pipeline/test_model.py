@@ -132,6 +132,15 @@ fetched meanwhile were dropped behind its position and committed past, never rea
 lead Gist keeps for the person's e-mail alone (a delete now goes under every identity
 it carries); seed 6, I3: a parked contact whose batch was sent again counted in flight
 above the per-partition bound (now counted as ``returned``, which the bound allows).
+At 80 steps (the nightly length) on 7dfd781, two runs of 64 seeds: seed 4 (N2), a
+producer's copy of an identify skipped as ``unchanged`` ended ``unchanged`` while Gist
+held a newer value (a copy now ends ``duplicate``); seed 16 (N4, Redis), a copy re-sent
+a subscription change its original had skipped as held, and its message ended
+delivered with an upsert the worker rightly did not send (an operation skipped as held
+is now recorded as done); seeds 40 and 58 (I5), per-person backlogs drained in order but
+past 20 s (``QUIESCENCE`` now scales with the steps). Found while reading seed 16, and
+tested in ``test_dedup``: with Redis, a next owner that sent a contact's earlier writes
+again (their ids lost with a flush) skipped a later one whose id survived.
 Items 1-5 of issue 17 on the session-start code (22fc4e3) are each reproduced by a
 regression test of their own (ported from ``../shared/repro``: f1 in ``test_deliver``
 and ``test_contacts``, f2 in ``test_memory`` and ``test_shared_memory``, f3 in
