@@ -26,7 +26,8 @@ another record (a producer's retry of an older message) is skipped. The same rec
 found delivered by an earlier owner is skipped unless a write of the same contact
 went out again in this ownership: Redis then lost the earlier writes' ids but not this
 one's (a flush, an eviction), the contact is back before this write, and skipping it
-would leave Gist at the older values (model test seed 16 at 80 steps).
+would leave Gist at the older values (found reading model test seed 16 at 80 steps;
+``test_dedup`` plays it).
 
 - ``DeliveredIds`` keeps the ids delivered within ``window`` in this process (Python's
   string hash: fast, cached in the string, the same within the process), bounded and
@@ -374,8 +375,8 @@ class Dedup:
         it would put older values over newer ones). The same record, delivered by an
         earlier owner: done unless a write of the same contact went out again in this
         ownership, which puts the contact back before this write (the earlier writes'
-        ids were lost: a Redis flush, an eviction; model test seed 16 at 80 steps, where
-        skipping it left Gist at an older value)."""
+        ids were lost: a Redis flush, an eviction; skipping it would leave Gist at the
+        older values)."""
         local = self.local
         partition = message.record.partition
         if (key, partition.epoch) in local:
