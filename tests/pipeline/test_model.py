@@ -68,8 +68,9 @@ At the end Gist and Redis recover, fresh records come, and:
   its own (delivered ones, and those skipped as ``unchanged``, which say Gist holds
   them); a message dead-lettered after its import went out with an unknown fate
   (``batch_timeout``), or whose contact an import wrote from a worker that ended none of
-  that contact's messages afterwards (it crashed, stopped or lost the partition), makes
-  its values allowed too, until the field is next written;
+  that contact's messages afterwards (it crashed, stopped or lost the partition), or a
+  copy of a message that ended delivered before (the worker skips what its original
+  did), makes its values allowed too, until the field is next written;
 - N5 no duplicate messageIds. An event (its ``properties.mid`` names its message) may
   reach Gist a second time only if, for an earlier arrival, (a) Gist lost its answer
   (or answered a page of HTML) after applying it, or (b) its sender crashed after
@@ -1277,10 +1278,20 @@ class Run:
                 if i not in batch.failed_indices
             ]
         )
+        delivered_before: set[str] = set()  # messageIds that ended delivered
         for end in self.group.ends.sequence:
             operations = self.operations(end.key)
-            if (end.how, end.reason) in (("delivered", None), ("skipped", "unchanged")):
+            body = self.produced.bodies.get(end.key)
+            mid = body.get("messageId") if isinstance(body, dict) else None
+            if end.how == "delivered" and mid in delivered_before:
+                # A copy of a message that ended delivered: the worker skips what the
+                # original did (a copy's older values must not come back over newer
+                # ones), and sends only what it cannot know was done (ids lost).
+                oracle.uncertain(operations)
+            elif (end.how, end.reason) in (("delivered", None), ("skipped", "unchanged")):
                 oracle.delivered(operations, end.at)
+                if end.how == "delivered" and isinstance(mid, str):
+                    delivered_before.add(mid)
             elif (
                 (end.how == "dead_lettered" and end.reason in UNCERTAIN)
                 or end.reason == "duplicate"
