@@ -481,11 +481,9 @@ class Worker:
                 )
         else:
             stream.stop_opening(partitions)
-        housekeeping.cancel()
-        # Bounded, and not by suppressing CancelledError, which would swallow a
-        # cancellation of this task too: a housekeeping turn that does not end (it lost
-        # its cancellation once, in asyncio.wait_for) must not hold the stop.
-        await asyncio.wait({housekeeping}, timeout=self._closing_step())
+        # Bounded: a housekeeping turn that does not end (it lost its cancellation once,
+        # in asyncio.wait_for) must not hold the stop.
+        await cancel_and_wait(housekeeping, within=self._closing_step())
         try:
             # aiokafka retries finding the group coordinator for as long as it is asked
             # to: a broker gone must not keep the worker from ending.
