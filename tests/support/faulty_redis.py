@@ -45,7 +45,6 @@ class StoreFaults:
     # (worker or None for every worker, start, end or None while it lasts)
     bad: list[list[Any]] = field(default_factory=list)
     calls: int = 0
-    gave_up: list[tuple[int, float]] = field(default_factory=list)  # (worker, call start)
 
     def set_mode(self, mode: str) -> None:
         now = time.monotonic()
@@ -161,7 +160,6 @@ class FaultyRedis:
             # The worker gave up on an answer the server had not sent yet (its time-out,
             # on a runner too loaded to answer within REDIS_TIMEOUT): to the worker the
             # store was slow then, whatever the test played.
-            faults.gave_up.append((self._worker, started))
             faults.bad.append([self._worker, started, time.monotonic()])
             raise
         if slow:
