@@ -172,6 +172,16 @@ def completed_status(
     return {"status": "COMPLETED", "imported_contacts": contacts - len(failed), "errors": errors}
 
 
+def message_key(message: MessageWork) -> MessageKey:
+    """(partition, offset, index in its envelope or -1): where a message was read."""
+    record = message.record
+    return (
+        record.partition.tp.partition,
+        record.offset,
+        -1 if message.index is None else message.index,
+    )
+
+
 @dataclass
 class End:
     key: MessageKey
@@ -202,11 +212,7 @@ class Ends:
         def observe(message: MessageWork, how: str, reason: str | None) -> None:
             if worker_id in self.silenced:
                 return
-            key = (
-                message.record.partition.tp.partition,
-                message.record.offset,
-                -1 if message.index is None else message.index,
-            )
+            key = message_key(message)
             self.log[key].append((worker_id, how, reason))
             end = End(key, worker_id, how, reason, time.monotonic())
             self.sequence.append(end)

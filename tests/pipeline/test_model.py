@@ -178,7 +178,15 @@ from destination.operations import ContactDelete, ContactUpsert, Mapped, Operati
 from destination.pipeline.contacts import ContactStep
 from destination.pipeline.inflight import MessageWork
 from destination.pipeline.lanes.base import DirectStep
-from tests.pipeline.harness import DEFAULTS, End, Group, dead_letters, header, make_broker
+from tests.pipeline.harness import (
+    DEFAULTS,
+    End,
+    Group,
+    dead_letters,
+    header,
+    make_broker,
+    message_key,
+)
 from tests.pipeline.model_gist import SandboxGist
 from tests.pipeline.model_oracle import (
     UNCERTAIN,
@@ -708,11 +716,7 @@ class Run:
         now = time.monotonic()
         store = self.gist.store
         for message, index in step.tickets:
-            key = (
-                message.record.partition.tp.partition,
-                message.record.offset,
-                -1 if message.index is None else message.index,
-            )
+            key = message_key(message)
             operations = self.operations(key)
             if not 0 <= index < len(operations):
                 continue
