@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     gist_batch_deadline: float = Field(
         3600.0, gt=0, description="longest wait for a batch import to complete, s"
     )
+    gist_late_import_watch: float = Field(
+        600.0,
+        ge=0,
+        description="how long after giving up on an import a delete of one of its "
+        "contacts waits for its fate (sent again if it lands), s; 0: no wait",
+    )
 
     # --- the shared budget (optional) ---
     redis_url: str | None = Field(

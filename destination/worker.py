@@ -173,6 +173,7 @@ class Worker:
                 poll_interval=settings.gist_batch_poll_interval,
                 poll_max_interval=settings.gist_batch_poll_max_interval,
                 batch_deadline=settings.gist_batch_deadline,
+                late_import_watch=settings.gist_late_import_watch,
                 revoke_wait=settings.rebalance_timeout,
             ),
             self.outcomes,

@@ -189,6 +189,18 @@ BATCHES_PAST_DEADLINE = Counter(
     "followed: 'resent' the first time, 'dead_lettered' the second.",
     ["action"],
 )
+LATE_IMPORTS = Counter(
+    _P + "late_imports_watched",
+    "Imports given up on past GIST_BATCH_DEADLINE that a delete of one of their contacts "
+    "waited for, by their fate: 'landed' (the delete was sent again), 'failed', "
+    "'forgotten' (Gist no longer knew them), 'unresolved' (GIST_LATE_IMPORT_WATCH passed: "
+    "the delete may yet be undone).",
+    ["fate"],
+)
+DELETES_REPEATED = Counter(
+    _P + "deletes_repeated",
+    "Deletes sent again because an import of their contact, given up on, landed after.",
+)
 BATCHES_UNVERIFIED = Counter(
     _P + "batches_unverified",
     "Completed batch imports whose errors could not all be matched to contacts (or that "
@@ -306,6 +318,8 @@ def declare_series() -> None:
         INTERNAL_ERRORS.labels(place)
     for action in ("resent", "dead_lettered"):
         BATCHES_PAST_DEADLINE.labels(action)
+    for fate in ("landed", "failed", "forgotten", "unresolved"):
+        LATE_IMPORTS.labels(fate)
     for backend in ("local", "redis", "dual", "fallback"):
         LIMITER_BACKEND.labels(backend)
     for how in ("too_large", "gone", "headers_dropped", "key_dropped"):

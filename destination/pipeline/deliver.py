@@ -116,6 +116,7 @@ class Delivery:
         self.imports = ContactImports(
             client, self, settings=settings, memory=memory, hold=self._hold, clock=clock
         )
+        self.requests.late_imports = self.imports.polls
         self._lanes = (self.requests, self.tags, self.imports, self.imports.polls)
         self._loops: list[asyncio.Task[None]] = []
         self.broken: str | None = None

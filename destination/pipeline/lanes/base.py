@@ -64,6 +64,10 @@ class DeliverySettings:
     batch_deadline: float = 3600.0
     """A batch not COMPLETED this long after it was sent is sent again once; the second
     time, its contacts are dead-lettered (``batch_timeout``)."""
+    late_import_watch: float = 600.0
+    """How long (s) after giving up on an import a delete of one of its contacts waits
+    for its fate (``BatchPolls.outlast``): if Gist imports it meanwhile, the delete is
+    sent again. 0: deletes do not wait."""
     tag_batch: int = 50
     """Contacts tagged (or untagged) in one ``POST /tags``: the reference's "up to ~50"."""
     tag_batch_wait: float = 0.2

@@ -102,6 +102,7 @@ class ContactImports(Lane):
             window=settings.poll_window,
             stale_after=settings.poll_stale_after,
             deadline=settings.batch_deadline,
+            late_watch=settings.late_import_watch,
             clock=clock,
         )
 

@@ -15,6 +15,14 @@ pending batch and polls it when due (backing off to ``poll_max_interval``):
   as not completed), or a batch Gist no longer knows (404): sent again once, then its
   contacts fail with ``batch_timeout``.
 
+An import given up on past its deadline may still be imported, later: a delete of one of
+its contacts would then be undone (model test seed 52 at 80 steps: a person's identify
+timed out, the delete went, Gist imported the identify after it and the contact came
+back). Such imports are remembered for ``late_watch`` seconds (``GivenUp``); a delete of
+one of their contacts waits for their fate (``outlast``), polling them, and is sent again
+when one lands. An import whose id Gist never gave (its answer lost) or that Gist no
+longer knows (404) cannot be watched.
+
 Polls are few at the real limit, so only the oldest ``poll_window`` batches that Gist
 says it queues or imports are polled at each turn; a batch pending longer than
 ``poll_stale_after`` or answering a status this client does not know leaves that window
@@ -28,7 +36,8 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import structlog
 
@@ -91,6 +100,21 @@ class PendingBatch:
         return [step for step in self.steps if not step.finished]
 
 
+class GivenUp:
+    """An import not COMPLETED within the deadline, given up on: Gist may import it yet.
+    ``until``: when this worker stops expecting it to land."""
+
+    __slots__ = ("batch_id", "identities", "until")
+
+    def __init__(self, batch_id: str, identities: frozenset[str], until: float) -> None:
+        self.batch_id = batch_id
+        self.identities = identities
+        self.until = until
+
+
+MAX_GIVEN_UP = 256
+"""Imports given up on that are remembered at once (the oldest are forgotten first)."""
+
 Resend = Callable[[list[ContactStep], bool], None]
 """Sends contacts of a batch again (their bodies as they were); True: a batch sent again
 (its next expiry fails the contacts)."""
@@ -108,6 +132,7 @@ class BatchPolls(Lane):
         window: int,
         stale_after: float,
         deadline: float,
+        late_watch: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(client, settler)
@@ -117,8 +142,10 @@ class BatchPolls(Lane):
         self.window = window
         self.stale_after = stale_after
         self.deadline = deadline
+        self.late_watch = late_watch
         self._clock = clock
         self._pending: list[PendingBatch] = []
+        self._given_up: dict[str, GivenUp] = {}  # by batch id, oldest first
         self._wake = asyncio.Event()
         self._halted = False
 
@@ -267,6 +294,8 @@ class BatchPolls(Lane):
             action=action,
             seconds=round(self._clock() - batch.submitted, 1),
         )
+        if why == "deadline":
+            self._remember(batch)
         if not live:
             return
         if why != "failed":  # Gist may import it yet, whatever becomes of the next
@@ -301,6 +330,86 @@ class BatchPolls(Lane):
             )
         for step in live:
             self.settler.settle(step, failure)
+
+    # --- imports given up on, and the deletes they could undo -------------------------
+    def _remember(self, batch: PendingBatch) -> None:
+        if self.late_watch <= 0:
+            return
+        identities = frozenset(i for step in batch.steps for i in step.identities)
+        self._given_up.pop(batch.batch_id, None)
+        self._given_up[batch.batch_id] = GivenUp(
+            batch.batch_id, identities, self._clock() + self.late_watch
+        )
+        while len(self._given_up) > MAX_GIVEN_UP:
+            del self._given_up[next(iter(self._given_up))]
+
+    def given_up(self, identities: Iterable[str]) -> list[GivenUp]:
+        """The imports given up on, still watched, that carried one of ``identities``."""
+        now = self._clock()
+        for batch_id in [b for b, g in self._given_up.items() if g.until <= now]:
+            del self._given_up[batch_id]
+        wanted = frozenset(identities)
+        return [g for g in self._given_up.values() if not g.identities.isdisjoint(wanted)]
+
+    async def outlast(
+        self,
+        identities: Iterable[str],
+        repeat: Callable[[], Awaitable[object]],
+        where: dict[str, Any] | None = None,
+    ) -> None:
+        """A delete of these contacts was sent: wait for the fate of the imports given up
+        on that carried one of them (polled every ``max_interval``, each until its
+        ``until``), and ``repeat()`` the delete each time one of them lands. An import
+        Gist reports failed, or no longer knows (404), will not land. ``GistError`` from
+        ``repeat`` propagates (the delete failed); a failed poll is polled again.
+        ``where``: the delete's message, for the log lines."""
+        watched = self.given_up(identities)
+        if not watched:
+            return
+        where = where or {}
+        log.info(log_events.DELETE_OUTLASTS_IMPORTS, batches=len(watched), **where)
+        while True:
+            landed = False
+            for given_up in list(watched):
+                try:
+                    status = await self.client.batch_status(given_up.batch_id)
+                except PermanentError as error:
+                    if error.status != 404:
+                        continue  # taken as not completed yet, as in ``_poll``
+                    status = None
+                except CredentialsError:
+                    raise
+                except GistError:
+                    continue
+                if status is not None and status.completed:
+                    fate = "landed"
+                    landed = True
+                elif status is None:
+                    fate = "forgotten"
+                elif status.status.upper() in FAILED_STATUSES:
+                    fate = "failed"
+                else:
+                    continue  # not yet
+                watched.remove(given_up)
+                self._given_up.pop(given_up.batch_id, None)  # its fate is known
+                metrics.LATE_IMPORTS.labels(fate).inc()
+            if landed:
+                log.warning(log_events.DELETE_REPEATED, **where)
+                metrics.DELETES_REPEATED.inc()
+                await repeat()
+            now = self._clock()
+            for given_up in [g for g in watched if g.until <= now]:
+                watched.remove(given_up)
+                metrics.LATE_IMPORTS.labels("unresolved").inc()
+                log.warning(
+                    log_events.DELETE_MAY_BE_UNDONE,
+                    batch_id=given_up.batch_id,
+                    watched_seconds=self.late_watch,
+                    **where,
+                )
+            if not watched:
+                return
+            await asyncio.sleep(self.max_interval)
 
     def _completed(self, batch: PendingBatch, status: BatchStatus) -> None:
         failed, unmatched = match_batch_errors(batch.steps, status)

@@ -6,6 +6,11 @@ imports have their own, so they never queue behind thousands of events). A delet
 by user id and by e-mail, each it carries, and a contact Gist does not have is done (404
 is what a delete wants); an alias looks the old user up and moves its contact to the new
 user_id (nothing to move is done too).
+
+A delete of a contact an import of which was given up on (Gist may import it yet) ends
+only once that import's fate is known, or ``GIST_LATE_IMPORT_WATCH`` has passed; if it
+lands meanwhile, the delete is sent again (``BatchPolls.outlast``). Until then the
+contact's later work waits behind the delete, and its partition's commit too.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, cast
 import structlog
 
 from destination import reasons
-from destination.gist import CredentialsError, GistClient, GistError, Withdrawn
+from destination.gist import CredentialsError, Dispatch, GistClient, GistError, Withdrawn
 from destination.observability import log_events
 from destination.operations import (
     CommerceWrite,
@@ -38,6 +43,7 @@ from destination.pipeline.lanes.base import (
     failure_from,
 )
 from destination.pipeline.lanes.commerce import CommerceWriter
+from destination.pipeline.lanes.polls import BatchPolls
 from destination.pipeline.memory import ContactMemory
 from destination.pipeline.ordering import Step
 
@@ -65,6 +71,8 @@ class RequestLane(Lane):
         """Subscription type ids by lower-cased name (``workspace.prepare``)."""
         self.commerce: CommerceWriter | None = None
         """Set when the rules name an e-commerce store."""
+        self.late_imports: BatchPolls | None = None
+        """Imports given up on that a delete outlasts (``BatchPolls.outlast``)."""
 
     def start(self, step: Step) -> None:
         assert isinstance(step, DirectStep)
@@ -100,6 +108,18 @@ class RequestLane(Lane):
                 else:
                     charge((step,))
                     result = await self._execute(step)
+            operation = step.operation
+            if (
+                result is None
+                and isinstance(operation, ContactDelete)
+                and self.late_imports is not None
+            ):
+                # Out of the slot: the wait is long, and the slot is for requests.
+                await self.late_imports.outlast(
+                    step.identities,
+                    functools.partial(self._delete_again, step, operation),
+                    step.message.where(),
+                )
         except Withdrawn:
             self.settler.settle(step, ABANDONED)
             return
@@ -133,14 +153,7 @@ class RequestLane(Lane):
             # alone (an event before any identify) apart from the user's contact, and
             # a delete by user id alone would leave it. Already gone (404) is what a
             # delete wants: not an error. Retried whole, each part is idempotent.
-            if operation.user_id is not None:
-                await client.delete_contact(
-                    user_id=operation.user_id, priority=priority, dispatch=dispatch
-                )
-            if operation.email is not None:
-                await client.delete_contact(
-                    email=operation.email, priority=priority, dispatch=dispatch
-                )
+            await self._delete(operation, dispatch)
         elif isinstance(operation, ContactAlias):
             contact = await client.get_contact(
                 user_id=operation.previous_id, priority=priority, dispatch=dispatch
@@ -158,6 +171,21 @@ class RequestLane(Lane):
         else:  # pragma: no cover - upserts and tag changes have lanes of their own
             raise TypeError(f"not a direct operation: {type(operation).__name__}")
         return None
+
+    async def _delete(self, operation: ContactDelete, dispatch: Dispatch) -> None:
+        client, priority = self.client, operation.priority
+        if operation.user_id is not None:
+            await client.delete_contact(
+                user_id=operation.user_id, priority=priority, dispatch=dispatch
+            )
+        if operation.email is not None:
+            await client.delete_contact(email=operation.email, priority=priority, dispatch=dispatch)
+
+    async def _delete_again(self, step: DirectStep, operation: ContactDelete) -> None:
+        """An import of the contact given up on landed after its delete: delete again."""
+        async with self._slots:
+            charge((step,))
+            await self._delete(operation, step.dispatch)
 
     async def _subscription(
         self, step: DirectStep, operation: SubscriptionChange
