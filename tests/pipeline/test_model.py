@@ -142,6 +142,10 @@ is now recorded as done); seeds 40 and 58 (I5), per-person backlogs drained in o
 past 20 s (``QUIESCENCE`` now scales with the steps). Found while reading seed 16, and
 tested in ``test_dedup``: with Redis, a next owner that sent a contact's earlier writes
 again (their ids lost with a flush) skipped a later one whose id survived.
+At 80 steps on 45abe89, seed 52 (N8 and N4, Redis): an identify's import did not
+complete in time (dead-lettered ``batch_timeout``), the person's delete went, and Gist
+imported the identify after it: the deleted contact came back (a delete now waits for
+the imports of its contact given up on, and goes again if one lands: ``test_late_imports``).
 Items 1-5 of issue 17 on the session-start code (22fc4e3) are each reproduced by a
 regression test of their own (ported from ``../shared/repro``: f1 in ``test_deliver``
 and ``test_contacts``, f2 in ``test_memory`` and ``test_shared_memory``, f3 in
@@ -222,6 +226,9 @@ SETTINGS: dict[str, Any] = {
     "contact_memory": True,
     "dedup_window": 86_400.0,
     "gist_batch_deadline": 0.8,
+    # A delete waits this long after an import of its contact was given up on: late
+    # imports land 1-2 s after they arrived (LATE_BY), stuck ones never.
+    "gist_late_import_watch": 3.0,
     "gist_batch_wait": 0.1,
     "rebalance_timeout": 0.5,  # a revocation's drain often times out: work is dropped
     "redis_timeout": 0.1,
