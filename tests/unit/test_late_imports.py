@@ -114,16 +114,44 @@ async def test_a_delete_is_sent_again_when_an_import_given_up_on_lands_after_it(
         await h.until(lambda: gist.deletes() == 2)  # by user id and by e-mail
         await asyncio.sleep(0.2)
         assert delete.state != ENDED  # the imports' fate is unknown yet
-        gist.land("b0", "b1")  # late: after the delete
+        gist.land("b0")  # late: after the delete
         assert "u1" in gist.contacts
+        await h.until(lambda: gist.deletes() == 4)
+        assert gist.contacts == {}  # deleted again
+        await asyncio.sleep(0.1)
+        assert delete.state != ENDED  # b1 may land yet
+        gist.land("b1")
         await h.until(lambda: delete.state == ENDED)
     finally:
         await h.delivery.close()
     assert delete.failure is None
-    assert gist.contacts == {}  # deleted again
-    assert gist.deletes() == 4
-    assert metrics.DELETES_REPEATED._value.get() == repeated + 1
+    assert gist.contacts == {}
+    assert gist.deletes() == 6
+    assert metrics.DELETES_REPEATED._value.get() == repeated + 2
     assert h.partition.offsets.committable() == 2
+
+
+async def test_deletes_waiting_for_one_import_share_its_polls() -> None:
+    """A purge of many people whose import was given up on: one poll per interval for
+    the import, not one per delete (each would take a request from the budget)."""
+    gist = LateGist()
+    h = harness(gist, batch_max_contacts=20, poll_max_interval=0.05)
+    h.delivery.start()
+    try:
+        identifies = [h.send(upsert(f"u{i}", f"u{i}@x.io")) for i in range(20)]
+        await h.until(lambda: all(m.state == ENDED for m in identifies))
+        deletes = [h.send(ContactDelete(user_id=f"u{i}")) for i in range(20)]
+        await h.until(lambda: gist.deletes() == 20)
+        before = sum(1 for line in gist.log if line.startswith("GET"))
+        await asyncio.sleep(0.5)
+        polls = sum(1 for line in gist.log if line.startswith("GET")) - before
+        assert all(m.state != ENDED for m in deletes)
+        gist.failing.update({"b0", "b1"})
+        await h.until(lambda: all(m.state == ENDED for m in deletes))
+    finally:
+        await h.delivery.close()
+    assert 0 < polls <= 2 * (0.5 / 0.05 + 2)  # two imports (b0, b1), each polled alone
+    assert gist.deletes() == 20
 
 
 @pytest.mark.parametrize("fate", ["failing", "forgotten"])

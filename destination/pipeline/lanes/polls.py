@@ -102,14 +102,17 @@ class PendingBatch:
 
 class GivenUp:
     """An import not COMPLETED within the deadline, given up on: Gist may import it yet.
-    ``until``: when this worker stops expecting it to land."""
+    ``until``: when this worker stops expecting it to land; ``fate``, once a delete
+    waits for it: resolves to ``landed``, ``failed``, ``forgotten`` (404) or
+    ``unresolved`` (``until`` passed), one poller finding out for every delete."""
 
-    __slots__ = ("batch_id", "identities", "until")
+    __slots__ = ("batch_id", "fate", "identities", "until")
 
     def __init__(self, batch_id: str, identities: frozenset[str], until: float) -> None:
         self.batch_id = batch_id
         self.identities = identities
         self.until = until
+        self.fate: asyncio.Future[str] | None = None
 
 
 MAX_GIVEN_UP = 256
@@ -358,56 +361,71 @@ class BatchPolls(Lane):
         where: dict[str, Any] | None = None,
     ) -> None:
         """A delete of these contacts was sent: wait for the fate of the imports given up
-        on that carried one of them (polled every ``max_interval``, each until its
-        ``until``), and ``repeat()`` the delete each time one of them lands. An import
-        Gist reports failed, or no longer knows (404), will not land. ``GistError`` from
-        ``repeat`` propagates (the delete failed); a failed poll is polled again.
-        ``where``: the delete's message, for the log lines."""
+        on that carried one of them (``GivenUp.fate``), and ``repeat()`` the delete each
+        time one of them lands. ``GistError`` from ``repeat`` propagates (the delete
+        failed). ``where``: the delete's message, for the log lines."""
         watched = self.given_up(identities)
         if not watched:
             return
         where = where or {}
         log.info(log_events.DELETE_OUTLASTS_IMPORTS, batches=len(watched), **where)
-        while True:
+        fates = {self._fate(given_up): given_up for given_up in watched}
+        while fates:
+            done, _ = await asyncio.wait(fates, return_when=asyncio.FIRST_COMPLETED)
             landed = False
-            for given_up in list(watched):
-                try:
-                    status = await self.client.batch_status(given_up.batch_id)
-                except PermanentError as error:
-                    if error.status != 404:
-                        continue  # taken as not completed yet, as in ``_poll``
-                    status = None
-                except CredentialsError:
-                    raise
-                except GistError:
-                    continue
-                if status is not None and status.completed:
-                    fate = "landed"
+            for fate in done:
+                given_up = fates.pop(fate)
+                if fate.result() == "landed":
                     landed = True
-                elif status is None:
-                    fate = "forgotten"
-                elif status.status.upper() in FAILED_STATUSES:
-                    fate = "failed"
-                else:
-                    continue  # not yet
-                watched.remove(given_up)
-                self._given_up.pop(given_up.batch_id, None)  # its fate is known
-                metrics.LATE_IMPORTS.labels(fate).inc()
+                elif fate.result() == "unresolved":
+                    log.warning(
+                        log_events.DELETE_MAY_BE_UNDONE,
+                        batch_id=given_up.batch_id,
+                        watched_seconds=self.late_watch,
+                        **where,
+                    )
             if landed:
                 log.warning(log_events.DELETE_REPEATED, **where)
                 metrics.DELETES_REPEATED.inc()
                 await repeat()
-            now = self._clock()
-            for given_up in [g for g in watched if g.until <= now]:
-                watched.remove(given_up)
-                metrics.LATE_IMPORTS.labels("unresolved").inc()
-                log.warning(
-                    log_events.DELETE_MAY_BE_UNDONE,
-                    batch_id=given_up.batch_id,
-                    watched_seconds=self.late_watch,
-                    **where,
-                )
-            if not watched:
+
+    def _fate(self, given_up: GivenUp) -> asyncio.Future[str]:
+        if given_up.fate is None:
+            given_up.fate = asyncio.get_running_loop().create_future()
+            self.spawn(functools.partial(self._follow, given_up), [], "late-import")
+        return given_up.fate
+
+    async def _follow(self, given_up: GivenUp) -> None:
+        """Poll an import given up on every ``max_interval`` until its fate is known, or
+        its ``until`` passed. A failed poll is polled again; a rejected key stops the
+        polls and leaves the fate open (nothing succeeds until an operator acts)."""
+        fate = given_up.fate
+        assert fate is not None
+        while True:
+            found: str | None = None
+            try:
+                status = await self.client.batch_status(given_up.batch_id)
+            except CredentialsError as error:
+                self.halt()
+                self.settler.fatal(error)
+                return
+            except PermanentError as error:
+                found = "forgotten" if error.status == 404 else None  # else: not yet
+            except GistError:
+                pass
+            else:
+                if status.completed:
+                    found = "landed"
+                elif status.status.upper() in FAILED_STATUSES:
+                    found = "failed"
+            if found is None and self._clock() >= given_up.until:
+                found = "unresolved"
+            if found is not None:
+                if self._given_up.get(given_up.batch_id) is given_up:
+                    del self._given_up[given_up.batch_id]  # its fate is known
+                metrics.LATE_IMPORTS.labels(found).inc()
+                if not fate.done():
+                    fate.set_result(found)
                 return
             await asyncio.sleep(self.max_interval)
 
