@@ -16,6 +16,7 @@ from destination.gist._errors import (
     UnexpectedAnswerError,
 )
 from destination.gist._limiter import (
+    GROWTH_DELAY,
     LANE_SHARES,
     RESERVE,
     Budget,
@@ -58,6 +59,7 @@ from destination.gist._retry import NO_RETRY, RetryPolicy
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "GROWTH_DELAY",
     "LANE_SHARES",
     "NO_RETRY",
     "RESERVE",

@@ -27,14 +27,25 @@ after one (``resume``) its schedule starts afresh from that moment.
 **Shares.** Several replicas of the worker on one workspace must not add up to more than
 its budget. With a shared limiter (``_redis``) they draw from one log; without one, each
 takes ``set_share(owned, total)``: its share of the assigned partitions, of the budget
-less ``RESERVE`` (kept for starting replicas' key checks). A share that *grows* is used
-only one window later (until then, the lowest of the new share and any limit in force
-during the last window): the other replicas' past requests, made under their old, larger
-shares, must age out first. That includes a replica's start: it waits one window after
-its first assignment. Partitions their previous owner *released* (it stopped, and said
-when in the group's committed offsets: ``pipeline.consume``) wait only until a window
-after that moment. Before any assignment a replica has ``RESERVE`` for its start-up
-calls.
+less ``RESERVE`` (kept for starting replicas' key checks). A share that shrinks applies at
+once (the replica sends nothing more until its own requests of the last window are below
+it). A share that *grows* applies ``GROWTH_DELAY`` (2 s) after the assignment, at its pace
+(until then, the lowest of the new share and any limit in force during the last window).
+Why that is enough, although the previous owners' requests are still in Gist's window:
+every replica's grants are paced, so the requests it made under its old share leave the
+window at that share's rate, no faster than they came, and a replica that gains their
+share sends at most that much faster. The sum of the replicas' rates never exceeds the
+budget's, provided a replica's share grows no earlier than its previous owner's shrank or
+it stopped: a stopping replica stops sending before it leaves the group (and its release
+says when: ``pipeline.consume``), a killed one was gone for the session timeout before
+the group noticed, and the members of one rebalance get their assignments in the same
+round, which ``GROWTH_DELAY`` covers with seconds to spare (and the pacing's slack of a
+request or two, and requests that reach Gist late on a busy host). Measured against a
+window's wait (the rule until 2026-12-08): a failover's survivor used 73% of the budget
+over the 20 s after its takeover, now ~95% (``benchmarks/RESULTS.md``). What no rule
+without a shared view covers: a member the group expelled that still sends (it cannot
+reach Kafka and does not know); it stops as soon as it learns. Before any assignment a
+replica has ``RESERVE`` for its start-up calls.
 
 **Priorities.** Every request waits in the lane of its ``Priority``; priority decides only
 the order of grants, never whether one is made (nothing is dropped). Each time a slot is
@@ -80,6 +91,9 @@ from typing import Final, Generic, Protocol, TypeVar
 RESERVE = 2
 """Requests per window a shared budget keeps for replicas that are starting (their
 ``GET /token/info`` comes before they know their share)."""
+
+GROWTH_DELAY: Final = 2.0
+"""Seconds after an assignment before a share that grew applies (see **Shares**)."""
 
 
 class Priority(enum.IntEnum):
@@ -305,7 +319,13 @@ class SlidingWindow:
         self.grant(at)
         self.release(at)
 
-    def raise_capacity(self, limit: int) -> None:
+    def set_limit(self, limit: int) -> None:
+        """A new limit; the pacing schedule keeps the last grant and takes the new gap
+        from it (the next send at the new rate, with no debt from the old one: a start's
+        reserve of 2 per window set the next send 5 s on)."""
+        if self.pace and limit >= 1 and self.limit >= 1 and self._tat > -math.inf:
+            self._tat += self.span / limit - self.gap
+        self.limit = limit
         self._capacity = max(self._capacity, limit)
 
     def count_since(self, since: float) -> int:
@@ -351,7 +371,8 @@ class RateLimiter:
         self._cut_limit = rate.limit  # after 429s from Gist
         self._last_cut = float("-inf")
         self._quiet_since = float("-inf")  # recovery counts whole windows without a 429
-        # Shares: the share's limit, and the limits in force lately (for the hold rule).
+        # Shares: the share's limit, and the limits in force lately (a grown share holds
+        # to the lowest of them for GROWTH_DELAY).
         self._share: int | None = None  # None: the whole budget (no shares)
         self._held: tuple[float, int] | None = None  # (until, limit) while a share grows
         self._starting_until = float("-inf")  # a start's hold: only CRITICAL calls go
@@ -390,10 +411,9 @@ class RateLimiter:
 
     def set_share(self, owned: int, total: int, quiet_since: float | None = None) -> None:
         """Take ``owned / total`` of the budget (less ``RESERVE``): the share of the
-        assigned partitions. A share that grows is used one window later; or, when
-        ``quiet_since`` (this limiter's clock) says since when the previous owners of
-        what it gains have sent nothing (they released it as they stopped), one window
-        after that: only their requests before it still count at Gist."""
+        assigned partitions. A share that grows applies ``GROWTH_DELAY`` later, or sooner
+        when ``quiet_since`` (this limiter's clock) says the previous owners of what it
+        gains have sent nothing for a window (they released it as they stopped)."""
         budget = max(1, self.rate.limit - RESERVE) if self.rate.limit > RESERVE else 1
         target = 0 if total <= 0 or owned <= 0 else max(1, budget * owned // total)
         self._set_share_limit(target, quiet_since)
@@ -419,16 +439,15 @@ class RateLimiter:
         self._update(now)
         recent = max([limit for _, limit in self._history] + [self._window.limit])
         self._share = target
-        until = now + self._span
+        until = now + GROWTH_DELAY
         if quiet_since is not None:
             until = min(until, quiet_since + self._span)
         if target > recent and until > now:
             self._hold(now, recent, until)
             if recent <= RESERVE:
-                # A start (or a first partition): the window it holds is the previous
-                # owners'. Only CRITICAL calls take the reserve meanwhile; the first data
-                # request waits for the share, rather than go and be followed by nothing
-                # for a window.
+                # A start (or a first partition). Only CRITICAL calls take the reserve
+                # meanwhile; the first data request waits for the share, rather than take
+                # the reserve and be followed by nothing until the share applies.
                 self._starting_until = until
         self._apply(now)
 
@@ -446,8 +465,7 @@ class RateLimiter:
             else:
                 self._held = None
         if limit != self._window.limit:
-            self._window.limit = limit
-            self._window.raise_capacity(limit)
+            self._window.set_limit(limit)
             self._history.append((now, limit))
             self._changed.set()
         # Keep each limit that was in force at some time in the last span.

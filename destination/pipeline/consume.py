@@ -75,9 +75,10 @@ OPEN_AT_ONCE = 500
 
 RELEASED = "gist-destination:released:"
 """The metadata of a worker's last commit as it stops (then the Unix time): from that
-moment it sends nothing more for the partition. A new owner that reads it lets its
-share of the budget grow a window after it, not a window after the assignment (without
-Redis; ``RateLimiter.set_share``), and clears it with a commit of its own."""
+moment it sends nothing more for the partition. A new owner that reads a release a
+window old lets its share of the budget grow at once, not ``GROWTH_DELAY`` after the
+assignment (without Redis; ``RateLimiter.set_share``), and clears it with a commit of its
+own."""
 
 RELEASE_SKEW = 1.0
 """Seconds added to a release's time for the clocks of two hosts."""
@@ -832,7 +833,7 @@ class StreamConsumer:
         outlives this ownership."""
         try:
             found = await committed_offsets(self.consumer, partitions)
-        except Exception as exc:  # an answer it cannot use: the share waits a window
+        except Exception as exc:  # an answer it cannot use: the share waits GROWTH_DELAY
             log.warning(log_events.COMMITTED_UNKNOWN, error=type(exc).__name__)
             return None
         released: list[float] = []
