@@ -93,7 +93,8 @@ RESERVE = 2
 ``GET /token/info`` comes before they know their share)."""
 
 GROWTH_DELAY: Final = 2.0
-"""Seconds after an assignment before a share that grew applies (see **Shares**)."""
+"""Seconds after an assignment before a share that grew applies (see **Shares**); a
+window, if that is shorter (the previous owners' requests have all left it by then)."""
 
 
 class Priority(enum.IntEnum):
@@ -439,7 +440,7 @@ class RateLimiter:
         self._update(now)
         recent = max([limit for _, limit in self._history] + [self._window.limit])
         self._share = target
-        until = now + GROWTH_DELAY
+        until = now + min(GROWTH_DELAY, self._span)  # a window is always enough
         if quiet_since is not None:
             until = min(until, quiet_since + self._span)
         if target > recent and until > now:

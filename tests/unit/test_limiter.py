@@ -672,6 +672,19 @@ def test_a_share_that_grows_waits_the_growth_delay_and_one_that_shrinks_does_not
     assert limiter.current_limit == 24  # shrinks at once
 
 
+def test_a_share_never_waits_longer_than_a_window_to_grow() -> None:
+    """Regression: with a window shorter than ``GROWTH_DELAY`` (the tests' Gist of 1 s),
+    a grown share waited the 2 s, longer than the old rule's window, which is always
+    enough: the previous owners' requests have all left it."""
+    vt = VirtualTime()
+    limiter = _limiter_at(vt, RateLimit(limit=100, window=1.0, margin=0.05))
+    limiter.start_sharing()
+    limiter.set_share(1, 1)
+    assert limiter.current_limit == RESERVE
+    vt.now = 1.05
+    assert limiter.current_limit == 100 - RESERVE
+
+
 def test_a_share_gained_from_a_release_a_window_old_is_used_at_once() -> None:
     """Partitions whose previous owner released them as it stopped (a rolling restart
     without Redis): only its requests before the release still count at Gist, so a
