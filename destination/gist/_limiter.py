@@ -42,7 +42,7 @@ the group noticed, and the members of one rebalance get their assignments in the
 round, which ``GROWTH_DELAY`` covers with seconds to spare (and the pacing's slack of a
 request or two, and requests that reach Gist late on a busy host). Measured against a
 window's wait (the rule until 2026-12-08): a failover's survivor used 73% of the budget
-over the 20 s after its takeover, now ~95% (``benchmarks/RESULTS.md``). What no rule
+over the 20 s after its takeover, now 93% (``benchmarks/RESULTS.md``). What no rule
 without a shared view covers: a member the group expelled that still sends (it cannot
 reach Kafka and does not know); it stops as soon as it learns. Before any assignment a
 replica has ``RESERVE`` for its start-up calls.
