@@ -392,8 +392,18 @@ class BatchPolls(Lane):
     def _fate(self, given_up: GivenUp) -> asyncio.Future[str]:
         if given_up.fate is None:
             given_up.fate = asyncio.get_running_loop().create_future()
-            self.spawn(functools.partial(self._follow, given_up), [], "late-import")
+            self.spawn(functools.partial(self._follow_guarded, given_up), [], "late-import")
         return given_up.fate
+
+    async def _follow_guarded(self, given_up: GivenUp) -> None:
+        """``_follow``; a bug in it ends the wait of the deletes as ``unresolved`` (they
+        would wait for ever on a fate no one finds out), then is reported."""
+        try:
+            await self._follow(given_up)
+        except Exception:
+            if given_up.fate is not None and not given_up.fate.done():
+                given_up.fate.set_result("unresolved")
+            raise
 
     async def _follow(self, given_up: GivenUp) -> None:
         """Poll an import given up on every ``max_interval`` until its fate is known, or
