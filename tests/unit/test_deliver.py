@@ -383,6 +383,36 @@ async def test_batch_errors_that_name_no_contact_are_found_by_sending_halves() -
     assert len(gist.imports()) < 16  # halves, not one request per contact
 
 
+@pytest.mark.parametrize("errors", ["strings", "omitted"])
+async def test_an_error_naming_no_contact_is_not_pinned_on_the_one_left_after_a_revocation(
+    errors: str,
+) -> None:
+    """Regression (model test seed 303 at 80 steps): a batch of a bad contact and a good
+    one, of two partitions; the bad one's partition was revoked while Gist imported it;
+    Gist completed the batch with an error that named no contact (or imported one fewer),
+    and the good contact, the only one left, was dead-lettered ``batch_contact_error``
+    with the other's error. Only a batch of one contact pins such an error on it; here
+    the good one is sent again on its own, and delivered."""
+    gist = Misbehaving()
+    gist.errors = errors
+    gist.stuck.add("b0")
+    h = Harness(gist, batch_max_contacts=2)
+    other = h.ledger.assign(TopicPartition("t", 1))
+    h.delivery.start()
+    try:
+        bad = h.send(upsert("u1", "bad@x.io"), partition=other)
+        good = h.send(upsert("u0", "u0@x.io"))
+        await h.until(lambda: "b0" in gist.batches)
+        await h.delivery.revoke([other])
+        gist.stuck.discard("b0")
+        await h.until(lambda: good.state == ENDED)
+    finally:
+        await h.delivery.close()
+    assert good.failure is None
+    assert bad.state != ENDED  # the next owner reads it again
+    assert gist.imports() == [["u1", "u0"], ["u0"]]
+
+
 async def test_a_contact_of_an_unverified_batch_that_then_failed_ends_as_unknown() -> None:
     """Regression (model test seed 25): a batch COMPLETED with errors that named no
     contact (Gist imported some of it), the half holding a good contact was reported

@@ -480,13 +480,18 @@ class BatchPolls(Lane):
             imported=status.imported_contacts,
             expected=expected,
         )
-        if len(rest) == 1:
+        if len(batch.steps) == 1 and rest:
+            # Alone in its batch: the error is its own.
             detail = (
                 unmatched[0]
                 if unmatched
                 else "Gist imported fewer contacts than it was sent and named none as failed"
             )
             self.settler.settle(rest[0], Failure(reasons.BATCH_CONTACT_ERROR, detail, status=200))
+        elif len(rest) == 1:
+            # The last one left of several (the others ended meanwhile, a revocation): the
+            # error may be another's (model test seed 303). On its own, it will tell.
+            self._resend(rest, batch.resent)
         elif rest:
             middle = len(rest) // 2
             self._resend(rest[:middle], batch.resent)
