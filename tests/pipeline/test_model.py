@@ -146,6 +146,10 @@ At 80 steps on 45abe89, seed 52 (N8 and N4, Redis): an identify's import did not
 complete in time (dead-lettered ``batch_timeout``), the person's delete went, and Gist
 imported the identify after it: the deleted contact came back (a delete now waits for
 the imports of its contact given up on, and goes again if one lands: ``test_late_imports``).
+At 80 steps on 7324e77, seed 303 (I2, no Redis, Gist ``odd``): a batch of a bad and a
+good contact of two partitions, the bad one's partition revoked while Gist imported it,
+completed with an error naming no contact: the good one, the only one left, was
+dead-lettered with the other's error (now sent again on its own: ``test_deliver``).
 Items 1-5 of issue 17 on the session-start code (22fc4e3) are each reproduced by a
 regression test of their own (ported from ``../shared/repro``: f1 in ``test_deliver``
 and ``test_contacts``, f2 in ``test_memory`` and ``test_shared_memory``, f3 in
