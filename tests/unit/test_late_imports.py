@@ -7,6 +7,8 @@ reported COMPLETED, only when the test lets it (``land``), whatever the worker d
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -99,19 +101,31 @@ def delete_u1() -> ContactDelete:
     return ContactDelete(user_id="u1", email="u1@x.io")
 
 
+@contextlib.asynccontextmanager
+async def a_delete_waiting(
+    gist: LateGist, **settings: Any
+) -> AsyncIterator[tuple[Harness, MessageWork]]:
+    """u1's import given up on, then u1's delete sent (by user id and e-mail): the
+    harness and the delete's message, delivery running until the block ends."""
+    h = harness(gist, **settings)
+    h.delivery.start()
+    try:
+        await give_up_on_an_import_of_u1(h)
+        delete = h.send(delete_u1())
+        await h.until(lambda: gist.deletes() == 2)
+        yield h, delete
+    finally:
+        await h.delivery.close()
+
+
 async def test_a_delete_is_sent_again_when_an_import_given_up_on_lands_after_it() -> None:
     """Regression (model test seed 52 at 80 steps): an identify's import did not complete
     in time and its message was dead-lettered; the person's delete went; Gist imported the
     identify afterwards and the deleted contact came back. Now the delete waits for the
     imports given up on, and goes again when one lands."""
     gist = LateGist()
-    h = harness(gist)
     repeated = metrics.DELETES_REPEATED._value.get()
-    h.delivery.start()
-    try:
-        await give_up_on_an_import_of_u1(h)
-        delete = h.send(delete_u1())
-        await h.until(lambda: gist.deletes() == 2)  # by user id and by e-mail
+    async with a_delete_waiting(gist) as (h, delete):
         await asyncio.sleep(0.2)
         assert delete.state != ENDED  # the imports' fate is unknown yet
         gist.land("b0")  # late: after the delete
@@ -122,8 +136,6 @@ async def test_a_delete_is_sent_again_when_an_import_given_up_on_lands_after_it(
         assert delete.state != ENDED  # b1 may land yet
         gist.land("b1")
         await h.until(lambda: delete.state == ENDED)
-    finally:
-        await h.delivery.close()
     assert delete.failure is None
     assert gist.contacts == {}
     assert gist.deletes() == 6
@@ -159,18 +171,11 @@ async def test_a_delete_ends_once_gist_says_the_import_given_up_on_will_not_land
     fate: str,
 ) -> None:
     gist = LateGist()
-    h = harness(gist)
-    h.delivery.start()
-    try:
-        await give_up_on_an_import_of_u1(h)
-        delete = h.send(delete_u1())
-        await h.until(lambda: gist.deletes() == 2)
+    async with a_delete_waiting(gist) as (h, delete):
         await asyncio.sleep(0.1)
         assert delete.state != ENDED
         getattr(gist, fate).update({"b0", "b1"})
         await h.until(lambda: delete.state == ENDED)
-    finally:
-        await h.delivery.close()
     assert delete.failure is None
     assert gist.deletes() == 2  # nothing landed: once is enough
 
@@ -193,29 +198,21 @@ async def test_a_delete_waits_no_longer_than_the_watch_and_says_it_may_be_undone
     assert all("u1" not in str(e) for e in logs)  # no identity in the logs
 
 
-async def test_without_a_watch_a_delete_ends_at_once() -> None:
+@pytest.mark.parametrize(
+    ("watch", "user"),
+    [(0.0, "u1"), (600.0, "u2")],
+    ids=["without-a-watch", "another-contact"],
+)
+async def test_a_delete_that_has_nothing_to_outlast_ends_at_once(watch: float, user: str) -> None:
+    """With ``GIST_LATE_IMPORT_WATCH=0``, or for a contact no import given up on carried,
+    the delete ends once sent, and no import is polled for it."""
     gist = LateGist()
-    h = harness(gist, late_import_watch=0)
+    h = harness(gist, late_import_watch=watch)
     h.delivery.start()
     try:
         await give_up_on_an_import_of_u1(h)
         polls = sum(1 for line in gist.log if line.startswith("GET"))
-        delete = h.send(delete_u1())
-        await h.until(lambda: delete.state == ENDED)
-    finally:
-        await h.delivery.close()
-    assert delete.failure is None
-    assert sum(1 for line in gist.log if line.startswith("GET")) == polls
-
-
-async def test_a_delete_of_another_contact_does_not_wait() -> None:
-    gist = LateGist()
-    h = harness(gist)
-    h.delivery.start()
-    try:
-        await give_up_on_an_import_of_u1(h)
-        polls = sum(1 for line in gist.log if line.startswith("GET"))
-        delete = h.send(ContactDelete(user_id="u2", email="u2@x.io"))
+        delete = h.send(ContactDelete(user_id=user, email=f"{user}@x.io"))
         await h.until(lambda: delete.state == ENDED)
     finally:
         await h.delivery.close()
@@ -226,15 +223,7 @@ async def test_a_delete_of_another_contact_does_not_wait() -> None:
 async def test_a_revocation_while_a_delete_waits_leaves_it_to_the_next_owner() -> None:
     """The delete went, its message did not end: the next owner reads it again and sends
     it again (nothing is committed over it)."""
-    gist = LateGist()
-    h = harness(gist)
-    h.delivery.start()
-    try:
-        await give_up_on_an_import_of_u1(h)
-        delete = h.send(delete_u1())
-        await h.until(lambda: gist.deletes() == 2)
+    async with a_delete_waiting(LateGist()) as (h, delete):
         await h.delivery.revoke([h.partition])
-    finally:
-        await h.delivery.close()
     assert delete.state != ENDED
     assert h.partition.offsets.committable() == 1  # the identify, not the delete
