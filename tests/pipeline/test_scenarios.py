@@ -480,7 +480,8 @@ async def test_a_replica_taking_released_partitions_uses_its_share_without_a_win
     replica that took partitions held its share of the budget for a whole window after
     its assignment, even when their previous owner had stopped long before. A stopping
     worker's last commit now says when it released them; the next owner's share grows a
-    window after that. A killed owner releases nothing: its successor waits a window."""
+    window after that. A killed owner releases nothing: its successor waits
+    ``GROWTH_DELAY``, or the window when shorter (1 s here)."""
     from destination.gist._limiter import RESERVE
     from destination.pipeline.consume import RELEASED
 
@@ -510,9 +511,9 @@ async def test_a_replica_taking_released_partitions_uses_its_share_without_a_win
 
 async def test_every_release_found_is_cleared_even_when_not_all_partitions_had_one() -> None:
     """A new owner of partitions some of which were released, some never consumed, waits
-    a window for its share (it cannot say when all were quiet) but clears the releases it
-    found: one left behind would tell a later owner that a partition was quiet while this
-    one sent for it."""
+    for its share as if none were (it cannot say when all were quiet) but clears the
+    releases it found: one left behind would tell a later owner that a partition was
+    quiet while this one sent for it."""
     from destination.pipeline.consume import RELEASED
 
     topic, dlq = names()
