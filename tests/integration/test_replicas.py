@@ -140,8 +140,8 @@ async def test_a_killed_replicas_share_goes_to_the_survivors(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     """Without Redis: two replicas, one killed; once the group notices, the survivor
-    takes all the partitions and, a window later, the whole budget. (A 2 s window: the
-    hand-over is under test, not the limit.)"""
+    takes all the partitions and, ``GROWTH_DELAY`` (here the 2-s window) later, the
+    whole budget. (A 2 s window: the hand-over is under test, not the limit.)"""
     window = 2.0
     sandbox = SandboxProcess(
         tmp_path, "--rate-limit", str(LIMIT), "--rate-window", str(window), "--batch-delay", "0.2"

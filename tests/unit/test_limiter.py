@@ -835,7 +835,7 @@ async def test_requests_granted_elsewhere_build_no_pacing_debt() -> None:
     vt = VirtualTime()
     limiter = _limiter_at(vt)  # 100 per 10 s
     limiter.start_sharing()
-    limiter.set_share(1, 2)  # 49, once a window has passed
+    limiter.set_share(1, 2)  # 49, once GROWTH_DELAY has passed
     for i in range(300):  # 30 s alone on a shared budget, at the whole budget
         vt.now = 10.0 + i * 0.1
         limiter.release(limiter.track())
