@@ -39,8 +39,10 @@ budget's, provided a replica's share grows no earlier than its previous owner's 
 it stopped: a stopping replica stops sending before it leaves the group (and its release
 says when: ``pipeline.consume``), a killed one was gone for the session timeout before
 the group noticed, and the members of one rebalance get their assignments in the same
-round, which ``GROWTH_DELAY`` covers with seconds to spare (and the pacing's slack of a
-request or two, and requests that reach Gist late on a busy host). Measured against a
+round, at slightly different times, which ``GROWTH_DELAY`` covers, with the pacing's
+slack of a request or two and requests that reach Gist late on a busy host
+(``test_limiter`` plays assignments up to 0.5 s apart and arrivals up to 0.3 s after the
+grant: at most 99 requests in any window over 60 seeds). Measured against a
 window's wait (the rule until 2026-12-08): a failover's survivor used 73% of the budget
 over the 20 s after its takeover, now 93% (``benchmarks/RESULTS.md``). What no rule
 without a shared view covers: a member the group expelled that still sends (it cannot
